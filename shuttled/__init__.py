@@ -1,0 +1,3 @@
+"""shuttled: a VPN over ssh, in the tradition of sshuttle."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,58 @@
+"""Entry point of `shuttled`: typed errors become one line on stderr and an exit code."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+
+from shuttled.cli import parse, run_config, setup_logging
+from shuttled.const import ExitCode
+from shuttled.errors import ShuttledError, UsageError
+
+
+def _need_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise UsageError(f"shuttled {what} must run as root (firewall rules); try sudo")
+
+
+def _cleanup() -> int:
+    from shuttled.firewall import cleanup_all
+
+    _need_root("cleanup")
+    removed = cleanup_all()
+    for item in removed:
+        print(f"removed {item}")
+    return ExitCode.OK
+
+
+def _dispatch(argv: Sequence[str]) -> int:
+    args = parse(argv)
+    setup_logging(args.verbose, args.quiet)
+    if args.command == "run":
+        from shuttled.run import run
+
+        config = run_config(args)
+        _need_root("run")
+        return asyncio.run(run(config))
+    if args.command == "cleanup":
+        return _cleanup()
+    from shuttled.daemon import main as daemon_main
+
+    _need_root("daemon")
+    return daemon_main(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _dispatch(sys.argv[1:] if argv is None else argv)
+    except ShuttledError as exc:
+        print(f"shuttled: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return ExitCode.OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

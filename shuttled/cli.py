@@ -1,0 +1,179 @@
+"""The `shuttled` command line: the daemon, `run` (one-shot) and `cleanup`.
+
+The parser is built by one function so that man pages and completion are
+generated from the very object that parses arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from shuttled import __version__, const
+from shuttled.errors import ConfigError, UsageError
+from shuttled.firewall.base import Subnet, parse_subnet
+from shuttled.run import RunConfig
+from shuttled.tunnel.session import Forward
+from shuttled.tunnel.ssh import LocalUser, SshTarget
+
+ENV_ARGS = "SHUTTLED_ARGS"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but bad arguments become a UsageError (one line, exit code 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="shuttled", fromfile_prefix_chars="@",
+                     description="A VPN over ssh: transparent TCP and DNS through an "
+                                 "OpenSSH ControlMaster.")
+    parser.add_argument("-V", "--version", action="version", version=f"shuttled {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output (repeat for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("--config-dir", type=Path, default=const.CONFIG_DIR,
+                        help=f"profile directory of the daemon (default {const.CONFIG_DIR})")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("daemon", help="run the daemon in the foreground (the default)")
+    _add_run(sub.add_parser("run", help="one tunnel in the foreground, sshuttle-style",
+                            fromfile_prefix_chars="@"))
+    sub.add_parser("cleanup", help="remove every firewall rule shuttled owns "
+                                   "(ExecStopPost; after a crash)")
+    return parser
+
+
+def _add_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument("subnets", nargs="*", metavar="SUBNET",
+                   help="IP/MASK[:PORT[-PORT]] to capture; 0/0 means all IPv4 and IPv6; "
+                        "hostnames allowed")
+    p.add_argument("-r", "--remote", required=True, metavar="[USER@]HOST[:PORT]",
+                   help="ssh destination (anything ssh accepts, including Host aliases)")
+    p.add_argument("-s", "--subnets", dest="subnet_file", type=Path, metavar="FILE",
+                   help="read more subnets from FILE, one per line")
+    p.add_argument("-x", "--exclude", action="append", default=[], metavar="SUBNET",
+                   help="do not capture SUBNET (repeatable)")
+    p.add_argument("-X", "--exclude-from", type=Path, metavar="FILE",
+                   help="read excluded subnets from FILE")
+    p.add_argument("-e", "--ssh-cmd", default=const.SSH_BIN, metavar="CMD",
+                   help="the ssh command and options, e.g. 'ssh -i key -p 2222'")
+    p.add_argument("--method", choices=("auto", "nft", "iptables"), default="auto",
+                   help="firewall backend (default: nft, else iptables)")
+    p.add_argument("--forward", choices=[f.value for f in Forward], default="auto",
+                   help="who makes the remote connections: sshd (direct) or the uploaded "
+                        "helper; auto uses the helper only where sshd refuses forwarding")
+    p.add_argument("--dns", action="store_true",
+                   help="capture DNS to the resolvers of /etc/resolv.conf and answer it "
+                        "from the remote's resolver")
+    p.add_argument("--ns-hosts", metavar="IP[,IP]",
+                   help="capture DNS to these resolvers instead of /etc/resolv.conf's")
+    p.add_argument("--to-ns", metavar="IP[,IP]",
+                   help="remote nameservers to ask (default: the remote's /etc/resolv.conf)")
+    p.add_argument("-l", "--listen", metavar="[IP:]PORT",
+                   help="listener port (default: any free port on 127.0.0.1 and ::1)")
+    p.add_argument("--user", metavar="USER",
+                   help="capture only connections made by this local user")
+    p.add_argument("--python", metavar="PATH",
+                   help="python on the remote for the helper (default: python3 and others)")
+    p.add_argument("--disable-ipv6", action="store_true",
+                   help="do not listen on ::1 nor capture IPv6")
+    p.add_argument("--keepalive", type=float, default=const.KEEPALIVE_INTERVAL,
+                   metavar="SECONDS", help="health ping interval; dead after three misses")
+    p.add_argument("--no-auto-exclude", action="store_true",
+                   help="do not exclude the ssh server's own address and port")
+
+
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    args = list(argv)
+    env = os.environ.get(ENV_ARGS)
+    if env and args[:1] == ["run"]:
+        args = ["run", *shlex.split(env), *args[1:]]
+    return build_parser().parse_args(args)
+
+
+def _read_list(path: Path | None, what: str) -> list[str]:
+    if path is None:
+        return []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: {exc.strerror}") from None
+    return [x.split("#")[0].strip() for x in lines if x.split("#")[0].strip()]
+
+
+def _subnets(args: argparse.Namespace) -> tuple[Subnet, ...]:
+    includes = [*args.subnets, *_read_list(args.subnet_file, "--subnets")]
+    excludes = [*args.exclude, *_read_list(args.exclude_from, "--exclude-from")]
+    if not includes and not args.dns:
+        raise UsageError("shuttled run: give at least one SUBNET (or --dns)")
+    result = [s for text in includes for s in parse_subnet(text)]
+    result += [s for text in excludes for s in parse_subnet(text, exclude=True)]
+    if args.disable_ipv6:
+        result = [s for s in result if s.network.version == 4]
+    return tuple(result)
+
+
+def _addresses(text: str | None, flag: str) -> tuple[str, ...]:
+    if not text:
+        return ()
+    out = []
+    for item in text.split(","):
+        try:
+            out.append(str(ipaddress.ip_address(item.strip())))
+        except ValueError:
+            raise UsageError(f"{flag}: {item.strip()!r} is not an IP address") from None
+    return tuple(out)
+
+
+def _listen(args: argparse.Namespace) -> tuple[tuple[str, ...], int]:
+    default = ("127.0.0.1",) if args.disable_ipv6 else ("127.0.0.1", "::1")
+    if not args.listen:
+        return default, 0
+    host, _, port = args.listen.rpartition(":")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"--listen: {args.listen!r} needs a port 1-65535")
+    return ((_addresses(host.strip("[]"), "--listen") if host else default), int(port))
+
+
+def _uid(name: str | None) -> int | None:
+    if name is None:
+        return None
+    import pwd
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        raise UsageError(f"--user: no local user named {name!r}") from None
+
+
+def run_config(args: argparse.Namespace) -> RunConfig:
+    """Validate `shuttled run` arguments once, into a frozen RunConfig."""
+    try:
+        ssh_command = tuple(shlex.split(args.ssh_cmd))
+    except ValueError as exc:
+        raise UsageError(f"--ssh-cmd: {exc}") from None
+    if not ssh_command:
+        raise UsageError("--ssh-cmd is empty")
+    listen, port = _listen(args)
+    target = SshTarget(args.remote, ssh_command, user=LocalUser.invoking())
+    return RunConfig(
+        name="run", target=target, subnets=_subnets(args), method=args.method,
+        forward=Forward(args.forward), dns=bool(args.dns or args.ns_hosts),
+        dns_capture=_addresses(args.ns_hosts, "--ns-hosts"),
+        dns_upstream=_addresses(args.to_ns, "--to-ns"), listen=listen, port=port,
+        uid=_uid(args.user), keepalive=args.keepalive, auto_exclude=not args.no_auto_exclude,
+        pythons=(args.python,) if args.python else const.REMOTE_PYTHONS)
+
+
+def setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="shuttled: %(levelname)s %(message)s" if verbose
+                        else "shuttled: %(message)s")

@@ -1,0 +1,270 @@
+"""Transparent listeners: accept redirected connections, recover where they were
+going, and pair each one with a direct-tcpip channel."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from shuttled import const
+from shuttled.tunnel import sshmsg
+from shuttled.tunnel.channels import Channel, ChannelMux
+
+log = logging.getLogger(__name__)
+
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST has the same value
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+MuxSource = Callable[[], ChannelMux | None]
+
+_REASONS = {
+    sshmsg.OPEN_ADMINISTRATIVELY_PROHIBITED: "prohibited by the server",
+    sshmsg.OPEN_CONNECT_FAILED: "connect failed",
+    sshmsg.OPEN_UNKNOWN_CHANNEL_TYPE: "unknown channel type",
+    sshmsg.OPEN_RESOURCE_SHORTAGE: "resource shortage",
+}
+
+
+def original_dst(sock: socket.socket) -> tuple[str, int]:
+    """Where the app meant to connect, before our REDIRECT rule rewrote it."""
+    if sock.family == socket.AF_INET:
+        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+        return socket.inet_ntop(socket.AF_INET, raw[4:8]), struct.unpack_from("!H", raw, 2)[0]
+    raw = sock.getsockopt(socket.SOL_IPV6, SO_ORIGINAL_DST, 28)
+    return socket.inet_ntop(socket.AF_INET6, raw[8:24]), struct.unpack_from("!H", raw, 2)[0]
+
+
+@dataclass
+class ProxyCounters:
+    accepted: int = 0
+    failed: int = 0  # open failures and tunnel-down refusals
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+class LocalConnection(asyncio.Protocol):
+    """One accepted app connection; the channel's Endpoint."""
+
+    def __init__(self, proxy: TransparentProxy) -> None:
+        self.proxy = proxy
+        self.transport: asyncio.Transport | None = None
+        self.channel: Channel | None = None
+        self.src: tuple[str, int] = ("", 0)
+        self.dst: tuple[str, int] = ("", 0)
+        self.started = 0.0
+
+    # --- asyncio side ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.pause_reading()  # nothing to send it to until the channel opens
+        sock: socket.socket = transport.get_extra_info("socket")
+        self.started = asyncio.get_running_loop().time()
+        try:
+            self.dst = original_dst(sock)
+            self.src = sock.getpeername()[:2]
+        except OSError as exc:
+            log.warning("no original destination for a connection: %s", exc.strerror)
+            self.reset()
+            return
+        if self.dst[1] == self.proxy.port and self.dst[0] in ("127.0.0.1", "::1"):
+            self.reset()  # a direct connect to our listener, not a redirect: refuse
+            return
+        self.proxy.accepted(self)
+
+    def open_channel(self, mux: ChannelMux) -> None:
+        assert self.transport is not None
+        self.transport.set_write_buffer_limits(high=const.LOCAL_WRITE_HIGH,
+                                               low=const.LOCAL_WRITE_LOW)
+        sock: socket.socket = self.transport.get_extra_info("socket")
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.channel = mux.open_direct_tcpip(self.dst[0], self.dst[1], self.src[0],
+                                             self.src[1], self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.channel is not None:
+            self.channel.send(data)
+
+    def eof_received(self) -> bool:
+        if self.channel is not None:
+            self.channel.send_eof()
+        return True  # keep our write side open: half-close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.proxy.forget(self)
+        channel = self.channel
+        if channel is not None and not channel.close_sent:
+            channel.close()
+
+    def pause_writing(self) -> None:
+        if self.channel is not None:
+            self.channel.set_hold_window(True)
+
+    def resume_writing(self) -> None:
+        if self.channel is not None:
+            self.channel.set_hold_window(False)
+
+    # --- channel side (Endpoint) -----------------------------------------------------
+
+    def on_open(self, channel: Channel) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def on_open_failed(self, reason: int, description: str) -> None:
+        self.channel = None
+        self.proxy.counters.failed += 1
+        log.info("%s:%d -> %s:%d refused: %s (%s)", *self.src, *self.dst,
+                 _REASONS.get(reason, f"reason {reason}"), description)
+        self.proxy.open_failed(self, reason)
+        self.reset()
+
+    def on_data(self, data: memoryview) -> None:
+        assert self.transport is not None and self.channel is not None
+        if self.transport.is_closing():
+            self.channel.consumed(len(data))
+            return
+        self.transport.write(data)
+        self.channel.consumed(len(data))
+
+    def on_extended_data(self, code: int, data: bytes) -> None:
+        pass
+
+    def on_eof(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write_eof()
+
+    def on_close(self) -> None:
+        channel = self.channel
+        if channel is not None:
+            self.proxy.counters.bytes_up += channel.bytes_up
+            self.proxy.counters.bytes_down += channel.bytes_down
+        if self.transport is None or self.transport.is_closing():
+            return
+        if channel is not None and not channel.eof_received:
+            self.reset()  # the tunnel died under us: the app must not see a clean end
+        else:
+            self.transport.close()
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def reset(self) -> None:
+        """Close with RST so the app sees a refusal at once, not an empty reply."""
+        if self.transport is None:
+            return
+        sock: socket.socket | None = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        self.transport.abort()
+
+
+class TransparentProxy:
+    """Listeners on 127.0.0.1 and ::1 (one port for both) for one tunnel."""
+
+    def __init__(self, mux_source: MuxSource, *, addresses: tuple[str, ...] = ("127.0.0.1",
+                                                                              "::1"),
+                 on_prohibited: Callable[[LocalConnection], bool] | None = None) -> None:
+        self.mux_source = mux_source
+        self.addresses = addresses
+        self.port = 0
+        self.counters = ProxyCounters()
+        self.connections: set[LocalConnection] = set()
+        self._servers: list[asyncio.Server] = []
+        self._on_prohibited = on_prohibited
+
+    async def start(self, port: int = 0) -> int:
+        loop = asyncio.get_running_loop()
+        for sock in bind_listeners(self.addresses, port, socket.SOCK_STREAM):
+            sock.listen(const.LISTEN_BACKLOG)
+            server = await loop.create_server(lambda: LocalConnection(self), sock=sock,
+                                              backlog=const.LISTEN_BACKLOG)
+            self._servers.append(server)
+            self.port = sock.getsockname()[1]
+        return self.port
+
+    def accepted(self, conn: LocalConnection) -> None:
+        self.counters.accepted += 1
+        mux = self.mux_source()
+        if mux is None or mux.closed:
+            self.counters.failed += 1
+            conn.reset()  # tunnel down: refuse fast rather than hang (kill switch)
+            return
+        self.connections.add(conn)
+        conn.open_channel(mux)
+
+    def open_failed(self, conn: LocalConnection, reason: int) -> None:
+        if reason == sshmsg.OPEN_ADMINISTRATIVELY_PROHIBITED and self._on_prohibited:
+            self._on_prohibited(conn)
+
+    def forget(self, conn: LocalConnection) -> None:
+        self.connections.discard(conn)
+
+    def close(self) -> None:
+        for server in self._servers:
+            server.close()
+        self._servers.clear()
+        for conn in list(self.connections):
+            conn.reset()
+
+
+def bind_listeners(addresses: tuple[str, ...], port: int, kind: int) -> list[socket.socket]:
+    """Bind every address on one port number; skip a family the host lacks.
+
+    The first bind picks the port (when 0); the rest must get the same number,
+    so we retry a few times if another program holds it on a later address.
+    """
+    for _attempt in range(20):
+        socks: list[socket.socket] = []
+        chosen = port
+        try:
+            for address in addresses:
+                sock = _bind_one(address, chosen, kind)
+                if sock is None:
+                    continue
+                socks.append(sock)
+                chosen = sock.getsockname()[1]
+            if socks:
+                return socks
+            raise OSError(errno.EADDRNOTAVAIL, f"none of {', '.join(addresses)} can be bound")
+        except OSError as exc:
+            for sock in socks:
+                sock.close()
+            if port or exc.errno != errno.EADDRINUSE:
+                raise
+    raise OSError(errno.EADDRINUSE, "no free port common to all listen addresses")
+
+
+def _bind_one(address: str, port: int, kind: int) -> socket.socket | None:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        sock = socket.socket(family, kind)
+    except OSError as exc:
+        if exc.errno in (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT):
+            return None  # IPv6 disabled on this host: run IPv4-only (sshuttle #738)
+        raise
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.setblocking(False)
+        sock.bind((address, port))
+    except OSError as exc:
+        sock.close()
+        if family == socket.AF_INET6 and exc.errno == errno.EADDRNOTAVAIL:
+            return None
+        raise
+    return sock

@@ -1,0 +1,199 @@
+"""One live ssh connection of a tunnel: the master, the proxy-mode mux client,
+liveness, and the forwarding mode (sshd's direct-tcpip, or the remote helper)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+
+from shuttled import const
+from shuttled.errors import RemoteError, ShuttledError, SshError
+from shuttled.tunnel import sshmsg
+from shuttled.tunnel.channels import Channel, ChannelMux, MuxProtocol
+from shuttled.tunnel.endpoints import CommandEndpoint, HelperPipe, open_stream, run_command
+from shuttled.tunnel.ssh import SshMaster, SshTarget
+
+log = logging.getLogger(__name__)
+
+HELPER_START_TIMEOUT = 30.0
+
+
+class Forward(enum.StrEnum):
+    AUTO = "auto"
+    DIRECT = "direct"  # sshd makes the connections (direct-tcpip)
+    HELPER = "helper"  # the uploaded python helper makes them
+
+
+class _Probe(CommandEndpoint):
+    """A throwaway direct-tcpip open whose only purpose is the server's answer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reason: int | None = None
+
+    def on_open_failed(self, reason: int, description: str) -> None:
+        self.reason = reason
+        if not self.opened.done():
+            self.opened.set_result(None)  # type: ignore[arg-type]
+
+
+class SshSession:
+    """Start with `start()`; `closed` resolves with the reason it ended."""
+
+    def __init__(self, target: SshTarget, name: str, *, forward: Forward = Forward.AUTO,
+                 pythons: tuple[str, ...] = const.REMOTE_PYTHONS,
+                 keepalive: float = const.KEEPALIVE_INTERVAL) -> None:
+        self.target = target
+        self.name = name
+        self.forward = forward
+        self.pythons = pythons
+        self.keepalive = keepalive
+        self.master = SshMaster(target, name)
+        self.control: ChannelMux | None = None  # the mux on the master
+        self.data: ChannelMux | None = None  # the mux that carries app connections
+        self.mode: Forward | None = None
+        self.rtt: float | None = None
+        self.started_at: float | None = None
+        self.closed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._liveness: Channel | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._helper: HelperPipe | None = None
+
+    async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        await self.master.start()
+        sock = await self.master.connect_proxy()
+        loop = asyncio.get_running_loop()
+        _, protocol = await loop.create_unix_connection(
+            lambda: MuxProtocol(f"ssh {self.target.remote}", self._lost), sock=sock)
+        assert isinstance(protocol, MuxProtocol) and protocol.mux is not None
+        self.control = protocol.mux
+        self._liveness = await self._open_session()
+        self.mode = await self._choose_mode()
+        self.data = self.control if self.mode is Forward.DIRECT else await self._start_helper()
+        self._tasks.append(asyncio.create_task(self._watch_master()))
+        self._tasks.append(asyncio.create_task(self._keepalive()))
+        self.started_at = time.time()
+        log.info("tunnel %s up via %s (%s mode)", self.name, self.target.remote, self.mode)
+
+    async def _open_session(self) -> Channel:
+        assert self.control is not None
+        endpoint = CommandEndpoint()
+        self.control.open("session", endpoint)
+        return await asyncio.wait_for(endpoint.opened, const.MUX_HELLO_TIMEOUT)
+
+    async def _choose_mode(self) -> Forward:
+        if self.forward is not Forward.AUTO:
+            return self.forward
+        # Ask sshd for a harmless forward (port 1 on its own loopback): refused
+        # means forwarding works, "administratively prohibited" means helper.
+        assert self.control is not None
+        probe = _Probe()
+        self.control.open_direct_tcpip("127.0.0.1", 1, "127.0.0.1", 0, probe)
+        channel = await asyncio.wait_for(probe.opened, const.MUX_HELLO_TIMEOUT)
+        if channel is not None:
+            channel.close()
+        if probe.reason == sshmsg.OPEN_ADMINISTRATIVELY_PROHIBITED:
+            log.info("%s refuses TCP forwarding: using the remote helper", self.target.remote)
+            return Forward.HELPER
+        return Forward.DIRECT
+
+    async def _start_helper(self) -> ChannelMux:
+        from shuttled.remote import helper_source, loader_command
+
+        assert self.control is not None
+        source = helper_source()
+        pipe = HelperPipe(lambda line: log.info("remote helper: %s", line))
+        self._helper = pipe
+        self.control.open("session", pipe)
+        hello: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        pipe.inner = ChannelMux(pipe, name=f"helper on {self.target.remote}",
+                                on_lost=self._lost,
+                                on_global=lambda _t, payload: hello.done() or
+                                hello.set_result(bytes(payload)))
+        async with asyncio.timeout(HELPER_START_TIMEOUT):
+            channel = await pipe.opened
+            reply = channel.request("exec", sshmsg.sstring(
+                loader_command(len(source), self.pythons)))
+            assert reply is not None
+            if not await reply:
+                raise RemoteError(f"{self.target.remote} refused to run the helper")
+            channel.send(source)
+            done, _ = await asyncio.wait([hello, pipe.ended],
+                                         return_when=asyncio.FIRST_COMPLETED)
+        if hello not in done:
+            raise RemoteError(self._helper_failure(pipe))
+        log.info("remote helper started: %s", sshmsg.Reader(hello.result()).text())
+        return pipe.inner
+
+    def _helper_failure(self, pipe: HelperPipe) -> str:
+        if pipe.status == const.HELPER_NO_PYTHON_EXIT:
+            return (f"no python on {self.target.remote} for the helper "
+                    f"(tried {', '.join(self.pythons)})")
+        return f"the remote helper did not start (status {pipe.status}): {pipe.last_error()}"
+
+    async def _watch_master(self) -> None:
+        status = await self.master.wait()
+        self._lost(SshError(f"ssh exited with status {status}: {self.master.last_error()}"))
+
+    async def _keepalive(self) -> None:
+        # keepalive@openssh.com on our own session channel: the master forwards
+        # channel requests, sshd answers FAILURE, and the round trip is our RTT.
+        while self._liveness is not None and not self.closed.done():
+            await asyncio.sleep(self.keepalive)
+            started = time.monotonic()
+            try:
+                reply = self._liveness.request("keepalive@openssh.com")
+                assert reply is not None
+                await asyncio.wait_for(reply, self.keepalive * const.KEEPALIVE_MISSES)
+            except (TimeoutError, ShuttledError):
+                self._lost(SshError(f"no keepalive answer from {self.target.remote} in "
+                                    f"{self.keepalive * const.KEEPALIVE_MISSES:.0f} s"))
+                return
+            self.rtt = time.monotonic() - started
+
+    def _lost(self, exc: BaseException | None) -> None:
+        if self.closed.done():
+            return
+        reason = str(exc) if exc is not None else "connection closed"
+        log.warning("tunnel %s lost: %s", self.name, reason)
+        self.closed.set_result(reason)
+        for mux in (self.data, self.control):
+            if mux is not None:
+                mux.fail(None)
+
+    # --- services for the layers above --------------------------------------------
+
+    async def open_stream(self, host: str, port: int
+                          ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self.data is None or self.data.closed:
+            raise SshError("tunnel is not up")
+        return await open_stream(self.data, host, port)
+
+    async def run(self, command: str, timeout: float = 30.0
+                  ) -> tuple[int | None, bytes, bytes]:
+        if self.control is None or self.control.closed:
+            raise SshError("tunnel is not up")
+        return await run_command(self.control, command, timeout)
+
+    def current_mux(self) -> ChannelMux | None:
+        return None if self.closed.done() else self.data
+
+    async def stop(self) -> None:
+        self._lost(None) if not self.closed.done() else None
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        await self.master.stop()
