@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from shuttled.cli import parse, run_config, setup_logging
+from shuttled.cli import parse, run_spec, setup_logging
 from shuttled.const import ExitCode
 from shuttled.errors import ShuttledError, UsageError
 
@@ -33,9 +33,9 @@ def _dispatch(argv: Sequence[str]) -> int:
     if args.command == "run":
         from shuttled.run import run
 
-        config = run_config(args)
+        spec = run_spec(args)
         _need_root("run")
-        return asyncio.run(run(config))
+        return asyncio.run(run(spec, args.method))
     if args.command == "cleanup":
         return _cleanup()
     from shuttled.daemon import main as daemon_main

@@ -18,7 +18,7 @@ from pathlib import Path
 from shuttled import __version__, const
 from shuttled.errors import ConfigError, UsageError
 from shuttled.firewall.base import Subnet, parse_subnet
-from shuttled.run import RunConfig
+from shuttled.supervisor import TunnelSpec
 from shuttled.tunnel.session import Forward
 from shuttled.tunnel.ssh import LocalUser, SshTarget
 
@@ -42,6 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     parser.add_argument("--config-dir", type=Path, default=const.CONFIG_DIR,
                         help=f"profile directory of the daemon (default {const.CONFIG_DIR})")
+    parser.add_argument("--socket", type=Path, default=const.CONTROL_SOCKET,
+                        help=f"control socket of the daemon (default {const.CONTROL_SOCKET})")
+    parser.add_argument("--state-dir", type=Path, default=const.STATE_DIR,
+                        help=f"where wanted-up profiles are kept (default {const.STATE_DIR})")
+    parser.add_argument("--method", choices=("auto", "nft", "iptables"), default="auto",
+                        help="firewall backend of the daemon (default: nft, else iptables)")
+    parser.add_argument("--no-dbus", action="store_true",
+                        help="do not export the API on the D-Bus system bus")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("daemon", help="run the daemon in the foreground (the default)")
     _add_run(sub.add_parser("run", help="one tunnel in the foreground, sshuttle-style",
@@ -153,8 +161,8 @@ def _uid(name: str | None) -> int | None:
         raise UsageError(f"--user: no local user named {name!r}") from None
 
 
-def run_config(args: argparse.Namespace) -> RunConfig:
-    """Validate `shuttled run` arguments once, into a frozen RunConfig."""
+def run_spec(args: argparse.Namespace) -> TunnelSpec:
+    """Validate `shuttled run` arguments once, into a frozen TunnelSpec."""
     try:
         ssh_command = tuple(shlex.split(args.ssh_cmd))
     except ValueError as exc:
@@ -163,8 +171,8 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         raise UsageError("--ssh-cmd is empty")
     listen, port = _listen(args)
     target = SshTarget(args.remote, ssh_command, user=LocalUser.invoking())
-    return RunConfig(
-        name="run", target=target, subnets=_subnets(args), method=args.method,
+    return TunnelSpec(
+        name="run", target=target, subnets=_subnets(args), reconnect=False,
         forward=Forward(args.forward), dns=bool(args.dns or args.ns_hosts),
         dns_capture=_addresses(args.ns_hosts, "--ns-hosts"),
         dns_upstream=_addresses(args.to_ns, "--to-ns"), listen=listen, port=port,

@@ -101,10 +101,15 @@ class ChannelTransport(_BaseEndpoint, asyncio.Transport):
         asyncio.Transport.__init__(self)
         self._protocol = protocol
         self._closing = False
+        self._connected = False
 
     # Endpoint side
     def on_open(self, channel: Channel) -> None:
+        if self.opened.cancelled():  # the opener gave up waiting: nobody wants it
+            channel.close()
+            return
         super().on_open(channel)
+        self._connected = True
         self._protocol.connection_made(self)
 
     def on_data(self, data: memoryview) -> None:
@@ -117,7 +122,7 @@ class ChannelTransport(_BaseEndpoint, asyncio.Transport):
 
     def on_close(self) -> None:
         self._closing = True
-        if self.opened.done() and not self.opened.exception():
+        if self._connected:
             self._protocol.connection_lost(None)
 
     def pause_reading(self) -> None:

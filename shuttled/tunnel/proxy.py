@@ -36,7 +36,7 @@ def original_dst(sock: socket.socket) -> tuple[str, int]:
     if sock.family == socket.AF_INET:
         raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
         return socket.inet_ntop(socket.AF_INET, raw[4:8]), struct.unpack_from("!H", raw, 2)[0]
-    raw = sock.getsockopt(socket.SOL_IPV6, SO_ORIGINAL_DST, 28)
+    raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
     return socket.inet_ntop(socket.AF_INET6, raw[8:24]), struct.unpack_from("!H", raw, 2)[0]
 
 

@@ -8,6 +8,7 @@ import contextlib
 import enum
 import logging
 import time
+from typing import Any
 
 from shuttled import const
 from shuttled.errors import RemoteError, ShuttledError, SshError
@@ -116,10 +117,13 @@ class SshSession:
         self._helper = pipe
         self.control.open("session", pipe)
         hello: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+        def on_hello(_msg_type: int, payload: memoryview) -> None:
+            if not hello.done():
+                hello.set_result(bytes(payload))
+
         pipe.inner = ChannelMux(pipe, name=f"helper on {self.target.remote}",
-                                on_lost=self._lost,
-                                on_global=lambda _t, payload: hello.done() or
-                                hello.set_result(bytes(payload)))
+                                on_lost=self._lost, on_global=on_hello)
         async with asyncio.timeout(HELPER_START_TIMEOUT):
             channel = await pipe.opened
             reply = channel.request("exec", sshmsg.sstring(
@@ -128,9 +132,9 @@ class SshSession:
             if not await reply:
                 raise RemoteError(f"{self.target.remote} refused to run the helper")
             channel.send(source)
-            done, _ = await asyncio.wait([hello, pipe.ended],
-                                         return_when=asyncio.FIRST_COMPLETED)
-        if hello not in done:
+            waiters: list[asyncio.Future[Any]] = [hello, pipe.ended]
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        if not hello.done():
             raise RemoteError(self._helper_failure(pipe))
         log.info("remote helper started: %s", sshmsg.Reader(hello.result()).text())
         return pipe.inner

@@ -9,6 +9,9 @@ helper speaks over its stdio): uint32 packet_length || byte 0 (padding length)
 """
 
 import struct
+from typing import List, Tuple, Union
+
+BytesLike = Union[bytes, bytearray, memoryview]
 
 MSG_GLOBAL_REQUEST = 80
 MSG_REQUEST_SUCCESS = 81
@@ -48,19 +51,19 @@ class WireError(ValueError):
     """A packet or field that does not parse; the message says what was wrong."""
 
 
-def packet(msg_type, payload=b""):
+def packet(msg_type: int, payload: BytesLike = b"") -> bytes:
     """One framed packet: the 6-byte header followed by the payload."""
     return HEADER.pack(len(payload) + 2, 0, msg_type) + payload
 
 
-def sstring(value):
+def sstring(value: Union[str, BytesLike]) -> bytes:
     """An SSH `string`: uint32 length then the bytes (str is UTF-8 encoded)."""
     if isinstance(value, str):
         value = value.encode("utf-8")
     return U32.pack(len(value)) + value
 
 
-def sbool(value):
+def sbool(value: bool) -> bytes:
     return b"\x01" if value else b"\x00"
 
 
@@ -69,29 +72,29 @@ class Reader:
 
     __slots__ = ("buf", "pos")
 
-    def __init__(self, buf, pos=0):
+    def __init__(self, buf: BytesLike, pos: int = 0) -> None:
         self.buf = buf
         self.pos = pos
 
-    def u32(self):
+    def u32(self) -> int:
         end = self.pos + 4
         if end > len(self.buf):
             raise WireError("truncated uint32 at offset %d" % self.pos)
-        (value,) = U32.unpack_from(self.buf, self.pos)
+        value = U32.unpack_from(self.buf, self.pos)[0]  # type: int
         self.pos = end
         return value
 
-    def byte(self):
+    def byte(self) -> int:
         if self.pos >= len(self.buf):
             raise WireError("truncated byte at offset %d" % self.pos)
         value = self.buf[self.pos]
         self.pos += 1
         return value
 
-    def boolean(self):
+    def boolean(self) -> bool:
         return self.byte() != 0
 
-    def string(self):
+    def string(self) -> bytes:
         size = self.u32()
         end = self.pos + size
         if end > len(self.buf):
@@ -101,19 +104,20 @@ class Reader:
         self.pos = end
         return bytes(value)
 
-    def text(self):
+    def text(self) -> str:
         try:
             return self.string().decode("utf-8")
         except UnicodeDecodeError:
             raise WireError("string at offset %d is not UTF-8" % self.pos) from None
 
-    def rest(self):
+    def rest(self) -> BytesLike:
         value = self.buf[self.pos:]
         self.pos = len(self.buf)
         return value
 
 
-def split_packets(buf, max_packet):
+def split_packets(buf: BytesLike, max_packet: int
+                  ) -> Tuple[List[Tuple[int, memoryview]], int]:
     """Parse whole packets from the front of bytearray `buf`.
 
     Returns (messages, consumed): a list of (msg_type, payload memoryview) and
@@ -139,63 +143,65 @@ def split_packets(buf, max_packet):
 
 # --- builders ------------------------------------------------------------------
 
-def channel_open(kind, sender, window, max_packet, extra=b""):
+def channel_open(kind: str, sender: int, window: int, max_packet: int,
+                 extra: bytes = b"") -> bytes:
     return packet(MSG_CHANNEL_OPEN,
                   sstring(kind) + U32X3.pack(sender, window, max_packet) + extra)
 
 
-def direct_tcpip_extra(host, port, orig_host, orig_port):
+def direct_tcpip_extra(host: str, port: int, orig_host: str, orig_port: int) -> bytes:
     return sstring(host) + U32.pack(port) + sstring(orig_host) + U32.pack(orig_port)
 
 
-def open_confirmation(recipient, sender, window, max_packet):
+def open_confirmation(recipient: int, sender: int, window: int, max_packet: int) -> bytes:
     return packet(MSG_CHANNEL_OPEN_CONFIRMATION,
                   U32X2.pack(recipient, sender) + U32X2.pack(window, max_packet))
 
 
-def open_failure(recipient, reason, description):
+def open_failure(recipient: int, reason: int, description: str) -> bytes:
     return packet(MSG_CHANNEL_OPEN_FAILURE,
                   U32X2.pack(recipient, reason) + sstring(description) + sstring(""))
 
 
-def window_adjust(recipient, amount):
+def window_adjust(recipient: int, amount: int) -> bytes:
     return packet(MSG_CHANNEL_WINDOW_ADJUST, U32X2.pack(recipient, amount))
 
 
-def data_header(recipient, size):
+def data_header(recipient: int, size: int) -> bytes:
     """Header of a CHANNEL_DATA packet; the caller appends `size` bytes of data."""
     return HEADER.pack(size + 10, 0, MSG_CHANNEL_DATA) + U32X2.pack(recipient, size)
 
 
-def extended_data(recipient, code, data):
+def extended_data(recipient: int, code: int, data: BytesLike) -> bytes:
     return packet(MSG_CHANNEL_EXTENDED_DATA, U32X2.pack(recipient, code) + sstring(data))
 
 
-def eof(recipient):
+def eof(recipient: int) -> bytes:
     return packet(MSG_CHANNEL_EOF, U32.pack(recipient))
 
 
-def close(recipient):
+def close(recipient: int) -> bytes:
     return packet(MSG_CHANNEL_CLOSE, U32.pack(recipient))
 
 
-def channel_request(recipient, name, want_reply, extra=b""):
+def channel_request(recipient: int, name: str, want_reply: bool,
+                    extra: bytes = b"") -> bytes:
     return packet(MSG_CHANNEL_REQUEST,
                   U32.pack(recipient) + sstring(name) + sbool(want_reply) + extra)
 
 
-def channel_reply(recipient, ok):
+def channel_reply(recipient: int, ok: bool) -> bytes:
     return packet(MSG_CHANNEL_SUCCESS if ok else MSG_CHANNEL_FAILURE, U32.pack(recipient))
 
 
 # --- UDP datagram framing inside a udp@shuttled channel ----------------------------
 
-def pack_datagram(host, port, payload):
+def pack_datagram(host: str, port: int, payload: BytesLike) -> bytes:
     """One datagram with its peer address: string host, uint32 port, string data."""
     return sstring(host) + U32.pack(port) + sstring(payload)
 
 
-def unpack_datagram(buf):
+def unpack_datagram(buf: BytesLike) -> Tuple[str, int, bytes]:
     reader = Reader(buf)
     host = reader.text()
     port = reader.u32()

@@ -1,0 +1,224 @@
+"""Human rendering of daemon replies: units, durations, tables, health lines.
+
+Every function takes what the daemon sent and copes with missing or odd
+fields (an older or newer daemon): a reply never turns into a traceback.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+NONE = "-"
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+ERROR_WIDTH = 60  # last error in the status table; the health lines have it whole
+
+
+def size(value: Any) -> str:
+    """Bytes with IEC units: 512 B, 1.5 KiB, 12.3 MiB."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        return NONE
+    amount, unit = float(value), 0
+    while amount >= 1024 and unit < len(_UNITS) - 1:
+        amount, unit = amount / 1024, unit + 1
+    return f"{int(amount)} B" if unit == 0 else f"{amount:.1f} {_UNITS[unit]}"
+
+
+def duration(value: Any) -> str:
+    """Seconds as the two largest units: 45s, 12m03s, 2h03m, 3d04h."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        return NONE
+    seconds = int(value)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def milliseconds(value: Any) -> str:
+    """A round-trip time given in seconds, in ms."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        return NONE
+    return f"{value * 1000:.1f} ms" if value < 0.01 else f"{value * 1000:.0f} ms"
+
+
+def text(value: Any, width: int | None = None) -> str:
+    if value is None or value == "":
+        return NONE
+    out = " ".join(str(value).split())  # one line, whatever the daemon sent
+    if width is not None and len(out) > width:
+        out = out[: width - 3] + "..."
+    return out
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """Left-aligned columns two spaces apart; the last column is not padded."""
+    rows = [list(headers), *[list(r) for r in rows]]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(headers))]
+    lines = ["  ".join([*(c.ljust(w) for c, w in zip(r[:-1], widths, strict=False)), r[-1]])
+             for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def records(value: Any) -> list[Mapping[str, Any]]:
+    if isinstance(value, Mapping):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, Mapping)]
+    return []
+
+
+# --- list and status --------------------------------------------------------------------------
+
+def yes_no(value: Any) -> str:
+    return "yes" if value is True else "no" if value is False else NONE
+
+
+def profiles_table(profiles: Sequence[Mapping[str, Any]]) -> str:
+    rows = [[text(p.get("name")), text(p.get("state")), text(p.get("remote")),
+             yes_no(p.get("autostart")), yes_no(p.get("wanted"))] for p in profiles]
+    return table(["PROFILE", "STATE", "REMOTE", "AUTOSTART", "WANTED"], rows)
+
+
+def status_table(profiles: Sequence[Mapping[str, Any]]) -> str:
+    rows = []
+    for p in profiles:
+        up = p.get("state") == "up"
+        rows.append([text(p.get("name")), text(p.get("state")), text(p.get("remote")),
+                     duration(p.get("uptime")) if up else NONE,
+                     size(p.get("rx")), size(p.get("tx")), text(p.get("connections")),
+                     text(p.get("last_error"), ERROR_WIDTH)])
+    return table(["PROFILE", "STATE", "REMOTE", "UPTIME", "RX", "TX", "CONNS", "LAST ERROR"],
+                 rows)
+
+
+def expected_up(profile: Mapping[str, Any]) -> bool:
+    """Should this profile be up: someone asked for it, or it starts with the daemon."""
+    wanted = profile.get("wanted")
+    return bool(wanted if wanted is not None else profile.get("autostart"))
+
+
+def health(profiles: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Problems worth a line after the table, like `tailscale status`."""
+    lines = []
+    for p in profiles:
+        name, state, error = text(p.get("name")), p.get("state"), p.get("last_error")
+        if state == "failed":
+            lines.append(f"{name}: failed: {text(error)}")
+        elif state == "reconnecting":
+            lines.append(f"{name}: reconnecting" + (f" after: {text(error)}" if error else ""))
+        elif state == "down" and expected_up(p):
+            lines.append(f"{name}: should be up but is down")
+        if p.get("holding"):
+            lines.append(f"{name}: kill switch on: its traffic is dropped until it is up")
+        lines += [f"{name}: {text(h)}" for h in p.get("health") or [] if isinstance(h, str)]
+    return lines
+
+
+def health_block(lines: Sequence[str]) -> str:
+    return "\n".join(["", "# Health check:", *(f"#     - {line}" for line in lines)])
+
+
+def subnets(profile: Mapping[str, Any]) -> str:
+    items = []
+    for s in records(profile.get("subnets")):
+        source = s.get("source")
+        items.append(text(s.get("subnet")) + (f" ({source})" if source else ""))
+    return ", ".join(items) or NONE
+
+
+def status_detail(profile: Mapping[str, Any]) -> str:
+    """What a single-profile status adds below its table row."""
+    pairs = [("mode", text(profile.get("mode"))), ("subnets", subnets(profile)),
+             ("health check", milliseconds(profile.get("rtt")))]
+    if isinstance(profile.get("since"), int | float):
+        pairs.insert(1, ("since", time.strftime("%Y-%m-%d %H:%M:%S",
+                                                time.localtime(profile["since"]))))
+    return "\n".join(f"  {label}: {value}" for label, value in pairs)
+
+
+# --- stats, connections, reload, events ------------------------------------------------------
+
+_STATS_DONE = {"name", "profile", "state", "mode", "remote", "rx", "tx", "active", "total",
+               "failed", "reconnects", "uptime", "rtt", "ssh_cpu", "ssh_rss"}
+
+
+def _count(value: Any) -> str:
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else NONE
+
+
+def stats(name: str, s: Mapping[str, Any]) -> str:
+    """`wg show`-like: one heading, then indented `label: value` lines."""
+    state = text(s.get("state")) + (f" ({s['mode']})" if s.get("mode") else "")
+    lines = [f"profile: {name}"]
+    if "state" in s:
+        lines.append(f"  state: {state}")
+    if "remote" in s:
+        lines.append(f"  remote: {text(s.get('remote'))}")
+    lines += [
+        f"  uptime: {duration(s.get('uptime'))}",
+        f"  transfer: {size(s.get('rx'))} received, {size(s.get('tx'))} sent",
+        f"  connections: {_count(s.get('active'))} active, {_count(s.get('total'))} total, "
+        f"{_count(s.get('failed'))} failed",
+        f"  reconnects: {_count(s.get('reconnects'))}",
+        f"  latest health check: {milliseconds(s.get('rtt'))} round trip",
+        f"  ssh: {_percent(s.get('ssh_cpu'))} cpu, {size(s.get('ssh_rss'))} rss",
+    ]
+    lines += [f"  {key.replace('_', ' ')}: {_any(value)}"
+              for key, value in s.items() if key not in _STATS_DONE]
+    return "\n".join(lines)
+
+
+def _percent(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return NONE
+    return f"{value:.1f}%"
+
+
+def _any(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k.replace('_', ' ')} {_any(v)}" for k, v in value.items()) or NONE
+    if isinstance(value, list):
+        return ", ".join(_any(v) for v in value) or NONE
+    return text(value)
+
+
+def connections_table(conns: Sequence[Mapping[str, Any]]) -> str:
+    rows = [[text(c.get("src")), text(c.get("dst")), size(c.get("rx")), size(c.get("tx")),
+             duration(c.get("age"))] for c in conns]
+    return table(["SOURCE", "DESTINATION", "RX", "TX", "AGE"], rows)
+
+
+def reload_summary(result: Mapping[str, Any]) -> str:
+    lines = []
+    for key in ("added", "removed", "changed", "unchanged"):
+        names = result.get(key)
+        if isinstance(names, list) and names:
+            lines.append(f"{key}: {', '.join(text(n) for n in names)}")
+    if not any(result.get(k) for k in ("added", "removed", "changed")):
+        lines.insert(0, "configuration reloaded: no changes")
+    else:
+        lines.insert(0, "configuration reloaded")
+    return "\n".join(lines)
+
+
+def event(e: Mapping[str, Any], now: float | None = None) -> str:
+    """One line per event: time, profile, what happened."""
+    stamp = time.strftime("%H:%M:%S", time.localtime(now if now is not None else time.time()))
+    if e.get("type") == "state":
+        line = f"{stamp} {text(e.get('profile'))}: {text(e.get('state'))}"
+        return line + (f" ({text(e.get('error'))})" if e.get("error") else "")
+    rest = " ".join(f"{k}={text(v)}" for k, v in e.items() if k not in ("type", "profile"))
+    who = f" {text(e.get('profile'))}:" if "profile" in e else ""
+    return f"{stamp}{who} {text(e.get('type'))} {rest}".rstrip()

@@ -1,0 +1,922 @@
+"""Profiles: YAML files in the config directory, validated once into frozen dataclasses.
+
+Every `*.yaml`/`*.yml` file in the config directory (and in its `profiles.d/`)
+either maps profile names to profile bodies, or holds a single top-level
+`profiles:` map that does. Errors are collected over all files and reported
+together, each as `file:line: profile.key: what is wrong`.
+
+Profile keys (the README and man page are generated from PROFILE_KEYS):
+
+    key           type                     default   meaning
+    remote        string                   required  ssh destination ([user@]host, Host alias,
+                                                     ssh://user@host:port)
+    user          user name                root      local account whose ssh config, keys,
+                                                     known_hosts, agent are used; root uses
+                                                     <config dir>/ssh/
+    port          integer 1-65535          ssh's     ssh -p
+    identity      path                     ssh's     ssh -i; relative to the config dir
+    jump          string                   none      ssh -J (ProxyJump)
+    ssh_options   map option: str/int/bool {}        extra ssh -o options (Control*,
+                                                     LocalCommand, BatchMode... refused)
+    subnets       list of subnets          []        what to capture (10.0.0.0/8, fd00::/8,
+                                                     0/0 = both families, net:port[-port],
+                                                     host names)
+    exclude       list of subnets          []        never capture these
+    auto_nets     bool                     false     also capture the remote's networks
+    dns           off|all|split or map     off       DNS through the tunnel
+    remote_hosts  bool                     false     learn host names from the remote
+    autostart     bool                     false     up when the daemon starts
+    lan           bool or list             false     router mode (interfaces/source subnets)
+    allow         list                     []        user:NAME, group:NAME, NAME: who else
+                                                     may up/down it
+    kill_switch   bool                     false     drop captured traffic while not up
+    forward       auto|direct|helper       auto      who opens remote connections
+    python        string                   python3   remote python for the helper
+    keepalive     seconds 1-300            10        health ping interval (dead: 3 misses)
+    streams       integer 1-8              1         parallel ssh connections
+
+`dns` as a map: `{mode: off|all|split, domains: [names], nameservers: [IPs]}`;
+split needs domains; nameservers are the remote resolvers to ask (default:
+the remote's /etc/resolv.conf). `dns: true` means all, `dns: false` off.
+
+A profile name matches [A-Za-z0-9_-]{1,32}; a profile needs subnets,
+auto_nets or dns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import grp
+import ipaddress
+import itertools
+import logging
+import pwd
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, NoReturn
+
+import yaml
+
+from shuttled import const
+from shuttled.errors import ConfigError
+from shuttled.firewall.base import Subnet, parse_subnet
+from shuttled.tunnel.session import Forward
+from shuttled.tunnel.ssh import LocalUser, SshTarget
+
+log = logging.getLogger(__name__)
+
+PROFILE_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
+PROFILES_KEY = "profiles"
+PROFILES_SUBDIR = "profiles.d"
+ROOT_SSH_DIR = "ssh"  # under the config dir: keys and known_hosts of root-run profiles
+ROOT_KEY_NAMES = ("id_ed25519", "id_ecdsa", "id_rsa")
+DNS_MODES = ("off", "all", "split")
+# ssh options that would take the master away from us (we own its control socket
+# and its lifetime), make it prompt, or run local commands behind our back.
+FORBIDDEN_SSH_OPTIONS = frozenset(o.lower() for o in (
+    "ControlMaster", "ControlPath", "ControlPersist", "LocalCommand", "PermitLocalCommand",
+    "BatchMode", "ForkAfterAuthentication", "SessionType", "StdinNull", "RemoteCommand",
+    "RequestTTY"))
+_USER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\$?")
+_OPTION_RE = re.compile(r"[A-Za-z][A-Za-z0-9]{0,63}")
+_PYTHON_RE = re.compile(r"[A-Za-z0-9_./+-]{1,255}")
+_DNS_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+_IFNAME_RE = re.compile(r"[^/:\s]{1,15}")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+# --- YAML with line numbers -------------------------------------------------------------
+
+class _Map(dict[Any, Any]):
+    """A YAML mapping that remembers the line of each key (1-based)."""
+
+    line = 0
+    lines: dict[Any, int]
+
+
+class _Seq(list[Any]):
+    """A YAML sequence that remembers the line of each item (1-based)."""
+
+    line = 0
+    lines: list[int]
+
+
+class _Loader(yaml.CSafeLoader):
+    """The C parser, with constructors that keep node marks as line numbers."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.duplicates: list[tuple[int, str]] = []
+
+
+def _construct_map(loader: _Loader, node: yaml.MappingNode) -> _Map:
+    explicit = sum(1 for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge")
+    loader.flatten_mapping(node)
+    first_explicit = len(node.value) - explicit  # merged (<<) pairs come first
+    result = _Map()
+    result.line, result.lines = node.start_mark.line + 1, {}
+    seen: set[Any] = set()
+    for index, (key_node, value_node) in enumerate(node.value):
+        key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, str | int | float | bool) and key is not None:
+            raise yaml.constructor.ConstructorError(
+                None, None, "a key must be a plain value", key_node.start_mark)
+        if index >= first_explicit:
+            if key in seen:  # PyYAML would silently keep the last one
+                loader.duplicates.append((key_node.start_mark.line + 1, str(key)))
+            seen.add(key)
+        result[key] = loader.construct_object(value_node, deep=True)
+        result.lines[key] = key_node.start_mark.line + 1
+    return result
+
+
+def _construct_seq(loader: _Loader, node: yaml.SequenceNode) -> _Seq:
+    result = _Seq(loader.construct_object(child, deep=True) for child in node.value)
+    result.line = node.start_mark.line + 1
+    result.lines = [child.start_mark.line + 1 for child in node.value]
+    return result
+
+
+_Loader.add_constructor("tag:yaml.org,2002:map", _construct_map)  # type: ignore[arg-type]
+_Loader.add_constructor("tag:yaml.org,2002:seq", _construct_seq)  # type: ignore[arg-type]
+
+
+# --- validation context -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Problem:
+    line: int
+    path: str
+    message: str
+
+
+class _Invalid(Exception):
+    """One or more problems with one key; collected, never shown as such."""
+
+    def __init__(self, *problems: _Problem) -> None:
+        super().__init__(problems)
+        self.problems = problems
+
+
+@dataclass
+class _Ctx:
+    """Where a value is: its file, line and dotted path; also collects warnings."""
+
+    file: str
+    line: int
+    path: str
+    config_dir: Path
+    warnings: list[str]
+
+    def fail(self, message: str, line: int | None = None) -> NoReturn:
+        raise _Invalid(_Problem(line or self.line, self.path, message))
+
+    def warn(self, message: str, line: int | None = None) -> None:
+        self.warnings.append(f"{self.file}:{line or self.line}: {self.path}: {message}")
+
+    def at(self, line: int, path: str | None = None) -> _Ctx:
+        return _Ctx(self.file, line, path or self.path, self.config_dir, self.warnings)
+
+    def item(self, seq: _Seq | Sequence[Any], index: int) -> _Ctx:
+        lines = getattr(seq, "lines", None)
+        return self.at(lines[index] if lines else self.line)
+
+    def key(self, mapping: _Map | Mapping[Any, Any], key: Any) -> _Ctx:
+        lines = getattr(mapping, "lines", {})
+        return self.at(lines.get(key, self.line), f"{self.path}.{key}")
+
+
+def _kind(value: object) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    names = {dict: "a mapping", list: "a list", str: "a string", int: "an integer",
+             float: "a number", type(None): "nothing"}
+    return next((n for t, n in names.items() if isinstance(value, t)), type(value).__name__)
+
+
+def _each(ctx: _Ctx, value: Any, parse: Callable[[_Ctx, Any], Any]) -> tuple[Any, ...]:
+    """Parse every item of a list, collecting every item's problem."""
+    if isinstance(value, str):  # a single item where a list was meant: take it
+        value = [value]
+    if not isinstance(value, list):
+        ctx.fail(f"expected a list, got {_kind(value)}")
+    results: list[Any] = []
+    problems: list[_Problem] = []
+    for index, item in enumerate(value):
+        try:
+            results.append(parse(ctx.item(value, index), item))
+        except _Invalid as exc:
+            problems += exc.problems
+    if problems:
+        raise _Invalid(*problems)
+    return tuple(results)
+
+
+# --- value parsers --------------------------------------------------------------------------
+
+def _bool(ctx: _Ctx, value: Any) -> bool:
+    if not isinstance(value, bool):
+        ctx.fail(f"expected true or false, got {_kind(value)}")
+    return value
+
+
+def _text(ctx: _Ctx, value: Any) -> str:
+    if not isinstance(value, str):
+        ctx.fail(f"expected a string, got {_kind(value)}")
+    if not value.strip() or _CONTROL_RE.search(value):
+        ctx.fail("must be non-empty text without control characters")
+    return value
+
+
+def _word(ctx: _Ctx, value: Any) -> str:
+    """A string ssh gets as one argument: no spaces, and never read as an option."""
+    text = _text(ctx, value)
+    if any(c.isspace() for c in text) or text.startswith("-"):
+        ctx.fail(f"{text!r} must not contain spaces nor start with '-'")
+    return text
+
+
+def _int_in(low: int, high: int) -> Callable[[_Ctx, Any], int]:
+    def parse(ctx: _Ctx, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            ctx.fail(f"expected an integer, got {_kind(value)}")
+        if not low <= value <= high:
+            ctx.fail(f"{value} is not within {low}-{high}")
+        return value
+    return parse
+
+
+def _seconds(ctx: _Ctx, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        ctx.fail(f"expected a number of seconds, got {_kind(value)}")
+    if not 1 <= value <= 300:
+        ctx.fail(f"{value} is not within 1-300 seconds")
+    return float(value)
+
+
+def _choice(choices: Sequence[str]) -> Callable[[_Ctx, Any], str]:
+    def parse(ctx: _Ctx, value: Any) -> str:
+        if not isinstance(value, str) or value not in choices:
+            ctx.fail(f"expected one of {', '.join(choices)}, got {value!r}")
+        return value
+    return parse
+
+
+def _user(ctx: _Ctx, value: Any) -> str | None:
+    name = _text(ctx, value)
+    if not _USER_RE.fullmatch(name):
+        ctx.fail(f"{name!r} is not a user name")
+    if name == "root":
+        return None
+    if _uid(name) is None:
+        ctx.warn(f"no local user {name!r} yet: the profile cannot connect until it exists")
+    return name
+
+
+def _identity(ctx: _Ctx, value: Any) -> str:
+    path = _text(ctx, value)
+    # `~` is left for ssh, which expands it to the home of the user it runs as.
+    if path.startswith("~") or Path(path).is_absolute():
+        return path
+    return str(ctx.config_dir / path)
+
+
+def _python(ctx: _Ctx, value: Any) -> str:
+    text = _text(ctx, value)
+    if not _PYTHON_RE.fullmatch(text) or text.startswith("-"):
+        ctx.fail(f"{text!r} is not a program name or path")
+    return text
+
+
+def _forward(ctx: _Ctx, value: Any) -> Forward:
+    return Forward(_choice([f.value for f in Forward])(ctx, value))
+
+
+def _ssh_option(ctx: _Ctx, key: Any, value: Any) -> tuple[str, str]:
+    if not isinstance(key, str) or not _OPTION_RE.fullmatch(key):
+        ctx.fail(f"{key!r} is not an ssh option name")
+    if key.lower() in FORBIDDEN_SSH_OPTIONS:
+        ctx.fail("shuttled manages this option itself; it cannot be set in a profile")
+    if isinstance(value, bool):
+        return key, "yes" if value else "no"
+    if isinstance(value, int):
+        return key, str(value)
+    return key, _text(ctx, value)
+
+
+def _ssh_options(ctx: _Ctx, value: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, dict):
+        ctx.fail(f"expected a mapping of ssh options, got {_kind(value)}")
+    results: list[tuple[str, str]] = []
+    problems: list[_Problem] = []
+    seen: set[str] = set()
+    for key, item in value.items():
+        sub = ctx.key(value, key)
+        try:
+            if str(key).lower() in seen:
+                sub.fail("given twice (ssh options ignore case)")
+            results.append(_ssh_option(sub, key, item))
+            seen.add(str(key).lower())
+        except _Invalid as exc:
+            problems += exc.problems
+    if problems:
+        raise _Invalid(*problems)
+    return tuple(results)
+
+
+def _subnet(exclude: bool) -> Callable[[_Ctx, Any], str]:
+    def parse(ctx: _Ctx, value: Any) -> str:
+        text = _text(ctx, value).strip()
+        try:
+            # Syntax only: a host name is resolved when the capture is built, so a
+            # config loads at boot before DNS works.
+            parse_subnet(text, exclude=exclude, resolve=False)
+        except ConfigError as exc:
+            ctx.fail(str(exc))
+        return text
+    return parse
+
+
+def _subnets(ctx: _Ctx, value: Any) -> tuple[str, ...]:
+    return _each(ctx, value, _subnet(False))
+
+
+def _excludes(ctx: _Ctx, value: Any) -> tuple[str, ...]:
+    return _each(ctx, value, _subnet(True))
+
+
+# --- dns --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DnsSettings:
+    """Which DNS goes through the tunnel: none, all of it, or names under `domains`."""
+
+    mode: str = "off"  # off | all | split
+    domains: tuple[str, ...] = ()  # split: these names and everything below them
+    nameservers: tuple[str, ...] = ()  # remote resolvers; () = the remote's resolv.conf
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+
+def _domain(ctx: _Ctx, value: Any) -> str:
+    name = _text(ctx, value).strip().lower().removesuffix(".")
+    if name.startswith("*."):
+        ctx.fail(f"write {name[2:]!r}: a domain already covers every name below it")
+    if len(name) > 253 or not all(_DNS_LABEL_RE.fullmatch(x) for x in name.split(".")):
+        ctx.fail(f"{name!r} is not a DNS name")
+    return name
+
+
+def _address(ctx: _Ctx, value: Any) -> str:
+    try:
+        return str(ipaddress.ip_address(_text(ctx, value).strip()))
+    except ValueError:
+        ctx.fail(f"{value!r} is not an IP address")
+
+
+def _dns_mode(ctx: _Ctx, value: Any) -> str:
+    if isinstance(value, bool):  # YAML 1.1 reads a bare `off` as false
+        return "all" if value else "off"
+    return _choice(DNS_MODES)(ctx, value)
+
+
+_DNS_KEYS: Mapping[str, Callable[[_Ctx, Any], Any]] = {
+    "mode": _dns_mode,
+    "domains": lambda ctx, v: _each(ctx, v, _domain),
+    "nameservers": lambda ctx, v: _each(ctx, v, _address),
+}
+
+
+def _dns(ctx: _Ctx, value: Any) -> DnsSettings:
+    if not isinstance(value, dict):
+        return DnsSettings(_dns_mode(ctx, value))
+    parsed = _parse_map(ctx, value, _DNS_KEYS)
+    if "mode" not in parsed:
+        ctx.fail("needs a mode (off, all or split)")
+    settings = DnsSettings(**parsed)
+    if settings.mode == "split" and not settings.domains:
+        ctx.fail("split DNS needs domains: [...]")
+    if settings.mode == "all" and settings.domains:
+        ctx.fail("domains are only used with mode: split")
+    return settings
+
+
+def _parse_map(ctx: _Ctx, value: Mapping[Any, Any],
+               keys: Mapping[str, Callable[[_Ctx, Any], Any]]) -> dict[str, Any]:
+    """Parse the keys of a nested mapping; unknown keys are problems too."""
+    parsed: dict[str, Any] = {}
+    problems: list[_Problem] = []
+    for key, item in value.items():
+        sub = ctx.key(value, key)
+        try:
+            if key not in keys:
+                sub.fail(_unknown_key(key, keys))
+            if item is not None:
+                parsed[key] = keys[key](sub, item)
+        except _Invalid as exc:
+            problems += exc.problems
+    if problems:
+        raise _Invalid(*problems)
+    return parsed
+
+
+def _unknown_key(key: Any, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
+    return "unknown key" + (f" (did you mean {close[0]!r}?)" if close else "")
+
+
+# --- lan and allow -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LanSettings:
+    """Router mode: capture traffic forwarded from these interfaces and/or sources."""
+
+    all_interfaces: bool = False
+    interfaces: tuple[str, ...] = ()
+    sources: tuple[str, ...] = ()  # subnet texts, parse with parse_subnet()
+
+    @property
+    def enabled(self) -> bool:
+        return self.all_interfaces or bool(self.interfaces or self.sources)
+
+
+def _lan_item(ctx: _Ctx, value: Any) -> tuple[str, str]:
+    text = _text(ctx, value).strip()
+    looks_like_ip = "/" in text
+    try:
+        ipaddress.ip_address(text)
+        looks_like_ip = True
+    except ValueError:
+        pass
+    if looks_like_ip:
+        return "source", _subnet(False)(ctx, text)
+    if not _IFNAME_RE.fullmatch(text) or text in (".", ".."):
+        ctx.fail(f"{text!r} is neither an interface name nor a subnet")
+    return "interface", text
+
+
+def _lan(ctx: _Ctx, value: Any) -> LanSettings:
+    if isinstance(value, bool):
+        return LanSettings(all_interfaces=value)
+    items = _each(ctx, value, _lan_item)
+    return LanSettings(interfaces=tuple(v for k, v in items if k == "interface"),
+                       sources=tuple(v for k, v in items if k == "source"))
+
+
+def _allow_item(ctx: _Ctx, value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)  # a bare uid
+    text = _text(ctx, value).strip()
+    kind, sep, name = text.partition(":")
+    if not sep:
+        kind, name = "user", text
+    if kind not in ("user", "group") or not _USER_RE.fullmatch(name):
+        ctx.fail(f"{text!r}: expected user:NAME, group:NAME or NAME")
+    if (_uid(name) if kind == "user" else _gid(name)) is None:
+        ctx.warn(f"no local {kind} {name!r} (ignored until it exists)")
+    return f"{kind}:{name}"
+
+
+def _allow(ctx: _Ctx, value: Any) -> tuple[str, ...]:
+    return _each(ctx, value, _allow_item)
+
+
+def _uid(name: str) -> int | None:
+    if name.isdigit():
+        return int(name)
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        return None
+
+
+def _gid(name: str) -> int | None:
+    if name.isdigit():
+        return int(name)
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        return None
+
+
+def is_admin(uid: int, gids: Sequence[int]) -> bool:
+    """Root, or a member of const.ADMIN_GROUP: may reload and up/down any profile."""
+    if uid == 0:
+        return True
+    admin = _gid(const.ADMIN_GROUP)
+    return admin is not None and admin in gids
+
+
+# --- profiles ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Profile:
+    """One tunnel as the administrator wrote it. `==` compares settings, not `source`."""
+
+    name: str
+    remote: str
+    user: str | None = None  # None: root, with keys under <config dir>/ssh
+    port: int | None = None
+    identity: str | None = None
+    jump: str | None = None
+    ssh_options: tuple[tuple[str, str], ...] = ()
+    subnets: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    auto_nets: bool = False
+    dns: DnsSettings = DnsSettings()
+    remote_hosts: bool = False
+    autostart: bool = False
+    lan: LanSettings = LanSettings()
+    allow: tuple[str, ...] = ()  # normalized: "user:NAME" / "group:NAME"
+    kill_switch: bool = False
+    forward: Forward = Forward.AUTO
+    python: str | None = None
+    keepalive: float = const.KEEPALIVE_INTERVAL
+    streams: int = 1
+    # Where it was written; moving a profile within its file is not a change.
+    source: str = field(default="", compare=False)
+    config_dir: Path = field(default=const.CONFIG_DIR, compare=False, repr=False)
+
+    def networks(self, *, resolve: bool = True) -> tuple[Subnet, ...]:
+        """Includes then excludes as firewall Subnets; host names are resolved now."""
+        includes = [s for t in self.subnets for s in parse_subnet(t, resolve=resolve)]
+        excludes = [s for t in self.exclude
+                    for s in parse_subnet(t, exclude=True, resolve=resolve)]
+        return (*includes, *excludes)
+
+    def ssh_target(self) -> SshTarget:
+        """How to reach the remote. Raises SshError when the local user does not exist."""
+        command = [const.SSH_BIN]
+        for flag, value in (("-p", self.port), ("-i", self.identity), ("-J", self.jump)):
+            if value is not None:
+                command += [flag, str(value)]
+        # ssh keeps the first value it sees: the profile's options go before ours.
+        options = [f"{key}={value}" for key, value in self.ssh_options]
+        if self.user is None:
+            options += self._root_options()
+        user = LocalUser.from_name(self.user) if self.user is not None else None
+        return SshTarget(self.remote, tuple(command), tuple(options), user=user, batch=True)
+
+    def _root_options(self) -> list[str]:
+        """Root's home may be hidden from the service (ProtectHome): keys live with the config."""
+        ssh_dir = self.config_dir / ROOT_SSH_DIR
+        given = {key.lower() for key, _ in self.ssh_options}
+        options = []
+        if "userknownhostsfile" not in given:
+            options.append(f"UserKnownHostsFile={ssh_dir / 'known_hosts'}")
+        if self.identity is None and "identityfile" not in given:
+            options += [f"IdentityFile={ssh_dir / name}" for name in ROOT_KEY_NAMES
+                        if (ssh_dir / name).is_file()]
+        return options
+
+    def allows(self, uid: int, gids: Sequence[int]) -> bool:
+        """May this caller bring the profile up or down? Names are looked up now, so
+        a user or group created after loading counts without a reload."""
+        if is_admin(uid, gids):
+            return True
+        for entry in self.allow:
+            kind, _, name = entry.partition(":")
+            if kind == "user" and _uid(name) == uid:
+                return True
+            if kind == "group" and (gid := _gid(name)) is not None and gid in gids:
+                return True
+        return False
+
+
+# --- the schema ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class KeySpec:
+    """One profile key: how it is documented and how it is parsed."""
+
+    name: str
+    type: str  # for humans
+    help: str
+    parse: Callable[[_Ctx, Any], Any] = field(repr=False)
+    required: bool = False
+    default_text: str | None = None  # how the default is documented, when not obvious
+
+    @property
+    def default(self) -> Any:
+        """The value a profile gets without this key (from the Profile dataclass)."""
+        f = Profile.__dataclass_fields__[self.name]
+        return f.default
+
+    def default_doc(self) -> str:
+        if self.required:
+            return "required"
+        if self.default_text is not None:
+            return self.default_text
+        value = self.default
+        if isinstance(value, bool):
+            return str(value).lower()
+        if isinstance(value, float) and value.is_integer():
+            return str(int(value))
+        return "none" if value is None else "[]" if value == () else str(value)
+
+
+def _spec(name: str, type_: str, help_: str, parse: Callable[[_Ctx, Any], Any],
+          **kw: Any) -> tuple[str, KeySpec]:
+    return name, KeySpec(name, type_, help_, parse, **kw)
+
+
+PROFILE_KEYS: Mapping[str, KeySpec] = MappingProxyType(dict((
+    _spec("remote", "string", "ssh destination: [user@]host, a Host alias from the user's "
+          "ssh config, or ssh://user@host:port", _word, required=True),
+    _spec("user", "user name", "local account whose ssh config, keys, known_hosts and agent "
+          "are used; without it ssh runs as root with keys and known_hosts in "
+          "<config dir>/ssh/", _user, default_text="root"),
+    _spec("port", "integer 1-65535", "ssh port (ssh -p)", _int_in(1, 65535),
+          default_text="ssh's"),
+    _spec("identity", "path", "private key (ssh -i); relative to the config directory, "
+          "~ is the user's home", _identity, default_text="ssh's"),
+    _spec("jump", "string", "jump host(s) (ssh -J, ProxyJump)", _word),
+    _spec("ssh_options", "map of option: string/int/bool", "extra ssh -o options; "
+          "Control*, LocalCommand, PermitLocalCommand, BatchMode, RemoteCommand, "
+          "SessionType, StdinNull, RequestTTY and ForkAfterAuthentication are refused",
+          _ssh_options, default_text="{}"),
+    _spec("subnets", "list of subnets", "destinations to capture: 10.0.0.0/8, fd00::/8, "
+          "0/0 (all IPv4 and IPv6), 10.0.0.0/8:8000-9000, [fd00::/8]:443, host.example",
+          _subnets),
+    _spec("exclude", "list of subnets", "destinations never to capture", _excludes),
+    _spec("auto_nets", "bool", "also capture the networks the remote routes", _bool),
+    _spec("dns", "off | all | split | map", "DNS through the tunnel: all queries, or only "
+          "names under domains (split); map form {mode, domains, nameservers}", _dns,
+          default_text="off"),
+    _spec("remote_hosts", "bool", "learn host names from the remote", _bool),
+    _spec("autostart", "bool", "bring the profile up when the daemon starts", _bool),
+    _spec("lan", "bool | list", "router mode: also capture traffic forwarded from the LAN; "
+          "true for every interface, or a list of interface names and source subnets",
+          _lan, default_text="false"),
+    _spec("allow", "list", "who besides root and group shuttle may up/down the profile: "
+          "user:NAME, group:NAME or NAME (a user)", _allow),
+    _spec("kill_switch", "bool", "while the tunnel is not up, drop the traffic it would "
+          "capture instead of letting it out directly", _bool),
+    _spec("forward", "auto | direct | helper", "who opens the remote connections: sshd "
+          "(direct), the uploaded python helper, or sshd with the helper as fallback (auto)",
+          _forward),
+    _spec("python", "string", "python on the remote for the helper", _python,
+          default_text="python3, then others"),
+    _spec("keepalive", "seconds 1-300", "health ping interval; the link is declared dead "
+          "after three misses", _seconds),
+    _spec("streams", "integer 1-8", "parallel ssh connections", _int_in(1, 8)),
+)))
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def profile_reference() -> str:
+    """The profile reference as a Markdown table (README; the man page uses the same rows)."""
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    rows += [f"| `{s.name}` | {_cell(s.type)} | {_cell(s.default_doc())} | {_cell(s.help)} |"
+             for s in PROFILE_KEYS.values()]
+    return "\n".join(rows)
+
+
+# --- the whole configuration ---------------------------------------------------------------------
+
+class ConfigErrors(ConfigError):
+    """Every problem of a configuration: a summary line, then one `file:line: ...` each."""
+
+    def __init__(self, errors: Sequence[str], where: str | Path) -> None:
+        count = len(errors)
+        summary = f"{count} error{'' if count == 1 else 's'} in {where}"
+        super().__init__("\n".join([summary, *errors]))
+        self.errors = tuple(errors)
+
+
+@dataclass(frozen=True)
+class Config:
+    """All profiles, immutable; `==` compares the profiles' settings only."""
+
+    profiles: Mapping[str, Profile] = field(default_factory=lambda: MappingProxyType({}))
+    directory: Path = field(default=const.CONFIG_DIR, compare=False)
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    @classmethod
+    def of(cls, *profiles: Profile, directory: Path = const.CONFIG_DIR) -> Config:
+        return cls(MappingProxyType({p.name: p for p in profiles}), directory)
+
+    def diff(self, new: Config) -> dict[str, list[str]]:
+        """What a reload to `new` changes, as the `reload` verb reports it."""
+        old_names, new_names = set(self.profiles), set(new.profiles)
+        both = old_names & new_names
+        return {
+            "added": sorted(new_names - old_names),
+            "removed": sorted(old_names - new_names),
+            "changed": sorted(n for n in both if self.profiles[n] != new.profiles[n]),
+            "unchanged": sorted(n for n in both if self.profiles[n] == new.profiles[n]),
+        }
+
+
+def config_files(config_dir: Path) -> list[Path]:
+    """The YAML files of a config directory and its profiles.d/, in a stable order."""
+    files: list[Path] = []
+    for directory in (config_dir, config_dir / PROFILES_SUBDIR):
+        if directory.is_dir():
+            files += sorted(p for p in directory.iterdir()
+                            if p.suffix in (".yaml", ".yml") and not p.name.startswith(".")
+                            and p.is_file())
+    return files
+
+
+class _Collector:
+    """Loads files one by one, keeping every profile and every problem."""
+
+    def __init__(self, config_dir: Path) -> None:
+        self.config_dir = config_dir
+        self.profiles: dict[str, Profile] = {}
+        self.sources: dict[str, str] = {}  # every name seen, valid or not: for duplicates
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
+        self._file_errors: list[tuple[int, str]] = []
+
+    def load_file(self, path: Path) -> None:
+        self._file_errors = []
+        data = self._read(path)
+        top = self._profiles_map(path, data) if data is not None else None
+        for name, body in (top or {}).items():
+            self._add(path, top.lines.get(name, 1) if top else 1, name, body)
+        self.errors += [text for _, text in sorted(self._file_errors, key=lambda e: e[0])]
+
+    def _error(self, path: Path, line: int, message: str) -> None:
+        self._file_errors.append((line, f"{path}:{line}: {message}"))
+
+    def _read(self, path: Path) -> Any:
+        try:
+            text = path.read_bytes().decode()
+        except OSError as exc:
+            self._error(path, 0, f"cannot read: {exc.strerror}")
+            return None
+        except UnicodeDecodeError as exc:
+            self._error(path, 0, f"not UTF-8 (byte {exc.start})")
+            return None
+        loader = _Loader(text)
+        try:
+            data = loader.get_single_data()
+        except yaml.YAMLError as exc:
+            self._yaml_error(path, exc)
+            return None
+        finally:
+            loader.dispose()
+        for line, key in loader.duplicates:
+            self._error(path, line, f"key {key!r} is given twice")
+        return data
+
+    def _yaml_error(self, path: Path, exc: yaml.YAMLError) -> None:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else 1
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        self._error(path, line, f"YAML syntax error: {problem}")
+
+    def _profiles_map(self, path: Path, data: Any) -> _Map | None:
+        if not isinstance(data, _Map):
+            self._error(path, 1, "expected a mapping of profile names to profiles, "
+                                 f"got {_kind(data)}")
+            return None
+        if PROFILES_KEY not in data:
+            return data
+        inner = data[PROFILES_KEY]
+        if len(data) > 1:
+            self._error(path, data.lines[PROFILES_KEY],
+                        f"with a top-level {PROFILES_KEY!r} map, nothing else may be "
+                        "at the top level")
+        if inner is None:
+            return None
+        if not isinstance(inner, _Map):
+            self._error(path, data.lines[PROFILES_KEY],
+                        f"{PROFILES_KEY}: expected a mapping, got {_kind(inner)}")
+            return None
+        return inner
+
+    def _add(self, path: Path, line: int, name: Any, body: Any) -> None:
+        if not isinstance(name, str) or not PROFILE_NAME_RE.fullmatch(name):
+            self._error(path, line, f"{name!r}: a profile name must match "
+                                    "[A-Za-z0-9_-]{1,32}")
+            return
+        if name in self.sources:
+            self._error(path, line, f"{name}: profile already defined at "
+                                    f"{self.sources[name]}")
+            return
+        self.sources[name] = f"{path}:{line}"
+        ctx = _Ctx(str(path), line, name, self.config_dir, self.warnings)
+        try:
+            self.profiles[name] = _profile(ctx, name, body)
+        except _Invalid as exc:
+            for p in exc.problems:
+                self._error(path, p.line, f"{p.path}: {p.message}")
+
+
+def _profile(ctx: _Ctx, name: str, body: Any) -> Profile:
+    if not isinstance(body, dict):
+        ctx.fail(f"a profile must be a mapping of keys, got {_kind(body)}")
+    problems: list[_Problem] = []
+    for key in body:
+        if key not in PROFILE_KEYS:
+            problems.append(_Problem(ctx.key(body, key).line, f"{name}.{key}",
+                                     _unknown_key(key, PROFILE_KEYS)))
+    values = _profile_values(ctx, body, problems)
+    if problems:
+        raise _Invalid(*problems)
+    profile = Profile(name=name, source=f"{ctx.file}:{ctx.line}", config_dir=ctx.config_dir,
+                      **values)
+    if not (profile.subnets or profile.auto_nets or profile.dns.enabled):
+        ctx.fail("nothing to capture: give subnets, auto_nets: true or dns")
+    return profile
+
+
+def _profile_values(ctx: _Ctx, body: Mapping[Any, Any],
+                    problems: list[_Problem]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for key, spec in PROFILE_KEYS.items():
+        if body.get(key) is None:  # absent, or `key:` with nothing after it
+            if spec.required:
+                where = ctx.key(body, key) if key in body else ctx
+                problems.append(_Problem(where.line, f"{ctx.path}.{key}",
+                                         "required key is missing"))
+            continue
+        try:
+            values[key] = spec.parse(ctx.key(body, key), body[key])
+        except _Invalid as exc:
+            problems += exc.problems
+    return values
+
+
+def load_config(config_dir: Path = const.CONFIG_DIR) -> Config:
+    """Load and validate every profile; ConfigErrors lists every problem found."""
+    if not config_dir.is_dir():
+        raise ConfigErrors([f"{config_dir}: not a directory"], config_dir)
+    collector = _Collector(config_dir)
+    for path in config_files(config_dir):
+        collector.load_file(path)
+    if collector.errors:
+        raise ConfigErrors(collector.errors, config_dir)
+    for warning in collector.warnings:
+        log.warning("%s", warning)
+    return Config(MappingProxyType(dict(collector.profiles)), config_dir,
+                  tuple(collector.warnings))
+
+
+# --- overlaps ------------------------------------------------------------------------------------
+
+def _ports_meet(a: tuple[int, int] | None, b: tuple[int, int] | None) -> bool:
+    if a is None or b is None:
+        return True
+    return a[0] <= b[1] and b[0] <= a[1]
+
+
+def _subnet_text(subnet: Subnet) -> str:
+    if subnet.ports is None:
+        return str(subnet.network)
+    first, last = subnet.ports
+    ports = str(first) if first == last else f"{first}-{last}"
+    net = f"[{subnet.network}]" if subnet.network.version == 6 else str(subnet.network)
+    return f"{net}:{ports}"
+
+
+def overlaps(a: Iterable[Subnet], b: Iterable[Subnet]) -> list[tuple[Subnet, Subnet]]:
+    """Pairs of include subnets that capture some of the same destinations.
+
+    For when the daemon learns subnets at run time (auto_nets) and must check
+    them against the other active profiles.
+    """
+    return [(x, y) for x, y in itertools.product([s for s in a if not s.exclude],
+                                                  [s for s in b if not s.exclude])
+            if x.network.version == y.network.version and x.network.overlaps(y.network)
+            and _ports_meet(x.ports, y.ports)]
+
+
+def check_overlaps(profiles: Iterable[Profile]) -> None:
+    """Refuse active profiles that would capture the same destinations.
+
+    Host-name subnets are not resolved here (they are checked when resolved).
+    """
+    nets = [(p, p.networks(resolve=False)) for p in profiles]
+    problems = []
+    for (a, nets_a), (b, nets_b) in itertools.combinations(nets, 2):
+        pairs = overlaps(nets_a, nets_b)
+        if pairs:
+            detail = ", ".join(f"{_subnet_text(x)} and {_subnet_text(y)}" for x, y in pairs)
+            problems.append(f"profiles {a.name!r} and {b.name!r} overlap: {detail}")
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def iter_profiles(config: Config, names: Iterable[str]) -> Iterator[Profile]:
+    """The named profiles of a config, skipping names it does not have."""
+    return (config.profiles[n] for n in names if n in config.profiles)
+
+
+__all__ = ["PROFILE_KEYS", "Config", "ConfigErrors", "DnsSettings", "KeySpec", "LanSettings",
+           "Profile", "check_overlaps", "config_files", "is_admin", "load_config",
+           "overlaps", "profile_reference"]
+
+_ = dataclasses  # fields() of Profile back KeySpec.default

@@ -1,0 +1,386 @@
+"""The root daemon: wires config, firewall, tunnels, control servers and systemd.
+
+It never forks itself (systemd or launchd supervise it). READY=1 is sent only
+once the control socket, the bus name and our firewall table exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from shuttled import __version__, const
+from shuttled.config import Config, Profile, check_overlaps, load_config
+from shuttled.control.protocol import PROTOCOL_VERSION
+from shuttled.errors import (
+    ConfigError,
+    NoSuchProfileError,
+    ShuttledError,
+    TimeoutError_,
+)
+from shuttled.firewall import cleanup_all, detect
+from shuttled.supervisor import CaptureSet, State, Tunnel, TunnelSpec, current_profile
+from shuttled.tunnel.session import Forward
+
+log = logging.getLogger(__name__)
+
+
+def spec_for(profile: Profile) -> TunnelSpec:
+    """A profile as the supervisor's TunnelSpec: the one place the two meet."""
+    return TunnelSpec(
+        name=profile.name, target=profile.ssh_target(),
+        subnets=tuple(profile.subnets) + tuple(profile.exclude),
+        forward=Forward(profile.forward), dns=profile.dns.mode != "off",
+        dns_upstream=tuple(profile.dns.nameservers),
+        pythons=(profile.python,) if profile.python else const.REMOTE_PYTHONS,
+        keepalive=profile.keepalive, reconnect=True)
+
+
+class StateFile:
+    """Which profiles an admin wants up, so a restart or reboot brings them back."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> set[str]:
+        try:
+            data = json.loads(self.path.read_text())
+            return {str(x) for x in data.get("wanted", [])}
+        except (OSError, ValueError, AttributeError):
+            return set()
+
+    def save(self, wanted: set[str]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"wanted": sorted(wanted)}))
+        os.replace(tmp, self.path)
+
+
+class Daemon:
+    """The Core behind every control transport (see shuttled.control.api)."""
+
+    def __init__(self, config_dir: Path, state_dir: Path, method: str | None) -> None:
+        self.config_dir = config_dir
+        self.config = Config(profiles={})
+        self.method = method
+        self.state = StateFile(state_dir / "state.json")
+        self.captures: CaptureSet | None = None
+        self.tunnels: dict[str, Tunnel] = {}
+        self.wanted: set[str] = set()
+        self.started = time.time()
+        self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        removed = cleanup_all()
+        if removed:
+            log.info("removed stale rules: %s", ", ".join(removed))
+        self.config = load_config(self.config_dir)
+        backend = detect(self.method)
+        backend.apply([])  # the table exists (empty) before READY=1
+        self.captures = CaptureSet(backend)
+        autostart = {n for n, p in self.config.profiles.items() if p.autostart}
+        self.wanted = (self.state.load() & set(self.config.profiles)) | autostart
+        for name in sorted(self.wanted):
+            try:
+                self._check_overlap(name)
+            except ConfigError as exc:
+                log.error("not starting %s: %s", name, exc)
+                continue
+            self._tunnel(name).up()
+
+    # --- Core: reading ---------------------------------------------------------------
+
+    def _profile(self, name: str) -> Profile:
+        profile = self.config.profiles.get(name)
+        if profile is None:
+            raise NoSuchProfileError(f"no profile named {name!r}")
+        return profile
+
+    def _tunnel(self, name: str) -> Tunnel:
+        tunnel = self.tunnels.get(name)
+        if tunnel is None:
+            assert self.captures is not None
+            tunnel = Tunnel(spec_for(self._profile(name)), self.captures, self._on_state)
+            self.tunnels[name] = tunnel
+        return tunnel
+
+    def list_profiles(self) -> list[dict[str, Any]]:
+        return [{"name": name, "state": self._state(name), "remote": p.remote,
+                 "autostart": p.autostart, "wanted": name in self.wanted}
+                for name, p in sorted(self.config.profiles.items())]
+
+    def _state(self, name: str) -> str:
+        tunnel = self.tunnels.get(name)
+        return str(tunnel.state) if tunnel else str(State.DOWN)
+
+    def status(self, name: str | None) -> dict[str, Any] | list[dict[str, Any]]:
+        if name is None:
+            return [self._status_one(n) for n in sorted(self.config.profiles)]
+        return self._status_one(name)
+
+    def _status_one(self, name: str) -> dict[str, Any]:
+        profile = self._profile(name)
+        tunnel = self.tunnels.get(name)
+        stats = tunnel.stats() if tunnel else {}
+        return {
+            "name": name, "state": self._state(name), "remote": profile.remote,
+            "wanted": name in self.wanted, "mode": stats.get("mode"),
+            "since": tunnel.since if tunnel else None, "uptime": stats.get("uptime", 0.0),
+            "rx": stats.get("rx", 0), "tx": stats.get("tx", 0),
+            "connections": stats.get("active", 0), "rtt": stats.get("rtt"),
+            "last_error": tunnel.last_error if tunnel else None,
+            "subnets": [{"subnet": _subnet_text(s), "source": "profile"}
+                        for s in (*profile.subnets, *profile.exclude)],
+            "holding": False,
+        }
+
+    def stats(self, name: str) -> dict[str, Any]:
+        self._profile(name)
+        tunnel = self.tunnels.get(name)
+        return {"name": name, "state": self._state(name), **(tunnel.stats() if tunnel else {})}
+
+    def connections(self, name: str) -> list[dict[str, Any]]:
+        self._profile(name)
+        tunnel = self.tunnels.get(name)
+        return tunnel.connections() if tunnel else []
+
+    def version(self) -> dict[str, Any]:
+        return {"version": __version__, "protocol": PROTOCOL_VERSION,
+                "firewall": self.captures.backend.name if self.captures else None,
+                "uptime": time.time() - self.started}
+
+    # --- Core: changing ---------------------------------------------------------------
+
+    def _check_overlap(self, name: str) -> None:
+        active = [self.config.profiles[n] for n in self.wanted | {name}
+                  if n in self.config.profiles]
+        check_overlaps(active)
+
+    async def up(self, name: str, wait: bool = True, timeout: float = 30.0
+                 ) -> dict[str, Any]:
+        async with self._lock:
+            self._profile(name)
+            self._check_overlap(name)
+            tunnel = self._tunnel(name)
+            if not tunnel.running:
+                tunnel.up()
+            self.wanted.add(name)
+            self.state.save(self.wanted)
+        if wait:
+            try:
+                async with asyncio.timeout(timeout):
+                    state = await tunnel.wait_settled()
+            except TimeoutError:
+                raise TimeoutError_(f"{name} is not up after {timeout:g} s "
+                                    f"({tunnel.state}: {tunnel.last_error})") from None
+            if state is not State.UP:
+                raise ShuttledError(f"{name} is {state}: {tunnel.last_error}")
+        return self._status_one(name)
+
+    async def down(self, name: str) -> dict[str, Any]:
+        async with self._lock:
+            self._profile(name)
+            self.wanted.discard(name)
+            self.state.save(self.wanted)
+            tunnel = self.tunnels.pop(name, None)
+        if tunnel is not None:
+            await tunnel.down()
+        return self._status_one(name)
+
+    async def reload(self) -> dict[str, Any]:
+        """Apply only what changed; a bad config is refused and the old one runs on."""
+        new = load_config(self.config_dir)
+        old = self.config
+        changed = sorted(n for n in set(old.profiles) & set(new.profiles)
+                         if old.profiles[n] != new.profiles[n])
+        removed = sorted(set(old.profiles) - set(new.profiles))
+        added = sorted(set(new.profiles) - set(old.profiles))
+        wanted = (self.wanted - set(removed)) | {n for n in added
+                                                  if new.profiles[n].autostart}
+        check_overlaps([new.profiles[n] for n in wanted])
+        for name in (*removed, *changed):
+            tunnel = self.tunnels.pop(name, None)
+            if tunnel is not None:
+                await tunnel.down()
+        self.config = new
+        self.wanted = wanted
+        self.state.save(self.wanted)
+        for name in sorted(wanted):
+            if name not in self.tunnels or not self.tunnels[name].running:
+                self._tunnel(name).up()
+        unchanged = sorted(set(new.profiles) - set(added) - set(changed))
+        log.info("reloaded: added %s, removed %s, changed %s", added, removed, changed)
+        return {"added": added, "removed": removed, "changed": changed,
+                "unchanged": unchanged}
+
+    # --- events ---------------------------------------------------------------------
+
+    def subscribe(self) -> asyncio.Queue[dict[str, Any]]:
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1000)
+        self._subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
+        self._subscribers.discard(queue)
+
+    def _on_state(self, name: str, state: State, error: str | None) -> None:
+        log.info("%s is %s%s", name, state, f": {error}" if error else "",
+                 extra={"PROFILE": name})
+        event = {"type": "state", "profile": name, "state": str(state), "error": error,
+                 "time": time.time()}
+        for queue in list(self._subscribers):
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(event)
+        notify(status_line(self))
+
+    def summary(self) -> str:
+        return status_line(self)
+
+    async def stop(self) -> None:
+        for tunnel in list(self.tunnels.values()):
+            await tunnel.down()
+        self.tunnels.clear()
+        if self.captures is not None:
+            with contextlib.suppress(ShuttledError):
+                self.captures.backend.remove()
+
+
+def _subnet_text(subnet: Any) -> str:
+    ports = f":{subnet.ports[0]}-{subnet.ports[1]}" if subnet.ports else ""
+    return f"{'!' if subnet.exclude else ''}{subnet.network}{ports}"
+
+
+def status_line(daemon: Daemon) -> str:
+    states = [t.state for t in daemon.tunnels.values()]
+    up = sum(1 for s in states if s is State.UP)
+    return f"STATUS={up} of {len(daemon.config.profiles)} profiles up" + (
+        f", {len(states) - up} connecting or failed" if len(states) > up else "")
+
+
+# --- systemd -----------------------------------------------------------------------
+
+
+def notify(message: str) -> None:
+    """sd_notify, silently a no-op outside systemd (no NOTIFY_SOCKET)."""
+    if not os.environ.get("NOTIFY_SOCKET"):
+        return
+    try:
+        from systemd.daemon import notify as sd_notify  # type: ignore[import-not-found]
+    except ImportError:
+        return
+    sd_notify(message)
+
+
+async def watchdog() -> None:
+    """WATCHDOG=1 from the event loop itself: a stuck loop stops the pings."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    if not usec.isdigit():
+        return
+    interval = int(usec) / 2e6
+    while True:
+        notify("WATCHDOG=1")
+        await asyncio.sleep(interval)
+
+
+class _ProfileFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "PROFILE"):
+            record.PROFILE = current_profile.get()
+        return True
+
+
+def _journal_handler() -> logging.Handler | None:
+    if not (os.environ.get("JOURNAL_STREAM") or os.environ.get("SHUTTLED_JOURNAL") == "1"):
+        return None
+    try:
+        from systemd.journal import JournalHandler
+    except ImportError:
+        return None
+    handler: logging.Handler = JournalHandler(SYSLOG_IDENTIFIER="shuttled")
+    return handler
+
+
+class _PrefixFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        profile = getattr(record, "PROFILE", "")
+        return f"shuttled: {f'[{profile}] ' if profile else ''}{record.getMessage()}"
+
+
+def setup_logging(verbose: int) -> None:
+    """The journal (with a PROFILE= field) under systemd; stderr otherwise."""
+    handler = _journal_handler()
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_PrefixFormatter())
+    handler.addFilter(_ProfileFilter())
+    logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO,
+                        handlers=[handler], force=True)
+
+
+async def serve(args: argparse.Namespace) -> int:
+    from shuttled.control.unix import UnixControlServer
+
+    daemon = Daemon(args.config_dir, Path(args.state_dir), args.method)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_reload(daemon)))
+    server = UnixControlServer(daemon)
+    bus = None
+    try:
+        await daemon.start()
+        await server.start(Path(args.socket))
+        bus = await _start_dbus(daemon, args)
+        notify("READY=1\n" + status_line(daemon))
+        dog = asyncio.create_task(watchdog())
+        await stop.wait()
+        dog.cancel()
+        notify("STOPPING=1")
+        return 0
+    finally:
+        server.close()
+        if bus is not None:
+            bus.close()
+        await daemon.stop()
+
+
+async def _reload(daemon: Daemon) -> None:
+    notify("RELOADING=1")
+    try:
+        await daemon.reload()
+    except ShuttledError as exc:
+        log.error("reload refused, the running config stays: %s", exc)
+    notify("READY=1\n" + status_line(daemon))
+
+
+async def _start_dbus(daemon: Daemon, args: argparse.Namespace) -> Any:
+    if args.no_dbus:
+        return None
+    try:
+        from shuttled.control.dbus import DbusControl
+    except ImportError as exc:
+        log.warning("D-Bus API disabled: %s", exc)
+        return None
+    bus = DbusControl(daemon)
+    try:
+        await bus.start()
+    except Exception as exc:  # no system bus: the unix socket still serves
+        log.warning("D-Bus API unavailable: %s", exc)
+        return None
+    return bus
+
+
+def main(args: argparse.Namespace) -> int:
+    setup_logging(args.verbose)
+    return asyncio.run(serve(args))

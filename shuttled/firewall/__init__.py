@@ -1,0 +1,97 @@
+"""The firewall layer: what to capture, as data, and one backend a file to install it.
+
+    backend = detect()                       # nft, else iptables
+    backend.apply([Capture("work", tuple(subnets), tcp_port=12300)])
+    backend.remove()
+
+Each apply() is one kernel transaction that makes our rules exactly the given
+captures; rules live only in our own table (nft) or chains (iptables).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from shuttled.const import NFT_TABLE
+from shuttled.errors import ConfigError, FirewallError
+from shuttled.firewall.base import (
+    Backend,
+    Capture,
+    Rule,
+    Subnet,
+    capture_rules,
+    is_cleanup_target,
+    order_subnets,
+    parse_subnet,
+)
+from shuttled.firewall.iptables import IptablesBackend
+from shuttled.firewall.nft import NftBackend
+
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "Capture",
+    "IptablesBackend",
+    "NftBackend",
+    "Rule",
+    "Subnet",
+    "capture_rules",
+    "cleanup_all",
+    "detect",
+    "order_subnets",
+    "parse_subnet",
+]
+
+log = logging.getLogger(__name__)
+
+# In the order "auto" tries them: nft is atomic across families and owns a whole table.
+BACKENDS: dict[str, type[Backend]] = {"nft": NftBackend, "iptables": IptablesBackend}
+
+
+def detect(method: str | None = None, table: str = NFT_TABLE) -> Backend:
+    """The backend for `method` ("auto"/None: the first usable one) or FirewallError why not."""
+    if method in (None, "auto"):
+        reasons = []
+        for cls in BACKENDS.values():
+            reason = cls.unsupported_reason()
+            if reason is None:
+                return cls(table)
+            reasons.append(f"{cls.name}: {reason}")
+        raise FirewallError(f"no usable firewall backend ({'; '.join(reasons)})")
+    forced = BACKENDS.get(method)
+    if forced is None:
+        raise ConfigError(f"firewall method {method!r}: expected auto, {', '.join(BACKENDS)}")
+    reason = forced.unsupported_reason()
+    if reason is not None:
+        raise FirewallError(f"firewall method {method}: {reason}")
+    return forced(table)
+
+
+def cleanup_all() -> list[str]:
+    """Remove the daemon's rules and those of dead one-shot runs, in every backend present.
+
+    Returns what was removed ("nft shuttled", "iptables shuttled_run_42", ...).
+    Every backend and table is tried even when one fails; failures are then
+    raised together as one FirewallError.
+    """
+    removed: list[str] = []
+    errors: list[str] = []
+    for cls in BACKENDS.values():
+        if not cls.present():
+            continue
+        try:
+            stale = [t for t in cls.instances() if is_cleanup_target(t)]
+        except FirewallError as e:
+            errors.append(f"{cls.name}: {e}")
+            continue
+        for table in stale:
+            try:
+                cls(table).remove()
+            except FirewallError as e:
+                errors.append(f"{cls.name} {table}: {e}")
+                continue
+            log.info("removed %s rules of %s", cls.name, table)
+            removed.append(f"{cls.name} {table}")
+    if errors:
+        raise FirewallError(f"cleanup incomplete: {'; '.join(errors)}")
+    return removed

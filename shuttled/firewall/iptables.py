@@ -1,0 +1,282 @@
+"""iptables backend (legacy or iptables-nft): our own chains in the nat table.
+
+Names: one top chain per instance, `SHUTTLED` for the daemon's table `shuttled`
+and `SHUTTLED_run_<pid>` for `shuttled_run_<pid>`, jumped to from the first rule
+of OUTPUT; it jumps to one chain per capture, `<top>-<profile>` (names longer
+than iptables' 28 characters keep a prefix plus a hash of the profile name).
+
+Each family is changed by one `iptables-restore --noflush` transaction computed
+from what the kernel holds now: declaring `:CHAIN - [0:0]` creates or flushes a
+chain, the OUTPUT jump is deleted as often as it exists and inserted once, and
+chains no longer wanted are deleted. IPv4 and IPv6 are two transactions; when
+the second fails the first is put back, so apply() changes both or neither.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from shuttled.const import IPT_CHAIN_PREFIX, NFT_TABLE
+from shuttled.errors import FirewallError
+from shuttled.firewall.base import (
+    Backend,
+    Capture,
+    Rule,
+    capture_rules,
+    check_captures,
+    is_instance_table,
+    port_range,
+    run_tool,
+    tool_path,
+    which_tool,
+)
+
+IPT_MAX_CHAIN = 28  # iptables refuses longer chain names
+_TOOLS = {4: ("iptables-save", "iptables-restore"), 6: ("ip6tables-save", "ip6tables-restore")}
+_LEGACY_TABLES = {4: "/proc/net/ip_tables_names", 6: "/proc/net/ip6_tables_names"}
+_LOCAL_RETURN = "-m addrtype --dst-type LOCAL -j RETURN"
+
+
+@dataclass(frozen=True)
+class ChainSet:
+    """Our part of one family's nat table, in iptables-save spelling."""
+
+    chains: tuple[str, ...] = ()  # the top chain first
+    rules: tuple[str, ...] = ()  # "-A <one of chains> ..."
+    jumps: int = 0  # how many "-A OUTPUT -j <top>" rules exist (want: 1 or 0)
+
+
+class IptablesBackend(Backend):
+    name = "iptables"
+    tools = tuple(tool for pair in _TOOLS.values() for tool in pair)
+
+    def __init__(self, table: str = NFT_TABLE) -> None:
+        super().__init__(table)
+        self.top = top_chain(table)
+        if len(self.top) > IPT_MAX_CHAIN - 8:  # leave room for "-" and a profile
+            raise ValueError(f"table name {table!r} is too long for iptables chain names")
+
+    @classmethod
+    def unsupported_reason(cls) -> str | None:
+        missing = [tool for tool in cls.tools if not which_tool(tool)]
+        if missing:
+            return f"{', '.join(missing)} not installed"
+        for family in families():
+            try:
+                _restore(family, _probe_input(family))
+            except FirewallError as e:
+                return f"the kernel refused an iptables nat probe: {e}"
+        return None
+
+    @classmethod
+    def instances(cls) -> list[str]:
+        tables = {
+            NFT_TABLE + chain.split("-", 1)[0].removeprefix(IPT_CHAIN_PREFIX)
+            for family in families()
+            for chain in _chain_names(_save(family))
+            if chain.startswith(IPT_CHAIN_PREFIX)
+        }
+        return sorted(t for t in tables if is_instance_table(t))
+
+    def render(self, captures: Sequence[Capture]) -> str:
+        check_captures(captures)
+        parts = []
+        for family in (4, 6):
+            text = transaction(self.top, ChainSet(), self._wanted(family, captures))
+            if text:
+                parts.append(f"# {_TOOLS[family][1]} -w --noflush\n{text}")
+        return "".join(parts)
+
+    def apply(self, captures: Sequence[Capture]) -> None:
+        check_captures(captures)
+        self._commit({family: self._wanted(family, captures) for family in families()})
+
+    def remove(self) -> None:
+        self._commit({family: ChainSet() for family in families()})
+
+    def snapshot(self) -> str:
+        parts = []
+        for family in families():
+            state = self._state(family)
+            if state.chains or state.jumps:
+                lines = [f":{c} - [0:0]" for c in state.chains]
+                lines += [f"-A OUTPUT -j {self.top}"] * state.jumps + list(state.rules)
+                parts.append(f"# {_TOOLS[family][0]} -t nat\n" + "\n".join(lines) + "\n")
+        return "".join(parts)
+
+    # --- internals --------------------------------------------------------------
+
+    def _wanted(self, family: int, captures: Sequence[Capture]) -> ChainSet:
+        chains: list[str] = []
+        jumps: list[str] = []
+        bodies: list[str] = []
+        for capture in captures:
+            body = _chain_body(family, capture)
+            if not body:  # nothing of this family: no chain at all
+                continue
+            chain = capture_chain(self.top, capture.name)
+            if chain in chains:
+                raise FirewallError(f"captures share the iptables chain name {chain}")
+            uid = "" if capture.uid is None else f"-m owner --uid-owner {capture.uid} "
+            chains.append(chain)
+            jumps.append(f"-A {self.top} {uid}-j {chain}")
+            bodies += [f"-A {chain} {spec}" for spec in body]
+        if not chains:
+            return ChainSet()
+        return ChainSet((self.top, *chains), (*jumps, *bodies), jumps=1)
+
+    def _state(self, family: int) -> ChainSet:
+        return parse_state(_save(family), self.top)
+
+    def _commit(self, wanted: dict[int, ChainSet]) -> None:
+        done: list[tuple[int, ChainSet]] = []
+        for family, target in wanted.items():
+            before = self._state(family)
+            try:
+                _change(family, self.top, before, target)
+            except FirewallError as e:
+                raise FirewallError(f"chain {self.top}: {e}{self._undo(done)}") from None
+            done.append((family, before))
+
+    def _undo(self, done: Iterable[tuple[int, ChainSet]]) -> str:
+        """Put back the families already changed; a note for the error message if that fails."""
+        for family, before in done:
+            try:
+                _change(family, self.top, self._state(family), before)
+            except FirewallError as e:
+                return f" (and putting back the IPv{family} rules failed too: {e})"
+        return ""
+
+
+def top_chain(table: str) -> str:
+    """`shuttled` -> `SHUTTLED`, `shuttled_run_42` -> `SHUTTLED_run_42` (and back by prefix)."""
+    return IPT_CHAIN_PREFIX + table.removeprefix(NFT_TABLE)
+
+
+def capture_chain(top: str, name: str) -> str:
+    full = f"{top}-{name}"
+    if len(full) <= IPT_MAX_CHAIN:
+        return full
+    digest = hashlib.sha256(name.encode()).hexdigest()[:6]
+    return f"{top}-{name[: IPT_MAX_CHAIN - len(top) - 1 - len(digest)]}{digest}"
+
+
+def families() -> tuple[int, ...]:
+    # Without IPv6 in the kernel there is no IPv6 traffic to capture, and no
+    # ip6tables nat table to put rules in.
+    return (4, 6) if os.path.exists("/proc/net/if_inet6") else (4,)
+
+
+def parse_state(save: str, top: str) -> ChainSet:
+    """Our chains, their rules and the OUTPUT jumps, from `iptables-save -t nat`."""
+    chains = [c for c in _chain_names(save) if _owned(c, top)]
+    rules = [ln for ln in save.splitlines() if ln.startswith("-A ") and _owned(ln.split()[1], top)]
+    jumps = save.splitlines().count(f"-A OUTPUT -j {top}")
+    chains.sort(key=lambda c: c != top)
+    return ChainSet(tuple(chains), tuple(rules), jumps)
+
+
+def _owned(chain: str, top: str) -> bool:
+    return chain == top or chain.startswith(f"{top}-")
+
+
+def _chain_names(save: str) -> list[str]:
+    return [ln[1:].split()[0] for ln in save.splitlines() if ln.startswith(":")]
+
+
+def transaction(top: str, current: ChainSet, target: ChainSet) -> str:
+    """Restore input turning `current` into `target`; "" when both are empty."""
+    if not (current.chains or current.jumps or target.chains):
+        return ""
+    declared = dict.fromkeys(current.chains + target.chains)  # creates or flushes each
+    lines = ["*nat", *(f":{chain} - [0:0]" for chain in declared)]
+    lines += [f"-D OUTPUT -j {top}"] * current.jumps  # re-inserted below: never doubled
+    lines += [f"-I OUTPUT -j {top}"] * target.jumps
+    lines += target.rules
+    lines += [f"-X {chain}" for chain in reversed(current.chains) if chain not in target.chains]
+    return "\n".join([*lines, "COMMIT"]) + "\n"
+
+
+def _chain_body(family: int, capture: Capture) -> list[str]:
+    rules = capture_rules(capture).family(family)
+    specs = [spec for rule in rules.dns for spec in _specs(rule)]
+    if rules.subnets:
+        # Connections to this host's own addresses are never tunnelled; sshuttle
+        # appended this rule last, where it could never match first.
+        specs.append(_LOCAL_RETURN)
+        specs += [spec for rule in rules.subnets for spec in _specs(rule)]
+    return specs
+
+
+def _specs(rule: Rule) -> list[str]:
+    """One iptables rule per destination and protocol, as iptables-save spells it."""
+    verdict = "-j RETURN" if rule.verdict == "return" else f"-j REDIRECT --to-ports {rule.to_port}"
+    specs = []
+    for net in rule.daddrs:
+        dest = f"-d {net} " if net.prefixlen else ""
+        for proto in rule.protos:
+            dport = f"-m {proto} --dport {port_range(rule.ports, ':')} " if rule.ports else ""
+            specs.append(f"{dest}-p {proto} {dport}{verdict}")
+    return specs
+
+
+def _may_hold_rules(family: int) -> bool:
+    """Whether this family's nat table can hold our chains, found without creating it.
+
+    Legacy iptables instantiates a table just by listing it; where the kernel has
+    no legacy nat table, none of our chains exist, and cleanup (run at every
+    daemon start) or a remove() must not conjure one up. iptables-nft lists
+    without creating anything.
+    """
+    tool = _TOOLS[family][0]
+    if not _is_legacy(shutil.which(tool, path=tool_path()) or tool):
+        return True
+    try:
+        return "nat" in Path(_LEGACY_TABLES[family]).read_text().split()
+    except OSError:
+        return False
+
+
+@functools.cache  # per binary: PATH (and with it the variant) may differ between calls
+def _is_legacy(save_binary: str) -> bool:
+    return "(legacy)" in run_tool([save_binary, "--version"])
+
+
+def _save(family: int) -> str:
+    """`iptables-save -t nat`, or "" where that table does not exist (and must not)."""
+    return run_tool([_TOOLS[family][0], "-t", "nat"]) if _may_hold_rules(family) else ""
+
+
+def _change(family: int, top: str, current: ChainSet, target: ChainSet) -> None:
+    text = transaction(top, current, target)
+    if text:
+        _restore(family, text)
+
+
+def _restore(family: int, text: str) -> None:
+    run_tool([_TOOLS[family][1], "-w", "--noflush"], text)
+
+
+def _probe_input(family: int) -> str:
+    """A chain using every match and target we emit, created and deleted in one commit.
+
+    Its lower-case name is outside our SHUTTLED namespace, so it can never flush
+    one of our chains.
+    """
+    chain = f"shuttled-probe-{os.getpid()}"
+    dest = "127.0.0.1/32" if family == 4 else "::1/128"
+    return "\n".join([
+        "*nat",
+        f":{chain} - [0:0]",
+        f"-A {chain} -m owner --uid-owner 0 {_LOCAL_RETURN}",
+        f"-A {chain} -d {dest} -p udp -m udp --dport 1:2 -j REDIRECT --to-ports 1",
+        f"-F {chain}",
+        f"-X {chain}",
+        "COMMIT",
+    ]) + "\n"

@@ -1,0 +1,151 @@
+"""nftables backend: everything lives in our own `table inet <table>`, nothing else is touched.
+
+Every change is one `nft -f -` script that declares the table, deletes it and
+declares it again with the full new contents: the kernel applies the three as
+one transaction, so the rules are replaced atomically or, when it refuses any
+part, not at all.
+
+There is no prerouting chain yet: capturing forwarded LAN traffic (router mode)
+also needs listeners on a LAN address, so it arrives together with that
+feature; an empty nat base chain would only add a hook every packet traverses.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Sequence
+
+from shuttled.const import NFT_NAT_PRIORITY
+from shuttled.errors import FirewallError
+from shuttled.firewall.base import (
+    Backend,
+    Capture,
+    IPNetwork,
+    Rule,
+    capture_rules,
+    check_captures,
+    is_instance_table,
+    port_range,
+    run_tool,
+)
+
+NFT = "nft"
+INDENT = "\t"
+
+
+class NftBackend(Backend):
+    name = "nft"
+    tools = (NFT,)
+
+    @classmethod
+    def unsupported_reason(cls) -> str | None:
+        if not cls.present():
+            return "nft is not installed"
+        try:
+            run_tool([NFT, "-f", "-"], _probe_script())
+        except FirewallError as e:
+            return f"the kernel refused an nft nat probe: {e}"
+        return None
+
+    @classmethod
+    def instances(cls) -> list[str]:
+        out = run_tool([NFT, "list", "tables", "inet"])
+        names = [line.split()[2] for line in out.splitlines() if line.startswith("table inet ")]
+        return sorted(name for name in names if is_instance_table(name))
+
+    def render(self, captures: Sequence[Capture]) -> str:
+        check_captures(captures)
+        # Declaring before deleting makes the delete safe when the table is absent.
+        script = f"table inet {self.table} {{}}\ndelete table inet {self.table}\n"
+        if not captures:
+            return script
+        chains = [_output_chain(captures), *(_capture_chain(c) for c in captures)]
+        return script + f"table inet {self.table} {{\n" + "\n".join(chains) + "}\n"
+
+    def apply(self, captures: Sequence[Capture]) -> None:
+        script = self.render(captures)
+        try:
+            run_tool([NFT, "-f", "-"], script)
+        except FirewallError as e:
+            raise FirewallError(f"table inet {self.table}: {e}") from None
+
+    def remove(self) -> None:
+        self.apply(())
+
+    def snapshot(self) -> str:
+        if self.table not in self.instances():
+            return ""
+        return run_tool([NFT, "list", "table", "inet", self.table])
+
+
+def _chain(name: str, lines: Sequence[str]) -> str:
+    body = "".join(f"{INDENT * 2}{line}\n" for line in lines)
+    return f"{INDENT}chain {name} {{\n{body}{INDENT}}}\n"
+
+
+def _chain_name(capture: Capture) -> str:
+    return f"cap_{capture.name}"
+
+
+def _output_chain(captures: Sequence[Capture]) -> str:
+    hook = f"type nat hook output priority {NFT_NAT_PRIORITY}; policy accept;"
+    # The uid test sits on the jump, not as "skuid != N return" inside the chain:
+    # a packet without a socket fails any meta skuid match, so only the positive
+    # form keeps it out of a per-user capture.
+    jumps = [f"{_uid_match(c)}jump {_chain_name(c)}" for c in captures]
+    return _chain("output", [hook, *jumps])
+
+
+def _uid_match(capture: Capture) -> str:
+    return "" if capture.uid is None else f"meta skuid {capture.uid} "
+
+
+def _capture_chain(capture: Capture) -> str:
+    rules = capture_rules(capture)
+    lines = [_rule(r) for r in rules.dns]
+    if rules.subnets:
+        # Connections to this host's own addresses are never tunnelled, whatever
+        # the subnets say (0/0 includes them).
+        lines.append("fib daddr type local return")
+        lines += [_rule(r) for r in rules.subnets]
+    return _chain(_chain_name(capture), lines)
+
+
+def _rule(rule: Rule) -> str:
+    family = "ip" if rule.family == 4 else "ip6"
+    verdict = "return" if rule.verdict == "return" else f"redirect to :{rule.to_port}"
+    return f"{family} daddr {_addrs(rule.daddrs)} {_l4(rule)} {verdict}"
+
+
+def _addrs(nets: Sequence[IPNetwork]) -> str:
+    items = [str(n.network_address) if n.prefixlen == n.max_prefixlen else str(n) for n in nets]
+    return items[0] if len(items) == 1 else "{ " + ", ".join(items) + " }"
+
+
+def _l4(rule: Rule) -> str:
+    ports = "" if rule.ports is None else port_range(rule.ports, "-")
+    if len(rule.protos) == 1:
+        proto = rule.protos[0]
+        return f"meta l4proto {proto}" if not ports else f"{proto} dport {ports}"
+    protos = "meta l4proto { " + ", ".join(rule.protos) + " }"
+    return protos if not ports else f"{protos} th dport {ports}"
+
+
+def _probe_script() -> str:
+    """A table using every expression we emit, created and deleted in one batch.
+
+    The kernel resolves each expression (loading nft_fib, nft_redir, ...) when the
+    rule is added, so this fails where our rules would, and leaves nothing behind.
+    Its name has a '-', which instance tables cannot, so it never hits one of ours.
+    """
+    table = f"shuttled-probe-{os.getpid()}"
+    rules = [
+        _rule(Rule(4, (ipaddress.IPv4Network("127.0.0.1/32"),), "redirect", 1,
+                   protos=("tcp", "udp"), ports=(53, 53))),
+        "meta skuid 0 fib daddr type local return",
+        _rule(Rule(6, (ipaddress.IPv6Network("::1/128"),), "redirect", 1, ports=(1, 2))),
+    ]
+    hook = f"type nat hook output priority {NFT_NAT_PRIORITY}; policy accept;"
+    chain = _chain("output", [hook, *rules])
+    return f"table inet {table} {{\n{chain}}}\ndelete table inet {table}\n"

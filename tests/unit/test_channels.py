@@ -1,0 +1,267 @@
+"""The channel layer against a scripted peer: windows, EOF/CLOSE state, validation."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shuttled import const
+from shuttled.tunnel import sshmsg
+from shuttled.tunnel.channels import Channel, ChannelMux
+
+REMOTE_ID = 77
+
+
+class FakePipe:
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.buf += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def take(self) -> list[tuple[int, bytes]]:
+        messages, used = sshmsg.split_packets(self.buf, 1 << 24)
+        out = [(t, bytes(p)) for t, p in messages]
+        del messages
+        del self.buf[:used]
+        return out
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+        self.data = bytearray()
+        self.paused = False
+        self.channel: Channel | None = None
+
+    def on_open(self, channel: Channel) -> None:
+        self.channel = channel
+        self.events.append("open")
+
+    def on_open_failed(self, reason: int, description: str) -> None:
+        self.events.append(("failed", reason, description))
+
+    def on_data(self, data: memoryview) -> None:
+        self.data += data
+
+    def on_extended_data(self, code: int, data: bytes) -> None:
+        self.events.append(("stderr", data))
+
+    def on_eof(self) -> None:
+        self.events.append("eof")
+
+    def on_close(self) -> None:
+        self.events.append("close")
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+
+def run(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    asyncio.run(test())
+
+
+def flush(mux: ChannelMux) -> None:
+    mux._flush()
+
+
+def confirm(mux: ChannelMux, local_id: int, window: int = 1 << 20,
+            max_packet: int = 32768) -> None:
+    mux.feed(sshmsg.open_confirmation(local_id, REMOTE_ID, window, max_packet))
+
+
+def opened(window: int = 1 << 20, max_packet: int = 32768
+           ) -> tuple[ChannelMux, FakePipe, Recorder, Channel]:
+    pipe = FakePipe()
+    mux = ChannelMux(pipe)
+    rec = Recorder()
+    channel = mux.open_direct_tcpip("10.1.2.3", 443, "127.0.0.1", 5555, rec)
+    confirm(mux, channel.local_id, window, max_packet)
+    flush(mux)
+    pipe.take()
+    return mux, pipe, rec, channel
+
+
+def data_msgs(messages: list[tuple[int, bytes]]) -> list[bytes]:
+    out = []
+    for msg_type, payload in messages:
+        if msg_type == sshmsg.MSG_CHANNEL_DATA:
+            recipient, size = struct.unpack_from(">II", payload)
+            assert recipient == REMOTE_ID
+            out.append(payload[8:8 + size])
+    return out
+
+
+def test_open_sends_direct_tcpip_with_our_window_and_destination() -> None:
+    async def body() -> None:
+        pipe = FakePipe()
+        mux = ChannelMux(pipe)
+        mux.open_direct_tcpip("10.1.2.3", 443, "127.0.0.1", 5555, Recorder())
+        flush(mux)
+        [(msg_type, payload)] = pipe.take()
+        reader = sshmsg.Reader(payload)
+        assert msg_type == sshmsg.MSG_CHANNEL_OPEN
+        assert reader.text() == "direct-tcpip"
+        assert (reader.u32(), reader.u32(), reader.u32()) == (
+            0, const.CHANNEL_WINDOW, const.CHANNEL_MAX_PACKET)
+        assert (reader.text(), reader.u32()) == ("10.1.2.3", 443)
+    run(body)
+
+
+def test_send_never_exceeds_window_and_resumes_on_adjust() -> None:
+    async def body() -> None:
+        mux, pipe, rec, channel = opened(window=50_000, max_packet=20_000)
+        channel.send(b"x" * 120_000)
+        flush(mux)
+        sent = data_msgs(pipe.take())
+        assert [len(d) for d in sent] == [20_000, 20_000, 10_000]
+        assert rec.paused
+        mux.feed(sshmsg.window_adjust(channel.local_id, 100_000))
+        flush(mux)
+        assert sum(len(d) for d in data_msgs(pipe.take())) == 70_000
+        assert not rec.paused
+    run(body)
+
+
+def test_eof_waits_for_queued_data() -> None:
+    async def body() -> None:
+        mux, pipe, _rec, channel = opened(window=10)
+        channel.send(b"0123456789abc")
+        channel.send_eof()
+        flush(mux)
+        assert [t for t, _ in pipe.take()] == [sshmsg.MSG_CHANNEL_DATA]
+        mux.feed(sshmsg.window_adjust(channel.local_id, 10))
+        flush(mux)
+        assert [t for t, _ in pipe.take()] == [sshmsg.MSG_CHANNEL_DATA, sshmsg.MSG_CHANNEL_EOF]
+    run(body)
+
+
+def test_eof_both_ways_closes_and_frees_the_id() -> None:
+    async def body() -> None:
+        mux, pipe, rec, channel = opened()
+        channel.send_eof()
+        mux.feed(sshmsg.eof(channel.local_id))
+        flush(mux)
+        assert [t for t, _ in pipe.take()] == [sshmsg.MSG_CHANNEL_EOF, sshmsg.MSG_CHANNEL_CLOSE]
+        assert "close" not in rec.events
+        mux.feed(sshmsg.close(channel.local_id))
+        assert rec.events[-1] == "close"
+        assert mux.channels == {}
+        assert mux.open("session", Recorder()).local_id == channel.local_id
+    run(body)
+
+
+def test_nothing_is_sent_after_close() -> None:
+    async def body() -> None:
+        mux, pipe, _rec, channel = opened()
+        mux.feed(sshmsg.close(channel.local_id))
+        channel.send(b"late data")
+        channel.send_eof()
+        flush(mux)
+        assert [t for t, _ in pipe.take()] == [sshmsg.MSG_CHANNEL_CLOSE]
+    run(body)
+
+
+def test_window_is_granted_only_after_consumption_and_not_while_held() -> None:
+    async def body() -> None:
+        mux, pipe, rec, channel = opened()
+        half = const.CHANNEL_WINDOW_REFILL
+        channel.set_hold_window(True)
+        chunk = const.CHANNEL_MAX_PACKET
+        for _ in range(half // chunk):
+            mux.feed(sshmsg.data_header(channel.local_id, chunk) + b"a" * chunk)
+        channel.consumed(half)
+        flush(mux)
+        assert pipe.take() == []
+        channel.set_hold_window(False)
+        flush(mux)
+        [(msg_type, payload)] = pipe.take()
+        assert msg_type == sshmsg.MSG_CHANNEL_WINDOW_ADJUST
+        assert struct.unpack(">II", payload) == (REMOTE_ID, half)
+        assert len(rec.data) == half
+    run(body)
+
+
+def test_data_past_our_window_ends_the_mux() -> None:
+    async def body() -> None:
+        mux, pipe, rec, channel = opened()
+        size = const.CHANNEL_WINDOW + 1
+        mux.feed(sshmsg.data_header(channel.local_id, size) + b"z" * size)
+        assert mux.closed and pipe.closed
+        assert rec.events[-1] == "close"
+    run(body)
+
+
+def test_open_failure_reports_reason_and_recycles_id() -> None:
+    async def body() -> None:
+        pipe = FakePipe()
+        mux = ChannelMux(pipe)
+        rec = Recorder()
+        channel = mux.open_direct_tcpip("10.9.9.9", 1, "127.0.0.1", 1, rec)
+        mux.feed(sshmsg.open_failure(channel.local_id, sshmsg.OPEN_CONNECT_FAILED, "refused"))
+        assert rec.events == [("failed", 2, "refused")]
+        assert mux.channels == {}
+        assert not mux.closed
+    run(body)
+
+
+@pytest.mark.parametrize("packet", [
+    sshmsg.eof(12345),                                   # unknown channel
+    sshmsg.packet(sshmsg.MSG_CHANNEL_EOF, b"\x00\x00"),  # truncated
+    sshmsg.packet(200, b""),                             # unknown type
+    b"\x00\x10\x00\x00\x00\x00",                         # absurd length
+    sshmsg.packet(sshmsg.MSG_GLOBAL_REQUEST, sshmsg.sstring("x") + b"\x00"),
+])
+def test_malformed_messages_end_the_mux_without_raising(packet: bytes) -> None:
+    async def body() -> None:
+        mux, pipe, rec, _channel = opened()
+        lost: list[BaseException | None] = []
+        mux._on_lost = lost.append
+        mux.feed(packet)
+        assert mux.closed and lost and rec.events[-1] == "close"
+    run(body)
+
+
+def test_requests_get_replies_in_order() -> None:
+    async def body() -> None:
+        mux, _pipe, _rec, channel = opened()
+        first = channel.request("keepalive@openssh.com")
+        second = channel.request("keepalive@openssh.com")
+        mux.feed(sshmsg.channel_reply(channel.local_id, False))
+        mux.feed(sshmsg.channel_reply(channel.local_id, True))
+        assert first is not None and second is not None
+        assert (await first, await second) == (False, True)
+    run(body)
+
+
+def test_packets_split_across_reads_are_reassembled() -> None:
+    async def body() -> None:
+        mux, _pipe, rec, channel = opened()
+        stream = (sshmsg.data_header(channel.local_id, 5) + b"hello") * 3
+        for i in range(len(stream)):
+            mux.feed(stream[i:i + 1])
+        assert bytes(rec.data) == b"hello" * 3
+    run(body)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_fuzzed_input_never_raises(junk: bytes) -> None:
+    async def body() -> None:
+        mux, _pipe, _rec, channel = opened()
+        mux.feed(junk)
+        mux.feed(sshmsg.eof(channel.local_id))
+    run(body)

@@ -1,0 +1,864 @@
+"""The remote helper, run the way the remote runs it: `sh -c loader_command(...)` fed
+helper_source() on stdin, then RFC 4254 channel messages over its stdio.
+
+A few tests drive an in-process Helper over a socketpair instead, where they need
+small limits (channel count, UDP idle time) or to look at its queues.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import contextlib
+import functools
+import glob
+import hashlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shuttled import const
+from shuttled.remote import (
+    HELPER_BANNER,
+    HELPER_TRUNCATED_EXIT,
+    helper_source,
+    loader_command,
+)
+from shuttled.remote import helper as helper_mod
+from shuttled.tunnel import sshmsg
+
+ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT = 30.0
+
+
+def run(coro_fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
+    """Run an async test body in a fresh event loop, bounded in time."""
+
+    @functools.wraps(coro_fn)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        async def bounded() -> None:
+            await asyncio.wait_for(coro_fn(*args, **kwargs), TIMEOUT)
+
+        asyncio.run(bounded())
+
+    return wrapper
+
+
+# --- a minimal client channel layer for the tests ----------------------------------------
+
+
+class Chan:
+    """The client's view of one channel."""
+
+    def __init__(self, peer: Peer, lid: int, window: int, max_packet: int, grant: bool) -> None:
+        self.peer = peer
+        self.lid = lid
+        self.rid = -1
+        self.lwin = window  # what the helper may still send us
+        self.lwin_max = window
+        self.lmax = max_packet
+        self.grant = grant
+        self.consumed = 0
+        self.rwin = 0
+        self.rmax = 0
+        self.data = bytearray()
+        self.datagrams: list[bytes] = []
+        self.packet_sizes: list[int] = []
+        self.events: list[int] = []  # message types in arrival order
+        self.changed = asyncio.Event()
+        self.window_event = asyncio.Event()
+        self.replies: asyncio.Queue[int] = asyncio.Queue()
+        self.got_eof = False
+        self.got_close = False
+        self.sent_close = False
+        self.opened: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    # sending
+    async def send(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            while self.rwin == 0:
+                self.window_event.clear()
+                await self.window_event.wait()
+            size = min(len(view), self.rwin, self.rmax)
+            self.peer.write(sshmsg.data_header(self.rid, size) + bytes(view[:size]))
+            self.rwin -= size
+            view = view[size:]
+            await self.peer.drain()
+
+    def send_datagram(self, host: str, port: int, payload: bytes) -> None:
+        frame = sshmsg.pack_datagram(host, port, payload)
+        assert len(frame) <= self.rwin and len(frame) <= self.rmax
+        self.rwin -= len(frame)
+        self.peer.write(sshmsg.data_header(self.rid, len(frame)) + frame)
+
+    def send_eof(self) -> None:
+        self.peer.write(sshmsg.eof(self.rid))
+
+    def send_close(self) -> None:
+        self.sent_close = True
+        self.peer.write(sshmsg.close(self.rid))
+
+    def adjust(self, amount: int) -> None:
+        self.lwin += amount
+        self.peer.write(sshmsg.window_adjust(self.rid, amount))
+
+    # receiving
+    def on_data(self, data: bytes) -> None:
+        if len(data) > self.lwin:
+            self.peer.violations.append("channel %d: %d bytes past a window of %d"
+                                        % (self.lid, len(data), self.lwin))
+        if len(data) > self.lmax:
+            self.peer.violations.append("channel %d: %d bytes past max packet %d"
+                                        % (self.lid, len(data), self.lmax))
+        self.lwin -= len(data)
+        self.packet_sizes.append(len(data))
+        self.data += data
+        self.datagrams.append(data)
+        if self.grant:
+            self.consumed += len(data)
+            if self.consumed >= self.lwin_max // 2:
+                self.adjust(self.consumed)
+                self.consumed = 0
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 20.0) -> None:
+        async def loop() -> None:
+            while not predicate():
+                self.changed.clear()
+                await self.changed.wait()
+
+        await asyncio.wait_for(loop(), timeout)
+
+
+class Peer:
+    """Reads the helper's packets in a task; writes ours to its stdin."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: Any) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.hello: asyncio.Future[tuple[str, str]] = asyncio.get_running_loop().create_future()
+        self.channels: dict[int, Chan] = {}
+        self.opening: dict[int, Chan] = {}
+        self.globals: asyncio.Queue[int] = asyncio.Queue()
+        self.violations: list[str] = []
+        self.ended = asyncio.Event()
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.next_id = 100
+        self.task = asyncio.get_running_loop().create_task(self._pump())
+
+    def write(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def drain(self) -> None:
+        await self.writer.drain()
+
+    async def _pump(self) -> None:
+        try:
+            while True:
+                await self.gate.wait()
+                head = await self.reader.readexactly(4)
+                body = await self.reader.readexactly(int.from_bytes(head, "big"))
+                assert body[0] == 0, "padding in an unencrypted packet"
+                self._dispatch(body[1], memoryview(body)[2:])
+        except asyncio.IncompleteReadError as exc:
+            if exc.partial:
+                self.violations.append("stdout ended inside a packet")
+        except Exception as exc:  # a bug in this test client, or a bad packet
+            self.violations.append("reading packets: %r" % exc)
+        finally:
+            self.ended.set()
+            for chan in self.channels.values():
+                chan.changed.set()
+
+    def _dispatch(self, msg_type: int, payload: memoryview) -> None:
+        if not self.hello.done():
+            if msg_type != sshmsg.MSG_REQUEST_SUCCESS:
+                self.violations.append("first packet is type %d, not the hello" % msg_type)
+                return
+            reader = sshmsg.Reader(payload)
+            self.hello.set_result((reader.text(), reader.text()))
+            return
+        if msg_type in (sshmsg.MSG_REQUEST_SUCCESS, sshmsg.MSG_REQUEST_FAILURE):
+            self.globals.put_nowait(msg_type)
+            return
+        reader = sshmsg.Reader(payload)
+        lid = reader.u32()
+        if msg_type == sshmsg.MSG_CHANNEL_OPEN_CONFIRMATION:
+            chan = self.opening.pop(lid)
+            chan.rid, chan.rwin, chan.rmax = reader.u32(), reader.u32(), reader.u32()
+            self.channels[lid] = chan
+            chan.opened.set_result(chan)
+            return
+        if msg_type == sshmsg.MSG_CHANNEL_OPEN_FAILURE:
+            self.opening.pop(lid).opened.set_result((reader.u32(), reader.text()))
+            return
+        chan = self.channels[lid]
+        if chan.got_close:
+            self.violations.append("channel %d: type %d after CLOSE" % (lid, msg_type))
+        chan.events.append(msg_type)
+        if msg_type == sshmsg.MSG_CHANNEL_DATA:
+            chan.on_data(reader.string())
+        elif msg_type == sshmsg.MSG_CHANNEL_WINDOW_ADJUST:
+            chan.rwin += reader.u32()
+            chan.window_event.set()
+        elif msg_type == sshmsg.MSG_CHANNEL_EOF:
+            if chan.got_eof:
+                self.violations.append("channel %d: second EOF" % lid)
+            chan.got_eof = True
+        elif msg_type == sshmsg.MSG_CHANNEL_CLOSE:
+            chan.got_close = True
+            if not chan.sent_close:
+                chan.send_close()
+        elif msg_type in (sshmsg.MSG_CHANNEL_SUCCESS, sshmsg.MSG_CHANNEL_FAILURE):
+            chan.replies.put_nowait(msg_type)
+        else:
+            self.violations.append("unexpected type %d" % msg_type)
+        chan.changed.set()
+
+    async def open(self, kind: str, extra: bytes, window: int = const.CHANNEL_WINDOW,
+                   max_packet: int = const.CHANNEL_MAX_PACKET, grant: bool = True) -> Any:
+        """Chan on confirmation, else (reason, description)."""
+        lid = self.next_id
+        self.next_id += 1
+        self.opening[lid] = Chan(self, lid, window, max_packet, grant)
+        self.write(sshmsg.channel_open(kind, lid, window, max_packet, extra))
+        return await asyncio.wait_for(self.opening[lid].opened, 20)
+
+    async def open_tcp(self, port: int, host: str = "127.0.0.1", **kw: Any) -> Any:
+        return await self.open("direct-tcpip",
+                               sshmsg.direct_tcpip_extra(host, port, "127.0.0.1", 4444), **kw)
+
+    async def open_udp(self, family: str = "inet", **kw: Any) -> Any:
+        return await self.open(sshmsg.UDP_CHANNEL_TYPE, sshmsg.sstring(family), **kw)
+
+
+# --- running the helper ----------------------------------------------------------------------
+
+
+class Proc:
+    def __init__(self, proc: asyncio.subprocess.Process, peer: Peer) -> None:
+        self.proc = proc
+        self.peer = peer
+
+    async def finish(self, timeout: float = 10.0) -> tuple[int, str]:
+        """Close stdin; the exit status and stderr."""
+        assert self.proc.stdin is not None and self.proc.stderr is not None
+        if not self.proc.stdin.is_closing():
+            self.proc.stdin.close()
+        code = await asyncio.wait_for(self.proc.wait(), timeout)
+        err = await self.proc.stderr.read()
+        return code, err.decode()
+
+
+@contextlib.asynccontextmanager
+async def helper_process(pythons: tuple[str, ...] = ("python3",),
+                         shell: str = "sh") -> AsyncIterator[Proc]:
+    source = helper_source()
+    proc = await asyncio.create_subprocess_exec(
+        shell, "-c", loader_command(len(source), pythons),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(source)
+    peer = Peer(proc.stdout, proc.stdin)
+    try:
+        yield Proc(proc, peer)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        peer.task.cancel()
+        assert not peer.violations, peer.violations
+
+
+@contextlib.asynccontextmanager
+async def helper_inprocess(expect_exit: int = 0, **kw: Any
+                           ) -> AsyncIterator[tuple[helper_mod.Helper, Peer]]:
+    ours, theirs = socket.socketpair()
+    helper = helper_mod.Helper(theirs.fileno(), theirs.fileno(), **kw)
+    task = asyncio.get_running_loop().create_task(helper.run())
+    reader, writer = await asyncio.open_connection(sock=ours)
+    peer = Peer(reader, writer)
+    try:
+        await asyncio.wait_for(peer.hello, 5)
+        yield helper, peer
+        if expect_exit == 0:
+            writer.write_eof()
+        assert await asyncio.wait_for(task, 10) == expect_exit
+        assert not peer.violations, peer.violations
+    finally:
+        task.cancel()
+        peer.task.cancel()
+        writer.close()
+        theirs.close()
+
+
+# --- loopback servers --------------------------------------------------------------------------
+
+
+async def echo_server(received: list[int] | None = None) -> tuple[asyncio.Server, int]:
+    """Echoes until EOF, then closes. `received` gets the byte count of each connection."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        total = 0
+        try:
+            while data := await reader.read(256 * 1024):
+                total += len(data)
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            if received is not None:
+                received.append(total)
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class UdpEcho:
+    """A UDP echo on a plain socket (asyncio's transport silently skips empty datagrams)."""
+
+    def __init__(self, host: str) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
+        self.sock.setblocking(False)
+        self.port = self.sock.getsockname()[1]
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._echo)
+
+    def _echo(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            data, addr = self.sock.recvfrom(65536)
+            self.sock.sendto(data, addr)
+
+    def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+async def udp_echo(host: str) -> tuple[UdpEcho, int]:
+    echo = UdpEcho(host)
+    return echo, echo.port
+
+
+def python38() -> str | None:
+    """A runnable Python 3.8 interpreter, if this machine has one."""
+    candidates = [shutil.which("python3.8") or "",
+                  *sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.8*/bin/python3.8")))]
+    for path in candidates:
+        if path and subprocess.run([path, "-c", "import sys; assert sys.version_info[:2] == (3, 8)"],
+                                   capture_output=True).returncode == 0:
+            return path
+    return None
+
+
+def pyenv_python(version: str) -> str | None:
+    found = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/%s*/bin/python" % version)))
+    return found[0] if found else None
+
+
+# --- the loader ---------------------------------------------------------------------------------
+
+
+def test_loader_command_is_one_line_and_quotes_names() -> None:
+    command = loader_command(1234, const.REMOTE_PYTHONS)
+    assert "\n" not in command and "\\" not in command and "!" not in command
+    assert command.startswith("exec /bin/sh -c ")
+    with pytest.raises(ValueError):
+        loader_command(10, ("python3; rm -rf /",))
+    with pytest.raises(ValueError):
+        loader_command(10, ())
+
+
+def test_missing_python_exits_97_naming_what_was_tried() -> None:
+    command = loader_command(10, ("nonexistent-python-xyz", "nonexistent-python-abc"))
+    result = subprocess.run(["sh", "-c", command], input=b"0123456789", capture_output=True,
+                            timeout=10)
+    assert result.returncode == const.HELPER_NO_PYTHON_EXIT == 97
+    assert result.stderr.decode().splitlines() == [
+        "shuttled: no python found on the remote (tried nonexistent-python-xyz, "
+        "nonexistent-python-abc): need Python 3.8 or newer"]
+    assert result.stdout == b""
+
+
+def test_truncated_source_exits_96() -> None:
+    source = helper_source()
+    result = subprocess.run(["sh", "-c", loader_command(len(source) + 5, ("python3",))],
+                            input=source, capture_output=True, timeout=10)
+    assert result.returncode == HELPER_TRUNCATED_EXIT
+    assert result.stderr.decode().startswith("shuttled: helper source truncated at")
+    assert len(result.stderr.decode().splitlines()) == 1
+
+
+def test_too_old_pythons_are_skipped() -> None:
+    old = [p for p in (pyenv_python("2.7"), pyenv_python("3.6"), pyenv_python("3.7")) if p]
+    if not old:
+        pytest.skip("no Python older than 3.8 here")
+    source = helper_source()
+    result = subprocess.run(["sh", "-c", loader_command(len(source), (*old, "python3"))],
+                            input=source, capture_output=True, timeout=20)
+    assert result.returncode == 0, result.stderr
+    assert b"shuttled-helper 1" in result.stdout
+    only_old = subprocess.run(["sh", "-c", loader_command(len(source), tuple(old))],
+                              input=source, capture_output=True, timeout=20)
+    assert only_old.returncode == 97
+    assert "need Python 3.8 or newer" in only_old.stderr.decode()
+
+
+@pytest.mark.parametrize("shell", ["sh", "bash", "dash", "zsh", "ksh", "mksh", "fish", "csh",
+                                   "tcsh", "busybox"])
+def test_login_shells_run_the_loader(shell: str) -> None:
+    """sshd runs the exec command through the user's login shell: `SHELL -c COMMAND`."""
+    if shutil.which(shell) is None:
+        pytest.skip("%s not installed" % shell)
+    argv = [shell, "sh", "-c"] if shell == "busybox" else [shell, "-c"]
+    source = helper_source()
+    result = subprocess.run([*argv, loader_command(len(source), ("nonexistent-x", "python3"))],
+                            input=source, capture_output=True, timeout=20)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == b""
+    hello, _ = sshmsg.split_packets(bytearray(result.stdout), 1 << 16)
+    assert [t for t, _ in hello] == [sshmsg.MSG_REQUEST_SUCCESS]
+
+
+# --- the embedded program ---------------------------------------------------------------------
+
+
+def test_helper_source_is_wire_then_helper() -> None:
+    source = helper_source()
+    wire = (ROOT / "shuttled/tunnel/sshmsg.py").read_bytes()
+    assert source.startswith(wire)
+    assert source.endswith((ROOT / "shuttled/remote/helper.py").read_bytes())
+    compile(source, "<shuttled-helper>", "exec")
+
+
+def _top_level_names(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                names.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
+    return names
+
+
+def test_helper_does_not_rebind_wire_names() -> None:
+    """Embedded, both files share one namespace: a clash would change sshmsg's behaviour."""
+    wire = _top_level_names(ROOT / "shuttled/tunnel/sshmsg.py")
+    ours = _top_level_names(ROOT / "shuttled/remote/helper.py")
+    assert wire & ours == set()
+
+
+def test_imported_helper_uses_the_package_wire_module() -> None:
+    assert helper_mod.wire is sshmsg
+
+
+def test_vermin_says_python_38() -> None:
+    if shutil.which("vermin") is None:
+        pytest.skip("vermin not installed")
+    result = subprocess.run(["vermin", "-t=3.8-", "--no-tips", "--violations", "shuttled/remote",
+                             "shuttled/tunnel/sshmsg.py"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- the helper over stdio ---------------------------------------------------------------------
+
+
+@run
+async def test_hello_and_clean_exit_on_stdin_eof() -> None:
+    async with helper_process() as h:
+        banner, version = await asyncio.wait_for(h.peer.hello, 10)
+        assert banner == HELPER_BANNER == helper_mod.HELPER_PROTOCOL
+        assert version == "%d.%d.%d" % sys.version_info[:3]
+        code, err = await h.finish()
+        assert (code, err) == (0, "")
+
+
+async def _round_trip(h: Proc) -> None:
+    received: list[int] = []
+    server, port = await echo_server(received)
+    chan = await h.peer.open_tcp(port)
+    assert isinstance(chan, Chan)
+    assert (chan.rwin, chan.rmax) == (1 << 20, 32 * 1024)
+    await chan.send(b"hello through the helper")
+    await chan.wait_for(lambda: len(chan.data) == 24)
+    assert bytes(chan.data) == b"hello through the helper"
+    chan.send_eof()  # -> shutdown(SHUT_WR) -> echo server sees EOF and closes
+    await chan.wait_for(lambda: chan.got_close)
+    assert chan.events == [sshmsg.MSG_CHANNEL_DATA, sshmsg.MSG_CHANNEL_EOF,
+                           sshmsg.MSG_CHANNEL_CLOSE]
+    assert received == [24]
+    server.close()
+
+
+@run
+async def test_tcp_round_trip_eof_both_ways_close() -> None:
+    async with helper_process() as h:
+        await _round_trip(h)
+        # The freed id is not reused and no message arrived after CLOSE.
+        await _round_trip(h)
+        code, err = await h.finish()
+        assert (code, err) == (0, "")
+
+
+@run
+async def test_runs_on_python_38() -> None:
+    path = python38()
+    if path is None:
+        pytest.skip("no Python 3.8 here (vermin is the check)")
+    async with helper_process(pythons=("nonexistent-python-xyz", path)) as h:
+        _, version = await asyncio.wait_for(h.peer.hello, 10)
+        assert version.startswith("3.8.")
+        await _round_trip(h)
+        udp, port = await udp_echo("127.0.0.1")
+        chan = await h.peer.open_udp("inet")
+        chan.send_datagram("127.0.0.1", port, b"ping")
+        await chan.wait_for(lambda: len(chan.datagrams) == 1)
+        udp.close()
+        assert await h.finish() == (0, "")
+
+
+@run
+async def test_server_closes_first_and_client_half_close() -> None:
+    """The target says its piece and half-closes; we still send and then finish."""
+    got = asyncio.get_running_loop().create_future()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"banner\n")
+        writer.write_eof()
+        got.set_result(await reader.read())
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with helper_process() as h:
+        chan = await h.peer.open_tcp(server.sockets[0].getsockname()[1])
+        await chan.wait_for(lambda: chan.got_eof)
+        assert bytes(chan.data) == b"banner\n" and not chan.got_close
+        await chan.send(b"late words")
+        chan.send_eof()
+        assert await asyncio.wait_for(got, 10) == b"late words"
+        await chan.wait_for(lambda: chan.got_close)
+        assert chan.events == [sshmsg.MSG_CHANNEL_DATA, sshmsg.MSG_CHANNEL_EOF,
+                               sshmsg.MSG_CHANNEL_CLOSE]
+        assert await h.finish() == (0, "")
+    server.close()
+
+
+@run
+async def test_refused_port_fails_quickly_with_reason_2() -> None:
+    async with helper_process() as h:
+        await h.peer.hello
+        start = time.monotonic()
+        reason, text = await h.peer.open_tcp(free_port())
+        assert time.monotonic() - start < 1.0
+        assert reason == sshmsg.OPEN_CONNECT_FAILED
+        assert "refused" in text.lower()
+        assert await h.finish() == (0, "")
+
+
+@run
+async def test_unknown_channel_type_and_requests() -> None:
+    async with helper_process() as h:
+        assert await h.peer.open("session", b"") == (sshmsg.OPEN_UNKNOWN_CHANNEL_TYPE,
+                                                     "unknown channel type 'session'")
+        server, port = await echo_server()
+        chan = await h.peer.open_tcp(port)
+        h.peer.write(sshmsg.channel_request(chan.rid, "keepalive@openssh.com", True))
+        assert await asyncio.wait_for(chan.replies.get(), 5) == sshmsg.MSG_CHANNEL_FAILURE
+        h.peer.write(sshmsg.channel_request(chan.rid, "env", False, sshmsg.sstring("x")))
+        h.peer.write(sshmsg.packet(sshmsg.MSG_GLOBAL_REQUEST,
+                                   sshmsg.sstring("ping@shuttled") + sshmsg.sbool(True)))
+        assert await asyncio.wait_for(h.peer.globals.get(), 5) == sshmsg.MSG_REQUEST_FAILURE
+        assert chan.replies.empty()
+        chan.send_close()
+        await chan.wait_for(lambda: chan.got_close)
+        assert await h.finish() == (0, "")
+        server.close()
+
+
+@run
+async def test_window_and_max_packet_respected_then_resumed() -> None:
+    async with helper_process() as h:
+        server, port = await echo_server()
+        chan = await h.peer.open_tcp(port, window=1000, max_packet=300, grant=False)
+        payload = os.urandom(10_000)
+        await chan.send(payload)
+        await chan.wait_for(lambda: len(chan.data) == 1000)
+        await asyncio.sleep(0.3)  # the helper must now be waiting, not sending
+        assert len(chan.data) == 1000 and max(chan.packet_sizes) <= 300
+        chan.adjust(4000)
+        await chan.wait_for(lambda: len(chan.data) == 5000)
+        await asyncio.sleep(0.2)
+        assert len(chan.data) == 5000
+        chan.adjust(5000)
+        await chan.wait_for(lambda: len(chan.data) == 10_000)
+        assert bytes(chan.data) == payload and max(chan.packet_sizes) <= 300
+        chan.send_eof()
+        chan.adjust(1)
+        await chan.wait_for(lambda: chan.got_close)
+        assert await h.finish() == (0, "")
+        server.close()
+
+
+@run
+async def test_8_mib_each_way_sha256(capsys: pytest.CaptureFixture[str]) -> None:
+    size = 8 << 20
+    async with helper_process() as h:
+        server, port = await echo_server()
+        chan = await h.peer.open_tcp(port)
+        payload = os.urandom(size)
+        start = time.perf_counter()
+        await chan.send(payload)
+        chan.send_eof()
+        await chan.wait_for(lambda: chan.got_close, timeout=60)
+        elapsed = time.perf_counter() - start
+        assert hashlib.sha256(chan.data).hexdigest() == hashlib.sha256(payload).hexdigest()
+        with capsys.disabled():
+            print("\n8 MiB up + 8 MiB down through the helper in %.3f s: %.0f Mbit/s each way"
+                  % (elapsed, size * 8 / elapsed / 1e6))
+        assert await h.finish() == (0, "")
+        server.close()
+
+
+@run
+async def test_many_channels_at_once() -> None:
+    async with helper_process() as h:
+        server, port = await echo_server()
+        chans = await asyncio.gather(*(h.peer.open_tcp(port) for _ in range(200)))
+        payloads = [os.urandom(5000 + i) for i in range(len(chans))]
+        await asyncio.gather(*(c.send(p) for c, p in zip(chans, payloads, strict=True)))
+        for chan in chans:
+            chan.send_eof()
+        for chan, payload in zip(chans, payloads, strict=True):
+            await chan.wait_for(lambda c=chan: c.got_close)
+            assert bytes(chan.data) == payload
+        assert await h.finish() == (0, "")
+        server.close()
+
+
+@run
+async def test_close_right_after_data_still_delivers_it() -> None:
+    received: list[int] = []
+    server, port = await echo_server(received)
+    async with helper_process() as h:
+        chan = await h.peer.open_tcp(port, grant=False)
+        await chan.send(os.urandom(600_000))
+        chan.send_eof()
+        chan.send_close()
+        await chan.wait_for(lambda: chan.got_close)
+        for _ in range(100):
+            if received:
+                break
+            await asyncio.sleep(0.05)
+        assert received == [600_000]
+        assert chan.events.count(sshmsg.MSG_CHANNEL_CLOSE) == 1
+        assert await h.finish() == (0, "")
+    server.close()
+
+
+@run
+async def test_stdin_eof_closes_every_socket() -> None:
+    closed = asyncio.get_running_loop().create_future()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        closed.set_result(await reader.read())
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with helper_process() as h:
+        await h.peer.open_tcp(server.sockets[0].getsockname()[1])
+        assert await h.finish() == (0, "")
+        assert await asyncio.wait_for(closed, 5) == b""
+    server.close()
+
+
+@pytest.mark.parametrize("family, host", [("inet", "127.0.0.1"), ("inet6", "::1")])
+@run
+async def test_udp_round_trip(family: str, host: str) -> None:
+    try:
+        udp, port = await udp_echo(host)
+    except OSError:
+        pytest.skip("no %s loopback" % family)
+    async with helper_process() as h:
+        chan = await h.peer.open_udp(family, max_packet=70_000)
+        assert chan.rmax >= 65_536 + 64
+        sizes = [0, 1, 1400, 9000, 65_000]
+        for size in sizes:
+            chan.send_datagram(host, port, bytes([size % 251]) * size)
+        await chan.wait_for(lambda: len(chan.datagrams) == len(sizes))
+        replies = [sshmsg.unpack_datagram(d) for d in chan.datagrams]
+        assert sorted(len(p) for _, _, p in replies) == sizes
+        assert {(a, p) for a, p, _ in replies} == {(host, port)}
+        chan.send_close()
+        await chan.wait_for(lambda: chan.got_close)
+        assert await h.finish() == (0, "")
+    udp.close()
+
+
+@run
+async def test_udp_drops_what_the_window_cannot_take() -> None:
+    udp, port = await udp_echo("127.0.0.1")
+    async with helper_process() as h:
+        chan = await h.peer.open_udp("inet", window=150, grant=False)
+        chan.send_datagram("127.0.0.1", port, b"x" * 200)  # 221-byte echo frame: dropped
+        await asyncio.sleep(0.2)
+        chan.send_datagram("127.0.0.1", port, b"y" * 100)  # 121 bytes: fits
+        await chan.wait_for(lambda: len(chan.datagrams) == 1)
+        assert sshmsg.unpack_datagram(chan.datagrams[0])[2] == b"y" * 100
+        chan.send_datagram("not-an-address", port, b"z")  # never resolved: dropped
+        chan.send_close()
+        await chan.wait_for(lambda: chan.got_close)
+        code, err = await h.finish()
+        assert code == 0
+        assert err.splitlines() == ["shuttled-helper: udp channel 0: dropped 1 datagrams towards "
+                                    "the client (window), 1 towards targets (send errors); "
+                                    "forwarded 3"]
+    udp.close()
+
+
+MALFORMED = {
+    "length 1": b"\x00\x00\x00\x01\x00\x5e",
+    "huge length": b"\x7f\x00\x00\x00\x00\x5e",
+    "padding": sshmsg.HEADER.pack(6, 1, 96) + b"\x00\x00\x00\x00",
+    "unknown type": sshmsg.packet(1, b"bye"),
+    "unknown channel": sshmsg.eof(12345),
+    "short data": sshmsg.packet(sshmsg.MSG_CHANNEL_DATA, b"\x00\x00"),
+    "bad string": sshmsg.packet(sshmsg.MSG_CHANNEL_OPEN, b"\x00\x00\x10\x00tcp"),
+    "trailing bytes": sshmsg.channel_open(sshmsg.UDP_CHANNEL_TYPE, 1, 100, 100,
+                                          sshmsg.sstring("inet") + b"junk"),
+    "open confirmation": sshmsg.open_confirmation(1, 2, 3, 4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+@run
+async def test_malformed_packet_exits_3_with_one_line(name: str) -> None:
+    async with helper_process() as h:
+        await h.peer.hello
+        h.peer.write(MALFORMED[name])
+        code, err = await h.finish()
+        assert code == helper_mod.EXIT_PROTOCOL == 3
+        lines = err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("shuttled-helper: protocol error: "), err
+        assert "Traceback" not in err
+
+
+async def sink_server() -> tuple[asyncio.AbstractServer, int]:
+    """Accepts and never reads, with a tiny receive buffer: writes to it back up."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(hold, sock=listener)
+    return server, listener.getsockname()[1]
+
+
+@pytest.mark.parametrize("violation", ["past max packet", "data after eof", "window overflow"])
+@run
+async def test_state_violations_exit_3(violation: str) -> None:
+    async with helper_process() as h:
+        server, port = await sink_server()
+        chan = await h.peer.open_tcp(port)
+        if violation == "past max packet":
+            h.peer.write(sshmsg.data_header(chan.rid, 40000) + bytes(40000))
+        elif violation == "data after eof":
+            chan.send_eof()
+            h.peer.write(sshmsg.data_header(chan.rid, 1) + b"x")
+        else:
+            h.peer.write(sshmsg.window_adjust(chan.rid, 0xFFFFFFFF))
+        code, err = await h.finish()
+        assert code == 3 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+        server.close()
+
+
+# --- in-process: limits, timers and queues ---------------------------------------------------------
+
+
+@run
+async def test_channel_limit_gives_reason_4() -> None:
+    async with helper_inprocess(max_channels=2) as (_, peer):
+        first = await peer.open_udp()
+        await peer.open_udp()
+        reason, text = await peer.open_udp()
+        assert reason == sshmsg.OPEN_RESOURCE_SHORTAGE and "too many" in text
+        first.send_close()
+        await first.wait_for(lambda: first.got_close)
+        assert isinstance(await peer.open_udp(), Chan)  # the freed slot is usable again
+
+
+@run
+async def test_data_past_the_window_is_a_protocol_error(monkeypatch: pytest.MonkeyPatch,
+                                                        capfd: pytest.CaptureFixture[str]
+                                                        ) -> None:
+    """A target that accepts nothing: the helper grants nothing, so 1 MiB + 1 is too much."""
+    monkeypatch.setattr(helper_mod.TcpChannel, "flush_socket", lambda self: None)
+    server, port = await sink_server()
+    async with helper_inprocess(expect_exit=3) as (_, peer):
+        chan = await peer.open_tcp(port)
+        for _ in range(32):
+            peer.write(sshmsg.data_header(chan.rid, 32768) + bytes(32768))
+        peer.write(sshmsg.data_header(chan.rid, 1) + b"!")
+    assert capfd.readouterr().err == ("shuttled-helper: protocol error: channel 0: 1 bytes of "
+                                      "data exceed the window (0 left)\n")
+    server.close()
+
+
+@run
+async def test_udp_idle_timeout_sends_eof_and_close() -> None:
+    async with helper_inprocess(udp_idle=0.3) as (helper, peer):
+        chan = await peer.open_udp()
+        await chan.wait_for(lambda: chan.got_close, timeout=5)
+        assert chan.events == [sshmsg.MSG_CHANNEL_EOF, sshmsg.MSG_CHANNEL_CLOSE]
+        await asyncio.sleep(0.05)
+        assert helper.channels == {}
+
+
+@run
+async def test_stdout_backlog_is_bounded_and_resumes() -> None:
+    """A client that stops reading holds back every socket: bounded output queue."""
+    blob = os.urandom(4 << 20)
+
+    async def blast(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(blob)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(blast, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with helper_inprocess() as (helper, peer):
+        chans = [await peer.open_tcp(port) for _ in range(8)]  # 8 MiB of window in total
+        peer.gate.clear()
+        await asyncio.sleep(0.5)
+        assert helper.out_paused
+        assert helper.out_bytes <= helper_mod.OUT_HIGH + helper_mod.SOCKET_READ
+        peer.gate.set()
+        for chan in chans:
+            await chan.wait_for(lambda c=chan: c.got_eof)
+            chan.send_eof()
+            await chan.wait_for(lambda c=chan: c.got_close)
+            assert bytes(chan.data) == blob
+    server.close()
