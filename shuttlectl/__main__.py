@@ -14,7 +14,8 @@ def _report(exc: ShuttledError, json_mode: bool) -> None:
     from shuttlectl.cli import PROG, print_json
 
     if json_mode:
-        print_json({"error": {"code": exc.code, "message": str(exc)}})
+        # One line, so that it also fits a `watch --json` stream of JSON lines.
+        print_json({"error": {"code": exc.code, "message": str(exc)}}, compact=True)
     print(f"{PROG}: {exc}", file=sys.stderr)
 
 

@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_run(p: argparse.ArgumentParser) -> None:
+    # Also accepted after `run`, as sshuttle users type them; SUPPRESS keeps the
+    # top-level value when the flag is not repeated here.
+    p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                   help="more log output (repeat for debug)")
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="only warnings and errors")
     p.add_argument("subnets", nargs="*", metavar="SUBNET",
                    help="IP/MASK[:PORT[-PORT]] to capture; 0/0 means all IPv4 and IPv6; "
                         "hostnames allowed")

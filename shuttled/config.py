@@ -45,7 +45,6 @@ auto_nets or dns.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import grp
 import ipaddress
@@ -53,7 +52,7 @@ import itertools
 import logging
 import pwd
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -673,6 +672,16 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def profile_reference_man() -> str:
+    """The profile reference as man(7) paragraphs, for shuttled(8) / shuttled.yaml(5)."""
+    def roff(text: str) -> str:
+        return text.replace("\\", "\\e").replace("-", "\\-")
+
+    paras = [f".TP\n.B {s.name}\n({roff(s.type)}; default: {roff(s.default_doc())})\n"
+             f"{roff(s.help)}" for s in PROFILE_KEYS.values()]
+    return "\n".join(paras) + "\n"
+
+
 def profile_reference() -> str:
     """The profile reference as a Markdown table (README; the man page uses the same rows)."""
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
@@ -910,13 +919,6 @@ def check_overlaps(profiles: Iterable[Profile]) -> None:
         raise ConfigError("\n".join(problems))
 
 
-def iter_profiles(config: Config, names: Iterable[str]) -> Iterator[Profile]:
-    """The named profiles of a config, skipping names it does not have."""
-    return (config.profiles[n] for n in names if n in config.profiles)
-
-
 __all__ = ["PROFILE_KEYS", "Config", "ConfigErrors", "DnsSettings", "KeySpec", "LanSettings",
            "Profile", "check_overlaps", "config_files", "is_admin", "load_config",
-           "overlaps", "profile_reference"]
-
-_ = dataclasses  # fields() of Profile back KeySpec.default
+           "overlaps", "profile_reference", "profile_reference_man"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import inspect
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
@@ -235,7 +235,7 @@ async def invoke(core: Core, call: Call) -> Any:
     return result
 
 
-async def stream(core: Core, call: Call) -> AsyncIterator[dict[str, Any]]:
+async def stream(core: Core, call: Call) -> AsyncGenerator[dict[str, Any], None]:
     """Events of a streaming call until the consumer stops iterating."""
     assert call.verb.streams and call.verb.release
     queue: asyncio.Queue[dict[str, Any]] = getattr(core, call.verb.handler)(*call.args)

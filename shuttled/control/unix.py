@@ -141,6 +141,10 @@ class ControlServer:
         self._clients.add(task)
         try:
             await self._serve(reader, writer)
+        except asyncio.CancelledError:
+            # close() cancels us. Ending normally keeps asyncio's stream callback
+            # from logging the cancellation as an error; the task is ours alone.
+            log.debug("control client cancelled")
         except (_ClientGone, ConnectionError, TimeoutError) as exc:
             log.debug("control client dropped: %s", exc or type(exc).__name__)
         except Exception:  # a bug; the daemon must carry on regardless
@@ -198,9 +202,9 @@ class ControlServer:
         except ShuttledError as exc:
             log.debug("control request from uid %d refused: %s", caller.uid, exc)
             reply = error_reply(request_id, exc)
-        except (_ClientGone, ConnectionError):
+        except _ClientGone:
             raise
-        except Exception as exc:
+        except Exception as exc:  # a bug in the core; the client still gets an answer
             log.exception("control request %r failed", line[:200])
             reply = error_reply(request_id, exc)
         await self._send(writer, reply)
@@ -226,17 +230,24 @@ class ControlServer:
                 raise exc
 
     async def _send(self, writer: asyncio.StreamWriter, data: bytes) -> None:
-        writer.write(data)
+        # Client-side failures become _ClientGone, so that a ConnectionError raised
+        # by the core is never mistaken for the client leaving.
         try:
+            writer.write(data)
             await asyncio.wait_for(writer.drain(), self.write_timeout)
         except TimeoutError:
             raise _ClientGone(f"client read nothing for {self.write_timeout:g} s") from None
+        except ConnectionError as exc:
+            raise _ClientGone(str(exc) or type(exc).__name__) from None
 
 
 async def _until_eof(reader: asyncio.StreamReader) -> None:
     # A watching client has nothing more to say; whatever it sends is ignored.
-    while await reader.read(4096):
-        pass
+    try:
+        while await reader.read(4096):
+            pass
+    except ConnectionError:
+        pass  # gone, just the same
 
 
 def _remove_stale(path: Path) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import shutil
 from collections.abc import Iterable, Sequence
@@ -67,11 +68,15 @@ class IptablesBackend(Backend):
         missing = [tool for tool in cls.tools if not which_tool(tool)]
         if missing:
             return f"{', '.join(missing)} not installed"
-        for family in families():
-            try:
-                _restore(family, _probe_input(family))
-            except FirewallError as e:
-                return f"the kernel refused an iptables nat probe: {e}"
+        _remember_nat_tables()
+        try:
+            for family in families():
+                try:
+                    _restore(family, _probe_input(family))
+                except FirewallError as e:
+                    return f"the kernel refused an iptables nat probe: {e}"
+        finally:
+            _drop_nat_tables_we_made()
         return None
 
     @classmethod
@@ -95,10 +100,14 @@ class IptablesBackend(Backend):
 
     def apply(self, captures: Sequence[Capture]) -> None:
         check_captures(captures)
+        _remember_nat_tables()
         self._commit({family: self._wanted(family, captures) for family in families()})
+        if not captures:
+            _drop_nat_tables_we_made()
 
     def remove(self) -> None:
         self._commit({family: ChainSet() for family in families()})
+        _drop_nat_tables_we_made()
 
     def snapshot(self) -> str:
         parts = []
@@ -241,6 +250,45 @@ def _may_hold_rules(family: int) -> bool:
         return "nat" in Path(_LEGACY_TABLES[family]).read_text().split()
     except OSError:
         return False
+
+
+# iptables-nft creates the nft tables `ip nat` / `ip6 nat` on first use and
+# never removes them; we note which existed before we first touched iptables so
+# that leaving puts the ruleset back exactly as it was (legacy tables are
+# kernel built-ins and cannot be removed, so this is only for the nft variant).
+_NFT_NAT_TABLES = {4: "ip nat", 6: "ip6 nat"}
+_nat_tables_before: set[str] | None = None
+
+
+def _nft_nat_tables() -> set[str]:
+    if _is_legacy(shutil.which(_TOOLS[4][0], path=tool_path()) or _TOOLS[4][0]):
+        return set(_NFT_NAT_TABLES.values())  # nothing to manage: report all present
+    if not which_tool("nft"):
+        return set(_NFT_NAT_TABLES.values())
+    listed = {line.removeprefix("table ").strip()
+              for line in run_tool(["nft", "list", "tables"]).splitlines()}
+    return listed & set(_NFT_NAT_TABLES.values())
+
+
+def _remember_nat_tables() -> None:
+    global _nat_tables_before
+    if _nat_tables_before is None:
+        _nat_tables_before = _nft_nat_tables()
+
+
+def _drop_nat_tables_we_made() -> None:
+    """Delete an `ip[6] nat` table iptables-nft made for us, if nothing else uses it."""
+    if _nat_tables_before is None:
+        return
+    for family, table in _NFT_NAT_TABLES.items():
+        if table in _nat_tables_before or table not in _nft_nat_tables():
+            continue
+        if any(line.startswith("-A ") for line in _save(family).splitlines()):
+            continue  # someone else's rules arrived meanwhile: theirs now
+        try:
+            run_tool(["nft", "delete", "table", *table.split()])
+        except FirewallError as e:
+            log.warning("could not remove the empty %s table: %s", table, e)
 
 
 @functools.cache  # per binary: PATH (and with it the variant) may differ between calls

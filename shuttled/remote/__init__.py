@@ -79,7 +79,7 @@ def loader_command(source_len: int, pythons: Sequence[str] = REMOTE_PYTHONS) -> 
             raise ValueError("unusable python name %r" % name)
     loader = _LOADER.format(size=source_len, truncated=HELPER_TRUNCATED_EXIT)
     message = ("shuttled: no python found on the remote (tried %s): "
-               "need Python %d.%d or newer" % ((", ".join(pythons),) + MIN_PYTHON))
+               "need Python %d.%d or newer" % (", ".join(pythons), *MIN_PYTHON))
     script = (
         "for p in %s; do "
         "if command -v \"$p\" >/dev/null 2>&1 && \"$p\" -E -S -c %s >/dev/null 2>&1; then "

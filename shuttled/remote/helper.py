@@ -454,9 +454,6 @@ class UdpChannel(Channel):
         self.family = sock.family
         self.fd = sock.fileno()
         self.last = helper.loop.time()
-        self.dropped_window = 0  # to the client: no window, too big, or stdout backed up
-        self.dropped_send = 0  # to the target: bad address or sendto failed
-        self.forwarded = 0
         helper.loop.add_reader(self.fd, self.on_readable)
 
     def on_data(self, data: memoryview) -> None:
@@ -468,9 +465,8 @@ class UdpChannel(Channel):
         try:
             socket.inet_pton(self.family, host)  # never resolve names here: it blocks
             self.sock.sendto(payload, (host, port))
-            self.forwarded += 1
         except OSError:  # includes a full socket buffer: UDP may drop
-            self.dropped_send += 1
+            self.h.udp_dropped_send += 1
 
     def on_readable(self) -> None:
         sock = self.sock
@@ -484,15 +480,13 @@ class UdpChannel(Channel):
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:  # a reported ICMP error; the socket stays usable
-                self.dropped_send += 1
                 continue
             frame = _pack_datagram(addr[0], addr[1], data)
             size = len(frame)
             if size > self.rwin or size > self.rmax or helper.out_paused:
-                self.dropped_window += 1
+                helper.udp_dropped_reply += 1
                 continue
             self.rwin -= size
-            self.forwarded += 1
             helper.queue_parts([_data_header(rid, size), frame], size + _DATA_OVERHEAD)
         self.last = helper.loop.time()
 
@@ -508,10 +502,6 @@ class UdpChannel(Channel):
         self.h.loop.remove_reader(self.fd)
         self.sock = None
         sock.close()
-        if self.dropped_window or self.dropped_send:
-            log("udp channel %d: dropped %d datagrams towards the client (window), %d "
-                "towards targets (send errors); forwarded %d"
-                % (self.lid, self.dropped_window, self.dropped_send, self.forwarded))
 
 
 class Helper:
@@ -545,6 +535,13 @@ class Helper:
         self.out_writing = False
         self.flush_armed = False
         self.sweep_timer: Optional[asyncio.TimerHandle] = None
+        # Datagrams UDP let us drop: replies that did not fit the client's window or
+        # max packet (or met a backed-up stdout), and sends that failed or had no
+        # numeric address. Reported on stderr at most once a minute, and at exit.
+        self.udp_dropped_reply = 0
+        self.udp_dropped_send = 0
+        self.udp_reported = (0, 0)
+        self.udp_report_after = 0.0
         self.handlers: Dict[int, Callable[[memoryview], None]] = {
             wire.MSG_CHANNEL_OPEN: self._m_open,
             wire.MSG_CHANNEL_WINDOW_ADJUST: self._m_window_adjust,
@@ -575,8 +572,7 @@ class Helper:
             version = "%d.%d.%d" % sys.version_info[:3]
             self.queue(wire.packet(wire.MSG_REQUEST_SUCCESS, wire.sstring(HELPER_PROTOCOL)
                                    + wire.sstring(version)))
-            if self.udp_idle > 0:
-                self.sweep_timer = loop.call_later(self._sweep_interval(), self._sweep)
+            self.sweep_timer = loop.call_later(self._sweep_interval(), self._sweep)
             code = await self.done
             if code == EXIT_OK:
                 await self._drain_output(1.0)
@@ -593,6 +589,8 @@ class Helper:
             return
         if why:
             log(why)
+        elif code == EXIT_OK:
+            self._report_udp_drops()
         self.loop.remove_reader(self.rfd)
         for task in list(self.tasks):
             task.cancel()
@@ -648,7 +646,18 @@ class Helper:
         for channel in list(self.udp.values()):
             if not channel.sent_close and now - channel.last >= self.udp_idle:
                 channel.expire()
+        if now >= self.udp_report_after:
+            self._report_udp_drops()
         self.sweep_timer = self.loop.call_later(self._sweep_interval(), self._sweep)
+
+    def _report_udp_drops(self) -> None:
+        counts = (self.udp_dropped_reply, self.udp_dropped_send)
+        if counts != self.udp_reported:
+            log("udp: dropped %d replies (client window or max packet, or stdout backed up) "
+                "and %d datagrams towards targets (send failed or not an address)"
+                % (counts[0] - self.udp_reported[0], counts[1] - self.udp_reported[1]))
+            self.udp_reported = counts
+            self.udp_report_after = self.loop.time() + 60.0
 
     # --- output ----------------------------------------------------------------------
 

@@ -394,8 +394,8 @@ def test_allows_nobody_but_admins_without_an_allow_list(admin_gid: int) -> None:
 
 
 def test_reference_documents_every_key() -> None:
-    reference = profile_reference()
+    reference, man = profile_reference(), cfg.profile_reference_man()
     for key in PROFILE_KEYS:
-        assert f"| `{key}` |" in reference
+        assert f"| `{key}` |" in reference and f".B {key}\n" in man
     assert set(PROFILE_KEYS) == {f.name for f in dataclasses.fields(Profile)} - {
         "name", "source", "config_dir"}

@@ -37,7 +37,8 @@ class FakeCore:
     def __init__(self, config: Config | None = None) -> None:
         self.config = config or fake_config()
         self.states = {name: "down" for name in self.config.profiles}
-        self.wanted: set[str] = set()
+        # Like the daemon: autostart profiles are wanted until someone takes them down.
+        self.wanted = {n for n, p in self.config.profiles.items() if p.autostart}
         self.queues: list[asyncio.Queue[dict[str, Any]]] = []
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
 

@@ -140,13 +140,32 @@ def test_requests_on_one_connection_are_answered_in_order_with_their_ids(
 def test_a_bug_in_the_core_is_an_internal_error_and_the_server_carries_on(
         tmp_path: Path) -> None:
     core = FakeCore()
-    core.stats = lambda name: 1 / 0  # type: ignore[assignment,method-assign]
+    def broken_stats(name: str) -> dict[str, Any]:
+        raise ZeroDivisionError
+
+    core.stats = broken_stats  # type: ignore[method-assign]
 
     async def test(server: ControlServer, path: Path) -> None:
         reply = await ask(path, "stats", profile="work")
         assert reply["error"] == {"code": "internal",
                                   "message": "internal error: ZeroDivisionError"}
         assert (await ask(path, "version"))["ok"]
+
+    run(test, tmp_path, core)
+
+
+def test_a_connection_error_inside_the_core_is_not_mistaken_for_the_client_leaving(
+        tmp_path: Path) -> None:
+    core = FakeCore()
+
+    def refused(name: str) -> list[dict[str, Any]]:
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    core.connections = refused  # type: ignore[method-assign]
+
+    async def test(server: ControlServer, path: Path) -> None:
+        reply = await ask(path, "connections", profile="work")
+        assert reply["error"]["code"] == "internal"
 
     run(test, tmp_path, core)
 
