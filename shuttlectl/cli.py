@@ -158,8 +158,7 @@ def _version(ctx: Context) -> int:
             print(f"{PROG} {__version__} (protocol {PROTOCOL_VERSION})")
         raise
     human = (f"{PROG} {__version__} (protocol {PROTOCOL_VERSION})\n"
-             f"shuttled {render.text(daemon.get('version'))} "
-             f"(protocol {render.text(daemon.get('protocol'))})")
+             f"{render.daemon_version(daemon)}")
     ctx.emit(human, {"client": client, "daemon": daemon})
     return ExitCode.OK
 

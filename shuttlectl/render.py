@@ -151,7 +151,7 @@ def status_detail(profile: Mapping[str, Any]) -> str:
 # --- stats, connections, reload, events ------------------------------------------------------
 
 _STATS_DONE = {"name", "profile", "state", "mode", "remote", "rx", "tx", "active", "total",
-               "failed", "reconnects", "uptime", "rtt", "ssh_cpu", "ssh_rss"}
+               "failed", "reconnects", "uptime", "rtt", "ssh_pid", "ssh_cpu", "ssh_rss"}
 
 
 def _count(value: Any) -> str:
@@ -173,17 +173,21 @@ def stats(name: str, s: Mapping[str, Any]) -> str:
         f"{_count(s.get('failed'))} failed",
         f"  reconnects: {_count(s.get('reconnects'))}",
         f"  latest health check: {milliseconds(s.get('rtt'))} round trip",
-        f"  ssh: {_percent(s.get('ssh_cpu'))} cpu, {size(s.get('ssh_rss'))} rss",
+        f"  ssh: {_ssh_process(s)}",
     ]
     lines += [f"  {key.replace('_', ' ')}: {_any(value)}"
               for key, value in s.items() if key not in _STATS_DONE]
     return "\n".join(lines)
 
 
-def _percent(value: Any) -> str:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return NONE
-    return f"{value:.1f}%"
+def _ssh_process(s: Mapping[str, Any]) -> str:
+    """The ssh child: pid, CPU time used so far (seconds), resident memory."""
+    cpu = s.get("ssh_cpu")
+    cpu_text = (f"{cpu:.2f} s" if isinstance(cpu, int | float) and not isinstance(cpu, bool)
+                else NONE)
+    pid = s.get("ssh_pid")
+    return (f"pid {_count(pid)}, " if pid is not None else "") + (
+        f"{cpu_text} cpu, {size(s.get('ssh_rss'))} rss")
 
 
 def _any(value: Any) -> str:
@@ -192,6 +196,16 @@ def _any(value: Any) -> str:
     if isinstance(value, list):
         return ", ".join(_any(v) for v in value) or NONE
     return text(value)
+
+
+def daemon_version(v: Mapping[str, Any]) -> str:
+    """`shuttled 0.1.0 (protocol 1, nft, up 2h03m)`: the extras only when sent."""
+    extras = [f"protocol {text(v.get('protocol'))}"]
+    if v.get("firewall"):
+        extras.append(text(v["firewall"]))
+    if isinstance(v.get("uptime"), int | float):
+        extras.append(f"up {duration(v['uptime'])}")
+    return f"shuttled {text(v.get('version'))} ({', '.join(extras)})"
 
 
 def connections_table(conns: Sequence[Mapping[str, Any]]) -> str:
@@ -214,11 +228,15 @@ def reload_summary(result: Mapping[str, Any]) -> str:
 
 
 def event(e: Mapping[str, Any], now: float | None = None) -> str:
-    """One line per event: time, profile, what happened."""
-    stamp = time.strftime("%H:%M:%S", time.localtime(now if now is not None else time.time()))
+    """One line per event: time (the event's own, else now), profile, what happened."""
+    when = e.get("time")
+    if isinstance(when, bool) or not isinstance(when, int | float):
+        when = now if now is not None else time.time()
+    stamp = time.strftime("%H:%M:%S", time.localtime(when))
     if e.get("type") == "state":
         line = f"{stamp} {text(e.get('profile'))}: {text(e.get('state'))}"
         return line + (f" ({text(e.get('error'))})" if e.get("error") else "")
-    rest = " ".join(f"{k}={text(v)}" for k, v in e.items() if k not in ("type", "profile"))
+    rest = " ".join(f"{k}={text(v)}" for k, v in e.items()
+                    if k not in ("type", "profile", "time"))
     who = f" {text(e.get('profile'))}:" if "profile" in e else ""
     return f"{stamp}{who} {text(e.get('type'))} {rest}".rstrip()

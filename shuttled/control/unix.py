@@ -84,8 +84,12 @@ class _ClientGone(Exception):
     """The client stopped reading or went away; just drop it."""
 
 
-class ControlServer:
-    """Serves the verb table of `api` to clients of one Unix socket."""
+class UnixControlServer:
+    """Serves the verb table of `api` to clients of one Unix socket.
+
+    Like asyncio.Server: `await start(path)`, then `close()` (stop accepting, hang
+    up on every client, remove the socket) and optionally `await wait_closed()`.
+    """
 
     def __init__(self, core: api.Core, *, credentials: Credentials = peer_credentials,
                  max_clients: int = MAX_CLIENTS, idle_timeout: float = IDLE_TIMEOUT,
@@ -112,16 +116,19 @@ class ControlServer:
         self.path, self._inode = path, path.stat().st_ino
         log.debug("control socket listening on %s", path)
 
-    async def close(self) -> None:
+    def close(self) -> None:
         if self._server is not None:
             self._server.close()
         for task in list(self._clients):
             task.cancel()
+        self._unlink()
+
+    async def wait_closed(self) -> None:
+        """Until every client handler has finished (after close())."""
         await asyncio.gather(*self._clients, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
-        self._unlink()
 
     def _unlink(self) -> None:
         # Only our own socket: a second daemon may have replaced it meanwhile.

@@ -14,7 +14,7 @@ from typing import Any
 
 from shuttled.config import Config, DnsSettings, Profile
 from shuttled.control import api
-from shuttled.control.unix import ControlServer
+from shuttled.control.unix import UnixControlServer
 from shuttled.errors import ShuttledError, TimeoutError_
 
 MEMBER_UID = 4242  # in work's allow list
@@ -98,7 +98,7 @@ class FakeCore:
         self.calls.append(("stats", (name,)))
         return {"state": self.states[name], "mode": "direct", "rx": 1536, "tx": 10 << 20,
                 "active": 3, "total": 120, "failed": 2, "reconnects": 1, "uptime": 65.0,
-                "rtt": 0.0123, "ssh_cpu": 1.25, "ssh_rss": 12 << 20,
+                "rtt": 0.0123, "ssh_pid": 321, "ssh_cpu": 1.25, "ssh_rss": 12 << 20,
                 "dns": {"queries": 40, "failures": 1}}
 
     def connections(self, name: str) -> list[dict[str, Any]]:
@@ -120,7 +120,7 @@ class FakeCore:
         self.queues.remove(queue)
 
     def version(self) -> dict[str, Any]:
-        return {"version": "9.9.9", "protocol": 1}
+        return {"version": "9.9.9", "protocol": 1, "firewall": "nft", "uptime": 7384.0}
 
 
 def caller(uid: int, *groups: int) -> api.Caller:
@@ -128,12 +128,12 @@ def caller(uid: int, *groups: int) -> api.Caller:
 
 
 class ServerThread:
-    """A ControlServer on its own event loop in a thread, for blocking clients."""
+    """A UnixControlServer on its own event loop in a thread, for blocking clients."""
 
     def __init__(self, core: FakeCore, path: Path, **kw: Any) -> None:
         self.core, self.path = core, path
         self.loop = asyncio.new_event_loop()
-        self.server = ControlServer(core, **kw)
+        self.server = UnixControlServer(core, **kw)
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
     def run(self, coro: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
@@ -144,8 +144,12 @@ class ServerThread:
         self.run(lambda: self.server.start(self.path))
         return self
 
+    async def stop(self) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
     def __exit__(self, *exc: object) -> None:
-        self.run(self.server.close)
+        self.run(self.stop)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         self.loop.close()

@@ -16,11 +16,11 @@ import pytest
 
 from shuttled.control import api
 from shuttled.control.protocol import MAX_REQUEST_BYTES, Request, encode_request
-from shuttled.control.unix import ControlServer, peer_credentials, proc_groups
+from shuttled.control.unix import UnixControlServer, peer_credentials, proc_groups
 from shuttled.errors import ShuttledError
 from tests.unit.test_control_support import MEMBER_UID, STRANGER_UID, FakeCore, caller
 
-Test = Callable[[ControlServer, Path], Awaitable[None]]
+Test = Callable[[UnixControlServer, Path], Awaitable[None]]
 
 
 def run(test: Test, tmp_path: Path, core: FakeCore | None = None, uid: int | None = None,
@@ -31,12 +31,13 @@ def run(test: Test, tmp_path: Path, core: FakeCore | None = None, uid: int | Non
         kw["credentials"] = lambda _sock: caller(uid)
 
     async def main() -> None:
-        server = ControlServer(core or FakeCore(), **kw)
+        server = UnixControlServer(core or FakeCore(), **kw)
         await server.start(path)
         try:
             await asyncio.wait_for(test(server, path), 60)
         finally:
-            await server.close()
+            server.close()
+            await server.wait_closed()
 
     asyncio.run(main())
 
@@ -81,7 +82,7 @@ async def ask(path: Path, verb: str, **args: Any) -> dict[str, Any]:
 # --- basics ------------------------------------------------------------------------------------
 
 def test_status_over_the_socket_with_kernel_credentials(tmp_path: Path) -> None:
-    async def test(server: ControlServer, path: Path) -> None:
+    async def test(server: UnixControlServer, path: Path) -> None:
         reply = await ask(path, "status", profile="work")
         assert reply["ok"] and reply["id"] == 1 and reply["result"]["name"] == "work"
         assert stat.S_IMODE(path.stat().st_mode) == 0o666
@@ -110,12 +111,12 @@ def test_proc_groups_only_trusts_a_process_that_still_has_the_uid(tmp_path: Path
 def test_up_is_denied_to_a_stranger_and_allowed_to_a_member(tmp_path: Path) -> None:
     core = FakeCore()
 
-    async def stranger(server: ControlServer, path: Path) -> None:
+    async def stranger(server: UnixControlServer, path: Path) -> None:
         reply = await ask(path, "up", profile="work")
         assert not reply["ok"] and reply["error"]["code"] == "denied"
         assert (await ask(path, "status", profile="work"))["ok"]
 
-    async def member(server: ControlServer, path: Path) -> None:
+    async def member(server: UnixControlServer, path: Path) -> None:
         reply = await ask(path, "up", profile="work")
         assert reply["ok"] and reply["result"]["state"] == "up"
 
@@ -127,7 +128,7 @@ def test_up_is_denied_to_a_stranger_and_allowed_to_a_member(tmp_path: Path) -> N
 
 def test_requests_on_one_connection_are_answered_in_order_with_their_ids(
         tmp_path: Path) -> None:
-    async def test(server: ControlServer, path: Path) -> None:
+    async def test(server: UnixControlServer, path: Path) -> None:
         conn = await Conn.open(path)
         await conn.send(b"".join(encode_request(Request(i, "version", {}))
                                  for i in range(10, 15)) + b"\n\n")
@@ -145,7 +146,7 @@ def test_a_bug_in_the_core_is_an_internal_error_and_the_server_carries_on(
 
     core.stats = broken_stats  # type: ignore[method-assign]
 
-    async def test(server: ControlServer, path: Path) -> None:
+    async def test(server: UnixControlServer, path: Path) -> None:
         reply = await ask(path, "stats", profile="work")
         assert reply["error"] == {"code": "internal",
                                   "message": "internal error: ZeroDivisionError"}
@@ -163,7 +164,7 @@ def test_a_connection_error_inside_the_core_is_not_mistaken_for_the_client_leavi
 
     core.connections = refused  # type: ignore[method-assign]
 
-    async def test(server: ControlServer, path: Path) -> None:
+    async def test(server: UnixControlServer, path: Path) -> None:
         reply = await ask(path, "connections", profile="work")
         assert reply["error"]["code"] == "internal"
 
@@ -174,7 +175,7 @@ def test_unreadable_credentials_get_an_error_reply(tmp_path: Path) -> None:
     def broken(_sock: Any) -> api.Caller:
         raise OSError(95, "Operation not supported")
 
-    async def test(server: ControlServer, path: Path) -> None:
+    async def test(server: UnixControlServer, path: Path) -> None:
         reply = await ask(path, "version")
         assert "peer credentials" in reply["error"]["message"]
 
@@ -190,7 +191,7 @@ def test_stale_socket_is_replaced_and_removed_on_close(tmp_path: Path) -> None:
     stale.bind(str(path))
     stale.close()  # bound, never listening: what a SIGKILLed daemon leaves
 
-    async def test(server: ControlServer, p: Path) -> None:
+    async def test(server: UnixControlServer, p: Path) -> None:
         assert (await ask(p, "version"))["ok"]
 
     run(test, tmp_path)
@@ -198,22 +199,22 @@ def test_stale_socket_is_replaced_and_removed_on_close(tmp_path: Path) -> None:
 
 
 def test_a_live_socket_or_a_plain_file_is_not_stolen(tmp_path: Path) -> None:
-    async def second(server: ControlServer, path: Path) -> None:
+    async def second(server: UnixControlServer, path: Path) -> None:
         with pytest.raises(ShuttledError, match="already listening"):
-            await ControlServer(FakeCore()).start(path)
+            await UnixControlServer(FakeCore()).start(path)
         assert (await ask(path, "version"))["ok"]
 
     run(second, tmp_path)
     plain = tmp_path / "plain.sock"
     plain.write_text("")
     with pytest.raises(ShuttledError, match="not a socket"):
-        asyncio.run(ControlServer(FakeCore()).start(plain))
+        asyncio.run(UnixControlServer(FakeCore()).start(plain))
 
 
 # --- hostile and slow clients --------------------------------------------------------------------
 
 def test_oversized_request_gets_an_error_and_is_hung_up(tmp_path: Path) -> None:
-    async def test(server: ControlServer, path: Path) -> None:
+    async def test(server: UnixControlServer, path: Path) -> None:
         conn = await Conn.open(path)
         await conn.send(b"x" * (MAX_REQUEST_BYTES + 10) + b"\n")
         reply = await conn.recv()
@@ -224,7 +225,7 @@ def test_oversized_request_gets_an_error_and_is_hung_up(tmp_path: Path) -> None:
 
 
 def test_slow_client_gets_an_error_and_is_hung_up(tmp_path: Path) -> None:
-    async def test(server: ControlServer, path: Path) -> None:
+    async def test(server: UnixControlServer, path: Path) -> None:
         conn = await Conn.open(path)
         await conn.send(b'{"v":1,"id":1,')
         reply = await conn.recv()
@@ -235,7 +236,7 @@ def test_slow_client_gets_an_error_and_is_hung_up(tmp_path: Path) -> None:
 
 
 def test_too_many_clients_are_told_busy(tmp_path: Path) -> None:
-    async def test(server: ControlServer, path: Path) -> None:
+    async def test(server: UnixControlServer, path: Path) -> None:
         idle = [await Conn.open(path) for _ in range(2)]
         await asyncio.sleep(0.05)
         extra = await Conn.open(path)
@@ -282,7 +283,7 @@ def test_a_thousand_malformed_requests_leave_the_server_answering(tmp_path: Path
         assert (await conn.recv())["error"]["code"] == "bad_request"
         assert await conn.closed()
 
-    async def test(server: ControlServer, path: Path) -> None:
+    async def test(server: UnixControlServer, path: Path) -> None:
         await asyncio.gather(*(flood(path, 190, k * 1000) for k in range(5)))  # 950
         await asyncio.gather(*(huge(path) for _ in range(50)))  # + 50 = 1000
         assert (await ask(path, "status", profile="work"))["result"]["name"] == "work"
@@ -296,7 +297,7 @@ def test_a_thousand_malformed_requests_leave_the_server_answering(tmp_path: Path
 def test_watch_streams_events_until_the_client_goes(tmp_path: Path) -> None:
     core = FakeCore()
 
-    async def test(server: ControlServer, path: Path) -> None:
+    async def test(server: UnixControlServer, path: Path) -> None:
         watcher = await Conn.open(path)
         first = await watcher.ask("watch", request_id=9)
         assert first == {"v": 1, "id": 9, "ok": True, "result": {"streaming": "watch"}}
@@ -320,12 +321,14 @@ def test_close_ends_watching_clients(tmp_path: Path) -> None:
     core = FakeCore()
     holder: list[Conn] = []
 
-    async def test(server: ControlServer, path: Path) -> None:
+    async def test(server: UnixControlServer, path: Path) -> None:
         watcher = await Conn.open(path)
         await watcher.ask("watch")
         holder.append(watcher)
-        await server.close()
+        server.close()
+        await server.wait_closed()
         assert await watcher.closed()
+        assert not path.exists()
         assert core.queues == []
 
     run(test, tmp_path, core)

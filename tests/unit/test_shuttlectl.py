@@ -170,7 +170,7 @@ def test_stats_look_like_wg_show(capsys: pytest.CaptureFixture[str], sock: Path)
         "  connections: 3 active, 120 total, 2 failed",
         "  reconnects: 1",
         "  latest health check: 12 ms round trip",
-        "  ssh: 1.2% cpu, 12.0 MiB rss",
+        "  ssh: pid 321, 1.25 s cpu, 12.0 MiB rss",
         "  dns: queries 40, failures 1",
     ]
 
@@ -198,8 +198,8 @@ def test_version_shows_client_and_daemon(capsys: pytest.CaptureFixture[str],
     with serving(sock):
         _, out, _ = ctl(capsys, sock, "version")
         _, doc, _ = ctl(capsys, sock, "version", "--json")
-    assert out.splitlines()[1] == "shuttled 9.9.9 (protocol 1)"
-    assert json.loads(doc)["daemon"] == {"version": "9.9.9", "protocol": 1}
+    assert out.splitlines()[1] == "shuttled 9.9.9 (protocol 1, nft, up 2h03m)"
+    assert json.loads(doc)["daemon"]["version"] == "9.9.9"
 
 
 # --- watch ---------------------------------------------------------------------------------------
@@ -219,7 +219,7 @@ def test_watch_prints_one_line_per_event(capsys: pytest.CaptureFixture[str],
         Client(sock).call("up", {"profile": "lab"})
         Client(sock).call("down", {"profile": "lab"})
         time.sleep(0.2)
-        server.run(server.server.close)  # the daemon goes away: watch ends
+        server.run(server.stop)  # the daemon goes away: watch ends
         watcher.join(10)
     out, err = capsys.readouterr()
     *events, error = [json.loads(line) for line in out.splitlines()]
@@ -232,6 +232,8 @@ def test_event_lines_for_humans() -> None:
     line = render.event({"type": "state", "profile": "work", "state": "failed",
                          "error": "no route"}, now=0)
     assert line.endswith(" work: failed (no route)")
+    stamped = render.event({"type": "state", "profile": "w", "state": "up", "time": 3600.5})
+    assert stamped == time.strftime("%H:%M:%S", time.localtime(3600.5)) + " w: up"
     other = render.event({"type": "reload", "added": ["x"]}, now=0)
     assert other.endswith(" reload added=['x']")
 
