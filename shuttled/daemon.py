@@ -22,14 +22,12 @@ from shuttled import __version__, const
 from shuttled.config import Config, Profile, check_overlaps, load_config
 from shuttled.control.protocol import PROTOCOL_VERSION
 from shuttled.errors import (
-    ConfigError,
     NoSuchProfileError,
     ShuttledError,
     TimeoutError_,
 )
 from shuttled.firewall import cleanup_all, detect
 from shuttled.supervisor import CaptureSet, State, Tunnel, TunnelSpec, current_profile
-from shuttled.tunnel.session import Forward
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +35,8 @@ log = logging.getLogger(__name__)
 def spec_for(profile: Profile) -> TunnelSpec:
     """A profile as the supervisor's TunnelSpec: the one place the two meet."""
     return TunnelSpec(
-        name=profile.name, target=profile.ssh_target(),
-        subnets=tuple(profile.subnets) + tuple(profile.exclude),
-        forward=Forward(profile.forward), dns=profile.dns.mode != "off",
+        name=profile.name, target=profile.ssh_target(), subnets=profile.networks(),
+        forward=profile.forward, dns=profile.dns.enabled,
         dns_upstream=tuple(profile.dns.nameservers),
         pythons=(profile.python,) if profile.python else const.REMOTE_PYTHONS,
         keepalive=profile.keepalive, reconnect=True)
@@ -70,7 +67,7 @@ class Daemon:
 
     def __init__(self, config_dir: Path, state_dir: Path, method: str | None) -> None:
         self.config_dir = config_dir
-        self.config = Config(profiles={})
+        self.config = Config()
         self.method = method
         self.state = StateFile(state_dir / "state.json")
         self.captures: CaptureSet | None = None
@@ -93,10 +90,9 @@ class Daemon:
         for name in sorted(self.wanted):
             try:
                 self._check_overlap(name)
-            except ConfigError as exc:
-                log.error("not starting %s: %s", name, exc)
-                continue
-            self._tunnel(name).up()
+                self._tunnel(name).up()
+            except ShuttledError as exc:
+                log.error("not starting %s: %s", name, exc, extra={"PROFILE": name})
 
     # --- Core: reading ---------------------------------------------------------------
 
@@ -139,8 +135,8 @@ class Daemon:
             "rx": stats.get("rx", 0), "tx": stats.get("tx", 0),
             "connections": stats.get("active", 0), "rtt": stats.get("rtt"),
             "last_error": tunnel.last_error if tunnel else None,
-            "subnets": [{"subnet": _subnet_text(s), "source": "profile"}
-                        for s in (*profile.subnets, *profile.exclude)],
+            "subnets": [*({"subnet": t, "source": "profile"} for t in profile.subnets),
+                        *({"subnet": f"!{t}", "source": "profile"} for t in profile.exclude)],
             "holding": False,
         }
 
@@ -200,11 +196,8 @@ class Daemon:
     async def reload(self) -> dict[str, Any]:
         """Apply only what changed; a bad config is refused and the old one runs on."""
         new = load_config(self.config_dir)
-        old = self.config
-        changed = sorted(n for n in set(old.profiles) & set(new.profiles)
-                         if old.profiles[n] != new.profiles[n])
-        removed = sorted(set(old.profiles) - set(new.profiles))
-        added = sorted(set(new.profiles) - set(old.profiles))
+        diff = self.config.diff(new)
+        added, removed, changed = diff["added"], diff["removed"], diff["changed"]
         wanted = (self.wanted - set(removed)) | {n for n in added
                                                   if new.profiles[n].autostart}
         check_overlaps([new.profiles[n] for n in wanted])
@@ -218,10 +211,8 @@ class Daemon:
         for name in sorted(wanted):
             if name not in self.tunnels or not self.tunnels[name].running:
                 self._tunnel(name).up()
-        unchanged = sorted(set(new.profiles) - set(added) - set(changed))
         log.info("reloaded: added %s, removed %s, changed %s", added, removed, changed)
-        return {"added": added, "removed": removed, "changed": changed,
-                "unchanged": unchanged}
+        return diff
 
     # --- events ---------------------------------------------------------------------
 
@@ -253,11 +244,6 @@ class Daemon:
         if self.captures is not None:
             with contextlib.suppress(ShuttledError):
                 self.captures.backend.remove()
-
-
-def _subnet_text(subnet: Any) -> str:
-    ports = f":{subnet.ports[0]}-{subnet.ports[1]}" if subnet.ports else ""
-    return f"{'!' if subnet.exclude else ''}{subnet.network}{ports}"
 
 
 def status_line(daemon: Daemon) -> str:

@@ -214,8 +214,11 @@ class Tunnel:
             await session.stop()
             return str(exc), False
         self._set(State.UP)
-        reason = await session.closed
-        await session.stop()
+        try:
+            # shield: a down() cancelling us must not cancel the session's own future
+            reason = await asyncio.shield(session.closed)
+        finally:
+            await session.stop()
         return reason, False
 
     async def _capture(self, excludes: tuple[Subnet, ...]) -> None:

@@ -256,6 +256,7 @@ def _may_hold_rules(family: int) -> bool:
 # never removes them; we note which existed before we first touched iptables so
 # that leaving puts the ruleset back exactly as it was (legacy tables are
 # kernel built-ins and cannot be removed, so this is only for the nft variant).
+log = logging.getLogger(__name__)
 _NFT_NAT_TABLES = {4: "ip nat", 6: "ip6 nat"}
 _nat_tables_before: set[str] | None = None
 

@@ -78,10 +78,29 @@ class Channel:
     """One channel's exact state: ids, windows both ways, EOF and CLOSE flags."""
 
     __slots__ = (
-        "_pending", "_pending_size", "_replies", "_unacked", "bytes_down", "bytes_up",
-        "close_received", "close_sent", "endpoint", "eof_pending", "eof_received",
-        "eof_sent", "hold_window", "kind", "local_id", "mux", "opened_at", "remote_id",
-        "remote_max_packet", "remote_window", "reading_paused", "state", "window",
+        "_pending",
+        "_pending_size",
+        "_replies",
+        "_unacked",
+        "bytes_down",
+        "bytes_up",
+        "close_received",
+        "close_sent",
+        "endpoint",
+        "eof_pending",
+        "eof_received",
+        "eof_sent",
+        "hold_window",
+        "kind",
+        "local_id",
+        "mux",
+        "opened_at",
+        "reading_paused",
+        "remote_id",
+        "remote_max_packet",
+        "remote_window",
+        "state",
+        "window",
     )
 
     def __init__(self, mux: ChannelMux, local_id: int, kind: str, endpoint: Endpoint) -> None:

@@ -166,11 +166,11 @@ class SshSession:
             self.rtt = time.monotonic() - started
 
     def _lost(self, exc: BaseException | None) -> None:
-        if self.closed.done():
-            return
-        reason = str(exc) if exc is not None else "connection closed"
-        log.warning("tunnel %s lost: %s", self.name, reason)
-        self.closed.set_result(reason)
+        if not self.closed.done():
+            reason = str(exc) if exc is not None else "stopped"
+            if exc is not None:
+                log.warning("tunnel %s lost: %s", self.name, reason)
+            self.closed.set_result(reason)
         for mux in (self.data, self.control):
             if mux is not None:
                 mux.fail(None)
@@ -193,7 +193,7 @@ class SshSession:
         return None if self.closed.done() else self.data
 
     async def stop(self) -> None:
-        self._lost(None) if not self.closed.done() else None
+        self._lost(None)  # close our side first, so the master's exit is no surprise
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
