@@ -428,15 +428,42 @@ class ChannelMux:
         """Bytes from the pipe; a protocol violation ends the whole mux."""
         if self._closed:
             return
-        buf = self._leftover + data if self._leftover else data
+        view = memoryview(data)
         try:
-            messages, used = sshmsg.split_packets(buf, const.MAX_INBOUND_PACKET)
+            if self._leftover:
+                view = self._complete_leftover(view)
+            messages, used = sshmsg.split_packets(view, const.MAX_INBOUND_PACKET)
             for msg_type, payload in messages:
                 self._handle(msg_type, payload)
         except (WireError, ProtocolError) as exc:
             self.fail(ProtocolError(f"{self.name}: malformed message from the remote: {exc}"))
             return
-        self._leftover = bytes(buf[used:]) if used < len(buf) else b""
+        # Only the tail of one packet is ever copied; payloads are views of `data`.
+        if used < len(view):
+            self._leftover = bytes(view[used:])
+
+    def _complete_leftover(self, view: memoryview) -> memoryview:
+        """Finish the packet split across reads; return what follows it."""
+        head = self._leftover
+        if len(head) < 4:
+            take = min(4 - len(head), len(view))
+            head, view = head + bytes(view[:take]), view[take:]
+            if len(head) < 4:
+                self._leftover = head
+                return view
+        total = 4 + sshmsg.U32.unpack_from(head)[0]
+        if total > const.MAX_INBOUND_PACKET + 4:
+            raise WireError(f"packet length {total - 4} over {const.MAX_INBOUND_PACKET}")
+        take = min(total - len(head), len(view))
+        head, view = head + bytes(view[:take]), view[take:]
+        self._leftover = b""
+        if len(head) < total:
+            self._leftover = head
+            return view
+        messages, _used = sshmsg.split_packets(head, const.MAX_INBOUND_PACKET)
+        for msg_type, payload in messages:
+            self._handle(msg_type, payload)
+        return view
 
     def _handle(self, msg_type: int, payload: memoryview) -> None:
         if msg_type == sshmsg.MSG_CHANNEL_DATA:

@@ -265,3 +265,23 @@ def test_fuzzed_input_never_raises(junk: bytes) -> None:
         mux.feed(junk)
         mux.feed(sshmsg.eof(channel.local_id))
     run(body)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=5000), min_size=1, max_size=8),
+       st.lists(st.integers(min_value=1, max_value=9000), min_size=1, max_size=20))
+def test_any_split_of_the_stream_delivers_the_same_bytes(sizes: list[int],
+                                                          cuts: list[int]) -> None:
+    async def body() -> None:
+        mux, _pipe, rec, channel = opened()
+        payload = b"".join(bytes([i % 251]) * n for i, n in enumerate(sizes))
+        stream = b"".join(sshmsg.data_header(channel.local_id, n) + payload[sum(sizes[:i]):
+                                                                          sum(sizes[:i + 1])]
+                          for i, n in enumerate(sizes))
+        pos = 0
+        for cut in cuts:
+            mux.feed(stream[pos:pos + cut])
+            pos += cut
+        mux.feed(stream[pos:])
+        assert bytes(rec.data) == payload and not mux.closed
+    run(body)
