@@ -82,8 +82,8 @@ class Daemon:
         if removed:
             log.info("removed stale rules: %s", ", ".join(removed))
         self.config = load_config(self.config_dir)
-        backend = detect(self.method)
-        backend.apply([])  # the table exists (empty) before READY=1
+        backend = detect(self.method, persistent=True)
+        backend.apply([])  # our (empty) table exists before READY=1
         self.captures = CaptureSet(backend)
         autostart = {n for n, p in self.config.profiles.items() if p.autostart}
         self.wanted = (self.state.load() & set(self.config.profiles)) | autostart

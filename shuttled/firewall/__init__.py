@@ -48,14 +48,15 @@ log = logging.getLogger(__name__)
 BACKENDS: dict[str, type[Backend]] = {"nft": NftBackend, "iptables": IptablesBackend}
 
 
-def detect(method: str | None = None, table: str = NFT_TABLE) -> Backend:
+def detect(method: str | None = None, table: str = NFT_TABLE, *,
+           persistent: bool = False) -> Backend:
     """The backend for `method` ("auto"/None: the first usable one) or FirewallError why not."""
     if method in (None, "auto"):
         reasons = []
         for cls in BACKENDS.values():
             reason = cls.unsupported_reason()
             if reason is None:
-                return cls(table)
+                return cls(table, persistent=persistent)
             reasons.append(f"{cls.name}: {reason}")
         raise FirewallError(f"no usable firewall backend ({'; '.join(reasons)})")
     forced = BACKENDS.get(method)
@@ -64,7 +65,7 @@ def detect(method: str | None = None, table: str = NFT_TABLE) -> Backend:
     reason = forced.unsupported_reason()
     if reason is not None:
         raise FirewallError(f"firewall method {method}: {reason}")
-    return forced(table)
+    return forced(table, persistent=persistent)
 
 
 def cleanup_all() -> list[str]:

@@ -275,10 +275,14 @@ class Backend(abc.ABC):
     name: ClassVar[str]
     tools: ClassVar[tuple[str, ...]]  # binaries this backend runs
 
-    def __init__(self, table: str = NFT_TABLE) -> None:
+    def __init__(self, table: str = NFT_TABLE, *, persistent: bool = False) -> None:
         if not is_instance_table(table):
             raise ValueError(f"table name {table!r} must be {NFT_TABLE} or {NFT_TABLE}_<word>")
         self.table = table
+        # A persistent instance (the daemon's) keeps its empty table or top chain
+        # while it runs, so "our table exists" means "the daemon holds the firewall";
+        # only remove() takes it away.
+        self.persistent = persistent
 
     @classmethod
     def present(cls) -> bool:

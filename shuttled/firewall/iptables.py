@@ -57,8 +57,8 @@ class IptablesBackend(Backend):
     name = "iptables"
     tools = tuple(tool for pair in _TOOLS.values() for tool in pair)
 
-    def __init__(self, table: str = NFT_TABLE) -> None:
-        super().__init__(table)
+    def __init__(self, table: str = NFT_TABLE, *, persistent: bool = False) -> None:
+        super().__init__(table, persistent=persistent)
         self.top = top_chain(table)
         if len(self.top) > IPT_MAX_CHAIN - 8:  # leave room for "-" and a profile
             raise ValueError(f"table name {table!r} is too long for iptables chain names")
@@ -102,7 +102,7 @@ class IptablesBackend(Backend):
         check_captures(captures)
         _remember_nat_tables()
         self._commit({family: self._wanted(family, captures) for family in families()})
-        if not captures:
+        if not captures and not self.persistent:
             _drop_nat_tables_we_made()
 
     def remove(self) -> None:
@@ -136,7 +136,7 @@ class IptablesBackend(Backend):
             chains.append(chain)
             jumps.append(f"-A {self.top} {uid}-j {chain}")
             bodies += [f"-A {chain} {spec}" for spec in body]
-        if not chains:
+        if not chains and not self.persistent:
             return ChainSet()
         return ChainSet((self.top, *chains), (*jumps, *bodies), jumps=1)
 

@@ -56,22 +56,27 @@ class NftBackend(Backend):
 
     def render(self, captures: Sequence[Capture]) -> str:
         check_captures(captures)
-        # Declaring before deleting makes the delete safe when the table is absent.
-        script = f"table inet {self.table} {{}}\ndelete table inet {self.table}\n"
-        if not captures:
+        script = self._delete_script()
+        if not captures and not self.persistent:
             return script
         chains = [_output_chain(captures), *(_capture_chain(c) for c in captures)]
         return script + f"table inet {self.table} {{\n" + "\n".join(chains) + "}\n"
 
+    def _delete_script(self) -> str:
+        # Declaring before deleting makes the delete safe when the table is absent.
+        return f"table inet {self.table} {{}}\ndelete table inet {self.table}\n"
+
     def apply(self, captures: Sequence[Capture]) -> None:
-        script = self.render(captures)
+        self._run(self.render(captures))
+
+    def _run(self, script: str) -> None:
         try:
             run_tool([NFT, "-f", "-"], script)
         except FirewallError as e:
             raise FirewallError(f"table inet {self.table}: {e}") from None
 
     def remove(self) -> None:
-        self.apply(())
+        self._run(self._delete_script())
 
     def snapshot(self) -> str:
         if self.table not in self.instances():

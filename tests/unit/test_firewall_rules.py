@@ -198,3 +198,14 @@ def test_iptables_chain_names() -> None:
     assert capture_chain("SHUTTLED", "work") == "SHUTTLED-work"
     with pytest.raises(ValueError, match="too long"):
         IptablesBackend("shuttled_" + "x" * 20)
+
+
+def test_persistent_daemon_table_stays_when_empty_and_goes_on_remove() -> None:
+    nft = NftBackend("shuttled", persistent=True)
+    script = nft.render([])
+    assert script.endswith("table inet shuttled {\n\tchain output {\n\t\ttype nat hook output "
+                           "priority -105; policy accept;\n\t}\n}\n")
+    assert NftBackend("shuttled").render([]).count("table inet shuttled") == 2
+    ipt = IptablesBackend("shuttled", persistent=True)
+    assert ":SHUTTLED - [0:0]" in ipt.render([])
+    assert IptablesBackend("shuttled").render([]) == ""
