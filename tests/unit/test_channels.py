@@ -227,7 +227,7 @@ def test_open_failure_reports_reason_and_recycles_id() -> None:
 ])
 def test_malformed_messages_end_the_mux_without_raising(packet: bytes) -> None:
     async def body() -> None:
-        mux, pipe, rec, _channel = opened()
+        mux, _pipe, rec, _channel = opened()
         lost: list[BaseException | None] = []
         mux._on_lost = lost.append
         mux.feed(packet)
