@@ -41,11 +41,16 @@ unencrypted SSH packets, the same channel subset the ControlMaster carries):
 * EOF from the client: shutdown(SHUT_WR) once the queued data is written.
   Socket EOF: CHANNEL_EOF. CLOSE is sent when both directions are done, on a
   socket error, or in reply to the client's CLOSE; nothing is sent on a channel
-  after its CLOSE, and its id is freed when both sides closed.
+  after its CLOSE, and its id is freed when both sides closed. After the
+  client's CLOSE the data it sent before is still delivered, then FIN, and the
+  target's input is read and dropped until its EOF (at most 30 s): closing with
+  unread input would make the kernel reset the connection and lose that data.
 * CHANNEL_REQUEST with want_reply: CHANNEL_FAILURE. GLOBAL_REQUEST with
   want_reply: REQUEST_FAILURE (usable as a ping of the helper itself).
 * Every inbound packet is validated: length, known channel id, state, window
   and max packet.
+* Logged (stderr, one line each): protocol and internal errors, and UDP
+  datagrams dropped (at most one line a minute, and at exit).
 
 Exit status: 0 on stdin EOF (or stdout closed); 3 on a malformed or
 out-of-state packet (one line on stderr); 70 on an internal error (one line).
@@ -841,7 +846,7 @@ class Helper:
             return
         if rmax == 0:
             raise ProtocolError("CHANNEL_OPEN %s with max packet 0" % kind)
-        if len(self.channels) + self.pending_opens >= self.max_channels:
+        if len(self.channels) + len(self.draining) + self.pending_opens >= self.max_channels:
             self._open_failed(rid, wire.OPEN_RESOURCE_SHORTAGE,
                               "too many channels (%d)" % self.max_channels)
         elif kind == "direct-tcpip":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import os
 import signal
 import socket
 import subprocess
@@ -19,7 +20,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.lab import Lab, clients
+from tests.lab import Lab, LabUser, clients
 from tests.lab.services import CLOSE_FIRST_LINE
 
 pytestmark = pytest.mark.integration
@@ -41,10 +42,13 @@ class Tunnel:
 
 
 def start_run(lab: Lab, *args: str, method: str = "nft", remote: str | None = None,
-              name: str = "shuttled") -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-m", "shuttled", "run", "-v", "--method", method,
-            "-e", lab.ssh_cmd, "-r", remote or lab.remote, *args]
-    proc: subprocess.Popen[bytes] = lab.popen("cli", argv, name=name)
+              name: str = "shuttled", user: LabUser | None = None) -> subprocess.Popen[bytes]:
+    """`shuttled run` in cli; with `user`, as if started by that user through sudo."""
+    ssh = [] if user else ["-e", lab.ssh_cmd]
+    argv = [sys.executable, "-m", "shuttled", "run", "-v", "--method", method, *ssh,
+            "-r", remote or lab.remote, *args]
+    env = {**os.environ, "SUDO_UID": str(user.uid), "SUDO_GID": str(user.gid)} if user else None
+    proc: subprocess.Popen[bytes] = lab.popen("cli", argv, name=name, env=env)
     deadline = time.monotonic() + UP_TIMEOUT
     while "is up" not in lab.log_tail(name, 200):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -61,10 +65,10 @@ def stop_run(lab: Lab, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM)
         lab.stop(proc)
 
 
-def remote_leftovers(lab: Lab, before: set[str]) -> set[str]:
-    """New paths in the remote's temp dirs; pytest's own tmp_path trees (other tests
-    running on this shared filesystem) are not the helper's doing."""
-    return {p for p in lab.fs_snapshot() - before if "/pytest-of-" not in p}
+def remote_files(lab: Lab, user: LabUser) -> set[str]:
+    """Everything the remote account owns in its home and the temp dirs: the helper
+    runs as that account, so anything it wrote would show up here."""
+    return lab.fs_snapshot(("/tmp", "/var/tmp", "/dev/shm", user.home), uid=user.uid)
 
 
 VARIANTS = [
@@ -79,19 +83,23 @@ VARIANTS = [
 def tunnel(request: pytest.FixtureRequest, lab: Lab) -> Iterator[Tunnel]:
     method, helper = request.param
     before = lab.firewall_snapshot()
-    remote_fs = lab.fs_snapshot() if helper else set()
+    # Helper mode logs in as an unprivileged account, so "nothing written on the
+    # remote" can be checked exactly: no new file owned by that account.
+    user = lab.add_user() if helper else None
+    remote_fs = remote_files(lab, user) if user else set()
     name = f"shuttled-{method}-{'helper' if helper else 'direct'}"
     proc = start_run(lab, "--dns", "-x", lab.excluded_net_v4, "-x", lab.excluded_net_v6,
-                     *lab.target_nets, method=method, name=name,
-                     remote=lab.remote_nofwd if helper else lab.remote)
+                     *lab.target_nets, method=method, name=name, user=user,
+                     remote=user.remote_nofwd if user else lab.remote)
     try:
         yield Tunnel(lab, proc, name, method, helper)
     finally:
         code = stop_run(lab, proc)
     assert code == 0, lab.log_tail(name, 60)
     assert lab.firewall_snapshot() == before
-    if helper:
-        assert remote_leftovers(lab, remote_fs) == set()
+    if user:
+        assert remote_files(lab, user) == remote_fs
+        lab.remove_user(user)
 
 
 def test_mode_matches_what_the_server_allows(tunnel: Tunnel) -> None:

@@ -820,6 +820,21 @@ async def test_data_past_the_window_is_a_protocol_error(monkeypatch: pytest.Monk
 
 
 @run
+async def test_internal_error_exits_70_with_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                     capfd: pytest.CaptureFixture[str]) -> None:
+    def broken(self: Any, data: memoryview) -> None:
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(helper_mod.UdpChannel, "on_data", broken)
+    async with helper_inprocess(expect_exit=70) as (_, peer):
+        chan = await peer.open_udp()
+        chan.send_datagram("127.0.0.1", 9, b"x")
+    err = capfd.readouterr().err
+    assert err.startswith("shuttled-helper: internal error: RuntimeError: simulated bug (line ")
+    assert len(err.splitlines()) == 1
+
+
+@run
 async def test_udp_idle_timeout_sends_eof_and_close() -> None:
     async with helper_inprocess(udp_idle=0.3) as (helper, peer):
         chan = await peer.open_udp()

@@ -1,0 +1,160 @@
+"""What the daemon survives, with a real daemon, sshd and nft: its ssh child killed, the
+link cut, and the daemon itself SIGKILLed (stale rules, wanted state, `shuttled cleanup`)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+from tests.integration.daemon_util import (
+    REPO_ROOT,
+    DaemonSet,
+    http_ok,
+    http_works_soon,
+    nft_table,
+    root_profile,
+    wait_for,
+)
+from tests.lab import Lab, clients
+
+pytestmark = pytest.mark.integration
+
+KEEPALIVE = 2.0
+OUTAGE = 20.0
+
+
+@pytest.fixture
+def daemons(lab: Lab) -> Iterator[DaemonSet]:
+    with DaemonSet(lab) as ds:
+        yield ds
+
+
+def redirect_ports(table: str) -> set[int]:
+    return {int(p) for p in re.findall(r"redirect to :(\d+)", table)}
+
+
+def test_killed_ssh_child_reconnects_and_new_connections_work_within_5_s(
+        lab: Lab, daemons: DaemonSet) -> None:
+    d = daemons.new()
+    d.write_profile("work", root_profile(lab, lab.target_nets))
+    d.start()
+    d.up("work")
+    watch = daemons.watch(d)
+    old = d.ssh_pid("work")
+
+    os.kill(old, signal.SIGKILL)
+    took = http_works_soon(lab, lab.tgt_v4, timeout=5.0)
+
+    states = watch.wait_states("work", ["reconnecting", "up"], timeout=5.0)
+    assert states[0] == "reconnecting", states
+    assert d.state("work") == "up"
+    stats = d.stats("work")
+    assert stats["reconnects"] == 1 and stats["ssh_pid"] != old, stats
+    assert not psutil.pid_exists(old) or psutil.Process(old).status() == psutil.STATUS_ZOMBIE
+    assert took < 5.0
+    assert http_ok(lab, lab.tgt_v6)
+
+
+def test_link_cut_is_detected_by_keepalive_and_the_tunnel_recovers(
+        lab: Lab, daemons: DaemonSet) -> None:
+    d = daemons.new()
+    d.write_profile("work", root_profile(lab, lab.target_nets, keepalive=KEEPALIVE))
+    d.start()
+    d.up("work")
+    watch = daemons.watch(d)
+    assert http_ok(lab, lab.tgt_v4)
+
+    cut = time.monotonic()
+    lab.set_link(False)
+    try:
+        # TCP does not notice a silent link; the health pings must (3 misses), with
+        # one interval of slack for where in the ping cycle the cut fell.
+        watch.wait_states("work", ["reconnecting"], timeout=(3 + 2) * KEEPALIVE)
+        detected = time.monotonic() - cut
+        assert detected <= (3 + 2) * KEEPALIVE, detected
+        # Fails closed while down: the rules stay, new connections do not go out directly.
+        with lab.netns("cli"):
+            outcome, _ = clients.probe_tcp(lab.tgt_v4, lab.ports.http, timeout=1.0)
+        assert outcome != "connected"
+        assert nft_table(lab) is not None
+        while time.monotonic() - cut < OUTAGE:
+            assert d.state("work") in ("reconnecting", "connecting"), d.log()
+            time.sleep(1.0)
+    finally:
+        lab.set_link(True)
+    # Reconnect attempts back off up to 16-32 s by now: allow one full step.
+    d.wait_state("work", "up", timeout=60.0)
+    http_works_soon(lab, lab.tgt_v4, timeout=10.0)
+    assert http_ok(lab, lab.tgt_v6)
+    assert d.stats("work")["reconnects"] >= 1
+
+
+def test_sigkilled_daemon_restarts_replacing_stale_rules_and_restoring_wanted_profiles(
+        lab: Lab, daemons: DaemonSet) -> None:
+    n = lab.net
+    d = daemons.new()
+    d.write_profile("auto", root_profile(lab, [f"10.{n}.2.0/25"], autostart=True))
+    d.write_profile("manual", root_profile(lab, [f"10.{n}.2.128/25", lab.target_net_v6]))
+    d.write_profile("idle", root_profile(lab, [f"10.{n}.7.0/24"]))
+    d.start()
+    d.wait_state("auto", "up")
+    d.up("manual")
+    table = nft_table(lab)
+    assert table is not None
+    old_ports = redirect_ports(table)
+    assert len(old_ports) == 2
+
+    orphans = d.kill()
+    stale = nft_table(lab)
+    assert stale is not None and redirect_ports(stale) == old_ports  # the rules were left
+    with lab.netns("cli"):  # ... and they fail closed: nothing listens on those ports
+        outcome, _ = clients.probe_tcp(lab.tgt_v4, lab.ports.http, timeout=1.0)
+    assert outcome != "connected"
+
+    d.start()
+    d.wait_state("auto", "up")
+    d.wait_state("manual", "up")
+    assert d.state("idle") == "down"
+    fresh = nft_table(lab)
+    assert fresh is not None
+    new_ports = redirect_ports(fresh)
+    assert len(new_ports) == 2 and not new_ports & old_ports, (old_ports, fresh)
+    assert fresh.count("redirect to") == stale.count("redirect to")
+    assert http_ok(lab, lab.tgt_v4) and http_ok(lab, lab.tgt_v4_alt)
+    assert http_ok(lab, lab.tgt_v6)
+    new_masters = {d.ssh_pid("auto"), d.ssh_pid("manual")}
+    assert not new_masters & {p.pid for p in orphans}
+
+    # No crash loop: the second daemon stays up and answers.
+    time.sleep(2.0)
+    assert d.alive and d.ctl("status").returncode == 0
+
+
+def test_cleanup_after_sigkill_removes_our_table_and_restores_the_ruleset(
+        lab: Lab, daemons: DaemonSet) -> None:
+    d = daemons.new()
+    d.write_profile("work", root_profile(lab, lab.target_nets, autostart=True))
+    d.start()
+    d.wait_state("work", "up")
+    d.kill()
+    assert nft_table(lab) is not None
+
+    result = lab.run("cli", [sys.executable, "-m", "shuttled", "cleanup"], check=False,
+                     cwd=str(REPO_ROOT))
+    assert result.returncode == 0, result.stderr
+    assert "nft shuttled" in result.stdout
+    assert nft_table(lab) is None
+    assert lab.firewall_snapshot() == daemons.before
+    # A second cleanup has nothing to do and still succeeds.
+    again = lab.run("cli", [sys.executable, "-m", "shuttled", "cleanup"], check=False,
+                    cwd=str(REPO_ROOT))
+    assert again.returncode == 0 and again.stdout == "", (again.stdout, again.stderr)
+    wait_for("the orphaned ssh masters to be gone after cleanup", lambda: d.cleanup() or True,
+             5.0)
