@@ -238,8 +238,11 @@ class Channel:
         self.state = State.OPEN
         self.remote_id = remote_id
         self.remote_window = window
-        # Cap at our own bound: a huge advertised max packet only costs latency.
-        self.remote_max_packet = max(1, min(max_packet, const.CHANNEL_MAX_PACKET))
+        # Cap stream channels at our own bound (a huge max packet only costs
+        # latency); a datagram channel needs whole datagrams in one message.
+        cap = (const.MAX_INBOUND_PACKET if self.kind == sshmsg.UDP_CHANNEL_TYPE
+               else const.CHANNEL_MAX_PACKET)
+        self.remote_max_packet = max(1, min(max_packet, cap))
         if self.close_sent:  # closed by our side while the open was in flight
             self.mux.write(sshmsg.close(self.remote_id))
             return
@@ -279,12 +282,10 @@ class Channel:
         if self.close_received:
             raise ProtocolError(f"channel {self.local_id}: second CLOSE")
         self.close_received = True
-        if not self.close_sent:
-            self.close_sent = True
-            self._pending.clear()
-            self._pending_size = 0
-            self.mux.write(sshmsg.close(self.remote_id))
-        self._maybe_finish()
+        if self.close_sent:
+            self._maybe_finish()
+        else:
+            self.close()  # answer it; close() then finishes the channel
 
     def _on_reply(self, ok: bool) -> None:
         if not self._replies:
