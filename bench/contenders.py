@@ -8,8 +8,10 @@ of the lab's sshd listener in srv.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -311,7 +313,7 @@ class ShuttledUvloop(ShuttledRun):
     """`shuttled run` direct mode with uvloop installed as the event loop (an experiment)."""
 
     name = "shuttled-uvloop"
-    description = "shuttled run, direct mode, under uvloop.install() (wrapper, experiment)"
+    description = "shuttled run, direct mode, under uvloop.install() and python -O (experiment)"
 
     def unavailable(self) -> str | None:
         status = tools.tools_python("uvloop")
@@ -320,7 +322,9 @@ class ShuttledUvloop(ShuttledRun):
 
     def python_argv(self) -> list[str]:
         assert self._python is not None
-        return [self._python, "-c", UVLOOP_WRAPPER]
+        # -O: shuttled asserts isinstance(transport, asyncio.Transport), which uvloop's
+        # transports are not (they implement the same interface); see bench/README.md.
+        return [self._python, "-O", "-c", UVLOOP_WRAPPER]
 
 
 class Sshuttle(Contender):
@@ -342,6 +346,19 @@ class Sshuttle(Contender):
                 lab.target_net_v4]
         self.proc = lab.popen("cli", argv, name=self.log_name)
         wait_log(lab, self.log_name, self.proc, "Connected to server")
+
+    def stop(self) -> None:
+        # SIGINT to sshuttle's main process only: it then has its firewall helper undo
+        # the nat rules (a SIGTERM to the whole group leaves them behind).
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(15)
+        super().stop()
+        left = self.lab.run("cli", "iptables-save -t nat", check=False).stdout or ""
+        if "sshuttle" in left:
+            self.ctx.notes.append("sshuttle left nat rules behind in cli")
 
 
 class ShuttledDaemon(Contender):

@@ -23,6 +23,7 @@ from shuttled.tunnel.session import Forward
 from shuttled.tunnel.ssh import LocalUser, SshTarget
 
 ENV_ARGS = "SHUTTLED_ARGS"
+METHODS = ("auto", "nft", "iptables", "pf")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"control socket of the daemon (default {const.CONTROL_SOCKET})")
     parser.add_argument("--state-dir", type=Path, default=const.STATE_DIR,
                         help=f"where wanted-up profiles are kept (default {const.STATE_DIR})")
-    parser.add_argument("--method", choices=("auto", "nft", "iptables"), default="auto",
-                        help="firewall backend of the daemon (default: nft, else iptables)")
+    parser.add_argument("--method", choices=METHODS, default="auto",
+                        help="firewall backend of the daemon (default: nft, else iptables; "
+                             "pf on macOS and FreeBSD)")
     parser.add_argument("--no-dbus", action="store_true",
                         help="do not export the API on the D-Bus system bus")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -79,8 +81,8 @@ def _add_run(p: argparse.ArgumentParser) -> None:
                    help="read excluded subnets from FILE")
     p.add_argument("-e", "--ssh-cmd", default=const.SSH_BIN, metavar="CMD",
                    help="the ssh command and options, e.g. 'ssh -i key -p 2222'")
-    p.add_argument("--method", choices=("auto", "nft", "iptables"), default="auto",
-                   help="firewall backend (default: nft, else iptables)")
+    p.add_argument("--method", choices=METHODS, default="auto",
+                   help="firewall backend (default: nft, else iptables; pf on macOS and FreeBSD)")
     p.add_argument("--forward", choices=[f.value for f in Forward], default="auto",
                    help="who makes the remote connections: sshd (direct) or the uploaded "
                         "helper; auto uses the helper only where sshd refuses forwarding")

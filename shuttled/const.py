@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import enum
+import sys
 from pathlib import Path
 
 # --- files and sockets -------------------------------------------------------
 CONFIG_DIR = Path("/etc/shuttled")
 STATE_DIR = Path("/var/lib/shuttled")
-RUN_DIR = Path("/run/shuttled")
+# macOS and FreeBSD have no /run (and macOS cannot create one): /var/run there.
+RUN_DIR = Path("/run/shuttled") if sys.platform == "linux" else Path("/var/run/shuttled")
 CONTROL_SOCKET = RUN_DIR / "control.sock"
 DBUS_NAME = "io.github.shuttled"
 DBUS_PATH = "/io/github/shuttled"

@@ -11,6 +11,7 @@ captures; rules live only in our own table (nft) or chains (iptables).
 from __future__ import annotations
 
 import logging
+import sys
 
 from shuttled.const import NFT_TABLE
 from shuttled.errors import ConfigError, FirewallError
@@ -26,6 +27,7 @@ from shuttled.firewall.base import (
 )
 from shuttled.firewall.iptables import IptablesBackend
 from shuttled.firewall.nft import NftBackend
+from shuttled.firewall.pf import PfBackend
 
 __all__ = [
     "BACKENDS",
@@ -33,6 +35,7 @@ __all__ = [
     "Capture",
     "IptablesBackend",
     "NftBackend",
+    "PfBackend",
     "Rule",
     "Subnet",
     "capture_rules",
@@ -44,8 +47,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# In the order "auto" tries them: nft is atomic across families and owns a whole table.
-BACKENDS: dict[str, type[Backend]] = {"nft": NftBackend, "iptables": IptablesBackend}
+# In the order "auto" tries them: nft is atomic across families and owns a whole table;
+# pf (macOS, FreeBSD) first where it is the platform's firewall.
+_LINUX: dict[str, type[Backend]] = {"nft": NftBackend, "iptables": IptablesBackend}
+BACKENDS: dict[str, type[Backend]] = (
+    {"pf": PfBackend, **_LINUX} if sys.platform == "darwin" or sys.platform.startswith("freebsd")
+    else {**_LINUX, "pf": PfBackend})
 
 
 def detect(method: str | None = None, table: str = NFT_TABLE, *,

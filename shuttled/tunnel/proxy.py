@@ -9,6 +9,7 @@ import errno
 import logging
 import socket
 import struct
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,6 +34,10 @@ _REASONS = {
 
 def original_dst(sock: socket.socket) -> tuple[str, int]:
     """Where the app meant to connect, before our REDIRECT rule rewrote it."""
+    if sys.platform != "linux":  # macOS, FreeBSD: ask pf's state table (DIOCNATLOOK)
+        from shuttled.firewall.pf import original_dst as pf_original_dst
+
+        return pf_original_dst(sock)
     if sock.family == socket.AF_INET:
         raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
         return socket.inet_ntop(socket.AF_INET, raw[4:8]), struct.unpack_from("!H", raw, 2)[0]

@@ -20,6 +20,11 @@ from shuttled.tunnel.ssh import SshMaster, SshTarget
 log = logging.getLogger(__name__)
 
 HELPER_START_TIMEOUT = 30.0
+# The master keeps a proxied channel whose open failed until the mux client
+# that opened it goes away (channels.c frees proxy channels only on CLOSE), so
+# after this many failures new connections move to a fresh mux connection and
+# the old one is closed once its last channel ends.
+ROTATE_AFTER_FAILED_OPENS = 256
 
 
 class Forward(enum.StrEnum):
@@ -62,6 +67,8 @@ class SshSession:
         self._liveness: Channel | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._helper: HelperPipe | None = None
+        self._retired: list[ChannelMux] = []
+        self._rotating = False
 
     async def start(self) -> None:
         try:
@@ -72,12 +79,7 @@ class SshSession:
 
     async def _start(self) -> None:
         await self.master.start()
-        sock = await self.master.connect_proxy()
-        loop = asyncio.get_running_loop()
-        _, protocol = await loop.create_unix_connection(
-            lambda: MuxProtocol(f"ssh {self.target.remote}", self._lost), sock=sock)
-        assert isinstance(protocol, MuxProtocol) and protocol.mux is not None
-        self.control = protocol.mux
+        self.control = await self._connect_mux()
         self._liveness = await self._open_session()
         self.mode = await self._choose_mode()
         self.data = self.control if self.mode is Forward.DIRECT else await self._start_helper()
@@ -85,6 +87,14 @@ class SshSession:
         self._tasks.append(asyncio.create_task(self._keepalive()))
         self.started_at = time.time()
         log.info("tunnel %s up via %s (%s mode)", self.name, self.target.remote, self.mode)
+
+    async def _connect_mux(self, on_lost: Any = None) -> ChannelMux:
+        sock = await self.master.connect_proxy()
+        loop = asyncio.get_running_loop()
+        _, protocol = await loop.create_unix_connection(
+            lambda: MuxProtocol(f"ssh {self.target.remote}", on_lost or self._lost), sock=sock)
+        assert isinstance(protocol, MuxProtocol) and protocol.mux is not None
+        return protocol.mux
 
     async def _open_session(self) -> Channel:
         assert self.control is not None
@@ -171,7 +181,7 @@ class SshSession:
             if exc is not None:
                 log.warning("tunnel %s lost: %s", self.name, reason)
             self.closed.set_result(reason)
-        for mux in (self.data, self.control):
+        for mux in (self.data, self.control, *self._retired):
             if mux is not None:
                 mux.fail(None)
 
@@ -190,7 +200,39 @@ class SshSession:
         return await run_command(self.control, command, timeout)
 
     def current_mux(self) -> ChannelMux | None:
-        return None if self.closed.done() else self.data
+        if self.closed.done():
+            return None
+        data = self.data
+        if (data is not None and self.mode is Forward.DIRECT and not self._rotating
+                and data.counters.open_failed >= ROTATE_AFTER_FAILED_OPENS):
+            self._rotating = True
+            self._tasks.append(asyncio.create_task(self._rotate()))
+        self._close_idle_retired()
+        return data
+
+    async def _rotate(self) -> None:
+        try:
+            fresh = await self._connect_mux(on_lost=self._retired_lost)
+        except SshError as exc:
+            log.warning("could not open a fresh mux connection: %s", exc)
+            return
+        finally:
+            self._rotating = False
+        if self.data is not None and self.data is not self.control:
+            self._retired.append(self.data)
+        self.data = fresh
+        log.info("%d opens failed: new connections now use a fresh mux connection",
+                 ROTATE_AFTER_FAILED_OPENS)
+
+    def _retired_lost(self, exc: BaseException | None) -> None:
+        # A data-only mux connection: losing it ends the session like any other.
+        if exc is not None:
+            self._lost(exc)
+
+    def _close_idle_retired(self) -> None:
+        for mux in [m for m in self._retired if not m.channels]:
+            self._retired.remove(mux)
+            mux.fail(None)
 
     async def stop(self) -> None:
         self._lost(None)  # close our side first, so the master's exit is no surprise

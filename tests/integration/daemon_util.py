@@ -16,12 +16,15 @@ ruleset is what it was before the first daemon started.
 from __future__ import annotations
 
 import contextlib
+import http.client
+import itertools
 import json
 import os
 import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import threading
@@ -41,6 +44,7 @@ STOP_TIMEOUT = 20.0
 UP_TIMEOUT = 30.0
 CTL_TIMEOUT = 60.0
 NFT_TABLE = ("inet", "shuttled")
+UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 T = TypeVar("T")
 
@@ -105,6 +109,15 @@ def http_ok(lab: Lab, address: str, timeout: float = 5.0) -> bool:
     return response.status == 200 and lab.http_marker.encode() in response.body
 
 
+def http_fails(lab: Lab, address: str, timeout: float = 2.0) -> bool:
+    """An HTTP GET from cli to ``address`` fails (refused, reset, timed out...)."""
+    try:
+        http_ok(lab, address, timeout=timeout)
+    except (OSError, http.client.HTTPException):
+        return True
+    return False
+
+
 def http_works_soon(lab: Lab, address: str, timeout: float) -> float:
     """Seconds until an HTTP GET from cli succeeds (AssertionError after ``timeout``)."""
     t0 = time.monotonic()
@@ -125,6 +138,76 @@ def nft_table(lab: Lab) -> str | None:
     return result.stdout if result.returncode == 0 else None
 
 
+class NotifyListener:
+    """An AF_UNIX datagram socket playing systemd's part: each message with its sender pid."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.messages: list[tuple[float, int | None, list[str]]] = []
+
+    def receive(self, timeout: float) -> tuple[float, int | None, list[str]] | None:
+        self.sock.settimeout(max(timeout, 0.001))
+        try:
+            data, ancdata, _flags, _addr = self.sock.recvmsg(
+                4096, socket.CMSG_SPACE(UCRED.size))
+        except TimeoutError:
+            return None
+        pid = None
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                pid = UCRED.unpack(payload[:UCRED.size])[0]
+        message = (time.monotonic(), pid, data.decode().splitlines())
+        self.messages.append(message)
+        return message
+
+    def until(self, line: str, timeout: float) -> tuple[float, int | None, list[str]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            message = self.receive(deadline - time.monotonic())
+            if message is not None and line in message[2]:
+                return message
+        raise AssertionError(f"no {line!r} within {timeout:g} s; got {self.lines()}")
+
+    def drain(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            self.receive(deadline - time.monotonic())
+
+    def lines(self) -> list[str]:
+        return [line for _, _, lines in self.messages for line in lines]
+
+    def close(self) -> None:
+        self.sock.close()
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+
+def accepts(path: Path) -> bool:
+    """Whether a Unix stream socket at ``path`` is listening (works while its owner is
+    stopped: the kernel completes the connection into the backlog)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def _control_path(proc: psutil.Process) -> str | None:
+    """The -S control path of an ssh master, from its command line."""
+    try:
+        argv = proc.cmdline()
+    except psutil.Error:
+        return None
+    for flag, value in itertools.pairwise(argv):
+        if flag == "-S" and value.endswith("/ctl"):
+            return value
+    return None
+
+
 class Daemon:
     """One `shuttled daemon` in the cli namespace, with a private directory."""
 
@@ -142,6 +225,7 @@ class Daemon:
         self.starts = 0
         self.killed = False
         self.orphans: list[psutil.Process] = []
+        self.stale_dirs: list[str] = []
 
     # --- configuration ----------------------------------------------------------------
     def write_profile(self, name: str, body: Mapping[str, Any]) -> Path:
@@ -223,6 +307,8 @@ class Daemon:
             children = psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.Error:
             children = []
+        self.stale_dirs += [os.path.dirname(path) for path in map(_control_path, children)
+                            if path]
         self.proc.kill()
         self.proc.wait(10)
         self.killed = True
@@ -238,6 +324,9 @@ class Daemon:
                 child.kill()  # psutil checks the create time: never a reused pid
         psutil.wait_procs(self.orphans, timeout=5)
         self.orphans = []
+        for path in self.stale_dirs:  # ssh control dirs a SIGKILLed daemon could not remove
+            shutil.rmtree(path, ignore_errors=True)
+        self.stale_dirs = []
 
     def log(self, lines: int = 60) -> str:
         return self.lab.log_tail(self.log_name, lines)

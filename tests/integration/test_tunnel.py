@@ -223,3 +223,29 @@ def test_excluded_subnet_is_not_captured(tunnel: Tunnel) -> None:
         outcome, _ = clients.probe_tcp(lab.tgt_v4_alt, lab.ports.http, timeout=1.0)
         captured, _ = clients.probe_tcp(lab.tgt_v4, lab.ports.http, timeout=2.0)
     assert outcome in ("timeout", "unreachable") and captured == "connected"
+
+
+def test_many_refused_connections_rotate_the_mux_and_traffic_goes_on(tunnel: Tunnel) -> None:
+    """The master keeps a channel per failed open until its mux client leaves."""
+    lab = tunnel.lab
+
+    async def refuse_many(count: int) -> list[str]:
+        async def one() -> str:
+            try:
+                reader, writer = await asyncio.open_connection(lab.tgt_v4, lab.ports.closed)
+            except OSError as exc:
+                return type(exc).__name__
+            try:
+                return "eof" if not await reader.read(1) else "data"
+            except OSError as exc:
+                return type(exc).__name__
+            finally:
+                writer.close()
+        return await asyncio.wait_for(asyncio.gather(*(one() for _ in range(count))), 60)
+
+    with lab.netns("cli"):
+        outcomes = asyncio.run(refuse_many(600))
+        assert set(outcomes) <= {"ConnectionResetError", "ConnectionRefusedError"}
+        clients.bulk_download(lab.tgt_v4, 1 << 20).check()
+    if not tunnel.helper:
+        assert "fresh mux connection" in tunnel.lab.log_tail(tunnel.name, 2000)

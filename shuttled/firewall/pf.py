@@ -1,0 +1,458 @@
+"""pf backend (macOS, FreeBSD): our own anchor, loaded whole with `pfctl -a ANCHOR -f -`.
+
+The main ruleset is never loaded or edited (sshuttle's `pfctl -f` of it dropped
+other software's anchors, #889). Our rules live in one anchor per instance,
+`<root>/<table>`, under a wildcard the main ruleset already evaluates:
+
+- macOS: `com.apple/shuttled` -- Apple's /etc/pf.conf ends with
+  `rdr-anchor "com.apple/*"` and `anchor "com.apple/*"`;
+- FreeBSD: `shuttled/shuttled` -- the administrator adds `rdr-anchor "shuttled/*"`
+  and `anchor "shuttled/*"` to /etc/pf.conf once (unsupported_reason says so).
+
+Capturing a locally made connection takes two steps, both built from the same
+`CaptureRules` data as nft's and iptables' rules:
+
+1. filter: `pass out quick on ! lo0 route-to lo0 ... to SUBNET` moves the SYN
+   (or the DNS query) onto the loopback interface;
+2. translation: `rdr pass on lo0 ... to SUBNET -> 127.0.0.1 port LISTENER`
+   turns it into a connection to our listener, which asks the kernel for the
+   original destination with DIOCNATLOOK (`original_dst()` below).
+
+Order and `quick`: translation rules are first-match (`no rdr` for excludes);
+filter rules here are all `quick`, so they are first-match too, and both lists
+are emitted most specific first (excludes before the includes they carve out
+of). An exclude rule is `pass out quick` without route-to; it is only emitted
+when a later include of the same capture overlaps it, so excludes never touch
+traffic we would not capture anyway. Connections to this host's own addresses
+(`(self)`, 127/8, ::1) are never redirected, like nft's `fib daddr type local`.
+
+pf itself is enabled with a reference (`pfctl -E` prints a token; `pfctl -X
+TOKEN` gives it back), so we never switch off a pf someone else enabled. The
+token is kept in a file beside the control socket so that `shuttled cleanup`
+releases it after a crash. FreeBSD's pfctl has no references: there pf must be
+enabled by the administrator (pf_enable=YES), which the anchors need anyway.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import ipaddress
+import logging
+import os
+import re
+import socket
+import struct
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from shuttled import const
+from shuttled.const import NFT_TABLE
+from shuttled.errors import FirewallError
+from shuttled.firewall.base import (
+    TOOL_TIMEOUT,
+    Backend,
+    Capture,
+    IPNetwork,
+    Rule,
+    capture_rules,
+    check_captures,
+    is_instance_table,
+    one_line,
+    tool_path,
+    which_tool,
+)
+
+log = logging.getLogger(__name__)
+
+PFCTL = "pfctl"
+PF_DEVICE = "/dev/pf"
+LOOPBACK = "lo0"
+_LISTENER = {4: "127.0.0.1", 6: "::1"}
+_AF = {4: "inet", 6: "inet6"}
+# Never redirected, whatever the subnets say: this host's own addresses.
+_LOCAL = {4: ("127.0.0.0/8", "(self)"), 6: ("::1", "(self)")}
+_TOKEN_RE = re.compile(r"^Token\s*:\s*(\d+)\s*$", re.MULTILINE)
+
+
+# --- DIOCNATLOOK: struct pfioc_natlook for each OS ------------------------------------------
+
+IPPROTO_TCP = 6
+PF_OUT = 2  # enum { PF_INOUT, PF_IN, PF_OUT } in both pfvar.h
+AF_INET = 2  # the same on both
+IOC_INOUT = 0xC0000000  # sys/ioccom.h: IOC_IN | IOC_OUT
+IOCPARM_MASK = 0x1FFF
+
+
+@dataclass(frozen=True)
+class NatlookLayout:
+    """`struct pfioc_natlook` as one OS's pfvar.h declares it.
+
+    Both start with four `struct pf_addr` (a 16-byte union: IPv4 in its first
+    4 bytes): saddr, daddr, rsaddr, rdaddr. Then the four ports sport, dport,
+    rsport, rdport, in network byte order: FreeBSD has plain u_int16_t, XNU a
+    4-byte `union pf_state_xport { u_int16_t port; u_int16_t call_id;
+    u_int32_t spi; }` whose port is its first two bytes. Then sa_family_t af
+    (one byte on both), u_int8_t proto, [XNU only: u_int8_t proto_variant],
+    u_int8_t direction, and padding to the 4-byte alignment of pf_addr.
+    """
+
+    os: str
+    port_slot: int  # bytes per port field
+    proto_variant: bool
+    af_inet6: int  # AF_INET6 differs: 28 on FreeBSD, 30 on XNU
+
+    @property
+    def struct(self) -> struct.Struct:
+        tail = "BBBB" if self.proto_variant else "BBBx"
+        return struct.Struct(f"<16s16s16s16s{f'{self.port_slot}s' * 4}{tail}")
+
+    @property
+    def size(self) -> int:
+        return self.struct.size
+
+    @property
+    def ioctl(self) -> int:
+        """DIOCNATLOOK = _IOWR('D', 23, struct pfioc_natlook)."""
+        return iowr(ord("D"), 23, self.size)
+
+    def af(self, version: int) -> int:
+        return AF_INET if version == 4 else self.af_inet6
+
+
+FREEBSD_NATLOOK = NatlookLayout("freebsd", port_slot=2, proto_variant=False, af_inet6=28)
+DARWIN_NATLOOK = NatlookLayout("darwin", port_slot=4, proto_variant=True, af_inet6=30)
+
+
+def iowr(group: int, number: int, size: int) -> int:
+    """_IOC(IOC_INOUT, group, number, size) as BSD's sys/ioccom.h computes it."""
+    return IOC_INOUT | ((size & IOCPARM_MASK) << 16) | (group << 8) | number
+
+
+def _addr(version: int, text: str) -> bytes:
+    family = socket.AF_INET if version == 4 else socket.AF_INET6
+    return socket.inet_pton(family, text.partition("%")[0]).ljust(16, b"\0")
+
+
+def _port(layout: NatlookLayout, port: int) -> bytes:
+    return port.to_bytes(2, "big").ljust(layout.port_slot, b"\0")
+
+
+def pack_natlook(layout: NatlookLayout, version: int, src: tuple[str, int],
+                 dst: tuple[str, int]) -> bytes:
+    """The request: which state has this (peer -> our listener) TCP connection?
+
+    src is the accepted socket's peer, dst its local address (the listener);
+    the direction is PF_OUT, as for a connection this host made.
+    """
+    zero = b"\0" * 16
+    fields: list[object] = [_addr(version, src[0]), _addr(version, dst[0]), zero, zero,
+                            _port(layout, src[1]), _port(layout, dst[1]),
+                            _port(layout, 0), _port(layout, 0),
+                            layout.af(version), IPPROTO_TCP]
+    fields += [0, PF_OUT] if layout.proto_variant else [PF_OUT]
+    return layout.struct.pack(*fields)
+
+
+def unpack_natlook(layout: NatlookLayout, version: int, raw: bytes) -> tuple[str, int]:
+    """The kernel's answer: rdaddr and rdport, the destination before our rdr rule."""
+    values = layout.struct.unpack(raw)
+    rdaddr: bytes = values[3]
+    rdport: bytes = values[7]
+    family = socket.AF_INET if version == 4 else socket.AF_INET6
+    address = socket.inet_ntop(family, rdaddr[: 4 if version == 4 else 16])
+    return address, int.from_bytes(rdport[:2], "big")
+
+
+# --- platforms ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PfPlatform:
+    os: str
+    anchor_root: str  # our anchors are <root>/<table>, under the main ruleset's <root>/*
+    natlook: NatlookLayout
+    references: bool  # pfctl -E / -X (reference-counted enable) exist
+
+    def anchor(self, table: str) -> str:
+        return f"{self.anchor_root}/{table}"
+
+
+DARWIN = PfPlatform("darwin", "com.apple", DARWIN_NATLOOK, references=True)
+FREEBSD = PfPlatform("freebsd", "shuttled", FREEBSD_NATLOOK, references=False)
+
+
+def current_platform(platform: str = sys.platform) -> PfPlatform | None:
+    if platform == "darwin":
+        return DARWIN
+    if platform.startswith("freebsd"):
+        return FREEBSD
+    return None
+
+
+@functools.cache
+def _pf_fd() -> int:
+    return os.open(PF_DEVICE, os.O_RDWR)
+
+
+def original_dst(sock: socket.socket) -> tuple[str, int]:
+    """Where a connection redirected by our rdr rule was going (DIOCNATLOOK on /dev/pf)."""
+    platform = current_platform()
+    if platform is None:
+        raise OSError(95, f"DIOCNATLOOK is for macOS and FreeBSD, not {sys.platform}")
+    version = 4 if sock.family == socket.AF_INET else 6
+    layout = platform.natlook
+    buf = bytearray(pack_natlook(layout, version, sock.getpeername()[:2],
+                                 sock.getsockname()[:2]))
+    fcntl.ioctl(_pf_fd(), layout.ioctl, buf, True)
+    return unpack_natlook(layout, version, bytes(buf))
+
+
+# --- rules as text ------------------------------------------------------------------------------
+
+def _hosts(nets: Sequence[IPNetwork]) -> str:
+    items = [str(n.network_address) if n.prefixlen == n.max_prefixlen else str(n) for n in nets]
+    return items[0] if len(items) == 1 else "{ " + ", ".join(items) + " }"
+
+
+def _proto(rule: Rule) -> str:
+    return rule.protos[0] if len(rule.protos) == 1 else "{ " + ", ".join(rule.protos) + " }"
+
+
+def _ports(ports: tuple[int, int] | None) -> str:
+    if ports is None:
+        return ""
+    first, last = ports
+    return f" port {first}" if first == last else f" port {first}:{last}"
+
+
+def _match(rule: Rule) -> str:
+    return f"{_AF[rule.family]} proto {_proto(rule)} to {_hosts(rule.daddrs)}{_ports(rule.ports)}"
+
+
+def _rdr(rule: Rule) -> str:
+    if rule.verdict == "return":
+        return f"no rdr on {LOOPBACK} {_match(rule)}"
+    # A port range on the left maps onto a range on the right unless it ends in ":*".
+    many = rule.ports is not None and rule.ports[0] != rule.ports[1]
+    target = f"{_LISTENER[rule.family]} port {rule.to_port}{':*' if many else ''}"
+    return f"rdr pass on {LOOPBACK} {_match(rule)} -> {target}"
+
+
+def _pass(rule: Rule, uid: int | None) -> str:
+    route = "" if rule.verdict == "return" else f"route-to {LOOPBACK} "
+    user = "" if uid is None else f" user {uid}"
+    state = "" if rule.verdict == "return" else " keep state"
+    return f"pass out quick on ! {LOOPBACK} {route}{_match(rule)}{user}{state}"
+
+
+def _overlaps(a: Rule, b: Rule) -> bool:
+    if a.ports and b.ports and (a.ports[1] < b.ports[0] or b.ports[1] < a.ports[0]):
+        return False
+    return any(_nets_overlap(x, y) for x in a.daddrs for y in b.daddrs)
+
+
+def _nets_overlap(a: IPNetwork, b: IPNetwork) -> bool:
+    if isinstance(a, ipaddress.IPv4Network) and isinstance(b, ipaddress.IPv4Network):
+        return a.overlaps(b)
+    if isinstance(a, ipaddress.IPv6Network) and isinstance(b, ipaddress.IPv6Network):
+        return a.overlaps(b)
+    return False
+
+
+def _needed(rules: Sequence[Rule]) -> list[Rule]:
+    """Drop excludes that no later include overlaps: they would only pass traffic
+    we never capture, overriding the administrator's own rules for nothing."""
+    return [r for i, r in enumerate(rules)
+            if r.verdict == "redirect" or any(later.verdict == "redirect" and _overlaps(r, later)
+                                              for later in rules[i + 1:])]
+
+
+@dataclass(frozen=True)
+class _Section:
+    rdr: list[str]
+    filter: list[str]
+
+
+def _capture_section(capture: Capture) -> _Section:
+    section = _Section([f"# {capture.name}"], [f"# {capture.name}"])
+    rules = capture_rules(capture)
+    for family in (4, 6):
+        fam = rules.family(family)
+        section.rdr.extend(_rdr(r) for r in fam.dns)
+        section.filter.extend(_pass(r, capture.uid) for r in fam.dns)
+        subnets = _needed(fam.subnets)
+        if not subnets:
+            continue
+        section.rdr.extend(f"no rdr on {LOOPBACK} {_AF[family]} proto tcp to {host}"
+                           for host in _LOCAL[family])
+        section.rdr.extend(_rdr(r) for r in subnets)
+        section.filter.extend(_pass(r, capture.uid) for r in subnets)
+    return section
+
+
+def render_anchor(anchor: str, captures: Sequence[Capture]) -> str:
+    """The whole anchor: translation rules first (pf insists), then filter rules."""
+    check_captures(captures)
+    sections = [_capture_section(c) for c in captures]
+    head = [f"# shuttled: anchor {anchor}, replaced as a whole by pfctl -a {anchor} -f -"]
+    lines = head + [ln for s in sections for ln in s.rdr] + [ln for s in sections
+                                                             for ln in s.filter]
+    return "\n".join(lines) + "\n"
+
+
+# --- pfctl ---------------------------------------------------------------------------------------
+
+def run_pfctl(args: Sequence[str], stdin: str | None = None) -> tuple[str, str]:
+    """pfctl's stdout and stderr (pfctl -E prints its token on stderr), or FirewallError."""
+    argv = [PFCTL, *args]
+    log.debug("running %s%s", " ".join(argv), f" with input:\n{stdin}" if stdin else "")
+    env = {**os.environ, "LC_ALL": "C", "PATH": tool_path()}
+    try:
+        proc = subprocess.run(argv, input=stdin, capture_output=True, text=True,
+                              timeout=TOOL_TIMEOUT, env=env, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise FirewallError(f"{PFCTL}: {e}") from None
+    if proc.returncode != 0:
+        raise FirewallError(f"{' '.join(argv)} failed: {one_line(proc.stderr or proc.stdout)}")
+    return proc.stdout, proc.stderr
+
+
+def parse_token(output: str) -> str:
+    """The reference token from `pfctl -E` ("Token : 1234...")."""
+    m = _TOKEN_RE.search(output)
+    if m is None:
+        raise FirewallError(f"pfctl -E printed no token: {one_line(output)}")
+    return m[1]
+
+
+def parse_anchors(output: str, root: str) -> list[str]:
+    """Instance tables from `pfctl -a ROOT -s Anchors` (one `ROOT/child` a line)."""
+    names = [ln.strip().removeprefix(f"{root}/") for ln in output.splitlines()
+             if ln.strip().startswith(f"{root}/")]
+    return sorted(n for n in names if "/" not in n and is_instance_table(n))
+
+
+def anchor_problems(platform: PfPlatform, nat: str, rules: str, lo0: str,
+                    info: str) -> str | None:
+    """Why our anchors would not be evaluated here, from pfctl's own listings."""
+    root = platform.anchor_root
+    missing = [text for text, listing in ((f'rdr-anchor "{root}/*"', nat),
+                                          (f'anchor "{root}/*"', rules))
+               if text not in listing]
+    if missing:
+        return (f"the main pf ruleset has no {' and no '.join(missing)}: add "
+                f"'rdr-anchor \"{root}/*\"' and 'anchor \"{root}/*\"' to /etc/pf.conf and "
+                f"load it (pfctl -f /etc/pf.conf)")
+    if "(skip)" in lo0:
+        return f"pf skips {LOOPBACK} ('set skip on {LOOPBACK}' in /etc/pf.conf): remove that"
+    if not platform.references and "Status: Enabled" not in info:
+        return "pf is not enabled (FreeBSD: pf_enable=YES in /etc/rc.conf, service pf start)"
+    return None
+
+
+class PfBackend(Backend):
+    name = "pf"
+    tools = (PFCTL,)
+    token_dir: Path = const.RUN_DIR
+
+    def __init__(self, table: str = NFT_TABLE, *, persistent: bool = False,
+                 platform: PfPlatform | None = None) -> None:
+        super().__init__(table, persistent=persistent)
+        self.platform = platform or current_platform() or DARWIN
+        self.anchor = self.platform.anchor(table)
+
+    @classmethod
+    def present(cls) -> bool:
+        return current_platform() is not None and which_tool(PFCTL)
+
+    @classmethod
+    def unsupported_reason(cls) -> str | None:
+        platform = current_platform()
+        if platform is None:
+            return f"pf is for macOS and FreeBSD, not {sys.platform}"
+        if not which_tool(PFCTL):
+            return "pfctl is not installed"
+        if not os.path.exists(PF_DEVICE):
+            return f"no {PF_DEVICE} (FreeBSD: kldload pf)"
+        try:
+            nat, rules, lo0, info = (run_pfctl(args)[0] for args in (
+                ["-s", "nat"], ["-s", "rules"], ["-s", "Interfaces", "-i", LOOPBACK, "-v"],
+                ["-s", "info"]))
+        except FirewallError as e:
+            return str(e)
+        return anchor_problems(platform, nat, rules, lo0, info)
+
+    @classmethod
+    def instances(cls) -> list[str]:
+        platform = current_platform() or DARWIN
+        out, _ = run_pfctl(["-a", platform.anchor_root, "-s", "Anchors"])
+        tokens = [p.name[len("pf-"):-len(".token")] for p in cls._token_files()]
+        return sorted(set(parse_anchors(out, platform.anchor_root))
+                      | {t for t in tokens if is_instance_table(t)})
+
+    def render(self, captures: Sequence[Capture]) -> str:
+        return render_anchor(self.anchor, captures)
+
+    def apply(self, captures: Sequence[Capture]) -> None:
+        if not captures:
+            self._flush()
+            if self.persistent:
+                self._take_reference()
+            else:
+                self._release_reference()
+            return
+        text = self.render(captures)
+        self._take_reference()
+        run_pfctl(["-a", self.anchor, "-f", "-"], text)
+
+    def remove(self) -> None:
+        self._flush()
+        self._release_reference()
+
+    def snapshot(self) -> str:
+        nat, _ = run_pfctl(["-a", self.anchor, "-s", "nat"])
+        rules, _ = run_pfctl(["-a", self.anchor, "-s", "rules"])
+        return nat + rules
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        run_pfctl(["-a", self.anchor, "-F", "all"])
+
+    @property
+    def token_file(self) -> Path:
+        return self.token_dir / f"pf-{self.table}.token"
+
+    @classmethod
+    def _token_files(cls) -> list[Path]:
+        try:
+            return sorted(cls.token_dir.glob("pf-*.token"))
+        except OSError:
+            return []
+
+    def _take_reference(self) -> None:
+        if not self.platform.references or self.token_file.exists():
+            return
+        _, err = run_pfctl(["-E"])
+        token = parse_token(err)
+        try:
+            self.token_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+            self.token_file.write_text(token + "\n")
+        except OSError:
+            run_pfctl(["-X", token])
+            raise
+
+    def _release_reference(self) -> None:
+        try:
+            token = self.token_file.read_text().strip()
+        except OSError:
+            return
+        if token.isdigit():
+            try:
+                run_pfctl(["-X", token])
+            except FirewallError as e:  # a token from before a reboot: nothing to release
+                log.debug("pf reference %s: %s", token, e)
+        self.token_file.unlink(missing_ok=True)
