@@ -28,10 +28,6 @@ from tests.lab import Lab
 
 UP_TIMEOUT = 45.0
 DEFAULT_CIPHER = "default"
-UVLOOP_WRAPPER = ("import runpy, sys, uvloop; uvloop.install(); "
-                  "sys.argv = ['shuttled', *sys.argv[1:]]; "
-                  "runpy.run_module('shuttled', run_name='__main__', alter_sys=True)")
-
 
 class ContenderError(RuntimeError):
     pass
@@ -51,6 +47,7 @@ class Context:
     lab: Lab
     cipher: str
     quick: bool
+    source: str = str(tools.REPO)  # where `python3 -m shuttled` is run from (a snapshot)
     notes: list[str] = field(default_factory=list)
 
     def ssh_argv(self) -> list[str]:
@@ -295,7 +292,7 @@ class ShuttledRun(Contender):
         argv = [*self.python_argv(), "run", "--method", "nft", "--forward", self.forward,
                 "-e", self.ctx.ssh_cmd(), "-r", getattr(lab, self.remote_attr),
                 *lab.target_nets]
-        self.proc = lab.popen("cli", argv, name=self.log_name, cwd=str(tools.REPO))
+        self.proc = lab.popen("cli", argv, name=self.log_name, cwd=self.ctx.source)
         wait_log(lab, self.log_name, self.proc, "is up")
 
 
@@ -313,7 +310,7 @@ class ShuttledUvloop(ShuttledRun):
     """`shuttled run` direct mode with uvloop installed as the event loop (an experiment)."""
 
     name = "shuttled-uvloop"
-    description = "shuttled run, direct mode, under uvloop.install() and python -O (experiment)"
+    description = "shuttled run, direct mode, under uvloop (bench/uvloop_shim.py, experiment)"
 
     def unavailable(self) -> str | None:
         status = tools.tools_python("uvloop")
@@ -322,9 +319,9 @@ class ShuttledUvloop(ShuttledRun):
 
     def python_argv(self) -> list[str]:
         assert self._python is not None
-        # -O: shuttled asserts isinstance(transport, asyncio.Transport), which uvloop's
-        # transports are not (they implement the same interface); see bench/README.md.
-        return [self._python, "-O", "-c", UVLOOP_WRAPPER]
+        # -O and the shim: see bench/uvloop_shim.py for what keeps shuttled off uvloop.
+        return [self._python, "-O", str(Path(__file__).with_name("uvloop_shim.py")),
+                self.ctx.source]
 
 
 class Sshuttle(Contender):
@@ -391,7 +388,7 @@ class ShuttledDaemon(Contender):
         argv = [sys.executable, "-m", "shuttled", "-v", "--config-dir", str(config),
                 "--socket", self.socket, "--state-dir", str(state), "--no-dbus",
                 "--method", "nft", "daemon"]
-        self.proc = lab.popen("cli", argv, name=self.log_name, cwd=str(tools.REPO))
+        self.proc = lab.popen("cli", argv, name=self.log_name, cwd=self.ctx.source)
         deadline = time.monotonic() + UP_TIMEOUT
         while not os.path.exists(self.socket):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -399,7 +396,7 @@ class ShuttledDaemon(Contender):
             time.sleep(0.05)
         up = lab.run("cli", [sys.executable, "-m", "shuttlectl", "--socket", self.socket,
                              "up", self.profile, "--wait", "--timeout", "30"],
-                     check=False, timeout=60, cwd=str(tools.REPO))
+                     check=False, timeout=60, cwd=self.ctx.source)
         if up.returncode != 0:
             raise ContenderError(f"shuttlectl up failed ({up.returncode}): "
                                  f"{(up.stderr or up.stdout).strip()}\n{self.log_tail()}")

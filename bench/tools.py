@@ -91,10 +91,6 @@ def machine() -> dict[str, str]:
                          check=False)
     iperf = subprocess.run(["iperf3", "--version"], capture_output=True, text=True, timeout=10,
                            check=False)
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True, timeout=10, check=False)
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "shuttled"],
-                           capture_output=True, text=True, timeout=10, check=False)
     return {
         "nproc": str(os.cpu_count()),
         "cpu": cpu,
@@ -102,6 +98,29 @@ def machine() -> dict[str, str]:
         "openssh": (ssh.stderr or ssh.stdout).strip(),
         "iperf3": (iperf.stdout.splitlines() or ["?"])[0].strip(),
         "python": platform.python_version(),
-        "shuttled_commit": commit.stdout.strip() + (" (+local changes)"
-                                                    if dirty.stdout.strip() else ""),
     }
+
+
+def snapshot(source: str, dest: Path) -> str:
+    """Copy the shuttled and shuttlectl packages into ``dest`` so that one bench run
+    measures one version even while the work tree changes under it.
+
+    ``source`` is "head" (the last commit, via git archive) or "worktree" (the files as
+    they are now).  Returns a description of what was copied."""
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True, timeout=10, check=False)
+    rev = commit.stdout.strip() or "?"
+    if source == "head":
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", "HEAD", "shuttled",
+                                  "shuttlectl"], capture_output=True, timeout=60, check=True)
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True,
+                       capture_output=True, timeout=60)
+        return f"commit {rev}"
+    import shutil
+    for package in ("shuttled", "shuttlectl"):
+        shutil.copytree(REPO / package, dest / package,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "shuttled",
+                            "shuttlectl"], capture_output=True, text=True, timeout=10,
+                           check=False)
+    return f"work tree at {rev}" + (" with local changes" if dirty.stdout.strip() else "")

@@ -19,9 +19,11 @@ def _need_root(what: str) -> None:
 
 def _cleanup() -> int:
     from shuttled.firewall import cleanup_all
+    from shuttled.resolved import cleanup_links
 
     _need_root("cleanup")
-    removed = cleanup_all()
+    # Links first: deleting one is also what undoes its systemd-resolved settings.
+    removed = cleanup_links() + cleanup_all()
     for item in removed:
         print(f"removed {item}")
     return ExitCode.OK

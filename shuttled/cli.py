@@ -10,6 +10,7 @@ import argparse
 import ipaddress
 import logging
 import os
+import re
 import shlex
 import sys
 from collections.abc import Sequence
@@ -18,11 +19,14 @@ from pathlib import Path
 from shuttled import __version__, const
 from shuttled.errors import ConfigError, UsageError
 from shuttled.firewall.base import Subnet, parse_subnet
+from shuttled.router import add_run_arguments as add_router_arguments
+from shuttled.router import settings_from_args as router_settings
 from shuttled.supervisor import TunnelSpec
 from shuttled.tunnel.session import Forward
 from shuttled.tunnel.ssh import LocalUser, SshTarget
 
 ENV_ARGS = "SHUTTLED_ARGS"
+_DNS_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
 METHODS = ("auto", "nft", "iptables", "pf")
 
 
@@ -89,6 +93,14 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dns", action="store_true",
                    help="capture DNS to the resolvers of /etc/resolv.conf and answer it "
                         "from the remote's resolver")
+    p.add_argument("--dns-domain", action="append", default=[], metavar="DOMAIN",
+                   help="split DNS: only names under DOMAIN (repeatable) and the reverse "
+                        "zones of the subnets go through the tunnel; the rest stay local")
+    p.add_argument("-N", "--auto-nets", action="store_true",
+                   help="also capture the networks the remote routes (learnt at connect)")
+    p.add_argument("-H", "--remote-hosts", action="store_true",
+                   help="answer the names of the remote's /etc/hosts (nothing is written "
+                        "to the local one)")
     p.add_argument("--ns-hosts", metavar="IP[,IP]",
                    help="capture DNS to these resolvers instead of /etc/resolv.conf's")
     p.add_argument("--to-ns", metavar="IP[,IP]",
@@ -105,6 +117,7 @@ def _add_run(p: argparse.ArgumentParser) -> None:
                    metavar="SECONDS", help="health ping interval; dead after three misses")
     p.add_argument("--no-auto-exclude", action="store_true",
                    help="do not exclude the ssh server's own address and port")
+    add_router_arguments(p)
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -128,8 +141,9 @@ def _read_list(path: Path | None, what: str) -> list[str]:
 def _subnets(args: argparse.Namespace) -> tuple[Subnet, ...]:
     includes = [*args.subnets, *_read_list(args.subnet_file, "--subnets")]
     excludes = [*args.exclude, *_read_list(args.exclude_from, "--exclude-from")]
-    if not includes and not args.dns:
-        raise UsageError("shuttled run: give at least one SUBNET (or --dns)")
+    if not (includes or args.dns or args.dns_domain or args.auto_nets or args.remote_hosts):
+        raise UsageError("shuttled run: give at least one SUBNET (or --dns, --dns-domain, "
+                         "--auto-nets, --remote-hosts)")
     result = [s for text in includes for s in parse_subnet(text)]
     result += [s for text in excludes for s in parse_subnet(text, exclude=True)]
     if args.disable_ipv6:
@@ -147,6 +161,16 @@ def _addresses(text: str | None, flag: str) -> tuple[str, ...]:
         except ValueError:
             raise UsageError(f"{flag}: {item.strip()!r} is not an IP address") from None
     return tuple(out)
+
+
+def _domains(texts: Sequence[str]) -> tuple[str, ...]:
+    domains = []
+    for text in texts:
+        name = text.strip().lower().removesuffix(".")
+        if len(name) > 253 or not all(_DNS_LABEL_RE.fullmatch(x) for x in name.split(".")):
+            raise UsageError(f"--dns-domain: {text!r} is not a DNS name")
+        domains.append(name)
+    return tuple(dict.fromkeys(domains))
 
 
 def _listen(args: argparse.Namespace) -> tuple[tuple[str, ...], int]:
@@ -181,11 +205,15 @@ def run_spec(args: argparse.Namespace) -> TunnelSpec:
     target = SshTarget(args.remote, ssh_command, user=LocalUser.invoking())
     return TunnelSpec(
         name="run", target=target, subnets=_subnets(args), reconnect=False,
-        forward=Forward(args.forward), dns=bool(args.dns or args.ns_hosts),
+        forward=Forward(args.forward),
+        dns=bool(args.dns or args.ns_hosts or args.dns_domain),
+        dns_mode="split" if args.dns_domain else "all", dns_domains=_domains(args.dns_domain),
+        auto_nets=args.auto_nets, remote_hosts=args.remote_hosts,
         dns_capture=_addresses(args.ns_hosts, "--ns-hosts"),
         dns_upstream=_addresses(args.to_ns, "--to-ns"), listen=listen, port=port,
         uid=_uid(args.user), keepalive=args.keepalive, auto_exclude=not args.no_auto_exclude,
-        pythons=(args.python,) if args.python else const.REMOTE_PYTHONS)
+        pythons=(args.python,) if args.python else const.REMOTE_PYTHONS,
+        router=router_settings(args))
 
 
 def setup_logging(verbose: int, quiet: bool) -> None:

@@ -30,6 +30,11 @@ Profile keys (the README and man page are generated from PROFILE_KEYS):
     allow         list                     []        user:NAME, group:NAME, NAME: who else
                                                      may up/down it
     kill_switch   bool                     false     drop captured traffic while not up
+    udp           bool                     with lan  UDP to the subnets too (remote helper)
+    udp_flows     integer 1-1000000        1024      most UDP flows at once (more: refused)
+    udp_idle      seconds 1-3600           60        a UDP flow ends after this long idle
+    lan_dns       box|all                  box       with lan and dns: DNS sent to this host,
+                                                     or all port-53 traffic from the LAN
     forward       auto|direct|helper       auto      who opens remote connections
     python        string                   python3   remote python for the helper
     keepalive     seconds 1-300            10        health ping interval (dead: 3 misses)
@@ -254,6 +259,14 @@ def _seconds(ctx: _Ctx, value: Any) -> float:
         ctx.fail(f"expected a number of seconds, got {_kind(value)}")
     if not 1 <= value <= 300:
         ctx.fail(f"{value} is not within 1-300 seconds")
+    return float(value)
+
+
+def _udp_idle(ctx: _Ctx, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        ctx.fail(f"expected a number of seconds, got {_kind(value)}")
+    if not 1 <= value <= 3600:
+        ctx.fail(f"{value} is not within 1-3600 seconds")
     return float(value)
 
 
@@ -534,6 +547,10 @@ class Profile:
     lan: LanSettings = LanSettings()
     allow: tuple[str, ...] = ()  # normalized: "user:NAME" / "group:NAME"
     kill_switch: bool = False
+    udp: bool | None = None  # None: on with lan, off without
+    udp_flows: int = const.UDP_MAX_FLOWS
+    udp_idle: float = const.UDP_IDLE
+    lan_dns: str = "box"  # box: DNS the LAN sends to this host; all: every port-53 packet
     forward: Forward = Forward.AUTO
     python: str | None = None
     keepalive: float = const.KEEPALIVE_INTERVAL
@@ -655,8 +672,18 @@ PROFILE_KEYS: Mapping[str, KeySpec] = MappingProxyType(dict((
           _lan, default_text="false"),
     _spec("allow", "list", "who besides root and group shuttle may up/down the profile: "
           "user:NAME, group:NAME or NAME (a user)", _allow),
-    _spec("kill_switch", "bool", "while the tunnel is not up, drop the traffic it would "
-          "capture instead of letting it out directly", _bool),
+    _spec("kill_switch", "bool", "while the profile is wanted but its tunnel is not up "
+          "(connecting, reconnecting), reject traffic to its subnets (TCP reset, ICMP "
+          "unreachable) instead of letting it out directly", _bool),
+    _spec("udp", "bool", "carry UDP to the subnets too, through the remote helper (needs "
+          "python3 on the remote)", _bool, default_text="true with lan, else false"),
+    _spec("udp_flows", "integer 1-1000000", "most UDP flows (local source address and "
+          "port) at once; new flows beyond it are refused and counted",
+          _int_in(1, 1_000_000)),
+    _spec("udp_idle", "seconds 1-3600", "a UDP flow ends after this long without a "
+          "datagram either way", _udp_idle),
+    _spec("lan_dns", "box | all", "with lan and dns: answer the DNS LAN hosts send to this "
+          "host (box), or all their port-53 traffic (all)", _choice(("box", "all"))),
     _spec("forward", "auto | direct | helper", "who opens the remote connections: sshd "
           "(direct), the uploaded python helper, or sshd with the helper as fallback (auto)",
           _forward),
@@ -903,11 +930,30 @@ def overlaps(a: Iterable[Subnet], b: Iterable[Subnet]) -> list[tuple[Subnet, Sub
             and _ports_meet(x.ports, y.ports)]
 
 
+def dns_domains(profile: Profile) -> tuple[str, ...]:
+    """The names a profile's DNS claims: "" (the root: every name) for mode all."""
+    if profile.dns.mode == "all":
+        return ("",)
+    return profile.dns.domains if profile.dns.mode == "split" else ()
+
+
+def _under(name: str, domain: str) -> bool:
+    return not domain or name == domain or name.endswith("." + domain)
+
+
+def domain_overlaps(a: Iterable[str], b: Iterable[str]) -> list[tuple[str, str]]:
+    """Pairs of domains one of which holds the other (the root "" holds everything)."""
+    return [(x, y) for x, y in itertools.product(a, b) if _under(x, y) or _under(y, x)]
+
+
 def check_overlaps(profiles: Iterable[Profile]) -> None:
-    """Refuse active profiles that would capture the same destinations.
+    """Refuse active profiles that would capture the same destinations, or DNS names.
 
     Host-name subnets are not resolved here (they are checked when resolved).
+    Two profiles may not both send a name through their tunnels: their DNS
+    domains may not overlap, and `dns: all` (every name) overlaps any DNS.
     """
+    profiles = list(profiles)
     nets = [(p, p.networks(resolve=False)) for p in profiles]
     problems = []
     for (a, nets_a), (b, nets_b) in itertools.combinations(nets, 2):
@@ -915,10 +961,15 @@ def check_overlaps(profiles: Iterable[Profile]) -> None:
         if pairs:
             detail = ", ".join(f"{_subnet_text(x)} and {_subnet_text(y)}" for x, y in pairs)
             problems.append(f"profiles {a.name!r} and {b.name!r} overlap: {detail}")
+        names = domain_overlaps(dns_domains(a), dns_domains(b))
+        if names:
+            detail = ", ".join(f"{x or 'every name'} and {y or 'every name'}" for x, y in names)
+            problems.append(f"profiles {a.name!r} and {b.name!r} overlap in DNS: {detail}")
     if problems:
         raise ConfigError("\n".join(problems))
 
 
 __all__ = ["PROFILE_KEYS", "Config", "ConfigErrors", "DnsSettings", "KeySpec", "LanSettings",
-           "Profile", "check_overlaps", "config_files", "is_admin", "load_config",
-           "overlaps", "profile_reference", "profile_reference_man"]
+           "Profile", "check_overlaps", "config_files", "dns_domains", "domain_overlaps",
+           "is_admin", "load_config", "overlaps", "profile_reference",
+           "profile_reference_man"]

@@ -22,6 +22,20 @@ RUN_TABLE_PREFIX = "shuttled_run_"  # one-shot `shuttled run` instances: one tab
 IPT_CHAIN_PREFIX = "SHUTTLED"
 # Priority just before the kernel's own dstnat so that we see the first packet.
 NFT_NAT_PRIORITY = -105
+# Router mode and UDP (TPROXY). A packet carrying this mark bit is routed to a
+# local table of ours (`local default dev lo`), so a TPROXY rule can hand a
+# forwarded packet, or a local UDP datagram re-routed to lo, to our listeners.
+# One bit, with a mask, clear of DNS_BYPASS_MARK, wg-quick (0xca6c), Tailscale
+# (0xff0000), kube-proxy (0xc000) and mwan3 (0x3f00).
+TPROXY_MARK = 0x20000000
+POLICY_TABLE = 5318  # `ip route ... table 5318`: ours alone, v4 and v6
+POLICY_PRIORITY = 5318  # `ip rule ... priority 5318`: after `local` (0), before `main`
+# mangle-equivalent priority: before conntrack's dstnat, as TPROXY must see
+# the original destination.
+NFT_MANGLE_PRIORITY = -150
+# The kill switch's reject chains run before our nat output chain (-105), so
+# they still see the original destination of a local connection.
+NFT_HOLD_PRIORITY = -110
 
 # --- ssh and the channel layer ----------------------------------------------------
 SSH_BIN = "ssh"
@@ -54,11 +68,33 @@ SSH_SERVER_ALIVE_COUNT = 3
 DNS_PORT = 53
 DNS_TIMEOUT = 2.0
 DNS_MAX_UDP = 65535
+# SO_MARK on our own queries to the original resolvers (split DNS without
+# systemd-resolved): every capture chain returns for it first, so they are not
+# caught again. An odd value, clear of the bits wg-quick (0xca6c) and Tailscale
+# (0xff0000 mask) use for policy routing.
+DNS_BYPASS_MARK = 0x5D1E0053
+DNS_CACHE_ENTRIES = 2048  # answers kept per profile, least recently used dropped first
+DNS_CACHE_BYTES = 4 << 20  # and never more than this many bytes of them
+DNS_CACHE_MAX_TTL = 300  # seconds: a short cache, whatever TTL the answer carries
+DNS_HOSTS_TTL = 60  # TTL of answers built from the remote's /etc/hosts
+# systemd-resolved path: one link per profile, named LINK_PREFIX + up to 6 characters
+# (IFNAMSIZ), with one address out of DNS_LINK_NET where that profile's listener binds:
+# resolved only sends to a server it can reach through that very link.
+DNS_LINK_PREFIX = "shuttled-"
+DNS_LINK_NET = "169.254.53.0/24"
+RESOLVED_BUS_NAME = "org.freedesktop.resolve1"
 
 # --- remote helper -------------------------------------------------------------
 REMOTE_PYTHONS = ("python3", "python3.13", "python3.12", "python3.11", "python3.10",
                   "python3.9", "python3.8", "python")
 HELPER_NO_PYTHON_EXIT = 97
+
+# --- UDP through the helper (router mode and --udp) ------------------------------
+UDP_MAX_FLOWS = 1024  # per profile: one flow per local source address and port
+UDP_IDLE = 60.0  # seconds without a datagram either way ends a flow
+UDP_MAX_DESTINATIONS = 64  # peers one flow may talk to (each has a reply socket)
+UDP_OPEN_QUEUE = 32  # datagrams held per flow while its channel opens
+UDP_HELPER_RETRY = 30.0  # after the helper failed to start, seconds before trying again
 
 
 class ExitCode(enum.IntEnum):

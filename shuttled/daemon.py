@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ from shuttled.errors import (
     TimeoutError_,
 )
 from shuttled.firewall import cleanup_all, detect
+from shuttled.resolved import cleanup_links
+from shuttled.router import settings_from_profile as router_settings
 from shuttled.supervisor import CaptureSet, State, Tunnel, TunnelSpec, current_profile
 
 log = logging.getLogger(__name__)
@@ -37,9 +40,12 @@ def spec_for(profile: Profile) -> TunnelSpec:
     return TunnelSpec(
         name=profile.name, target=profile.ssh_target(), subnets=profile.networks(),
         forward=profile.forward, dns=profile.dns.enabled,
-        dns_upstream=tuple(profile.dns.nameservers),
+        dns_mode=profile.dns.mode if profile.dns.enabled else "all",
+        dns_domains=profile.dns.domains, dns_upstream=tuple(profile.dns.nameservers),
+        auto_nets=profile.auto_nets, remote_hosts=profile.remote_hosts,
         pythons=(profile.python,) if profile.python else const.REMOTE_PYTHONS,
-        keepalive=profile.keepalive, reconnect=True)
+        keepalive=profile.keepalive, reconnect=True,
+        router=router_settings(profile))
 
 
 class StateFile:
@@ -76,9 +82,11 @@ class Daemon:
         self.started = time.time()
         self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
         self._lock = asyncio.Lock()
+        # Transports that mirror the profile list (D-Bus objects) re-sync here.
+        self.on_reload: list[Callable[[], None]] = []
 
     async def start(self) -> None:
-        removed = cleanup_all()
+        removed = cleanup_all() + cleanup_links()
         if removed:
             log.info("removed stale rules: %s", ", ".join(removed))
         self.config = load_config(self.config_dir)
@@ -136,8 +144,12 @@ class Daemon:
             "connections": stats.get("active", 0), "rtt": stats.get("rtt"),
             "last_error": tunnel.last_error if tunnel else None,
             "subnets": [*({"subnet": t, "source": "profile"} for t in profile.subnets),
+                        *({"subnet": str(s.network), "source": "auto_nets"}
+                          for s in (tunnel.auto_nets if tunnel else ())),
                         *({"subnet": f"!{t}", "source": "profile"} for t in profile.exclude)],
-            "holding": False,
+            "dns": tunnel.dns_status() if tunnel else None,
+            "holding": tunnel.holding if tunnel else False,
+            "health": tunnel.router.health if tunnel else [],
         }
 
     def stats(self, name: str) -> dict[str, Any]:
@@ -212,6 +224,8 @@ class Daemon:
             if name not in self.tunnels or not self.tunnels[name].running:
                 self._tunnel(name).up()
         log.info("reloaded: added %s, removed %s, changed %s", added, removed, changed)
+        for hook in self.on_reload:
+            hook()
         return diff
 
     # --- events ---------------------------------------------------------------------
@@ -264,7 +278,10 @@ def notify(message: str) -> None:
         from systemd.daemon import notify as sd_notify  # type: ignore[import-not-found]
     except ImportError:
         return
-    sd_notify(message)
+    try:
+        sd_notify(message)
+    except OSError as exc:  # the manager went away: nothing to tell
+        log.debug("sd_notify failed: %s", exc)
 
 
 async def watchdog() -> None:
@@ -364,6 +381,7 @@ async def _start_dbus(daemon: Daemon, args: argparse.Namespace) -> Any:
     except Exception as exc:  # no system bus: the unix socket still serves
         log.warning("D-Bus API unavailable: %s", exc)
         return None
+    daemon.on_reload.append(bus.sync)
     return bus
 
 

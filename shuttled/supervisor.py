@@ -12,27 +12,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import enum
 import ipaddress
 import logging
 import random
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from shuttled import const
 from shuttled.errors import FirewallError, ShuttledError, UsageError
 from shuttled.firewall.base import Backend, Capture, Subnet
-from shuttled.tunnel.dns import DnsForwarder, DnsListener, parse_resolv_conf
+from shuttled.router import RouterSettings, RouterSide
+from shuttled.tunnel.channels import ChannelMux
+from shuttled.tunnel.dns import DnsForwarder, DnsPeers, parse_resolv_conf
 from shuttled.tunnel.proxy import TransparentProxy
+from shuttled.tunnel.remote_info import IPAddress, IPNetwork, remote_hosts, remote_routes
+from shuttled.tunnel.resolver import DnsCapture, DnsPlan, ProfileResolver
 from shuttled.tunnel.session import Forward, SshSession
-from shuttled.tunnel.ssh import SshTarget, server_endpoints
+from shuttled.tunnel.ssh import SshTarget, resolve_host, server_host
 
 log = logging.getLogger(__name__)
 
-RESOLV_CONF = Path("/etc/resolv.conf")
 BACKOFF_MIN = 1.0
 BACKOFF_MAX = 60.0
 STABLE_AFTER = 30.0  # an up period this long resets the backoff
@@ -58,6 +61,8 @@ class TunnelSpec:
     subnets: tuple[Subnet, ...]
     forward: Forward = Forward.AUTO
     dns: bool = False
+    dns_mode: str = "all"  # with dns: all, or split (names under dns_domains)
+    dns_domains: tuple[str, ...] = ()
     dns_capture: tuple[str, ...] = ()  # resolvers whose port 53 we catch; () = resolv.conf
     dns_upstream: tuple[str, ...] = ()  # remote nameservers; () = the remote's resolv.conf
     listen: tuple[str, ...] = ("127.0.0.1", "::1")
@@ -67,6 +72,17 @@ class TunnelSpec:
     keepalive: float = const.KEEPALIVE_INTERVAL
     auto_exclude: bool = True
     reconnect: bool = True
+    auto_nets: bool = False  # the remote's routes are subnets too, learnt at each connect
+    remote_hosts: bool = False  # the remote's /etc/hosts names answered by our resolver
+    router: RouterSettings = field(default_factory=RouterSettings)  # LAN, UDP, kill switch
+
+    def dns_plan(self) -> DnsPlan | None:
+        """How this tunnel does DNS; None when it does none."""
+        if not (self.dns or self.remote_hosts):
+            return None
+        mode = self.dns_mode if self.dns else "split"  # remote_hosts alone: split, no domains
+        return DnsPlan(mode, self.dns_domains if mode == "split" else (), self.dns_capture,
+                       self.dns_upstream, self.listen)
 
 
 class CaptureSet:
@@ -76,6 +92,9 @@ class CaptureSet:
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self.captures: dict[str, Capture] = {}
+        # Profiles whose DNS capture shares this table shadow each other: their
+        # forwarders hand each other's names over (tunnel.dns.DnsPeers).
+        self.dns_peers = DnsPeers()
 
     def put(self, capture: Capture) -> None:
         wanted = {**self.captures, capture.name: capture}
@@ -90,13 +109,30 @@ class CaptureSet:
         self.captures = wanted
 
 
-async def ssh_excludes(target: SshTarget) -> tuple[Subnet, ...]:
-    """The ssh server's own address and port, so reconnects are never captured."""
-    addresses, port, warning = await server_endpoints(target)
+async def ssh_excludes(target: SshTarget, pin: dict[str, tuple[IPAddress, ...]] | None = None
+                       ) -> tuple[Subnet, ...]:
+    """The ssh server's own address and port, so reconnects are never captured.
+
+    A server given by name is remembered in `pin` (name -> addresses): where our
+    DNS capture would send that name through the tunnel, a reconnect must still
+    resolve it, and the profile's resolver answers it from there.
+    """
+    host, port, warning = await server_host(target)
     if warning:
         log.warning("%s", warning)
+    addresses = await resolve_host(host) if host else []
+    if pin is not None and host and addresses and not _is_address(host):
+        pin[host.lower().rstrip(".")] = tuple(ipaddress.ip_address(a) for a in addresses)
     return tuple(Subnet(ipaddress.ip_network(a), (port, port), exclude=True)
                  for a in addresses)
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 async def remote_nameservers(session: SshSession) -> list[str]:
@@ -122,9 +158,12 @@ class Tunnel:
         self.since = time.time()
         self.last_error: str | None = None
         self.session: SshSession | None = None
-        self.proxy = TransparentProxy(self._mux, addresses=spec.listen)
-        self.dns_listener: DnsListener | None = None
-        self.forwarder: DnsForwarder | None = None
+        self.proxy = self._new_proxy()
+        self.router = RouterSide(spec.name, spec.router, self._udp_mux)
+        self._excludes: tuple[Subnet, ...] | None = None  # known once ssh -G answered
+        self.resolver: ProfileResolver | None = None
+        self.auto_nets: tuple[Subnet, ...] = ()  # learnt from the remote at the last connect
+        self.server_pin: dict[str, tuple[IPAddress, ...]] = {}  # see ssh_excludes
         self.reconnects = 0
         self.up_since: float | None = None
         self.changed = asyncio.Event()
@@ -133,6 +172,35 @@ class Tunnel:
 
     def _mux(self) -> Any:
         return self.session.current_mux() if self.session is not None else None
+
+    def _new_proxy(self) -> TransparentProxy:
+        # LAN connections arrive by TPROXY: the listener needs IP_TRANSPARENT.
+        return TransparentProxy(self._mux, addresses=self.spec.listen,
+                                transparent=self.spec.router.lan is not None)
+
+    async def _udp_mux(self) -> ChannelMux:
+        if self.session is None:
+            raise ConnectionError("tunnel is not up")
+        return await self.session.udp_mux()
+
+    @property
+    def holding(self) -> bool:
+        """The kill switch is rejecting this profile's traffic right now."""
+        capture = self.captures.captures.get(self.spec.name)
+        return capture is not None and capture.hold
+
+    def _hold(self) -> None:
+        """Kill switch: while not up, traffic to the subnets is rejected (TCP reset,
+        ICMP unreachable), never routed around the tunnel. Raises FirewallError."""
+        if not self.spec.router.kill_switch or self._excludes is None:
+            return
+        current = self.captures.captures.get(self.spec.name)
+        base = current or self.router.fields(Capture(
+            name=self.spec.name, subnets=self.spec.subnets + self.auto_nets + self._excludes,
+            tcp_port=self.proxy.port, uid=self.spec.uid))
+        held = dataclasses.replace(base, hold=True)
+        if held != current:
+            self.captures.put(held)
 
     @property
     def running(self) -> bool:
@@ -180,6 +248,7 @@ class Tunnel:
         self._set(State.CONNECTING)
         try:
             await self.proxy.start(self.spec.port)
+            await self.router.start()
         except OSError as exc:
             self._set(State.FAILED, f"cannot listen: {exc.strerror}")
             return
@@ -192,6 +261,12 @@ class Tunnel:
             if time.monotonic() - started > STABLE_AFTER:
                 backoff = BACKOFF_MIN
             self.reconnects += 1
+            self.router.session_lost()
+            try:
+                self._hold()
+            except FirewallError as exc:
+                self._set(State.FAILED, f"kill switch: {exc}")
+                return
             self._set(State.RECONNECTING, error)
             delay = backoff * random.uniform(0.8, 1.2)
             log.info("reconnecting in %.1f s", delay)
@@ -204,7 +279,10 @@ class Tunnel:
                              pythons=self.spec.pythons, keepalive=self.spec.keepalive)
         self.session = session
         try:
-            excludes = await ssh_excludes(self.spec.target) if self.spec.auto_exclude else ()
+            excludes = (await ssh_excludes(self.spec.target, self.server_pin)
+                        if self.spec.auto_exclude else ())
+            self._excludes = excludes
+            self._hold()  # from the very first connect: CONNECTING holds too
             await session.start()
             await self._capture(excludes)
         except (FirewallError, UsageError) as exc:
@@ -222,30 +300,48 @@ class Tunnel:
         return reason, False
 
     async def _capture(self, excludes: tuple[Subnet, ...]) -> None:
-        dns_port, dns_servers = await self._start_dns() if self.spec.dns else (None, ())
-        capture = Capture(name=self.spec.name, subnets=self.spec.subnets + excludes,
-                          tcp_port=self.proxy.port, dns_port=dns_port,
-                          dns_servers=dns_servers, uid=self.spec.uid)
+        self.auto_nets = await self._learn_routes(excludes) if self.spec.auto_nets else ()
+        plan = self.spec.dns_plan()
+        dns = await self._start_dns(plan) if plan is not None else DnsCapture()
+        capture = Capture(name=self.spec.name,
+                          subnets=self.spec.subnets + self.auto_nets + excludes,
+                          tcp_port=self.proxy.port, dns_port=dns.port, dns_servers=dns.servers,
+                          dns_all=dns.every_server, bypass_mark=dns.bypass_mark,
+                          uid=self.spec.uid)
+        capture = await self.router.decorate(capture, self.forwarder)
         if self.captures.captures.get(self.spec.name) != capture:
             self.captures.put(capture)
 
-    async def _start_dns(self) -> tuple[int, tuple[ipaddress.IPv4Address |
-                                                    ipaddress.IPv6Address, ...]]:
-        # One forwarder for the tunnel's life: it opens its channel through
-        # whichever session is current, so a reconnect needs nothing here.
+    async def _learn_routes(self, excludes: tuple[Subnet, ...]) -> tuple[Subnet, ...]:
         assert self.session is not None
-        spec = self.spec
-        local = list(spec.dns_capture) or parse_resolv_conf(RESOLV_CONF.read_text())
-        if not local:
-            raise UsageError("DNS capture: no nameserver in /etc/resolv.conf")
-        if self.dns_listener is None:
-            upstream = list(spec.dns_upstream) or await remote_nameservers(self.session)
-            self.forwarder = DnsForwarder(self._open_stream, upstream)
-            self.dns_listener = DnsListener(self.forwarder)
-            await self.dns_listener.start(spec.listen)
-            log.info("DNS to %s answered by %s through the tunnel", ", ".join(local),
-                     ", ".join(upstream))
-        return self.dns_listener.port, tuple(ipaddress.ip_address(a) for a in local)
+        learnt = await _from_remote("routes", remote_routes(self.session.run))
+        others = [s for name, c in self.captures.captures.items() if name != self.spec.name
+                  for s in c.subnets if not s.exclude]
+        kept = auto_subnets(learnt, self.spec.subnets, [e.network for e in excludes], others,
+                            local_addresses())
+        log.info("auto_nets: the remote routes %s", ", ".join(map(str, kept)) or "nothing usable")
+        return kept
+
+    async def _start_dns(self, plan: DnsPlan) -> DnsCapture:
+        # One resolver for the tunnel's life: it opens its channels through
+        # whichever session is current; a reconnect only refreshes its names.
+        session = self.session
+        assert session is not None
+        if self.resolver is None:
+            self.resolver = ProfileResolver(self.spec.name, self.captures.backend.table, plan,
+                                            self._open_stream, self.captures.dns_peers)
+        hosts = (await _from_remote("/etc/hosts", remote_hosts(session.run))
+                 if self.spec.remote_hosts else None)
+        networks = [s.network for s in (*self.spec.subnets, *self.auto_nets) if not s.exclude]
+        try:
+            await self.resolver.refresh(networks, hosts, self.server_pin)
+            return await self.resolver.start(lambda: remote_nameservers(session))
+        except OSError as exc:  # our listener could not bind
+            raise ShuttledError(f"DNS listener: {exc.strerror or exc}") from None
+
+    @property
+    def forwarder(self) -> DnsForwarder | None:
+        return self.resolver.forwarder if self.resolver is not None else None
 
     async def _open_stream(self, host: str, port: int
                            ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -257,13 +353,12 @@ class Tunnel:
         with contextlib.suppress(ShuttledError):
             self.captures.drop(self.spec.name)
         self.proxy.close()
-        self.proxy = TransparentProxy(self._mux, addresses=self.spec.listen)
-        if self.dns_listener is not None:
-            self.dns_listener.close()
-            self.dns_listener = None
-        if self.forwarder is not None:
-            self.forwarder.close()
-            self.forwarder = None
+        self.proxy = self._new_proxy()
+        self.router.close()
+        if self.resolver is not None:
+            await self.resolver.close()
+            self.resolver = None
+        self.auto_nets = ()
         if self.session is not None:
             await self.session.stop()
             self.session = None
@@ -283,8 +378,17 @@ class Tunnel:
             "rtt": session.rtt if session else None,
             "mode": str(session.mode) if session and session.mode else None,
             **_process_stats(session.master.pid if session else None),
-            **({"dns": vars(self.forwarder.stats)} if self.forwarder else {}),
+            **({"dns": self._dns_stats()} if self.forwarder else {}),
+            **self.router.stats(),
         }
+
+    def _dns_stats(self) -> dict[str, Any]:
+        assert self.resolver is not None and self.resolver.forwarder is not None
+        return {"mode": self.resolver.plan.mode, "path": self.resolver.path,
+                **vars(self.resolver.forwarder.stats)}
+
+    def dns_status(self) -> dict[str, Any] | None:
+        return self.resolver.status() if self.resolver is not None else None
 
     def connections(self) -> list[dict[str, Any]]:
         now = asyncio.get_running_loop().time()
@@ -292,6 +396,57 @@ class Tunnel:
                  "tx": c.channel.bytes_up if c.channel else 0,
                  "rx": c.channel.bytes_down if c.channel else 0,
                  "age": round(now - c.started, 3)} for c in self.proxy.connections]
+
+
+async def _from_remote(what: str, coro: Any) -> Any:
+    """What a remote command gave; its failure as a ShuttledError (reconnect and retry)."""
+    try:
+        return await coro
+    except TimeoutError:
+        raise ShuttledError(f"reading the remote's {what}: no answer in time") from None
+
+
+def local_addresses() -> list[IPAddress]:
+    """This machine's own addresses, on every interface."""
+    import psutil
+
+    found = []
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            with contextlib.suppress(ValueError):
+                found.append(ipaddress.ip_address(address.address.split("%")[0]))
+    return found
+
+
+def auto_subnets(learnt: Iterable[IPNetwork], profile: Iterable[Subnet],
+                 server: Iterable[IPNetwork], others: Iterable[Subnet],
+                 local: Iterable[IPAddress] = ()) -> tuple[Subnet, ...]:
+    """The remote's routes as include subnets, less what must not be captured.
+
+    Left out: a route holding the ssh server's own address (the way to the
+    server is not the remote's network), a route holding one of this machine's
+    own addresses (the remote's 192.168.1.0/24 is not worth the LAN we sit in),
+    a route inside one of the profile's excludes of every port (`exclude`
+    applies to auto_nets too), and a route overlapping another active
+    profile's subnets (that profile was there first).
+    """
+    excludes = [s.network for s in profile if s.exclude and s.ports is None]
+    here = [ipaddress.ip_network(a) for a in local if not (a.is_loopback or a.is_link_local)]
+    server, others = [*server, *here], list(others)
+    kept = []
+    for net in learnt:
+        if any(x.version == net.version and net.subnet_of(x)  # type: ignore[arg-type]
+               for x in excludes) or any(
+                x.version == net.version and x.subnet_of(net)  # type: ignore[arg-type]
+                for x in server):
+            continue
+        if clash := next((o for o in others if o.network.version == net.version
+                          and o.network.overlaps(net)), None):  # type: ignore[arg-type]
+            log.warning("auto_nets: %s left out, it overlaps %s of another profile", net,
+                        clash.network)
+            continue
+        kept.append(Subnet(net))
+    return tuple(kept)
 
 
 def _process_stats(pid: int | None) -> dict[str, Any]:

@@ -13,7 +13,8 @@ Bus name ``io.github.shuttled`` (const.DBUS_NAME); objects and interfaces::
                     Status() Up(b wait, d timeout) Down() Stats() Connections()
         properties  Name s, State s, Remote s, Since d, LastError s, Rx t, Tx t (read-only)
         signal      StateChanged(s state, s error); PropertiesChanged for State,
-                    LastError and Since (Rx and Tx change too often to signal: read them)
+                    LastError and Since. Rx, Tx (too frequent) and Remote (reload) are
+                    annotated EmitsChangedSignal=false: read them when needed
 
 <escaped> is sd_bus_path_encode()'s escaping: any byte outside [A-Za-z0-9], and a leading
 digit, becomes _XX (hex); "lab-2" -> "lab_2d2".
@@ -56,6 +57,7 @@ import contextlib
 import inspect
 import json
 import logging
+import xml.etree.ElementTree as ET
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +75,7 @@ from dbus_fast import (
     PropertyAccess,
     RequestNameReply,
 )
+from dbus_fast import introspection as intr
 from dbus_fast.aio import MessageBus
 from dbus_fast.service import ServiceInterface, dbus_property, method, signal
 
@@ -91,6 +94,7 @@ RESULT_SIGNATURE = "s"
 MAX_PENDING_CALLS = 256
 # The effective gid when /proc cannot tell it: no group has it, so it grants nothing.
 UNKNOWN_GID = -1
+EMITS_CHANGED = "org.freedesktop.DBus.Property.EmitsChangedSignal"
 _DRIVER = "org.freedesktop.DBus"  # the bus daemon's name, interface, and (as a path) object
 
 
@@ -142,12 +146,17 @@ def profile_methods() -> dict[str, BusMethod]:
 
 @dataclass(frozen=True)
 class BusProperty:
-    """A read-only property: a field of the status row (`key`), `empty` standing for null."""
+    """A read-only property: a field of the status row (`key`), `empty` standing for null.
+
+    `emits` is its org.freedesktop.DBus.Property.EmitsChangedSignal: "true" when a change
+    is signalled, "false" when clients must read it again (caching proxies need to know).
+    """
 
     member: str
     signature: str
     key: str
     empty: Any
+    emits: str = "true"
 
 
 @dataclass(frozen=True)
@@ -157,13 +166,13 @@ class BusSignal:
 
 
 PROFILE_PROPERTIES = (
-    BusProperty("Name", "s", "name", ""),
+    BusProperty("Name", "s", "name", "", emits="const"),
     BusProperty("State", "s", "state", ""),
-    BusProperty("Remote", "s", "remote", ""),
+    BusProperty("Remote", "s", "remote", "", emits="false"),  # a reload may change it
     BusProperty("Since", "d", "since", 0.0),
     BusProperty("LastError", "s", "last_error", ""),
-    BusProperty("Rx", "t", "rx", 0),
-    BusProperty("Tx", "t", "tx", 0),
+    BusProperty("Rx", "t", "rx", 0, emits="false"),
+    BusProperty("Tx", "t", "tx", 0, emits="false"),
 )
 # What a state change can alter; signalled with PropertiesChanged.
 STATE_PROPERTIES = ("State", "LastError", "Since")
@@ -213,7 +222,12 @@ def _method_stub(member: str) -> FunctionType:
 
 def _getter(prop: BusProperty) -> FunctionType:
     def get(self: _Exported) -> Any:
-        return self.property_value(prop)
+        try:
+            return self.property_value(prop)
+        except Exception as exc:  # named like a method's error; never a traceback
+            if not isinstance(exc, ShuttledError):
+                log.exception("D-Bus: reading %s failed", prop.member)
+            raise _dbus_error(exc) from None
     return get  # type: ignore[return-value]
 
 
@@ -227,7 +241,7 @@ def _emitter() -> FunctionType:
 def _members(methods: Mapping[str, BusMethod], properties: Sequence[BusProperty],
              signals: Sequence[BusSignal]) -> dict[str, Any]:
     """Class attributes for ServiceInterface: prefixed, so none shadows its own names."""
-    members: dict[str, Any] = {}
+    members: dict[str, Any] = {"bus_properties": tuple(properties)}
     for m in methods.values():
         attr = f"_method_{m.member}"
         members[attr] = method(name=m.member)(_typed(
@@ -244,11 +258,34 @@ def _members(methods: Mapping[str, BusMethod], properties: Sequence[BusProperty]
     return members
 
 
+class _AnnotatedProperty(intr.Property):
+    """A property with its EmitsChangedSignal annotation, which 1.84 cannot add itself."""
+
+    def __init__(self, prop: intr.Property, emits: str) -> None:
+        super().__init__(prop.name, prop.signature, prop.access)
+        self.emits = emits
+
+    def to_xml(self) -> ET.Element:
+        element = super().to_xml()
+        if self.emits != "true":  # "true" is the default; saying it again is noise
+            ET.SubElement(element, "annotation", name=EMITS_CHANGED, value=self.emits)
+        return element
+
+
 class _Exported(ServiceInterface):
     """What the generated members call back into."""
 
+    bus_properties: tuple[BusProperty, ...] = ()
+
     def property_value(self, prop: BusProperty) -> Any:
         raise NotImplementedError
+
+    def introspect(self) -> intr.Interface:
+        interface = super().introspect()
+        emits = {p.member: p.emits for p in self.bus_properties}
+        interface.properties = [_AnnotatedProperty(p, emits.get(p.name, "true"))
+                                for p in interface.properties]
+        return interface
 
     def emit(self, sig: BusSignal, *values: Any) -> None:
         getattr(self, f"_signal_{sig.member}")(*values)
@@ -271,10 +308,7 @@ class _ProfileBase(_Exported):
         self.profile = profile
 
     def status(self) -> dict[str, Any]:
-        try:
-            row = self.control.core.status(self.profile)
-        except ShuttledError as exc:  # gone in a reload not yet synced
-            raise DBusError(exc.dbus_name, _one_line(str(exc))) from None
+        row = self.control.core.status(self.profile)
         assert isinstance(row, dict)
         return row
 
@@ -302,10 +336,11 @@ def _coerce(prop: BusProperty, value: Any) -> Any:
     return value
 
 
-ManagerInterface = type("ManagerInterface", (_ManagerBase,),
-                        _members(manager_methods(), MANAGER_PROPERTIES, [EVENT]))
-ProfileInterface = type("ProfileInterface", (_ProfileBase,),
-                        _members(profile_methods(), PROFILE_PROPERTIES, [STATE_CHANGED]))
+ManagerInterface: type[_ManagerBase] = type(
+    "ManagerInterface", (_ManagerBase,), _members(manager_methods(), MANAGER_PROPERTIES, [EVENT]))
+ProfileInterface: type[_ProfileBase] = type(
+    "ProfileInterface", (_ProfileBase,),
+    _members(profile_methods(), PROFILE_PROPERTIES, [STATE_CHANGED]))
 
 
 # --- who is calling -----------------------------------------------------------------------
@@ -341,17 +376,22 @@ def _one_line(text: str) -> str:
     return (text.splitlines() or [""])[0][:500]
 
 
+def _dbus_error(exc: BaseException) -> DBusError:
+    """An exception as the D-Bus error named after its code, with its one-line message."""
+    info = protocol.error_info(exc)  # bugs become "internal", without their details
+    return DBusError(protocol.exception_from(info).dbus_name, _one_line(info.message))
+
+
 def error_message(call: Message, exc: BaseException) -> Message:
-    """The D-Bus error reply for an exception, named after its code."""
-    info = protocol.error_info(exc)
-    name = protocol.exception_from(info).dbus_name
-    return Message.new_error(call, name, _one_line(info.message))
+    """The error reply to a method call."""
+    error = _dbus_error(exc)
+    return Message.new_error(call, error.type, error.text)
 
 
 def result_json(result: Any) -> str:
     # The socket's own encoder, so both transports serialize a result identically.
     return json.dumps(result, separators=(",", ":"), allow_nan=False,
-                      default=protocol._jsonable)
+                      default=protocol.jsonable)
 
 
 # --- the service ---------------------------------------------------------------------------
@@ -368,30 +408,37 @@ class DbusControl:
         self._profiles: dict[str, _ProfileBase] = {}  # by object path
         self._methods = {MANAGER_INTERFACE: manager_methods(),
                          PROFILE_INTERFACE: profile_methods()}
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._watcher: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()  # the event watcher and calls in flight
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Connect, export every object, then own the name (so it appears complete)."""
+        self.bus = await self._connect()
         try:
-            self.bus = await MessageBus(bus_address=self.bus_address,
-                                        bus_type=BusType.SYSTEM).connect()
-        except Exception as exc:  # no socket, refused, auth: all mean "no bus" to us
-            raise ShuttledError(f"cannot connect to the D-Bus system bus: {exc}") from None
-        self.bus.add_message_handler(self._on_message)
-        self._manager = ManagerInterface(self)
-        self.bus.export(const.DBUS_PATH, self._manager)
-        self.sync()
-        self._watcher = asyncio.create_task(self._watch())
-        try:
+            self.bus.add_message_handler(self._on_message)
+            self._manager = ManagerInterface(self)
+            self.bus.export(const.DBUS_PATH, self._manager)
+            self.sync()
+            self._spawn(self._watch())  # before the name: no state change goes unsignalled
             await self._own_name(self.bus)
         except BaseException:
             self.close()
             raise
         log.debug("D-Bus API on %s as %s", self.bus_address or "the system bus",
                   const.DBUS_NAME)
+
+    async def _connect(self) -> MessageBus:
+        bus: MessageBus | None = None
+        try:
+            # 1.84 connects the socket in the constructor, 5.x in connect().
+            bus = MessageBus(bus_address=self.bus_address, bus_type=BusType.SYSTEM)
+            return await bus.connect()
+        except Exception as exc:  # no socket, refused, auth: all mean "no bus" to us
+            if bus is not None:
+                with contextlib.suppress(Exception):
+                    bus.disconnect()
+            raise ShuttledError(f"cannot connect to the D-Bus system bus: {exc}") from None
 
     @staticmethod
     async def _own_name(bus: MessageBus) -> None:
@@ -407,9 +454,8 @@ class DbusControl:
 
     def close(self) -> None:
         """Stop answering and disconnect; calls in flight get no reply."""
-        for task in [*self._tasks, *([self._watcher] if self._watcher else [])]:
+        for task in self._tasks:
             task.cancel()
-        self._watcher = None
         if self.bus is not None:
             self.bus.disconnect()
             self.bus = None
@@ -417,7 +463,7 @@ class DbusControl:
 
     async def wait_closed(self) -> None:
         """Until every task of ours has ended (after close())."""
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     # --- objects --------------------------------------------------------------------------------
 
@@ -470,6 +516,13 @@ class DbusControl:
         """Take method calls to our objects; everything else is dbus-fast's to answer."""
         if msg.message_type is not MessageType.METHOD_CALL or not _ours(msg.path):
             return False
+        try:
+            return self._take(msg)
+        except Exception as exc:  # a bug: answer here, as dbus-fast 1.84 would send the
+            log.exception("D-Bus: %s failed", msg.member)  # traceback to the caller
+            return error_message(msg, exc)
+
+    def _take(self, msg: Message) -> bool | Message:
         self.sync()
         target = self._route(msg)
         if target is None:
@@ -562,7 +615,11 @@ class DbusControl:
 
 
 def _ours(path: str | None) -> bool:
-    return path is not None and (path == const.DBUS_PATH or path.startswith(PROFILE_PATH_PREFIX))
+    """Our objects and their ancestors (introspecting those lists the profiles)."""
+    if path is None:
+        return False
+    return (path == const.DBUS_PATH or path.startswith(const.DBUS_PATH + "/")
+            or const.DBUS_PATH.startswith(path.rstrip("/") + "/"))
 
 
 def _reply_text(reply: Message) -> str:

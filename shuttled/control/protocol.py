@@ -143,7 +143,7 @@ def error_info(exc: BaseException) -> ErrorInfo:
 
 # --- encoding ------------------------------------------------------------------------------
 
-def _jsonable(obj: object) -> Any:
+def jsonable(obj: object) -> Any:
     """json.dumps fallback for what a daemon core naturally returns."""
     if isinstance(obj, enum.Enum):
         return obj.value
@@ -160,7 +160,7 @@ def _jsonable(obj: object) -> Any:
 
 
 def _dump(obj: Mapping[str, Any]) -> bytes:
-    text = json.dumps(obj, separators=(",", ":"), allow_nan=False, default=_jsonable)
+    text = json.dumps(obj, separators=(",", ":"), allow_nan=False, default=jsonable)
     return text.encode() + b"\n"
 
 

@@ -9,6 +9,7 @@ verbs, denied calls -- gets an error reply; none of them reaches the daemon.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -35,6 +36,9 @@ from shuttled.errors import ShuttledError
 log = logging.getLogger(__name__)
 
 MAX_CLIENTS = 64
+# One unprivileged account may hold this many connections (watch streams never
+# time out): a flood from one user can neither exhaust the daemon nor lock root out.
+MAX_CLIENTS_PER_UID = 8
 IDLE_TIMEOUT = 10.0  # seconds without a complete request line
 WRITE_TIMEOUT = 10.0  # seconds a client may take to read what we wrote
 # Not exported by every Python: the peer's supplementary groups at connect time.
@@ -47,6 +51,10 @@ Credentials = Callable[[Any], api.Caller]
 
 def peer_credentials(sock: Any) -> api.Caller:
     """The connecting process's uid, gid, pid and supplementary groups."""
+    if not hasattr(socket, "SO_PEERCRED"):  # macOS, FreeBSD: LOCAL_PEERCRED
+        from shuttled.control.peercred import bsd_peer_credentials
+
+        return bsd_peer_credentials(sock)
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
     pid, uid, gid = _PEERCRED.unpack(raw)
     return api.Caller(uid, gid, pid, _peer_groups(sock, pid, uid, gid))
@@ -92,17 +100,20 @@ class UnixControlServer:
     """
 
     def __init__(self, core: api.Core, *, credentials: Credentials = peer_credentials,
-                 max_clients: int = MAX_CLIENTS, idle_timeout: float = IDLE_TIMEOUT,
+                 max_clients: int = MAX_CLIENTS, max_per_uid: int = MAX_CLIENTS_PER_UID,
+                 idle_timeout: float = IDLE_TIMEOUT,
                  write_timeout: float = WRITE_TIMEOUT) -> None:
         self.core = core
         self.credentials = credentials
         self.max_clients = max_clients
+        self.max_per_uid = max_per_uid
         self.idle_timeout = idle_timeout
         self.write_timeout = write_timeout
         self.path: Path | None = None
         self._server: asyncio.Server | None = None
         self._inode: int | None = None
         self._clients: set[asyncio.Task[Any]] = set()
+        self._per_uid: collections.Counter[int] = collections.Counter()
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -161,19 +172,37 @@ class UnixControlServer:
             writer.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._clients) > self.max_clients:
-            busy = BusyError(f"too many control clients ({self.max_clients}); try again")
-            await self._send(writer, error_reply(None, busy))
-            return
         try:
             caller = self.credentials(writer.get_extra_info("socket"))
         except OSError as exc:
             await self._send(writer, error_reply(None, ShuttledError(
                 f"cannot read peer credentials: {exc.strerror}")))
             return
-        while (line := await self._read_request(reader, writer)) is not None:
-            if line.strip() and not await self._handle(line, caller, reader, writer):
-                return
+        busy = self._over_limit(caller)
+        if busy is not None:
+            await self._send(writer, error_reply(None, busy))
+            return
+        self._per_uid[caller.uid] += 1
+        try:
+            while (line := await self._read_request(reader, writer)) is not None:
+                if line.strip() and not await self._handle(line, caller, reader, writer):
+                    return
+        finally:
+            self._per_uid[caller.uid] -= 1
+
+    def _over_limit(self, caller: api.Caller) -> BusyError | None:
+        """Limits apply to unprivileged callers only: an administrator is never
+        turned away because others hold connections."""
+        from shuttled.config import is_admin
+
+        if is_admin(caller.uid, caller.gids):
+            return None
+        if self._per_uid[caller.uid] >= self.max_per_uid:
+            return BusyError(f"too many control connections from uid {caller.uid} "
+                             f"({self.max_per_uid}); try again")
+        if len(self._clients) > self.max_clients:
+            return BusyError(f"too many control clients ({self.max_clients}); try again")
+        return None
 
     async def _read_request(self, reader: asyncio.StreamReader,
                             writer: asyncio.StreamWriter) -> bytes | None:

@@ -15,6 +15,7 @@ import sys
 
 from shuttled.const import NFT_TABLE
 from shuttled.errors import ConfigError, FirewallError
+from shuttled.firewall import policy
 from shuttled.firewall.base import (
     Backend,
     Capture,
@@ -100,6 +101,10 @@ def cleanup_all() -> list[str]:
                 continue
             log.info("removed %s rules of %s", cls.name, table)
             removed.append(f"{cls.name} {table}")
+    try:  # router mode's policy routing, unless a live instance still uses it
+        policy.release("")
+    except FirewallError as e:
+        errors.append(f"policy routing: {e}")
     if errors:
         raise FirewallError(f"cleanup incomplete: {'; '.join(errors)}")
     return removed

@@ -34,6 +34,7 @@ _TABLE_RE = re.compile(rf"{re.escape(NFT_TABLE)}(_[A-Za-z0-9_]+)?")
 _PORTS_RE = re.compile(r"(\d{1,5})(?:-(\d{1,5}))?")
 _SHORT_V4_RE = re.compile(r"\d{1,3}(\.\d{1,3}){0,2}")  # "10", "192.168": iproute2 shorthand
 _HOST_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+_IFACE_RE = re.compile(r"[A-Za-z0-9_.@:+-]{1,15}")  # IFNAMSIZ, no "/" or spaces
 
 
 # --- subnets ------------------------------------------------------------------
@@ -162,6 +163,20 @@ def _resolve(text: str, name: str) -> list[IPNetwork]:
 
 
 @dataclass(frozen=True)
+class LanMatch:
+    """Router mode: which arriving traffic is "from the LAN" (any one of these matches)."""
+
+    interfaces: tuple[str, ...] = ()
+    sources: tuple[IPNetwork, ...] = ()
+    every_interface: bool = False  # every interface but lo
+
+    def __post_init__(self) -> None:
+        bad = [i for i in self.interfaces if not _IFACE_RE.fullmatch(i)]
+        if bad:
+            raise ConfigError(f"interface name {bad[0]!r} is not valid")
+
+
+@dataclass(frozen=True)
 class Capture:
     """What one profile captures: its destinations, its listeners, whose traffic."""
 
@@ -171,15 +186,31 @@ class Capture:
     dns_port: int | None = None  # DNS listener (udp and tcp), or None
     dns_servers: tuple[IPAddress, ...] = ()  # resolvers whose port-53 traffic goes to dns_port
     uid: int | None = None  # only sockets of this uid; None = everyone
+    dns_all: bool = False  # port-53 traffic to ANY address goes to dns_port (dns mode all)
+    # Packets with this SO_MARK (our own queries to the original resolvers) are
+    # never captured by this chain: its first rule returns for them.
+    bypass_mark: int | None = None
+    # Router mode and UDP, all by TPROXY (shuttled.firewall.router): listeners
+    # with IP_TRANSPARENT, and the policy routing of shuttled.firewall.policy.
+    lan: LanMatch | None = None  # also capture traffic arriving from the LAN
+    udp_port: int | None = None  # transparent UDP listener; None: UDP is not captured
+    lan_dns_port: int | None = None  # DNS from the LAN (udp and tcp), transparent
+    lan_dns_all: bool = False  # all port-53 traffic from the LAN, not only to this host
+    hold: bool = False  # kill switch holding: reject what this capture would carry
 
     def __post_init__(self) -> None:
+        for what, port in (("udp_port", self.udp_port), ("lan_dns_port", self.lan_dns_port)):
+            if port is not None and not 1 <= port <= 65535:
+                raise ConfigError(f"profile {self.name}: {what} {port} is not within 1-65535")
         if not _NAME_RE.fullmatch(self.name):
             raise ConfigError(f"profile name {self.name!r}: must match [A-Za-z0-9_-]{{1,32}}")
         for what, port in (("tcp_port", self.tcp_port), ("dns_port", self.dns_port)):
             if port is not None and not 1 <= port <= 65535:
                 raise ConfigError(f"profile {self.name}: {what} {port} is not within 1-65535")
-        if self.dns_servers and self.dns_port is None:
-            raise ConfigError(f"profile {self.name}: dns_servers given without a dns_port")
+        if (self.dns_servers or self.dns_all) and self.dns_port is None:
+            raise ConfigError(f"profile {self.name}: DNS capture given without a dns_port")
+        if self.bypass_mark is not None and not 0 < self.bypass_mark <= 0xFFFFFFFF:
+            raise ConfigError(f"profile {self.name}: mark {self.bypass_mark} is not 32 bits")
         if self.uid is not None and self.uid < 0:
             raise ConfigError(f"profile {self.name}: uid {self.uid} is negative")
 
@@ -200,27 +231,37 @@ class Rule:
 class CaptureRules:
     """A capture chain's body in evaluation order, backend-neutral.
 
-    Backends emit: dns, then (only when subnets follow) "return if the
-    destination is one of this host's own addresses", then subnets. DNS goes
-    first because its resolver is often local itself (127.0.0.53, systemd-resolved).
+    Backends emit: "return if the packet carries bypass_mark" (when set), dns,
+    then (only when subnets follow) "return if the destination is one of this
+    host's own addresses", then subnets. DNS goes first because its resolver is
+    often local itself (127.0.0.53, systemd-resolved); the mark goes before it
+    because our own queries to that resolver must get past the DNS rule.
     """
 
     dns: tuple[Rule, ...]
     subnets: tuple[Rule, ...]
+    bypass_mark: int | None = None
 
     def family(self, family: int) -> CaptureRules:
         return CaptureRules(tuple(r for r in self.dns if r.family == family),
-                            tuple(r for r in self.subnets if r.family == family))
+                            tuple(r for r in self.subnets if r.family == family),
+                            self.bypass_mark)
 
 
 def capture_rules(capture: Capture) -> CaptureRules:
     """Build a capture's rules as data; IPv4 before IPv6, each most-specific-first."""
     dns = tuple(_dns_rule(capture, fam) for fam in (4, 6) if _servers(capture, fam))
     subnets = tuple(rule for fam in (4, 6) for rule in _subnet_rules(capture, fam))
-    return CaptureRules(dns, subnets)
+    return CaptureRules(dns, subnets, capture.bypass_mark)
+
+
+_ANY: dict[int, IPNetwork] = {4: ipaddress.IPv4Network("0.0.0.0/0"),
+                             6: ipaddress.IPv6Network("::/0")}
 
 
 def _servers(capture: Capture, family: int) -> tuple[IPNetwork, ...]:
+    if capture.dns_all:  # every resolver, so an app with its own cannot leak (mode all)
+        return (_ANY[family],)
     addrs = sorted({a for a in capture.dns_servers if a.version == family})
     return tuple(ipaddress.ip_network(a) for a in addrs)
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from shuttled.const import IPT_CHAIN_PREFIX, NFT_TABLE
 from shuttled.errors import FirewallError
+from shuttled.firewall import ipt_router, policy
 from shuttled.firewall.base import (
     Backend,
     Capture,
@@ -37,6 +38,7 @@ from shuttled.firewall.base import (
     tool_path,
     which_tool,
 )
+from shuttled.firewall.router import router_rules
 
 IPT_MAX_CHAIN = 28  # iptables refuses longer chain names
 _TOOLS = {4: ("iptables-save", "iptables-restore"), 6: ("ip6tables-save", "ip6tables-restore")}
@@ -87,6 +89,8 @@ class IptablesBackend(Backend):
             for chain in _chain_names(_save(family))
             if chain.startswith(IPT_CHAIN_PREFIX)
         }
+        tables |= {NFT_TABLE + top.removeprefix(IPT_CHAIN_PREFIX)
+                   for top in ipt_router.instances(families())}
         return sorted(t for t in tables if is_instance_table(t))
 
     def render(self, captures: Sequence[Capture]) -> str:
@@ -96,17 +100,30 @@ class IptablesBackend(Backend):
             text = transaction(self.top, ChainSet(), self._wanted(family, captures))
             if text:
                 parts.append(f"# {_TOOLS[family][1]} -w --noflush\n{text}")
-        return "".join(parts)
+        return "".join(parts) + ipt_router.render(self.top, captures)
 
     def apply(self, captures: Sequence[Capture]) -> None:
         check_captures(captures)
         _remember_nat_tables()
-        self._commit({family: self._wanted(family, captures) for family in families()})
+        # Router mode's mangle/filter chains first, and put back if nat then fails;
+        # policy routing before any TPROXY rule, taken away after the last.
+        tproxy = router_rules(captures).needs_policy
+        if tproxy:
+            policy.ensure()
+        undo = ipt_router.commit(self.top, families(), captures)
+        try:
+            self._commit({family: self._wanted(family, captures) for family in families()})
+        except FirewallError as e:
+            raise FirewallError(f"{e}{undo()}") from None
+        if not tproxy:
+            policy.release(self.table, only_if_made=True)
         if not captures and not self.persistent:
             _drop_nat_tables_we_made()
 
     def remove(self) -> None:
         self._commit({family: ChainSet() for family in families()})
+        ipt_router.remove(self.top, families())
+        policy.release(self.table)
         _drop_nat_tables_we_made()
 
     def snapshot(self) -> str:
@@ -215,7 +232,12 @@ def transaction(top: str, current: ChainSet, target: ChainSet) -> str:
 def _chain_body(family: int, capture: Capture) -> list[str]:
     rules = capture_rules(capture).family(family)
     specs = [spec for rule in rules.dns for spec in _specs(rule)]
-    if rules.subnets:
+    if rules.bypass_mark is not None and (specs or rules.subnets):
+        # As iptables-save spells it (hex), so what we write is what we read back.
+        specs.insert(0, f"-m mark --mark {rules.bypass_mark:#x} -j RETURN")
+    # While the kill switch holds, the subnets are rejected (firewall.router), not
+    # redirected: iptables' filter OUTPUT runs after nat and would see only our port.
+    if rules.subnets and not capture.hold:
         # Connections to this host's own addresses are never tunnelled; sshuttle
         # appended this rule last, where it could never match first.
         specs.append(_LOCAL_RETURN)

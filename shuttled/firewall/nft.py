@@ -5,9 +5,9 @@ declares it again with the full new contents: the kernel applies the three as
 one transaction, so the rules are replaced atomically or, when it refuses any
 part, not at all.
 
-There is no prerouting chain yet: capturing forwarded LAN traffic (router mode)
-also needs listeners on a LAN address, so it arrives together with that
-feature; an empty nat base chain would only add a hook every packet traverses.
+Router mode, UDP and the kill switch add base chains (prerouting, route
+output, filter output/forward) only to a table whose captures use them; they
+are built in shuttled.firewall.router.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import ipaddress
 import os
 from collections.abc import Sequence
 
-from shuttled.const import NFT_NAT_PRIORITY
+from shuttled.const import NFT_HOLD_PRIORITY, NFT_MANGLE_PRIORITY, NFT_NAT_PRIORITY
 from shuttled.errors import FirewallError
+from shuttled.firewall import policy
 from shuttled.firewall.base import (
     Backend,
     Capture,
@@ -29,6 +30,7 @@ from shuttled.firewall.base import (
     port_range,
     run_tool,
 )
+from shuttled.firewall.router import NftHooks, nft_chains, router_rules
 
 NFT = "nft"
 INDENT = "\t"
@@ -60,6 +62,8 @@ class NftBackend(Backend):
         if not captures and not self.persistent:
             return script
         chains = [_output_chain(captures), *(_capture_chain(c) for c in captures)]
+        chains += nft_chains(router_rules(captures),
+                             NftHooks(_chain, NFT_MANGLE_PRIORITY, NFT_HOLD_PRIORITY))
         return script + f"table inet {self.table} {{\n" + "\n".join(chains) + "}\n"
 
     def _delete_script(self) -> str:
@@ -67,7 +71,13 @@ class NftBackend(Backend):
         return f"table inet {self.table} {{}}\ndelete table inet {self.table}\n"
 
     def apply(self, captures: Sequence[Capture]) -> None:
+        # Policy routing first: a TPROXY rule without it would forward, not deliver.
+        tproxy = router_rules(captures).needs_policy
+        if tproxy:
+            policy.ensure()
         self._run(self.render(captures))
+        if not tproxy:
+            policy.release(self.table, only_if_made=True)
 
     def _run(self, script: str) -> None:
         try:
@@ -77,6 +87,7 @@ class NftBackend(Backend):
 
     def remove(self) -> None:
         self._run(self._delete_script())
+        policy.release(self.table)
 
     def snapshot(self) -> str:
         if self.table not in self.instances():
@@ -108,8 +119,11 @@ def _uid_match(capture: Capture) -> str:
 
 def _capture_chain(capture: Capture) -> str:
     rules = capture_rules(capture)
-    lines = [_rule(r) for r in rules.dns]
-    if rules.subnets:
+    lines = [] if rules.bypass_mark is None else [f"meta mark {rules.bypass_mark:#x} return"]
+    lines += [_rule(r) for r in rules.dns]
+    # While the kill switch holds, the subnets are rejected (firewall.router), not
+    # redirected: iptables' filter OUTPUT runs after nat and would see only our port.
+    if rules.subnets and not capture.hold:
         # Connections to this host's own addresses are never tunnelled, whatever
         # the subnets say (0/0 includes them).
         lines.append("fib daddr type local return")

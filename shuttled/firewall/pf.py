@@ -184,7 +184,9 @@ DARWIN = PfPlatform("darwin", "com.apple", DARWIN_NATLOOK, references=True)
 FREEBSD = PfPlatform("freebsd", "shuttled", FREEBSD_NATLOOK, references=False)
 
 
-def current_platform(platform: str = sys.platform) -> PfPlatform | None:
+def current_platform(platform: str | None = None) -> PfPlatform | None:
+    """pf's flavour on this system (or on `platform`), None where there is no pf."""
+    platform = sys.platform if platform is None else platform
     if platform == "darwin":
         return DARWIN
     if platform.startswith("freebsd"):

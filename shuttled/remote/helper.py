@@ -26,12 +26,14 @@ unencrypted SSH packets, the same channel subset the ControlMaster carries):
   uint32 orig_port): resolve and connect (15 s timeout), then
   OPEN_CONFIRMATION (window 1 MiB, max packet 32 KiB) or OPEN_FAILURE reason
   2 with the error text.
-* CHANNEL_OPEN "udp@shuttled" (string bind_family "inet" | "inet6"): one
-  unconnected UDP socket. Each CHANNEL_DATA is one datagram framed by
+* CHANNEL_OPEN "udp@shuttled" (string bind_family "inet" | "inet6", and
+  optionally uint32 idle seconds, 0 = the default): one unconnected UDP
+  socket. Each CHANNEL_DATA is one datagram framed by
   pack_datagram(host, port, payload): to the destination from the client, from
   the source towards the client. Window 1 MiB, max packet 66048. Datagrams that
   do not fit the client's window or max packet are dropped and counted; 60 s
-  without traffic either way closes the channel (EOF then CLOSE).
+  (or the channel's idle) without traffic either way closes the channel (EOF
+  then CLOSE).
 * Unknown channel type: OPEN_FAILURE reason 3; more channels than the limit
   (16384, or the fd limit): reason 4.
 * Windows both ways as RFC 4254: never more than the client's window or max
@@ -459,6 +461,7 @@ class UdpChannel(Channel):
         self.family = sock.family
         self.fd = sock.fileno()
         self.last = helper.loop.time()
+        self.idle = helper.udp_idle
         helper.loop.add_reader(self.fd, self.on_readable)
 
     def on_data(self, data: memoryview) -> None:
@@ -649,7 +652,7 @@ class Helper:
     def _sweep(self) -> None:
         now = self.loop.time()
         for channel in list(self.udp.values()):
-            if not channel.sent_close and now - channel.last >= self.udp_idle:
+            if not channel.sent_close and now - channel.last >= channel.idle:
                 channel.expire()
         if now >= self.udp_report_after:
             self._report_udp_drops()
@@ -839,6 +842,7 @@ class Helper:
             self._end(reader, "CHANNEL_OPEN direct-tcpip")
         elif kind == wire.UDP_CHANNEL_TYPE:
             family = reader.text()
+            idle = reader.u32() if reader.pos < len(reader.buf) else 0
             self._end(reader, "CHANNEL_OPEN " + kind)
         else:
             self._open_failed(rid, wire.OPEN_UNKNOWN_CHANNEL_TYPE,
@@ -859,7 +863,7 @@ class Helper:
             self.tasks.add(task)
             task.add_done_callback(self._task_done)
         else:
-            self._open_udp(rid, rwin, rmax, family)
+            self._open_udp(rid, rwin, rmax, family, idle)
 
     def _open_failed(self, rid: int, reason: int, text: str) -> None:
         self.queue(wire.open_failure(rid, reason, text))
@@ -921,7 +925,8 @@ class Helper:
             return sock
         raise error
 
-    def _open_udp(self, rid: int, rwin: int, rmax: int, family_name: str) -> None:
+    def _open_udp(self, rid: int, rwin: int, rmax: int, family_name: str,
+                  idle: int = 0) -> None:
         families = {"inet": (socket.AF_INET, "0.0.0.0"), "inet6": (socket.AF_INET6, "::")}
         if family_name not in families:
             self._open_failed(rid, wire.OPEN_CONNECT_FAILED,
@@ -943,6 +948,7 @@ class Helper:
                               "udp bind (%s): %s" % (family_name, _error_text(exc)))
             return
         channel = UdpChannel(self, self._new_id(), rid, rwin, rmax, sock)
+        channel.idle = float(idle) or self.udp_idle
         self.channels[channel.lid] = channel
         self.udp[channel.lid] = channel
         self.queue(channel.confirmation())

@@ -171,6 +171,22 @@ class Channel:
             self.send_eof()
         self.mux.update_reading(self)
 
+    def send_whole(self, data: bytes) -> bool:
+        """Send `data` as exactly one CHANNEL_DATA, or not at all (False).
+
+        For datagram channels (udp@shuttled): each DATA is one datagram, so it may
+        be neither split nor queued; what does not fit the window now is dropped,
+        as a full socket buffer would drop it.
+        """
+        size = len(data)
+        if (not self.can_send or self._pending_size or size > self.remote_window
+                or size > self.remote_max_packet):
+            return False
+        self.mux.write_data(self.remote_id, memoryview(data))
+        self.remote_window -= size
+        self.bytes_up += size
+        return True
+
     @property
     def send_blocked(self) -> bool:
         return self._pending_size > 0

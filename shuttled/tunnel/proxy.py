@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from shuttled import const
 from shuttled.tunnel import sshmsg
-from shuttled.tunnel.channels import Channel, ChannelMux
+from shuttled.tunnel.channels import Channel, ChannelMux, State
+from shuttled.tunnel.transparent import set_transparent
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ class LocalConnection(asyncio.Protocol):
         self.src: tuple[str, int] = ("", 0)
         self.dst: tuple[str, int] = ("", 0)
         self.started = 0.0
+        # What arrived before the channel opened (see data_received); b"" marks EOF.
+        self._early: list[bytes] = []
 
     # --- asyncio side ---------------------------------------------------------------
 
@@ -73,7 +76,7 @@ class LocalConnection(asyncio.Protocol):
         sock: socket.socket = transport.get_extra_info("socket")
         self.started = asyncio.get_running_loop().time()
         try:
-            self.dst = original_dst(sock)
+            self.dst = self.proxy.destination(sock)
             self.src = sock.getpeername()[:2]
         except OSError as exc:
             log.warning("no original destination for a connection: %s", exc.strerror)
@@ -95,13 +98,26 @@ class LocalConnection(asyncio.Protocol):
                                              self.src[1], self)
 
     def data_received(self, data: bytes) -> None:
-        if self.channel is not None:
+        if self._opening():
+            # Python before 3.11.3 (Debian 12 ships 3.11.2) starts reading even when
+            # connection_made paused it: keep the bytes for on_open, and stop the reader
+            # (pause_reading alone is a no-op there, the transport thinks it is paused).
+            self._early.append(data)
+            assert self.transport is not None
+            self.transport.resume_reading()
+            self.transport.pause_reading()
+        elif self.channel is not None:
             self.channel.send(data)
 
     def eof_received(self) -> bool:
-        if self.channel is not None:
+        if self._opening():
+            self._early.append(b"")
+        elif self.channel is not None:
             self.channel.send_eof()
         return True  # keep our write side open: half-close
+
+    def _opening(self) -> bool:
+        return self.channel is None or self.channel.state is State.OPENING
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.proxy.forget(self)
@@ -120,7 +136,10 @@ class LocalConnection(asyncio.Protocol):
     # --- channel side (Endpoint) -----------------------------------------------------
 
     def on_open(self, channel: Channel) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+        early, self._early = self._early, []
+        for data in early:
+            channel.send(data) if data else channel.send_eof()
+        if self.transport is not None and not self.transport.is_closing() and b"" not in early:
             self.transport.resume_reading()
 
     def on_open_failed(self, reason: int, description: str) -> None:
@@ -182,9 +201,13 @@ class TransparentProxy:
 
     def __init__(self, mux_source: MuxSource, *, addresses: tuple[str, ...] = ("127.0.0.1",
                                                                               "::1"),
-                 on_prohibited: Callable[[LocalConnection], bool] | None = None) -> None:
+                 on_prohibited: Callable[[LocalConnection], bool] | None = None,
+                 transparent: bool = False) -> None:
         self.mux_source = mux_source
         self.addresses = addresses
+        # Router mode: LAN connections arrive by TPROXY, so the listener needs
+        # IP_TRANSPARENT; local ones still arrive by the nat redirect.
+        self.transparent = transparent
         self.port = 0
         self.counters = ProxyCounters()
         self.connections: set[LocalConnection] = set()
@@ -193,13 +216,23 @@ class TransparentProxy:
 
     async def start(self, port: int = 0) -> int:
         loop = asyncio.get_running_loop()
-        for sock in bind_listeners(self.addresses, port, socket.SOCK_STREAM):
+        for sock in bind_listeners(self.addresses, port, socket.SOCK_STREAM,
+                                   transparent=self.transparent):
             sock.listen(const.LISTEN_BACKLOG)
             server = await loop.create_server(lambda: LocalConnection(self), sock=sock,
                                               backlog=const.LISTEN_BACKLOG)
             self._servers.append(server)
             self.port = sock.getsockname()[1]
         return self.port
+
+    def destination(self, sock: socket.socket) -> tuple[str, int]:
+        """Where the connection was going. TPROXY leaves the packets alone, so a
+        connection it delivered has the original destination as its own address;
+        one our nat redirect delivered has ours and asks conntrack."""
+        local: tuple[str, int] = sock.getsockname()[:2]
+        if self.transparent and (local[1] != self.port or local[0] not in self.addresses):
+            return local
+        return original_dst(sock)
 
     def accepted(self, conn: LocalConnection) -> None:
         self.counters.accepted += 1
@@ -226,8 +259,11 @@ class TransparentProxy:
             conn.reset()
 
 
-def bind_listeners(addresses: tuple[str, ...], port: int, kind: int) -> list[socket.socket]:
+def bind_listeners(addresses: tuple[str, ...], port: int, kind: int, *,
+                   transparent: bool = False) -> list[socket.socket]:
     """Bind every address on one port number; skip a family the host lacks.
+
+    `transparent`: IP_TRANSPARENT, so TPROXY rules may deliver here (router mode, UDP).
 
     The first bind picks the port (when 0); the rest must get the same number,
     so we retry a few times if another program holds it on a later address.
@@ -237,7 +273,7 @@ def bind_listeners(addresses: tuple[str, ...], port: int, kind: int) -> list[soc
         chosen = port
         try:
             for address in addresses:
-                sock = _bind_one(address, chosen, kind)
+                sock = _bind_one(address, chosen, kind, transparent)
                 if sock is None:
                     continue
                 socks.append(sock)
@@ -253,7 +289,7 @@ def bind_listeners(addresses: tuple[str, ...], port: int, kind: int) -> list[soc
     raise OSError(errno.EADDRINUSE, "no free port common to all listen addresses")
 
 
-def _bind_one(address: str, port: int, kind: int) -> socket.socket | None:
+def _bind_one(address: str, port: int, kind: int, transparent: bool) -> socket.socket | None:
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     try:
         sock = socket.socket(family, kind)
@@ -265,6 +301,8 @@ def _bind_one(address: str, port: int, kind: int) -> socket.socket | None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if transparent:
+            set_transparent(sock)
         sock.setblocking(False)
         sock.bind((address, port))
     except OSError as exc:

@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
+import itertools
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from shuttled import const
@@ -67,8 +70,15 @@ class SshSession:
         self._liveness: Channel | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._helper: HelperPipe | None = None
+        # The helper for UDP in direct mode: started on first use, on this master,
+        # in a session channel of its own; losing it costs UDP only, not the session.
+        self._udp_helper: ChannelMux | None = None
+        self._udp_starting: asyncio.Future[ChannelMux] | None = None
+        self._udp_retry_at = 0.0
+        self._udp_error = ""
         self._retired: list[ChannelMux] = []
         self._rotating = False
+        self._last_answer = 0.0
 
     async def start(self) -> None:
         try:
@@ -82,7 +92,8 @@ class SshSession:
         self.control = await self._connect_mux()
         self._liveness = await self._open_session()
         self.mode = await self._choose_mode()
-        self.data = self.control if self.mode is Forward.DIRECT else await self._start_helper()
+        self.data = (self.control if self.mode is Forward.DIRECT
+                     else await self._start_helper(self._lost))
         self._tasks.append(asyncio.create_task(self._watch_master()))
         self._tasks.append(asyncio.create_task(self._keepalive()))
         self.started_at = time.time()
@@ -118,7 +129,8 @@ class SshSession:
             return Forward.HELPER
         return Forward.DIRECT
 
-    async def _start_helper(self) -> ChannelMux:
+    async def _start_helper(self, on_lost: Callable[[BaseException | None], None]
+                            ) -> ChannelMux:
         from shuttled.remote import helper_source, loader_command
 
         assert self.control is not None
@@ -133,7 +145,7 @@ class SshSession:
                 hello.set_result(bytes(payload))
 
         pipe.inner = ChannelMux(pipe, name=f"helper on {self.target.remote}",
-                                on_lost=self._lost, on_global=on_hello)
+                                on_lost=on_lost, on_global=on_hello)
         async with asyncio.timeout(HELPER_START_TIMEOUT):
             channel = await pipe.opened
             reply = channel.request("exec", sshmsg.sstring(
@@ -162,18 +174,34 @@ class SshSession:
     async def _keepalive(self) -> None:
         # keepalive@openssh.com on our own session channel: the master forwards
         # channel requests, sshd answers FAILURE, and the round trip is our RTT.
-        while self._liveness is not None and not self.closed.done():
-            await asyncio.sleep(self.keepalive)
-            started = time.monotonic()
+        # One ping per interval without waiting for the last: the link is dead
+        # once no answer came for KEEPALIVE_MISSES intervals.
+        self._last_answer = time.monotonic()
+        deadline = self.keepalive * const.KEEPALIVE_MISSES
+        for tick in itertools.count(1):
+            # Check four times per interval so death is seen soon after the deadline.
+            await asyncio.sleep(self.keepalive / 4)
+            if self._liveness is None or self.closed.done():
+                return
+            if time.monotonic() - self._last_answer > deadline:
+                self._lost(SshError(f"no keepalive answer from {self.target.remote} in "
+                                    f"{deadline:.0f} s"))
+                return
+            if tick % 4:
+                continue
             try:
                 reply = self._liveness.request("keepalive@openssh.com")
-                assert reply is not None
-                await asyncio.wait_for(reply, self.keepalive * const.KEEPALIVE_MISSES)
-            except (TimeoutError, ShuttledError):
-                self._lost(SshError(f"no keepalive answer from {self.target.remote} in "
-                                    f"{self.keepalive * const.KEEPALIVE_MISSES:.0f} s"))
+            except ShuttledError:
                 return
-            self.rtt = time.monotonic() - started
+            assert reply is not None
+            reply.add_done_callback(functools.partial(self._answered, time.monotonic()))
+
+    def _answered(self, sent: float, reply: asyncio.Future[bool]) -> None:
+        if reply.cancelled() or self.closed.done():
+            return
+        now = time.monotonic()
+        self._last_answer = now
+        self.rtt = now - sent
 
     def _lost(self, exc: BaseException | None) -> None:
         if not self.closed.done():
@@ -181,7 +209,7 @@ class SshSession:
             if exc is not None:
                 log.warning("tunnel %s lost: %s", self.name, reason)
             self.closed.set_result(reason)
-        for mux in (self.data, self.control, *self._retired):
+        for mux in (self._udp_helper, self.data, self.control, *self._retired):
             if mux is not None:
                 mux.fail(None)
 
@@ -198,6 +226,46 @@ class SshSession:
         if self.control is None or self.control.closed:
             raise SshError("tunnel is not up")
         return await run_command(self.control, command, timeout)
+
+    async def udp_mux(self) -> ChannelMux:
+        """The mux that carries udp@shuttled channels: the helper's.
+
+        In helper mode that is the data mux; in direct mode a helper is started
+        on first use (concurrent callers share the one start). After a failed
+        start, callers are refused at once for UDP_HELPER_RETRY seconds.
+        """
+        if self.closed.done() or self.control is None or self.control.closed:
+            raise SshError("tunnel is not up")
+        if self.mode is Forward.HELPER and self.data is not None:
+            return self.data
+        if self._udp_helper is not None and not self._udp_helper.closed:
+            return self._udp_helper
+        if self._udp_starting is None:
+            if time.monotonic() < self._udp_retry_at:
+                raise RemoteError(f"UDP unavailable: {self._udp_error}")
+            self._udp_starting = asyncio.ensure_future(self._start_udp_helper())
+            # Retrieved here too, so a start nobody waits for any more logs no warning.
+            self._udp_starting.add_done_callback(
+                lambda f: None if f.cancelled() else f.exception())
+        return await asyncio.shield(self._udp_starting)
+
+    async def _start_udp_helper(self) -> ChannelMux:
+        try:
+            mux = await self._start_helper(self._udp_helper_lost)
+        except (ShuttledError, OSError, TimeoutError) as exc:
+            self._udp_error = str(exc) or type(exc).__name__
+            self._udp_retry_at = time.monotonic() + const.UDP_HELPER_RETRY
+            log.warning("remote helper for UDP did not start: %s", self._udp_error)
+            raise RemoteError(f"UDP unavailable: {self._udp_error}") from None
+        finally:
+            self._udp_starting = None
+        self._udp_helper = mux
+        return mux
+
+    def _udp_helper_lost(self, exc: BaseException | None) -> None:
+        if exc is not None and not self.closed.done():
+            log.warning("remote helper for UDP ended: %s", exc)
+        self._udp_helper = None
 
     def current_mux(self) -> ChannelMux | None:
         if self.closed.done():

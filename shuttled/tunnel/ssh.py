@@ -143,17 +143,26 @@ async def server_endpoints(target: SshTarget) -> tuple[list[str], int, str | Non
     Returns (addresses, port, warning). With a ProxyJump the first hop is the
     jump host; with a ProxyCommand we cannot know and say so.
     """
+    host, port, warning = await server_host(target)
+    return (await _resolve(host) if host else []), port, warning
+
+
+async def server_host(target: SshTarget) -> tuple[str | None, int, str | None]:
+    """Host (name or address) and port of the first TCP hop ssh makes, and a warning."""
     options = await ssh_config(target)
     if options.get("proxycommand", "none") != "none":
-        return [], 0, "a ProxyCommand is configured: its addresses are not auto-excluded"
+        return None, 0, "a ProxyCommand is configured: its addresses are not auto-excluded"
     jump = options.get("proxyjump", "none")
     if jump != "none":
         first = jump.split(",")[0]
         options = await ssh_config(SshTarget(first, target.ssh_command, target.options,
                                              target.user))
-    host = options.get("hostname", target.remote)
-    port = int(options.get("port", "22"))
-    return await _resolve(host), port, None
+    return options.get("hostname", target.remote), int(options.get("port", "22")), None
+
+
+async def resolve_host(host: str) -> list[str]:
+    """The addresses of a host name (an address stands for itself); SshError if none."""
+    return await _resolve(host)
 
 
 async def _resolve(host: str) -> list[str]:

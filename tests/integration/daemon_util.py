@@ -8,9 +8,13 @@ its own config dir, state dir and control socket, drive it with `shuttlectl`, st
         d.up("work")
         assert http_ok(lab, lab.tgt_v4)
 
-On the way out, `DaemonSet` stops each daemon (SIGTERM, then SIGKILL), kills what a
-SIGKILLed daemon left behind (its ssh masters, by PID), and checks that the client's
-ruleset is what it was before the first daemon started.
+On the way out, `DaemonSet` stops each daemon (SIGTERM, then SIGKILL) unless the test
+already stopped it and judged its exit code, kills what a SIGKILLed daemon left behind
+(its ssh masters by PID, their control dirs), and checks that the client's ruleset is
+what it was before the first daemon started.
+
+Also here: `Watch` (a `watch` subscriber on the control socket), `NotifyListener` (a
+NOTIFY_SOCKET playing systemd), profile builders and bounded pollers.
 """
 
 from __future__ import annotations
@@ -211,9 +215,10 @@ def _control_path(proc: psutil.Process) -> str | None:
 class Daemon:
     """One `shuttled daemon` in the cli namespace, with a private directory."""
 
-    def __init__(self, lab: Lab, root: Path, name: str) -> None:
+    def __init__(self, lab: Lab, root: Path, name: str, method: str = "nft") -> None:
         self.lab = lab
         self.name = name
+        self.method = method  # firewall backend: nft or iptables
         self.root = root
         self.config_dir = root / "etc"
         self.state_dir = root / "state"
@@ -223,7 +228,7 @@ class Daemon:
         os.chmod(root, 0o755)  # unprivileged callers must reach the socket
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
-        self.killed = False
+        self.killed = self.exit_seen = False
         self.orphans: list[psutil.Process] = []
         self.stale_dirs: list[str] = []
 
@@ -255,14 +260,14 @@ class Daemon:
     def argv(self, dbus: bool = False) -> list[str]:
         return [sys.executable, "-m", "shuttled", "-v", "--config-dir", str(self.config_dir),
                 "--socket", str(self.socket), "--state-dir", str(self.state_dir),
-                "--method", "nft", *([] if dbus else ["--no-dbus"]), "daemon"]
+                "--method", self.method, *([] if dbus else ["--no-dbus"]), "daemon"]
 
     def start(self, env: Mapping[str, str] | None = None, *, dbus: bool = False,
               wait: bool = True) -> subprocess.Popen[bytes]:
         """Start the daemon; with ``wait``, until `shuttlectl version` answers (bounded)."""
         assert not self.alive, "daemon already running"
         self.starts += 1
-        self.killed = False
+        self.killed = self.exit_seen = False
         full_env = {k: v for k, v in os.environ.items()
                     if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
         full_env.update(env or {})
@@ -286,7 +291,13 @@ class Daemon:
         wait_for("the daemon's control socket", answering, timeout, detail=self.log)
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
-        """SIGTERM by PID and wait; SIGKILL if it does not exit in time. The exit code."""
+        """SIGTERM by PID and wait; SIGKILL if it does not exit in time. The exit code
+        (None when it was SIGKILLed by kill()); the caller now owns checking it."""
+        code = self.terminate(timeout)
+        self.exit_seen = True
+        return code
+
+    def terminate(self, timeout: float = STOP_TIMEOUT) -> int | None:
         if self.proc is None or self.killed:
             return None
         if self.proc.poll() is None:
@@ -458,11 +469,11 @@ class DaemonSet:
         self.before = self.lab.firewall_snapshot()
         return self
 
-    def new(self, name: str = "daemon") -> Daemon:
+    def new(self, name: str = "daemon", method: str = "nft") -> Daemon:
         root = Path(self.lab.tmpdir) / f"{name}-{len(self.daemons)}"
         if root.exists():
             shutil.rmtree(root)
-        daemon = Daemon(self.lab, root, f"{name}-{len(self.daemons)}")
+        daemon = Daemon(self.lab, root, f"{name}-{len(self.daemons)}", method)
         self.daemons.append(daemon)
         return daemon
 
@@ -477,7 +488,7 @@ class DaemonSet:
             watch.close()
         for daemon in self.daemons:
             try:
-                code = daemon.stop()
+                code = None if daemon.exit_seen else daemon.terminate()
             except AssertionError as err:
                 problems.append(str(err))
                 code = None

@@ -105,11 +105,13 @@ def daemons(lab: Lab) -> Iterator[DaemonSet]:
 @pytest.fixture
 def system_bus(lab: Lab) -> Iterator[str]:
     """A private dbus-daemon (stopped by PID afterwards); its address."""
-    tool = shutil.which("dbus-daemon")
-    if tool is None:
+    missing = [t for t in ("dbus-daemon", "busctl") if shutil.which(t) is None]
+    if missing:
         if in_ci():
-            pytest.fail("dbus-daemon is missing in CI")
-        pytest.skip("dbus-daemon is not installed")
+            pytest.fail(f"missing in CI: {', '.join(missing)}")
+        pytest.skip(f"not installed: {', '.join(missing)}")
+    tool = shutil.which("dbus-daemon")
+    assert tool is not None
     pytest.importorskip("dbus_fast")
     sock = Path(lab.tmpdir) / "system_bus_socket"
     config = Path(lab.tmpdir) / "system-bus.conf"
@@ -164,10 +166,10 @@ def test_ready_only_once_the_bus_name_is_owned(lab: Lab, daemons: DaemonSet,
             os.kill(d.pid, signal.SIGCONT)
         assert owned, "READY=1 before io.github.shuttled was owned"
         assert table is not None
+        assert "D-Bus API unavailable" not in d.log(), d.log()
+        assert d.stop() == 0
     finally:
         listener.close()
-    assert "D-Bus API unavailable" not in d.log(), d.log()
-    assert d.stop() == 0
     assert not name_has_owner(lab, system_bus)
 
 

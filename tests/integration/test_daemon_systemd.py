@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from tests.integration.daemon_util import (
     DaemonSet,
     NotifyListener,
     accepts,
+    http_ok,
     nft_table,
     root_profile,
 )
@@ -76,6 +78,29 @@ def test_ready_status_and_watchdog_arrive_on_the_notify_socket(
         assert "STOPPING=1" in listener.lines()
     finally:
         listener.close()
+
+
+def test_daemon_carries_on_when_its_notify_socket_goes_away(
+        lab: Lab, daemons: DaemonSet) -> None:
+    """sd_notify failing (systemd gone, a stale NOTIFY_SOCKET) must not matter."""
+    d = daemons.new()
+    d.write_profile("work", root_profile(lab, lab.target_nets))
+    listener = NotifyListener(Path(lab.tmpdir) / "notify-gone.sock")
+    try:
+        d.start(env={"NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": "1000000"},
+                wait=False)
+        listener.until("READY=1", timeout=30.0)
+    finally:
+        listener.close()
+    try:
+        time.sleep(1.5)  # watchdog pings (every 0.5 s) now find no socket
+        assert d.alive
+        up = d.ctl("up", "work", "--timeout", "10")
+        assert up.returncode == 0, (up.stderr, d.log())
+        assert http_ok(lab, lab.tgt_v4)
+        assert d.stop() == 0, d.log()
+    finally:
+        d.stop()  # the exit code is this test's to judge, not the fixture's
 
 
 def test_no_notify_socket_means_no_notifications_and_a_normal_start(

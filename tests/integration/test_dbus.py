@@ -5,6 +5,8 @@ dbus-send as unprivileged uids -- so that the bus daemon, not the test, says who
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import grp
 import json
 import select
 import shutil
@@ -31,11 +33,12 @@ from shuttled.control.dbus import (
 )
 from shuttled.errors import ShuttledError
 from tests.lab import require_root_tools, which
-from tests.unit.test_control_support import MEMBER_UID, STRANGER_UID, FakeCore, fake_config
+from tests.unit.test_control_support import FakeCore, fake_config
 
 REPO = Path(__file__).resolve().parents[2]
 POLICY = REPO / "systemd" / "io.github.shuttled.conf"
-TEAM_GID = 4545  # a group in lab's allow list
+# Accounts every Debian system has: dbus-daemon refuses uids that have no passwd entry.
+MEMBER, STRANGER, TEAM = "daemon", "bin", "users"  # in work's allow list / in none / lab's
 ERR = f"{const.DBUS_NAME}.Error."
 
 # Debian's /usr/share/dbus-1/system.conf, cut to what matters: deny by default, then our
@@ -102,8 +105,9 @@ async def main(address):
     work, profile_methods = await proxy(bus, work_path, PROFILE)
     props = bus.get_proxy_object(NAME, work_path, await bus.introspect(NAME, work_path)
                                  ).get_interface("org.freedesktop.DBus.Properties")
-    signals, changed = asyncio.Queue(), asyncio.Queue()
+    signals, changed, events = asyncio.Queue(), asyncio.Queue(), asyncio.Queue()
     work.on_state_changed(lambda state, error: signals.put_nowait([state, error]))
+    manager.on_event(lambda event: events.put_nowait(json.loads(event)))
     props.on_properties_changed(
         lambda iface, values, _inv: changed.put_nowait({k: v.value for k, v in values.items()}))
     out = {"manager_methods": manager_methods[MANAGER],
@@ -114,6 +118,7 @@ async def main(address):
     out["up"] = json.loads(await manager.call_up("work", True, 5.0))
     out["signal_up"] = await asyncio.wait_for(signals.get(), 10)
     out["changed_up"] = await asyncio.wait_for(changed.get(), 10)
+    out["event_up"] = await asyncio.wait_for(events.get(), 10)
     out["state_prop"] = await work.get_state()
     out["rx_prop"] = await work.get_rx()
     out["down"] = json.loads(await work.call_down())
@@ -158,6 +163,8 @@ def bus() -> Iterator[Bus]:
     finally:
         proc.kill()
         proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -187,8 +194,10 @@ class Service:
             self.control.close()
             await self.control.wait_closed()
 
-        self.run(stop)
-        self._stop_loop()
+        try:
+            self.run(stop)
+        finally:
+            self._stop_loop()
 
     def _stop_loop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -198,10 +207,11 @@ class Service:
 
 @pytest.fixture
 def service(bus: Bus) -> Iterator[Service]:
-    config = fake_config()
-    # lab: also allowed to a group, to check groups reach the decision as on the socket.
-    lab = Profile("lab", "root@lab", subnets=("192.168.50.0/24",), allow=(f"group:{TEAM_GID}",))
-    core = FakeCore(Config.of(*(lab if p.name == "lab" else p for p in config.profiles.values())))
+    # work allows a user, lab a group: both must reach the decision as on the socket.
+    allow = {"work": (f"user:{MEMBER}",), "lab": (f"group:{TEAM}",)}
+    config = Config.of(*(dataclasses.replace(p, allow=allow.get(p.name, ()))
+                         for p in fake_config().profiles.values()))
+    core = FakeCore(config)
     with Service(core, bus.address) as running:
         yield running
 
@@ -247,6 +257,7 @@ def test_client_process_calls_status_and_up_and_gets_state_changed(service: Serv
     assert out["up"]["state"] == "up"
     assert out["signal_up"] == ["up", ""]
     assert out["changed_up"]["State"] == "up" and out["changed_up"]["Since"] > 0
+    assert out["event_up"] == {"type": "state", "profile": "work", "state": "up", "error": None}
     assert out["state_prop"] == "up" and out["rx_prop"] == 1288490188
     assert out["down"]["state"] == "down" and out["signal_down"] == ["down", ""]
     assert out["version"]["version"] == "9.9.9"
@@ -278,7 +289,7 @@ def test_unprivileged_caller_reads_but_is_denied_changes(service: Service, bus: 
 
 
 def test_allow_lists_decide_by_uid_and_groups(service: Service, bus: Bus) -> None:
-    member = ["--reuid", str(MEMBER_UID), "--regid", str(MEMBER_UID), "--clear-groups"]
+    member = ["--reuid", MEMBER, "--regid", MEMBER, "--clear-groups"]
     ok = dbus_send(bus, const.DBUS_PATH, UP, "string:work", "boolean:true", "double:5",
                    as_user=member)
     assert ok.returncode == 0, ok.stderr
@@ -287,9 +298,9 @@ def test_allow_lists_decide_by_uid_and_groups(service: Service, bus: Bus) -> Non
     assert error_name(other) == ERR + "Denied"
 
     # The group as a supplementary group (from the bus), then as the effective gid (/proc).
-    for ids in (["--regid", str(STRANGER_UID), "--groups", str(TEAM_GID)],
-                ["--regid", str(TEAM_GID), "--clear-groups"]):
-        as_user = ["--reuid", str(STRANGER_UID), *ids]
+    for ids in (["--regid", STRANGER, "--groups", str(grp.getgrnam(TEAM).gr_gid)],
+                ["--regid", TEAM, "--clear-groups"]):
+        as_user = ["--reuid", STRANGER, *ids]
         lab = dbus_send(bus, profile_path("lab"), f"{PROFILE_INTERFACE}.Up", "boolean:false",
                         "double:1", as_user=as_user)
         assert lab.returncode == 0, (ids, lab.stderr)

@@ -61,6 +61,7 @@ STATE_DIR = Path("/run/shuttled-lab")
 ETC_NETNS = Path("/etc/netns")
 DNS_ZONE = "corp.shuttled.test"
 ROLES = ("cli", "srv", "tgt")
+LAN_ROLE = "lan"  # the optional LAN host behind cli (``Lab(lan=True)``)
 PREFIX_RE = re.compile(r"^sd\d{1,4}[a-z0-9]{1,4}$")
 USER_PREFIX = "sdtest"
 WAIT_PORT_TIMEOUT = 15.0
@@ -130,7 +131,7 @@ def _new_prefix() -> str:
         with _counter_lock:
             n = next(_counter)
         prefix = f"sd{os.getpid() % 10000}{n}"
-        if not any(netns_exists(f"{prefix}-{r}") for r in ROLES) and not (
+        if not any(netns_exists(f"{prefix}-{r}") for r in (*ROLES, LAN_ROLE)) and not (
                 STATE_DIR / f"{prefix}.json").exists():
             return prefix
     raise LabError("no free lab prefix")
@@ -146,11 +147,13 @@ class Lab:
 
     Parameters: ``prefix`` (default unique per process and call), ``services`` (start the
     target services and the HTTP server), ``sshd`` (start both sshd instances),
-    ``sshd_extra`` (extra sshd_config lines for both instances).
+    ``sshd_extra`` (extra sshd_config lines for both instances), ``lan`` (router mode: a
+    fourth namespace ``lan``, a LAN host with no software of its own behind cli, which
+    then forwards; see ``_build_lan``).
     """
 
     def __init__(self, prefix: str | None = None, *, services: bool = True, sshd: bool = True,
-                 sshd_extra: Sequence[str] = ()) -> None:
+                 sshd_extra: Sequence[str] = (), lan: bool = False) -> None:
         self.prefix = prefix or _new_prefix()
         if len(self.prefix) > 10:
             raise LabError(f"lab prefix {self.prefix!r} too long (max 10 characters)")
@@ -166,6 +169,13 @@ class Lab:
         self.if_srv_cli = "to-cli"  # in srv, towards cli (set_link toggles this one)
         self.if_srv_tgt = "to-tgt"  # in srv, towards tgt
         self.if_tgt = "to-srv"  # in tgt
+        # Router mode: lan-host -> cli (the router) -> srv -> tgt.
+        self.want_lan = lan
+        self.ns_lan = f"{self.prefix}-{LAN_ROLE}"
+        if lan:
+            self.namespaces[LAN_ROLE] = self.ns_lan
+        self.if_cli_lan = "to-lan"  # in cli, towards the LAN host
+        self.if_lan = "to-cli"  # in lan
 
         # --- addresses ---------------------------------------------------------------------
         n = self.net = _net_number(self.prefix)
@@ -186,6 +196,12 @@ class Lab:
         # The remote's resolver (srv's resolv.conf): the DNS responder in tgt.
         self.dns_v4, self.dns_v6 = self.tgt_v4, self.tgt_v6
         self.dns_zone = DNS_ZONE
+        # The LAN (only with lan=True): cli is its router; the host has two addresses per
+        # family, so a profile can capture one source and not the other.
+        self.lan_net_v4, self.lan_net_v6 = f"10.{n}.4.0/24", f"fd00:{n}:4::/64"
+        self.router_lan_v4, self.router_lan_v6 = f"10.{n}.4.1", f"fd00:{n}:4::1"
+        self.lan_v4, self.lan_v6 = f"10.{n}.4.2", f"fd00:{n}:4::2"
+        self.lan_v4_other, self.lan_v6_other = f"10.{n}.4.3", f"fd00:{n}:4::3"
         self.dns_name = f"www.{DNS_ZONE}"
         self.dns_records: dict[str, dict[str, list[str]]] = {
             f"www.{DNS_ZONE}": {"A": [self.tgt_v4], "AAAA": [self.tgt_v6]},
@@ -640,6 +656,35 @@ class Lab:
                                      "net.ipv6.conf.all.forwarding"]).stdout.split()
         if fwd != ["0", "0"]:
             raise LabError(f"IP forwarding on srv is not off: {fwd}")
+        if self.want_lan:
+            self._build_lan()
+
+    def _build_lan(self) -> None:
+        """lan-host -veth- cli, default routes via cli, forwarding on in cli (a router)."""
+        self._ip(self.ns_cli, ["link", "add", self.if_cli_lan, "type", "veth", "peer", "name",
+                               self.if_lan, "netns", self.ns_lan])
+        self._ip_batch(self.ns_cli, [
+            f"addr add {self.router_lan_v4}/24 dev {self.if_cli_lan}",
+            f"addr add {self.router_lan_v6}/64 dev {self.if_cli_lan} nodad",
+            f"link set {self.if_cli_lan} up"])
+        self._ip_batch(self.ns_lan, [
+            "link set lo up",
+            f"addr add {self.lan_v4}/24 dev {self.if_lan}",
+            f"addr add {self.lan_v4_other}/24 dev {self.if_lan}",
+            f"addr add {self.lan_v6}/64 dev {self.if_lan} nodad",
+            # Deprecated: usable when bound to, never picked as a source by itself.
+            f"addr add {self.lan_v6_other}/64 dev {self.if_lan} nodad preferred_lft 0",
+            f"link set {self.if_lan} up",
+            f"route replace default via {self.router_lan_v4}",
+            f"route replace default via {self.router_lan_v6}"])
+        self._sysctl(self.ns_cli, {"net.ipv4.ip_forward": "1",
+                                   "net.ipv6.conf.all.forwarding": "1"})
+
+    def set_router_forwarding(self, on: bool) -> None:
+        """Turn IP forwarding in cli (the LAN's router) on or off, both families."""
+        value = "1" if on else "0"
+        self._sysctl(self.ns_cli, {"net.ipv4.ip_forward": value,
+                                   "net.ipv6.conf.all.forwarding": value})
 
     def _write_resolv_confs(self) -> None:
         confs = {
@@ -647,6 +692,9 @@ class Lab:
             self.ns_srv: f"nameserver {self.dns_v4}\noptions timeout:1 attempts:2\n",
             self.ns_tgt: "nameserver 127.0.0.1\n",
         }
+        if self.want_lan:  # the LAN host asks its router, as DHCP would tell it to
+            confs[self.ns_lan] = (f"nameserver {self.router_lan_v4}\n"
+                                  "options timeout:1 attempts:2\n")
         for ns, text in confs.items():
             d = ETC_NETNS / ns
             d.mkdir(parents=True, exist_ok=True)

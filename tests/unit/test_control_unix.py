@@ -246,7 +246,7 @@ def test_too_many_clients_are_told_busy(tmp_path: Path) -> None:
         await asyncio.sleep(0.05)
         assert (await ask(path, "version"))["ok"]
 
-    run(test, tmp_path, max_clients=2)
+    run(test, tmp_path, uid=STRANGER_UID, max_clients=2)
 
 
 def _garbage(rng: random.Random, i: int) -> bytes:
@@ -289,7 +289,28 @@ def test_a_thousand_malformed_requests_leave_the_server_answering(tmp_path: Path
         assert (await ask(path, "status", profile="work"))["result"]["name"] == "work"
         assert not server._clients or len(server._clients) <= 1
 
-    run(test, tmp_path, uid=STRANGER_UID)
+    run(test, tmp_path, uid=STRANGER_UID, max_per_uid=64)
+
+
+def test_one_user_cannot_hold_more_than_its_share_but_root_always_gets_in(
+        tmp_path: Path) -> None:
+    async def test(server: UnixControlServer, path: Path) -> None:
+        held = [await Conn.open(path) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        extra = await Conn.open(path)
+        assert (await extra.recv())["error"]["code"] == "busy"
+        for conn in held:
+            conn.close()
+
+    run(test, tmp_path, uid=STRANGER_UID, max_per_uid=3)
+    run(lambda server, path: _root_gets_in(path), tmp_path, uid=0, max_clients=1)
+
+
+async def _root_gets_in(path: Path) -> None:
+    held = [await Conn.open(path) for _ in range(3)]
+    assert (await ask(path, "version"))["ok"]
+    for conn in held:
+        conn.close()
 
 
 # --- watch ---------------------------------------------------------------------------------------

@@ -385,7 +385,7 @@ def test_pipelined_out_of_order_on_one_connection() -> None:
             assert dns.query_id(reply) == 1000 + i
             assert qname(reply) == f"q{i}.example"
             assert dns.parse_header(reply).ancount == 1
-        assert forwarder.stats == dns.DnsStats(queries=10, answered=10)
+        assert forwarder.stats == dns.DnsStats(queries=10, answered=10, tunnel=10)
 
     run(main())
 
@@ -401,7 +401,7 @@ def test_thousand_concurrent_queries_one_connection() -> None:
             (i, f"n{i}.example") for i in range(1000)
         ]
         assert server.connections == 1
-        assert forwarder.stats == dns.DnsStats(queries=1000, answered=1000)
+        assert forwarder.stats == dns.DnsStats(queries=1000, answered=1000, tunnel=1000)
 
     run(main())
 
@@ -431,7 +431,7 @@ def test_silent_server_servfail_within_timeout() -> None:
         assert DNS_TIMEOUT - 0.05 <= elapsed <= DNS_TIMEOUT + SLACK
         header = dns.parse_header(reply)
         assert header.ident == 77 and header.flags & 0xF == Rcode.SERVFAIL
-        assert forwarder.stats == dns.DnsStats(queries=1, timeouts=1)
+        assert forwarder.stats == dns.DnsStats(queries=1, timeouts=1, tunnel=1)
 
     run(main())
 
@@ -499,7 +499,7 @@ def test_always_dropping_server_fails_fast() -> None:
             forwarder.close()
         assert dns.parse_header(reply).flags & 0xF == Rcode.SERVFAIL
         assert server.connections == 2 and elapsed < 1.0
-        assert forwarder.stats == dns.DnsStats(queries=1, failed=1)
+        assert forwarder.stats == dns.DnsStats(queries=1, failed=1, tunnel=1)
 
     run(main())
 
@@ -516,7 +516,7 @@ def test_failover_from_refusing_nameserver_and_preference() -> None:
         assert dns.parse_header(first).ancount == 1
         assert dns.parse_header(second).ancount == 1
         assert opener.calls == [dead, server.port]  # the dead one tried once, not again
-        assert forwarder.stats == dns.DnsStats(queries=2, answered=2)
+        assert forwarder.stats == dns.DnsStats(queries=2, answered=2, tunnel=2)
 
     run(main())
 
@@ -547,7 +547,7 @@ def test_all_nameservers_refuse() -> None:
         assert time.monotonic() - started < 1.0
         assert dns.parse_header(reply).flags & 0xF == Rcode.SERVFAIL
         assert dns.query_id(reply) == 9
-        assert forwarder.stats == dns.DnsStats(queries=1, failed=1)
+        assert forwarder.stats == dns.DnsStats(queries=1, failed=1, tunnel=1)
         forwarder.close()
 
     run(main())
@@ -609,7 +609,7 @@ def test_outstanding_bound() -> None:
             await asyncio.gather(*held)
             forwarder.close()
         assert dns.parse_header(over).flags & 0xF == Rcode.SERVFAIL
-        assert forwarder.stats == dns.DnsStats(queries=3, failed=1, timeouts=2)
+        assert forwarder.stats == dns.DnsStats(queries=3, failed=1, timeouts=2, tunnel=2)
 
     run(main())
 
@@ -652,7 +652,7 @@ def test_close_answers_queries_in_flight_at_once() -> None:
             replies = await asyncio.gather(*held)
             assert time.monotonic() - started < 0.1
         assert all(dns.parse_header(r).flags & 0xF == Rcode.SERVFAIL for r in replies)
-        assert forwarder.stats == dns.DnsStats(queries=3, failed=3)
+        assert forwarder.stats == dns.DnsStats(queries=3, failed=3, tunnel=3)
 
     run(main())
 

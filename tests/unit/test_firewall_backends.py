@@ -155,5 +155,6 @@ def test_detect_without_tools(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_detect_unknown_method() -> None:
-    with pytest.raises(ConfigError, match="firewall method 'pf': expected auto, nft, iptables"):
-        detect("pf")
+    with pytest.raises(ConfigError,
+                       match="firewall method 'ipfw': expected auto, nft, iptables, pf"):
+        detect("ipfw")

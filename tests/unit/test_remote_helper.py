@@ -738,7 +738,8 @@ MALFORMED = {
     "short data": sshmsg.packet(sshmsg.MSG_CHANNEL_DATA, b"\x00\x00"),
     "bad string": sshmsg.packet(sshmsg.MSG_CHANNEL_OPEN, b"\x00\x00\x10\x00tcp"),
     "trailing bytes": sshmsg.channel_open(sshmsg.UDP_CHANNEL_TYPE, 1, 100, 100,
-                                          sshmsg.sstring("inet") + b"junk"),
+                                          sshmsg.sstring("inet") + sshmsg.U32.pack(5)
+                                          + b"junk"),
     "open confirmation": sshmsg.open_confirmation(1, 2, 3, 4),
 }
 
@@ -842,6 +843,17 @@ async def test_udp_idle_timeout_sends_eof_and_close() -> None:
         assert chan.events == [sshmsg.MSG_CHANNEL_EOF, sshmsg.MSG_CHANNEL_CLOSE]
         await asyncio.sleep(0.05)
         assert helper.channels == {}
+
+
+@run
+async def test_udp_channel_asks_for_its_own_idle_timeout() -> None:
+    # The client's flow idle travels with the open: the helper's default (here 30 s)
+    # must not outlive nor cut short what the client promised.
+    async with helper_inprocess(udp_idle=30.0) as (_helper, peer):
+        chan = await peer.open(sshmsg.UDP_CHANNEL_TYPE,
+                               sshmsg.sstring("inet") + sshmsg.U32.pack(1))
+        await chan.wait_for(lambda: chan.got_close, timeout=10)
+        assert chan.events == [sshmsg.MSG_CHANNEL_EOF, sshmsg.MSG_CHANNEL_CLOSE]
 
 
 @run

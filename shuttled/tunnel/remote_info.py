@@ -1,0 +1,307 @@
+"""What the remote tells us about its networks and names, read without code on the remote.
+
+Over an exec channel of the tunnel's own ssh connection: `ip -j route show
+table main` (and `-6`), falling back to /proc/net/route and /proc/net/ipv6_route
+where iproute2 has no JSON or is missing; and `cat /etc/hosts`.
+
+Everything the remote sends is input from another machine: sizes are bounded,
+every field is checked, and what does not parse or make sense is left out with
+one log line per source (never an exception). A route is left out when it is a
+default route in disguise: one covering loopback, link-local or multicast
+addresses (0.0.0.0/0, but also OpenVPN's 0.0.0.0/1 + 128.0.0.0/1), and when it
+is not a plain unicast route (local, blackhole, unreachable, ...).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# (command) -> (exit status, stdout, stderr): SshSession.run
+Runner = Callable[[str], Awaitable[tuple[int | None, bytes, bytes]]]
+
+MAX_OUTPUT = 1 << 20  # bytes of a route table or hosts file we look at, at most
+MAX_ROUTES = 1024  # per family: more is a router's full table, not a set of sites
+MAX_HOST_NAMES = 4096
+MAX_ADDRESSES_PER_NAME = 16
+SAMPLE_LENGTH = 80  # of the first ignored entry, in the log line
+
+ROUTE_COMMANDS = {
+    4: ("ip -j route show table main", "cat /proc/net/route"),
+    6: ("ip -j -6 route show table main", "cat /proc/net/ipv6_route"),
+}
+HOSTS_COMMAND = "cat /etc/hosts"
+
+# Ranges whose presence inside a route makes it a default route in disguise.
+_NOT_NETWORKS: dict[int, tuple[IPNetwork, ...]] = {
+    4: tuple(ipaddress.IPv4Network(n) for n in ("127.0.0.0/8", "169.254.0.0/16",
+                                                "224.0.0.0/4", "0.0.0.0/8", "240.0.0.0/4")),
+    6: tuple(ipaddress.IPv6Network(n) for n in ("::1/128", "fe80::/10", "ff00::/8", "::/128")),
+}
+RTF_UP = 0x0001
+RTF_REJECT = 0x0200
+RTF_CACHE = 0x01000000
+RTF_LOCAL = 0x80000000
+_HEX8 = re.compile(r"[0-9A-Fa-f]{8}")
+_HEX32 = re.compile(r"[0-9a-fA-F]{32}")
+_HEX2 = re.compile(r"[0-9a-fA-F]{2}")
+_IFNAME = re.compile(r"[^\s/]{1,15}")
+_HOST_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
+
+
+class _Ignored:
+    """Counts what a parser left out, and logs it once with the first example."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.count = 0
+        self.first = ""
+
+    def add(self, item: object, why: str) -> None:
+        self.count += 1
+        if self.count == 1:
+            self.first = f"{why}: {str(item)[:SAMPLE_LENGTH]!r}"
+
+    def report(self) -> None:
+        if self.count:
+            log.warning("ignored %d %s from the remote (first: %s)", self.count, self.what,
+                        self.first)
+
+
+# --- routes ---------------------------------------------------------------------------
+
+
+def usable_route(net: IPNetwork) -> bool:
+    """A network worth capturing: not a default route, nor holding loopback,
+    link-local or multicast addresses."""
+    return not any(net.overlaps(bad) for bad in _NOT_NETWORKS[net.version])  # type: ignore[arg-type]
+
+
+def _text_of(data: bytes | str, ignored: _Ignored) -> str | None:
+    if len(data) > MAX_OUTPUT:
+        ignored.add(f"{len(data)} bytes", "output too large")
+        return None
+    return data.decode(errors="replace") if isinstance(data, bytes) else data
+
+
+def _finish(nets: Iterable[IPNetwork], ignored: _Ignored) -> list[IPNetwork]:
+    unique = list(dict.fromkeys(nets))
+    if len(unique) > MAX_ROUTES:
+        ignored.add(f"{len(unique) - MAX_ROUTES} more routes", f"more than {MAX_ROUTES}")
+        unique = unique[:MAX_ROUTES]
+    ignored.report()
+    return unique
+
+
+def parse_ip_route_json(data: bytes | str, family: int) -> list[IPNetwork] | None:
+    """`ip -j route` output as networks; None when it is not JSON at all (old iproute2)."""
+    ignored = _Ignored(f"IPv{family} routes")
+    text = _text_of(data, ignored)
+    try:
+        routes = json.loads(text) if text is not None else None
+    except (ValueError, RecursionError):
+        routes = None
+    if not isinstance(routes, list):
+        ignored.report()
+        return None
+    nets = [net for route in routes if (net := _json_route(route, family, ignored))]
+    return _finish(nets, ignored)
+
+
+def _json_route(route: Any, family: int, ignored: _Ignored) -> IPNetwork | None:
+    if not isinstance(route, dict) or not isinstance(route.get("dst"), str):
+        ignored.add(route, "not a route")
+        return None
+    kind, dev = route.get("type", "unicast"), route.get("dev", "")
+    if not isinstance(kind, str) or not isinstance(dev, str):
+        ignored.add(route, "bad type or dev")
+        return None
+    if kind != "unicast" or dev == "lo" or route["dst"] == "default":
+        return None  # not a network reached through the remote: left out quietly
+    return _checked(route["dst"], family, ignored)
+
+
+def _checked(text: str, family: int, ignored: _Ignored) -> IPNetwork | None:
+    try:
+        net = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        ignored.add(text, "not a network")
+        return None
+    if net.version != family:
+        ignored.add(text, f"not IPv{family}")
+        return None
+    return net if usable_route(net) else None
+
+
+def parse_proc_route(data: bytes | str) -> list[IPNetwork]:
+    """/proc/net/route: hex addresses in the remote's byte order, found from the masks."""
+    ignored = _Ignored("IPv4 routes")
+    text = _text_of(data, ignored)
+    rows = []
+    for line in (text or "").splitlines()[1:]:  # the first line is the header
+        fields = line.split()
+        if (len(fields) < 8 or not _IFNAME.fullmatch(fields[0])
+                or not all(_HEX8.fullmatch(f) for f in (fields[1], fields[7]))
+                or not re.fullmatch(r"[0-9A-Fa-f]{1,8}", fields[3])):
+            ignored.add(line, "not a route line")
+            continue
+        rows.append((fields[0], int(fields[1], 16), int(fields[3], 16), int(fields[7], 16)))
+    order = _byte_order(mask for _, _, _, mask in rows)
+    nets = [net for row in rows if (net := _proc_v4(row, order, ignored))]
+    return _finish(nets, ignored)
+
+
+def _prefix(mask: bytes) -> int | None:
+    bits = int.from_bytes(mask, "big")
+    ones = bin(bits).count("1")
+    return ones if bits == (0xFFFFFFFF << (32 - ones)) & 0xFFFFFFFF else None
+
+
+def _byte_order(masks: Iterable[int]) -> str:
+    """The byte order under which the masks are prefixes; little-endian when undecided."""
+    votes = {"little": 0, "big": 0}
+    for mask in masks:
+        for order in votes:
+            votes[order] += _prefix(mask.to_bytes(4, order)) is not None  # type: ignore[arg-type]
+    return "big" if votes["big"] > votes["little"] else "little"
+
+
+def _proc_v4(row: tuple[str, int, int, int], order: str, ignored: _Ignored
+             ) -> IPNetwork | None:
+    dev, dst, flags, mask = row
+    if dev == "lo" or not flags & RTF_UP or flags & RTF_REJECT:
+        return None
+    prefix = _prefix(mask.to_bytes(4, order))  # type: ignore[arg-type]
+    if prefix is None:
+        ignored.add(f"{dev} {dst:08X}/{mask:08X}", "mask is not a prefix")
+        return None
+    address = ipaddress.IPv4Address(dst.to_bytes(4, order))  # type: ignore[arg-type]
+    return _checked(f"{address}/{prefix}", 4, ignored)
+
+
+def parse_proc_ipv6_route(data: bytes | str) -> list[IPNetwork]:
+    """/proc/net/ipv6_route: every table's routes; local, rejecting, cached and
+    source-specific ones left out."""
+    ignored = _Ignored("IPv6 routes")
+    text = _text_of(data, ignored)
+    nets = [net for line in (text or "").splitlines() if (net := _proc_v6(line, ignored))]
+    return _finish(nets, ignored)
+
+
+def _proc_v6(line: str, ignored: _Ignored) -> IPNetwork | None:
+    fields = line.split()
+    if (len(fields) != 10 or not _HEX32.fullmatch(fields[0]) or not _HEX2.fullmatch(fields[1])
+            or not _HEX2.fullmatch(fields[3]) or not _HEX8.fullmatch(fields[8])
+            or not _IFNAME.fullmatch(fields[9])):
+        ignored.add(line, "not a route line")
+        return None
+    flags, prefix = int(fields[8], 16), int(fields[1], 16)
+    if fields[9] == "lo" or int(fields[3], 16) or not flags & RTF_UP or flags & (
+            RTF_REJECT | RTF_CACHE | RTF_LOCAL):
+        return None
+    if prefix > 128:
+        ignored.add(line, "prefix longer than 128")
+        return None
+    return _checked(f"{ipaddress.IPv6Address(int(fields[0], 16))}/{prefix}", 6, ignored)
+
+
+async def remote_routes(run: Runner) -> list[IPNetwork]:
+    """The remote's routes, IPv4 then IPv6, usable ones only."""
+    return [net for family in (4, 6) for net in await _family_routes(run, family)]
+
+
+async def _family_routes(run: Runner, family: int) -> list[IPNetwork]:
+    json_command, proc_command = ROUTE_COMMANDS[family]
+    status, out, _ = await run(json_command)
+    if status == 0:
+        nets = parse_ip_route_json(out, family)
+        if nets is not None:
+            return nets
+    status, out, err = await run(proc_command)
+    if status != 0:
+        log.warning("cannot read the remote's IPv%d routes: %s", family,
+                    err.decode(errors="replace").strip()[:200] or f"status {status}")
+        return []
+    return parse_proc_route(out) if family == 4 else parse_proc_ipv6_route(out)
+
+
+# --- /etc/hosts -------------------------------------------------------------------------
+
+
+def valid_host_name(name: str) -> bool:
+    labels = name.split(".")
+    return len(name) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels)
+
+
+def _host_address(text: str) -> IPAddress | None:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    # The remote's own loopback, link-local or multicast names mean nothing here.
+    if (address.is_loopback or address.is_link_local or address.is_multicast
+            or address.is_unspecified or address.is_reserved):
+        return None
+    return address
+
+
+def parse_hosts(data: bytes | str) -> dict[str, tuple[IPAddress, ...]]:
+    """An /etc/hosts file as {lower-case name: addresses, in file order}."""
+    ignored = _Ignored("/etc/hosts entries")
+    text = _text_of(data, ignored)
+    table: dict[str, list[IPAddress]] = {}
+    for line in (text or "").splitlines():
+        fields = line.split("#", 1)[0].split()
+        if fields:
+            _hosts_line(fields, table, ignored)
+    ignored.report()
+    return {name: tuple(addresses) for name, addresses in table.items()}
+
+
+def _hosts_line(fields: list[str], table: dict[str, list[IPAddress]],
+                ignored: _Ignored) -> None:
+    if "%" in fields[0] or not fields[0].isascii():
+        ignored.add(fields[0], "not an address")
+        return
+    address = _host_address(fields[0])
+    if address is None or len(fields) < 2:
+        if address is None and _looks_unusable(fields[0]):
+            return  # 127.0.0.1 localhost and friends: left out quietly
+        ignored.add(" ".join(fields), "not an address with names")
+        return
+    for raw in fields[1:]:
+        name = raw.lower().rstrip(".")
+        if not name.isascii() or not valid_host_name(name):
+            ignored.add(raw, "not a host name")
+        elif name not in table and len(table) >= MAX_HOST_NAMES:
+            ignored.add(raw, f"more than {MAX_HOST_NAMES} names")
+        elif address not in (known := table.setdefault(name, [])) and len(
+                known) < MAX_ADDRESSES_PER_NAME:
+            known.append(address)
+
+
+def _looks_unusable(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+async def remote_hosts(run: Runner) -> dict[str, tuple[IPAddress, ...]]:
+    status, out, err = await run(HOSTS_COMMAND)
+    if status != 0:
+        log.warning("cannot read the remote's /etc/hosts: %s",
+                    err.decode(errors="replace").strip()[:200] or f"status {status}")
+        return {}
+    return parse_hosts(out)
