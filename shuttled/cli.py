@@ -91,8 +91,8 @@ def _add_run(p: argparse.ArgumentParser) -> None:
                    help="who makes the remote connections: sshd (direct) or the uploaded "
                         "helper; auto uses the helper only where sshd refuses forwarding")
     p.add_argument("--dns", action="store_true",
-                   help="capture DNS to the resolvers of /etc/resolv.conf and answer it "
-                        "from the remote's resolver")
+                   help="all DNS through the tunnel: catch every query (port 53, any "
+                        "address) and answer it from the remote's resolver")
     p.add_argument("--dns-domain", action="append", default=[], metavar="DOMAIN",
                    help="split DNS: only names under DOMAIN (repeatable) and the reverse "
                         "zones of the subnets go through the tunnel; the rest stay local")

@@ -314,7 +314,7 @@ class Tunnel:
 
     async def _learn_routes(self, excludes: tuple[Subnet, ...]) -> tuple[Subnet, ...]:
         assert self.session is not None
-        learnt = await _from_remote("routes", remote_routes(self.session.run))
+        learnt = await _from_remote("routes", remote_routes(self.session.run), [])
         others = [s for name, c in self.captures.captures.items() if name != self.spec.name
                   for s in c.subnets if not s.exclude]
         kept = auto_subnets(learnt, self.spec.subnets, [e.network for e in excludes], others,
@@ -330,7 +330,7 @@ class Tunnel:
         if self.resolver is None:
             self.resolver = ProfileResolver(self.spec.name, self.captures.backend.table, plan,
                                             self._open_stream, self.captures.dns_peers)
-        hosts = (await _from_remote("/etc/hosts", remote_hosts(session.run))
+        hosts = (await _from_remote("/etc/hosts", remote_hosts(session.run), {})
                  if self.spec.remote_hosts else None)
         networks = [s.network for s in (*self.spec.subnets, *self.auto_nets) if not s.exclude]
         try:
@@ -398,12 +398,14 @@ class Tunnel:
                  "age": round(now - c.started, 3)} for c in self.proxy.connections]
 
 
-async def _from_remote(what: str, coro: Any) -> Any:
-    """What a remote command gave; its failure as a ShuttledError (reconnect and retry)."""
+async def _from_remote(what: str, coro: Any, default: Any) -> Any:
+    """What a remote command gave, or `default` with a warning: a remote that will not
+    run commands (a restricted shell) still gets its tunnel, without what it would tell."""
     try:
         return await coro
-    except TimeoutError:
-        raise ShuttledError(f"reading the remote's {what}: no answer in time") from None
+    except (ShuttledError, TimeoutError) as exc:
+        log.warning("cannot read the remote's %s: %s", what, exc or "no answer in time")
+        return default
 
 
 def local_addresses() -> list[IPAddress]:

@@ -262,12 +262,18 @@ class LocalServer(asyncio.DatagramProtocol):
 
     async def __aenter__(self) -> LocalServer:
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(lambda: self,
-                                                           local_addr=("127.0.0.1", 0))
-        self._transport = transport  # type: ignore[assignment]
-        self.port = transport.get_extra_info("sockname")[1]
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
-        return self
+        for _ in range(20):  # a free UDP port may be some other program's TCP port
+            transport, _ = await loop.create_datagram_endpoint(lambda: self,
+                                                               local_addr=("127.0.0.1", 0))
+            self.port = transport.get_extra_info("sockname")[1]
+            try:
+                self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+            except OSError:
+                transport.close()
+                continue
+            self._transport = transport  # type: ignore[assignment]
+            return self
+        raise OSError("no port free for both UDP and TCP")
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._transport is not None and self._server is not None
