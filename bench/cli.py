@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import logging
 import os
@@ -83,8 +84,8 @@ def measure(contender: Contender, sizes: Sizes, res: ContenderResult) -> None:
         for down in (False, True):
             for streams in (1, 4):
                 figure = f"bulk_{'down' if down else 'up'}_{streams}"
-                b = _guard(res, figure, lambda d=down, s=streams: figures.bulk(
-                    contender, sizes, down=d, streams=s))
+                b = _guard(res, figure, functools.partial(
+                    figures.bulk, contender, sizes, down=down, streams=streams))
                 if b is not None:
                     res.add(figure, b.gbit_per_s)
                     figures.add_cpu(cpu, b.cpu)
@@ -101,7 +102,7 @@ def measure(contender: Contender, sizes: Sizes, res: ContenderResult) -> None:
             return
         for c in (1, 8):
             load = _guard(res, f"conn_rate_c{c}",
-                          lambda c=c: figures.conn_rate(contender, sizes, c))
+                          functools.partial(figures.conn_rate, contender, sizes, c))
             if load is not None:
                 res.add(f"conn_rate_c{c}", load.rate)
                 if c == 1:
@@ -139,11 +140,11 @@ def _mb(value: float | None) -> str:
     return "?" if value is None else f"{value:.1f}"
 
 
-def missing_figures(contender: Contender, res: ContenderResult, wanted: int) -> list[str]:
+def missing_figures(contender: type[Contender], res: ContenderResult, wanted: int) -> list[str]:
     """Figures the contender should have produced and did not.  A proxy that died under
     the concurrency load (sshuttle at about 1,000) has no RSS figure: that is its result."""
     ok = res.samples.get("concurrent_ok")
-    died = bool(ok) and min(ok) < wanted
+    died = bool(ok) and min(ok or [0.0]) < wanted
     return [f for f in contender.figures
             if not res.samples.get(f) and not (died and f == "rss_growth_mb")]
 
@@ -157,35 +158,38 @@ def run(args: argparse.Namespace) -> int:
         "command": " ".join(["python3 -m bench", *sys.argv[1:]]),
         "machine": tools.machine(), "sizes": sizes.__dict__, "notes": [], "ciphers": {}}
     missing: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="shuttled-bench-src-") as src, Lab() as lab:
+    with tempfile.TemporaryDirectory(prefix="shuttled-bench-src-") as src:
         doc["machine"]["shuttled"] = tools.snapshot(args.source, Path(src))
         os.chmod(src, 0o755)
-        lab.start_iperf3()
-        log.info("lab %s up", lab.prefix)
         for cipher in ciphers:
-            ctx = Context(lab, cipher, args.quick, source=src)
-            made = {name: ALL[name](ctx) for name in args.names}
+            notes: list[str] = []
             results: dict[str, ContenderResult] = {}
-            for name, contender in list(made.items()):
-                why = contender.unavailable()
+            for name in args.names:
+                why = ALL[name].unavailable_here()
                 if why:
                     log.warning("%s skipped: %s", name, why)
                     doc["notes"].append(f"{name} skipped: {why}")
-                    del made[name]
                     continue
-                results[name] = ContenderResult(name, contender.description)
+                results[name] = ContenderResult(name, ALL[name].description)
             for i in range(args.runs):
-                for name, contender in made.items():
+                for name in results:
                     log.info("cipher %s, run %d/%d: %s", cipher, i + 1, args.runs, name)
-                    measure(contender, sizes, results[name])
+                    # A fresh lab for every contender: no conntrack entries, TIME_WAIT
+                    # sockets or leftover nat tables of one contender meet the next.
+                    with Lab() as lab:
+                        lab.start_iperf3()
+                        ctx = Context(lab, cipher, args.quick, source=src)
+                        contender = ALL[name](ctx)
+                        measure(contender, sizes, results[name])
+                        notes += ctx.notes
             doc["ciphers"][cipher] = {
                 "contenders": {n: r.to_json() for n, r in results.items()},
                 "ratios": report.ratios(results),
                 "targets": [t.to_json() for t in report.targets(results, sizes.concurrent)],
                 "markdown": report.markdown(cipher, results, args.runs, sizes.concurrent)}
-            doc["notes"] += ctx.notes
-            for name, contender in made.items():
-                for figure in missing_figures(contender, results[name], sizes.concurrent):
+            doc["notes"] += notes
+            for name, res in results.items():
+                for figure in missing_figures(ALL[name], res, sizes.concurrent):
                     missing.append(f"{cipher}/{name}/{figure}")
     doc["missing"] = missing
     doc["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")

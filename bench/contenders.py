@@ -134,8 +134,10 @@ class Contender:
         self.log_name = self.name
 
     # --- lifecycle -------------------------------------------------------------------------
-    def unavailable(self) -> str | None:
-        """Why this contender cannot run here (None: it can)."""
+    @classmethod
+    def unavailable_here(cls) -> str | None:
+        """Why this contender cannot run on this machine (None: it can); may install the
+        contender's tools (a venv) on first use."""
         return None
 
     def start(self) -> None:
@@ -312,12 +314,13 @@ class ShuttledUvloop(ShuttledRun):
     name = "shuttled-uvloop"
     description = "shuttled run, direct mode, under uvloop (bench/uvloop_shim.py, experiment)"
 
-    def unavailable(self) -> str | None:
+    @classmethod
+    def unavailable_here(cls) -> str | None:
         status = tools.tools_python("uvloop")
-        self._python = status.path
         return None if status.path else f"uvloop not installable: {status.note}"
 
     def python_argv(self) -> list[str]:
+        self._python = tools.tools_python("uvloop").path
         assert self._python is not None
         # -O and the shim: see bench/uvloop_shim.py for what keeps shuttled off uvloop.
         return [self._python, "-O", str(Path(__file__).with_name("uvloop_shim.py")),
@@ -331,13 +334,14 @@ class Sshuttle(Contender):
     description = f"sshuttle {tools.SSHUTTLE_VERSION} (PyPI, own venv), --method nat"
     figures = FORWARDER_FIGURES
 
-    def unavailable(self) -> str | None:
+    @classmethod
+    def unavailable_here(cls) -> str | None:
         status = tools.sshuttle()
-        self._exe = status.path
         return None if status.path else status.note
 
     def start(self) -> None:
         lab = self.lab
+        self._exe = tools.sshuttle().path
         assert self._exe is not None
         argv = [self._exe, "--method", "nat", "-e", self.ctx.ssh_cmd(), "-r", lab.remote,
                 lab.target_net_v4]

@@ -18,6 +18,7 @@ from shuttled.errors import RemoteError, ShuttledError, SshError
 from shuttled.tunnel import sshmsg
 from shuttled.tunnel.channels import Channel, ChannelMux, MuxProtocol
 from shuttled.tunnel.endpoints import CommandEndpoint, HelperPipe, open_stream, run_command
+from shuttled.tunnel.nodelay import set_nodelay
 from shuttled.tunnel.ssh import SshMaster, SshTarget
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,8 @@ class SshSession:
 
     async def _start(self) -> None:
         await self.master.start()
+        if self.master.pid is not None and set_nodelay(self.master.pid):
+            log.debug("TCP_NODELAY set on the ssh master's connection")
         self.control = await self._connect_mux()
         self._liveness = await self._open_session()
         self.mode = await self._choose_mode()
