@@ -26,6 +26,7 @@ from tests.integration.daemon_util import (
     wait_for,
 )
 from tests.lab import Lab, LabUser, in_ci
+from tests.lab.bus import SYSTEM_LIKE_BUS_CONFIG as BUS_CONFIG
 
 pytestmark = pytest.mark.integration
 
@@ -34,32 +35,6 @@ MANAGER_PATH = "/io/github/shuttled"
 PROFILE_PATH = f"{MANAGER_PATH}/profile/work"
 POLICY = REPO_ROOT / "systemd" / f"{BUS_NAME}.conf"
 
-# The stock system bus policy in brief (deny owning and method calls unless a policy file
-# punches a hole), and then only our own file: what the daemon gets on a real system.
-BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <listen>unix:path={socket}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <deny own="*"/>
-    <deny send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
-    <allow send_destination="org.freedesktop.DBus"
-           send_interface="org.freedesktop.DBus.Introspectable"/>
-  </policy>
-  <include>{policy}</include>
-</busconfig>
-"""
 
 # A client in its own process: subscribes to StateChanged, calls Status and Up, waits for
 # the "up" signal. One JSON document a line on stdout.

@@ -33,6 +33,7 @@ from shuttled.control.dbus import (
 )
 from shuttled.errors import ShuttledError
 from tests.lab import require_root_tools, which
+from tests.lab.bus import SYSTEM_LIKE_BUS_CONFIG as BUS_CONFIG
 from tests.unit.test_control_support import FakeCore, fake_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,35 +42,6 @@ POLICY = REPO / "systemd" / "io.github.shuttled.conf"
 MEMBER, STRANGER, TEAM = "daemon", "bin", "users"  # in work's allow list / in none / lab's
 ERR = f"{const.DBUS_NAME}.Error."
 
-# Debian's /usr/share/dbus-1/system.conf, cut to what matters: deny by default, then our
-# policy file exactly as it is installed decides who may own and call io.github.shuttled.
-BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <listen>unix:path={socket}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <deny own="*"/>
-    <deny send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_destination="org.freedesktop.DBus"
-           send_interface="org.freedesktop.DBus"/>
-    <allow send_destination="org.freedesktop.DBus"
-           send_interface="org.freedesktop.DBus.Introspectable"/>
-    <allow send_destination="org.freedesktop.DBus"
-           send_interface="org.freedesktop.DBus.Properties"/>
-  </policy>
-  <include>{policy}</include>
-</busconfig>
-"""
 
 # The root client: a separate Python process speaking dbus-fast through proxies built from
 # the service's own introspection, so it also proves that the generated methods are real.
