@@ -114,26 +114,7 @@ class SshSession:
         assert self.control is not None
         endpoint = CommandEndpoint()
         self.control.open("session", endpoint)
-        channel = await asyncio.wait_for(endpoint.opened, const.MUX_HELLO_TIMEOUT)
-        await self._make_interactive(channel)
-        return channel
-
-    async def _make_interactive(self, channel: Channel) -> None:
-        """A pty on our liveness session makes sshd treat the connection as
-        interactive, which turns Nagle off on its side (session.c do_exec_pty):
-        without it sshd holds small packets until our delayed ACK, ~40 ms."""
-        pty = (sshmsg.sstring("dumb") + sshmsg.U32X2.pack(80, 24) + sshmsg.U32X2.pack(0, 0)
-               + sshmsg.sstring(b"\x00"))
-        try:
-            reply = channel.request("pty-req", pty)
-            assert reply is not None
-            if not await asyncio.wait_for(reply, const.MUX_HELLO_TIMEOUT):
-                return  # PermitTTY no: fine, only slower
-            reply = channel.request("exec", sshmsg.sstring("exec cat >/dev/null"))
-            assert reply is not None
-            await asyncio.wait_for(reply, const.MUX_HELLO_TIMEOUT)
-        except (TimeoutError, ShuttledError) as exc:
-            log.debug("no interactive session on %s: %s", self.target.remote, exc)
+        return await asyncio.wait_for(endpoint.opened, const.MUX_HELLO_TIMEOUT)
 
     async def _choose_mode(self) -> Forward:
         if self.forward is not Forward.AUTO:
