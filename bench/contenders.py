@@ -346,7 +346,8 @@ class Sshuttle(Contender):
         argv = [self._exe, "--method", "nat", "-e", self.ctx.ssh_cmd(), "-r", lab.remote,
                 lab.target_net_v4]
         self.proc = lab.popen("cli", argv, name=self.log_name)
-        wait_log(lab, self.log_name, self.proc, "Connected to server")
+        # sshuttle's start (remote python, firewall helper) is slow on a loaded machine.
+        wait_log(lab, self.log_name, self.proc, "Connected to server", timeout=90.0)
 
     def stop(self) -> None:
         # SIGINT to sshuttle's main process only: it then has its firewall helper undo

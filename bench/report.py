@@ -216,5 +216,7 @@ def markdown(cipher: str, results: dict[str, ContenderResult], runs: int,
         for n, f, m in errs:
             lines.append(f"- {n} / {f}: {m.splitlines()[0] if m else ''}")
         for n, m in notes:
-            lines.append(f"- {n}: {m}")
+            parts = [x.strip() for x in m.splitlines() if x.strip()]
+            text = parts[0] + (f" ... {parts[-1]}" if len(parts) > 1 else "") if parts else ""
+            lines.append(f"- {n}: {text[:300]}")
     return "\n".join(lines) + "\n"
