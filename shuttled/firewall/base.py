@@ -371,6 +371,12 @@ def port_range(ports: tuple[int, int], sep: str) -> str:
     return str(first) if first == last else f"{first}{sep}{last}"
 
 
+def address_set(nets: Sequence[IPNetwork]) -> str:
+    """Destinations as nft and pf spell them: one, or "{ a, b }"; a host without /32, /128."""
+    items = [str(n.network_address) if n.prefixlen == n.max_prefixlen else str(n) for n in nets]
+    return items[0] if len(items) == 1 else "{ " + ", ".join(items) + " }"
+
+
 def tool_path() -> str:
     """PATH plus the sbin directories: systemd units and sudo may leave those out."""
     return os.environ.get("PATH", "/usr/bin:/bin") + ":/usr/local/sbin:/usr/sbin:/sbin"

@@ -22,15 +22,14 @@ from shuttled.firewall import policy
 from shuttled.firewall.base import (
     Backend,
     Capture,
-    IPNetwork,
     Rule,
+    address_set,
     capture_rules,
     check_captures,
     is_instance_table,
-    port_range,
     run_tool,
 )
-from shuttled.firewall.router import NftHooks, nft_chains, router_rules
+from shuttled.firewall.router import NftHooks, nft_chains, nft_family, nft_l4, router_rules
 
 NFT = "nft"
 INDENT = "\t"
@@ -132,23 +131,9 @@ def _capture_chain(capture: Capture) -> str:
 
 
 def _rule(rule: Rule) -> str:
-    family = "ip" if rule.family == 4 else "ip6"
     verdict = "return" if rule.verdict == "return" else f"redirect to :{rule.to_port}"
-    return f"{family} daddr {_addrs(rule.daddrs)} {_l4(rule)} {verdict}"
-
-
-def _addrs(nets: Sequence[IPNetwork]) -> str:
-    items = [str(n.network_address) if n.prefixlen == n.max_prefixlen else str(n) for n in nets]
-    return items[0] if len(items) == 1 else "{ " + ", ".join(items) + " }"
-
-
-def _l4(rule: Rule) -> str:
-    ports = "" if rule.ports is None else port_range(rule.ports, "-")
-    if len(rule.protos) == 1:
-        proto = rule.protos[0]
-        return f"meta l4proto {proto}" if not ports else f"{proto} dport {ports}"
-    protos = "meta l4proto { " + ", ".join(rule.protos) + " }"
-    return protos if not ports else f"{protos} th dport {ports}"
+    return " ".join([f"{nft_family(rule.family)} daddr {address_set(rule.daddrs)}",
+                     *nft_l4(rule.protos, rule.ports), verdict])
 
 
 def _probe_script() -> str:

@@ -58,6 +58,7 @@ from shuttled.firewall.base import (
     Capture,
     IPNetwork,
     Rule,
+    address_set,
     capture_rules,
     check_captures,
     is_instance_table,
@@ -214,11 +215,6 @@ def original_dst(sock: socket.socket) -> tuple[str, int]:
 
 # --- rules as text ------------------------------------------------------------------------------
 
-def _hosts(nets: Sequence[IPNetwork]) -> str:
-    items = [str(n.network_address) if n.prefixlen == n.max_prefixlen else str(n) for n in nets]
-    return items[0] if len(items) == 1 else "{ " + ", ".join(items) + " }"
-
-
 def _proto(rule: Rule) -> str:
     return rule.protos[0] if len(rule.protos) == 1 else "{ " + ", ".join(rule.protos) + " }"
 
@@ -231,7 +227,8 @@ def _ports(ports: tuple[int, int] | None) -> str:
 
 
 def _match(rule: Rule) -> str:
-    return f"{_AF[rule.family]} proto {_proto(rule)} to {_hosts(rule.daddrs)}{_ports(rule.ports)}"
+    to = address_set(rule.daddrs)
+    return f"{_AF[rule.family]} proto {_proto(rule)} to {to}{_ports(rule.ports)}"
 
 
 def _rdr(rule: Rule) -> str:

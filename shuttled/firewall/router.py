@@ -34,13 +34,22 @@ iptables uses `<top>-<profile>` and `<top>-.m.<profile>` in mangle, and
 
 from __future__ import annotations
 
+import abc
 import ipaddress
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from shuttled.const import DNS_PORT, TPROXY_MARK
-from shuttled.firewall.base import Capture, IPNetwork, LanMatch, Rule, capture_rules
+from shuttled.firewall.base import (
+    Capture,
+    IPNetwork,
+    LanMatch,
+    Rule,
+    address_set,
+    capture_rules,
+    port_range,
+)
 
 Verdict = Literal["return", "tproxy", "mark", "reset", "reject"]
 LISTEN = {4: "127.0.0.1", 6: "::1"}
@@ -236,18 +245,14 @@ def hold_chain(capture: Capture) -> list[RRule]:
 def nft_chains(rules: RouterRules, hooks: NftHooks) -> list[str]:
     """Chain blocks (as nft.py's _chain formats them) for our table; [] when unused."""
     chains: list[str] = []
-    if rules.pre_jumps:
-        chains.append(hooks.base("prerouting", "filter", "prerouting", hooks.mangle,
-                                 [nft_jump(j, "tp_") for j in rules.pre_jumps]))
-    if rules.out_jumps:
-        chains.append(hooks.base("mark_out", "route", "output", hooks.mangle,
-                                 [nft_jump(j, "mk_") for j in rules.out_jumps]))
-    if rules.hold_out_jumps:
-        chains.append(hooks.base("hold_out", "filter", "output", hooks.hold,
-                                 [nft_jump(j, "ks_") for j in rules.hold_out_jumps]))
-    if rules.hold_fwd_jumps:
-        chains.append(hooks.base("hold_fwd", "filter", "forward", hooks.hold,
-                                 [nft_jump(j, "ks_") for j in rules.hold_fwd_jumps]))
+    for name, kind, hook, priority, jumps, prefix in (
+            ("prerouting", "filter", "prerouting", hooks.mangle, rules.pre_jumps, "tp_"),
+            ("mark_out", "route", "output", hooks.mangle, rules.out_jumps, "mk_"),
+            ("hold_out", "filter", "output", hooks.hold, rules.hold_out_jumps, "ks_"),
+            ("hold_fwd", "filter", "forward", hooks.hold, rules.hold_fwd_jumps, "ks_")):
+        if jumps:
+            chains.append(hooks.base(name, kind, hook, priority,
+                                     [nft_jump(j, prefix) for j in jumps]))
     for prefix, bodies in (("tp_", rules.tproxy), ("mk_", rules.marks), ("ks_", rules.holds)):
         for name, body in bodies.items():
             chains.append(hooks.chain(prefix + name, [nft_rule(r) for r in body]))
@@ -269,78 +274,27 @@ class NftHooks:
 
 
 def nft_jump(jump: Jump, prefix: str) -> str:
-    parts = []
-    if jump.uid is not None:
-        parts.append(f"meta skuid {jump.uid}")
-    if jump.interface is not None:
-        parts.append(f'iifname "{jump.interface}"')
-    if jump.source is not None:
-        parts.append(f"{_nft_family(jump.source.version)} saddr {_net(jump.source)}")
-    if jump.not_lo:
-        parts.append('iif != "lo"')
-    if jump.lo_marked:
-        parts.append(f'iif "lo" meta mark & {TPROXY_MARK:#010x} == {TPROXY_MARK:#010x}')
-    return " ".join([*parts, f"jump {prefix}{jump.chain}"])
+    return _NFT.jump(jump, f"jump {prefix}{jump.chain}")
 
 
 def nft_rule(rule: RRule) -> str:
-    fam = _nft_family(rule.family)
-    parts = [] if rule.daddrs else [f"meta nfproto ipv{rule.family}"]
-    if rule.mark is not None:
-        parts.append(f"meta mark {rule.mark:#x}")
-    if rule.not_lo:
-        parts.append('iif != "lo"')
-    if rule.daddrs:
-        parts.append(f"{fam} daddr {_nft_addrs(rule.daddrs)}")
-    if rule.local_dst:
-        parts.append("fib daddr type local")
-    if rule.broadcast_dst:
-        parts.append("fib daddr type broadcast")
-    if rule.foreign_src:
-        parts.append("fib saddr type != local")
-    parts += _nft_l4(rule)
-    return " ".join([*parts, _nft_verdict(rule)])
+    """One nft rule: sets hold all the destinations and protocols."""
+    return _NFT.rule(rule, rule.daddrs, rule.protos)
 
 
-def _nft_family(version: int) -> str:
+def nft_family(version: int) -> str:
     return "ip" if version == 4 else "ip6"
 
 
-def _net(net: IPNetwork) -> str:
-    return str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
-
-
-def _nft_addrs(nets: Sequence[IPNetwork]) -> str:
-    items = [_net(n) for n in nets]
-    return items[0] if len(items) == 1 else "{ " + ", ".join(items) + " }"
-
-
-def _nft_l4(rule: RRule) -> list[str]:
-    if not rule.protos:
+def nft_l4(protos: Sequence[str], ports: tuple[int, int] | None) -> list[str]:
+    """nft's protocol and destination port matches ([] for any protocol)."""
+    if not protos:
         return []
-    ports = "" if rule.ports is None else _range(rule.ports, "-")
-    if len(rule.protos) == 1:
-        proto = rule.protos[0]
-        return [f"{proto} dport {ports}"] if ports else [f"meta l4proto {proto}"]
-    protos = "meta l4proto { " + ", ".join(rule.protos) + " }"
-    return [protos, f"th dport {ports}"] if ports else [protos]
-
-
-def _range(ports: tuple[int, int], sep: str) -> str:
-    first, last = ports
-    return str(first) if first == last else f"{first}{sep}{last}"
-
-
-def _nft_verdict(rule: RRule) -> str:
-    mark = f"meta mark set meta mark | {TPROXY_MARK:#010x}"
-    if rule.verdict == "tproxy":
-        to = LISTEN[4] if rule.family == 4 else f"[{LISTEN[6]}]"
-        return f"tproxy {_nft_family(rule.family)} to {to}:{rule.to_port} {mark} accept"
-    if rule.verdict == "mark":
-        return mark
-    if rule.verdict == "reset":
-        return "reject with tcp reset"
-    return rule.verdict  # return, reject
+    dports = "" if ports is None else port_range(ports, "-")
+    if len(protos) == 1:
+        return [f"{protos[0]} dport {dports}"] if dports else [f"meta l4proto {protos[0]}"]
+    l4proto = "meta l4proto { " + ", ".join(protos) + " }"
+    return [l4proto, f"th dport {dports}"] if dports else [l4proto]
 
 
 # --- iptables ------------------------------------------------------------------------
@@ -350,55 +304,156 @@ def ipt_jump(jump: Jump, family: int, target: str) -> str | None:
     """An iptables rule spec for a jump, or None when it is for the other family."""
     if jump.family not in (0, family):
         return None
-    parts = []
-    if jump.uid is not None:
-        parts.append(f"-m owner --uid-owner {jump.uid}")
-    if jump.interface is not None:
-        parts.append(f"-i {jump.interface}")
-    if jump.source is not None:
-        parts.append(f"-s {jump.source}")
-    if jump.not_lo:
-        parts.append("! -i lo")
-    if jump.lo_marked:
-        parts.append(f"-i lo -m mark --mark {TPROXY_MARK:#x}/{TPROXY_MARK:#x}")
-    return " ".join([*parts, f"-j {target}"])
+    return _IPT.jump(jump, f"-j {target}")
 
 
 def ipt_rules(rule: RRule) -> list[str]:
     """iptables rule specs for one router rule: one per destination and protocol."""
-    specs = []
-    for dest in rule.daddrs or (None,):
-        for proto in rule.protos or (None,):
-            parts = []
-            if rule.mark is not None:
-                parts.append(f"-m mark --mark {rule.mark:#x}")
-            if rule.not_lo:
-                parts.append("! -i lo")
-            if dest is not None and dest.prefixlen:
-                parts.append(f"-d {dest}")
-            if proto is not None:
-                parts.append(f"-p {proto}")
-            if rule.local_dst:
-                parts.append("-m addrtype --dst-type LOCAL")
-            if rule.broadcast_dst:
-                parts.append("-m addrtype --dst-type BROADCAST")
-            if rule.foreign_src:
-                parts.append("-m addrtype ! --src-type LOCAL")
-            if proto is not None and rule.ports is not None:
-                parts.append(f"-m {proto} --dport {_range(rule.ports, ':')}")
-            specs.append(" ".join([*parts, _ipt_verdict(rule)]))
-    return specs
+    each_daddr: list[tuple[IPNetwork, ...]] = [(d,) for d in rule.daddrs] or [()]
+    each_proto: list[tuple[str, ...]] = [(p,) for p in rule.protos] or [()]
+    return [_IPT.rule(rule, daddr, proto) for daddr in each_daddr for proto in each_proto]
 
 
-def _ipt_verdict(rule: RRule) -> str:
-    mark = f"{TPROXY_MARK:#x}/{TPROXY_MARK:#x}"
-    if rule.verdict == "tproxy":
-        return f"-j TPROXY --on-port {rule.to_port} --on-ip {LISTEN[rule.family]} " \
-               f"--tproxy-mark {mark}"
-    if rule.verdict == "mark":
-        return f"-j MARK --set-xmark {mark}"
-    if rule.verdict == "reset":
-        return "-j REJECT --reject-with tcp-reset"
-    if rule.verdict == "reject":
-        return "-j REJECT"
-    return "-j RETURN"
+# --- the matches of a jump and a rule, in order; each backend spells them ---------------
+
+
+class _Spelling(abc.ABC):
+    """How one backend writes each match and verdict. Which matches a jump or a rule
+    carries, and in what order, is decided once here, for nft and iptables alike."""
+
+    uid: ClassVar[str]  # str.format templates of one value
+    interface: ClassVar[str]
+    mark: ClassVar[str]
+    not_lo: ClassVar[str]  # constant matches
+    lo_marked: ClassVar[str]
+    local_dst: ClassVar[str]
+    broadcast_dst: ClassVar[str]
+    foreign_src: ClassVar[str]
+    verdicts: ClassVar[dict[Verdict, str]]  # all but "tproxy"
+
+    def jump(self, jump: Jump, target: str) -> str:
+        parts = []
+        if jump.uid is not None:
+            parts.append(self.uid.format(jump.uid))
+        if jump.interface is not None:
+            parts.append(self.interface.format(jump.interface))
+        if jump.source is not None:
+            parts.append(self.source(jump.source))
+        if jump.not_lo:
+            parts.append(self.not_lo)
+        if jump.lo_marked:
+            parts.append(self.lo_marked)
+        return " ".join([*parts, target])
+
+    def rule(self, rule: RRule, daddrs: Sequence[IPNetwork], protos: Sequence[str]) -> str:
+        """`rule` for these of its destinations and protocols (() = any)."""
+        parts = self.family(rule.family, daddrs)
+        if rule.mark is not None:
+            parts.append(self.mark.format(rule.mark))
+        if rule.not_lo:
+            parts.append(self.not_lo)
+        parts += self.daddrs(rule.family, daddrs)
+        parts += self.protos(protos)
+        if rule.local_dst:
+            parts.append(self.local_dst)
+        if rule.broadcast_dst:
+            parts.append(self.broadcast_dst)
+        if rule.foreign_src:
+            parts.append(self.foreign_src)
+        parts += self.dports(protos, rule.ports)
+        if rule.verdict == "tproxy":
+            return " ".join([*parts, self.tproxy(rule.family, rule.to_port)])
+        return " ".join([*parts, self.verdicts[rule.verdict]])
+
+    @abc.abstractmethod
+    def source(self, net: IPNetwork) -> str:
+        """A jump's source match."""
+
+    def family(self, family: int, daddrs: Sequence[IPNetwork]) -> list[str]:
+        """A match of the address family, where nothing else implies it."""
+        return []
+
+    @abc.abstractmethod
+    def daddrs(self, family: int, daddrs: Sequence[IPNetwork]) -> list[str]:
+        """The destination match ([] for any destination)."""
+
+    def protos(self, protos: Sequence[str]) -> list[str]:
+        """The protocol match, where it stands apart from the ports."""
+        return []
+
+    @abc.abstractmethod
+    def dports(self, protos: Sequence[str], ports: tuple[int, int] | None) -> list[str]:
+        """The destination port match."""
+
+    @abc.abstractmethod
+    def tproxy(self, family: int, port: int) -> str:
+        """The "tproxy" verdict: to our listener of this family, setting TPROXY_MARK."""
+
+
+_NFT_MARK = f"meta mark set meta mark | {TPROXY_MARK:#010x}"
+_IPT_MARK = f"{TPROXY_MARK:#x}/{TPROXY_MARK:#x}"
+
+
+class _NftSpelling(_Spelling):
+    uid = "meta skuid {}"
+    interface = 'iifname "{}"'
+    mark = "meta mark {:#x}"
+    not_lo = 'iif != "lo"'
+    lo_marked = f'iif "lo" meta mark & {TPROXY_MARK:#010x} == {TPROXY_MARK:#010x}'
+    local_dst = "fib daddr type local"
+    broadcast_dst = "fib daddr type broadcast"
+    foreign_src = "fib saddr type != local"
+    verdicts = {"mark": _NFT_MARK, "reset": "reject with tcp reset",
+                "reject": "reject", "return": "return"}
+
+    def source(self, net: IPNetwork) -> str:
+        return f"{nft_family(net.version)} saddr {address_set((net,))}"
+
+    def family(self, family: int, daddrs: Sequence[IPNetwork]) -> list[str]:
+        return [] if daddrs else [f"meta nfproto ipv{family}"]
+
+    def daddrs(self, family: int, daddrs: Sequence[IPNetwork]) -> list[str]:
+        return [f"{nft_family(family)} daddr {address_set(daddrs)}"] if daddrs else []
+
+    def dports(self, protos: Sequence[str], ports: tuple[int, int] | None) -> list[str]:
+        return nft_l4(protos, ports)  # the protocol too: nft names it with the ports
+
+    def tproxy(self, family: int, port: int) -> str:
+        to = LISTEN[4] if family == 4 else f"[{LISTEN[6]}]"
+        return f"tproxy {nft_family(family)} to {to}:{port} {_NFT_MARK} accept"
+
+
+class _IptSpelling(_Spelling):
+    # No family match: iptables or ip6tables is the family.
+    uid = "-m owner --uid-owner {}"
+    interface = "-i {}"
+    mark = "-m mark --mark {:#x}"
+    not_lo = "! -i lo"
+    lo_marked = f"-i lo -m mark --mark {_IPT_MARK}"
+    local_dst = "-m addrtype --dst-type LOCAL"
+    broadcast_dst = "-m addrtype --dst-type BROADCAST"
+    foreign_src = "-m addrtype ! --src-type LOCAL"
+    verdicts = {"mark": f"-j MARK --set-xmark {_IPT_MARK}",
+                "reset": "-j REJECT --reject-with tcp-reset",
+                "reject": "-j REJECT", "return": "-j RETURN"}
+
+    def source(self, net: IPNetwork) -> str:
+        return f"-s {net}"
+
+    def daddrs(self, family: int, daddrs: Sequence[IPNetwork]) -> list[str]:
+        return [f"-d {net}" for net in daddrs if net.prefixlen]  # 0/0 is any: no match
+
+    def protos(self, protos: Sequence[str]) -> list[str]:
+        return [f"-p {proto}" for proto in protos]
+
+    def dports(self, protos: Sequence[str], ports: tuple[int, int] | None) -> list[str]:
+        if ports is None:
+            return []
+        return [f"-m {proto} --dport {port_range(ports, ':')}" for proto in protos]
+
+    def tproxy(self, family: int, port: int) -> str:
+        return f"-j TPROXY --on-port {port} --on-ip {LISTEN[family]} --tproxy-mark {_IPT_MARK}"
+
+
+_NFT = _NftSpelling()
+_IPT = _IptSpelling()

@@ -1,6 +1,7 @@
 """Integration-only plumbing: on a failing test that used a lab, attach the lab's logs
 (sshd, target services, HTTP server, and every child started with lab.popen) to the report,
-since the lab's temp dir is gone by the time anyone reads the failure."""
+since the lab's temp dir is gone by the time anyone reads the failure; and the fixtures
+the daemon and router modules share (`daemons`, `rlab`, `lab_user`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from tests.lab import Lab, LabUser
+from tests.integration.daemon_util import DaemonSet
+from tests.lab import Lab, LabUser, require_root_tools
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -34,3 +36,18 @@ def lab_user(lab: Lab) -> Iterator[LabUser]:
     yield user
     if user in lab.users:
         lab.remove_user(user)
+
+
+@pytest.fixture
+def daemons(lab: Lab) -> Iterator[DaemonSet]:
+    """The test's daemons (on the module's `lab`), stopped by PID after, ruleset checked."""
+    with DaemonSet(lab) as ds:
+        yield ds
+
+
+@pytest.fixture(scope="module")
+def rlab() -> Iterator[Lab]:
+    """A lab with a LAN host behind cli (cli forwards, like a router)."""
+    require_root_tools("ip", "sshd", "ssh", "ssh-keygen", "nft", "iptables")
+    with Lab(lan=True) as lab:
+        yield lab

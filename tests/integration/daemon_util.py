@@ -101,6 +101,11 @@ def root_profile(lab: Lab, subnets: Sequence[str], **keys: Any) -> dict[str, Any
             "subnets": list(subnets), **keys}
 
 
+def split_profile(lab: Lab, subnets: Sequence[str], *domains: str) -> dict[str, Any]:
+    """A root_profile whose names under ``domains`` resolve through the tunnel (split DNS)."""
+    return root_profile(lab, subnets, dns={"mode": "split", "domains": list(domains)})
+
+
 def user_profile(user: LabUser, subnets: Sequence[str], **keys: Any) -> dict[str, Any]:
     """A profile whose ssh runs as ``user`` with that user's own ~/.ssh/config."""
     return {"remote": user.remote, "user": user.name, "subnets": list(subnets), **keys}
@@ -475,6 +480,20 @@ class DaemonSet:
             shutil.rmtree(root)
         daemon = Daemon(self.lab, root, f"{name}-{len(self.daemons)}", method)
         self.daemons.append(daemon)
+        return daemon
+
+    def work_up(self, *, autostart: bool = False, **keys: Any) -> Daemon:
+        """A new daemon, started, whose one profile "work" (root_profile to the lab's
+        target networks, with ``keys``) is up: by its autostart, or else by `up`."""
+        daemon = self.new()
+        if autostart:
+            keys["autostart"] = True
+        daemon.write_profile("work", root_profile(self.lab, self.lab.target_nets, **keys))
+        daemon.start()
+        if autostart:
+            daemon.wait_state("work", "up")
+        else:
+            daemon.up("work")
         return daemon
 
     def watch(self, daemon: Daemon) -> Watch:

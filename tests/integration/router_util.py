@@ -1,5 +1,6 @@
-"""Router-mode test plumbing: the lab with a LAN host, what that host sees, the daemon
-as the router, and the router's kernel state (firewall, `ip rule`, routing tables)."""
+"""Router-mode test plumbing (the lab with a LAN host is conftest's `rlab`): what that host
+sees, the daemon as the router, and the router's kernel state (firewall, `ip rule`, routing
+tables)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,7 @@ import os
 import select
 import socket
 import time
-from collections.abc import Iterator
 from typing import Any
-
-import pytest
 
 from tests.integration.daemon_util import Daemon, DaemonSet, root_profile
 from tests.lab import Lab
@@ -23,16 +21,6 @@ PROFILE = "router"
 
 
 # --- the lab and its kernel state ------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def rlab() -> Iterator[Lab]:
-    """A lab with a LAN host behind cli (cli forwards, like a router)."""
-    from tests.lab import require_root_tools
-
-    require_root_tools("ip", "sshd", "ssh", "ssh-keygen", "nft", "iptables")
-    with Lab(lan=True) as lab:
-        yield lab
 
 
 def kernel_state(lab: Lab) -> dict[str, str]:

@@ -3,8 +3,6 @@ who may bring a profile up, as whom its ssh runs, and profiles side by side."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import psutil
 import pytest
 
@@ -19,12 +17,6 @@ from tests.lab import Lab, LabUser, clients
 pytestmark = pytest.mark.integration
 
 DENIED = 5
-
-
-@pytest.fixture
-def daemons(lab: Lab) -> Iterator[DaemonSet]:
-    with DaemonSet(lab) as ds:
-        yield ds
 
 
 def test_unprivileged_user_reads_status_and_may_up_only_once_allowed(

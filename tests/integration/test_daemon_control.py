@@ -8,7 +8,7 @@ import json
 import random
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -49,12 +49,6 @@ BAD_JSON = [
     b"\xff\xfe{\x00\"v\x00\"",  # not UTF-8
     b"\x00" * 100,
 ]
-
-
-@pytest.fixture
-def daemons(lab: Lab) -> Iterator[DaemonSet]:
-    with DaemonSet(lab) as ds:
-        yield ds
 
 
 def _connect(path: Path) -> socket.socket:
@@ -123,10 +117,7 @@ KINDS: list[Callable[[Path, random.Random], None]] = [
 
 def test_1000_malformed_requests_leave_the_daemon_answering(
         lab: Lab, daemons: DaemonSet) -> None:
-    d = daemons.new()
-    d.write_profile("work", root_profile(lab, lab.target_nets, autostart=True))
-    d.start()
-    d.wait_state("work", "up")
+    d = daemons.work_up(autostart=True)
     ssh_pid = d.ssh_pid("work")
     proc = psutil.Process(d.pid)
     fds_before = proc.num_fds()

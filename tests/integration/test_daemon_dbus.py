@@ -26,7 +26,7 @@ from tests.integration.daemon_util import (
     wait_for,
 )
 from tests.lab import Lab, LabUser, in_ci
-from tests.lab.bus import SYSTEM_LIKE_BUS_CONFIG as BUS_CONFIG
+from tests.lab.bus import SYSTEM_LIKE_POLICY, bus_config
 
 pytestmark = pytest.mark.integration
 
@@ -72,12 +72,6 @@ CLIENT = textwrap.dedent("""
 
 
 @pytest.fixture
-def daemons(lab: Lab) -> Iterator[DaemonSet]:
-    with DaemonSet(lab) as ds:
-        yield ds
-
-
-@pytest.fixture
 def system_bus(lab: Lab) -> Iterator[str]:
     """A private dbus-daemon (stopped by PID afterwards); its address."""
     missing = [t for t in ("dbus-daemon", "busctl") if shutil.which(t) is None]
@@ -90,7 +84,7 @@ def system_bus(lab: Lab) -> Iterator[str]:
     pytest.importorskip("dbus_fast")
     sock = Path(lab.tmpdir) / "system_bus_socket"
     config = Path(lab.tmpdir) / "system-bus.conf"
-    config.write_text(BUS_CONFIG.format(socket=sock, policy=POLICY))
+    config.write_text(bus_config(sock, SYSTEM_LIKE_POLICY, POLICY))
     proc = lab.popen("cli", [tool, f"--config-file={config}", "--nofork", "--nopidfile"],
                      name="dbus-daemon")
     try:

@@ -8,7 +8,6 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Iterator
 
 import psutil
 import pytest
@@ -32,22 +31,13 @@ OUTAGE = 20.0
 DETECT_WITHIN = 3 * KEEPALIVE + KEEPALIVE / 4 + 1.0  # 3 intervals, one check step, 1 s slack
 
 
-@pytest.fixture
-def daemons(lab: Lab) -> Iterator[DaemonSet]:
-    with DaemonSet(lab) as ds:
-        yield ds
-
-
 def redirect_ports(table: str) -> set[int]:
     return {int(p) for p in re.findall(r"redirect to :(\d+)", table)}
 
 
 def test_killed_ssh_child_reconnects_and_new_connections_work_within_5_s(
         lab: Lab, daemons: DaemonSet) -> None:
-    d = daemons.new()
-    d.write_profile("work", root_profile(lab, lab.target_nets))
-    d.start()
-    d.up("work")
+    d = daemons.work_up()
     watch = daemons.watch(d)
     old = d.ssh_pid("work")
 
@@ -66,10 +56,7 @@ def test_killed_ssh_child_reconnects_and_new_connections_work_within_5_s(
 
 def test_link_cut_is_detected_by_keepalive_and_the_tunnel_recovers(
         lab: Lab, daemons: DaemonSet) -> None:
-    d = daemons.new()
-    d.write_profile("work", root_profile(lab, lab.target_nets, keepalive=KEEPALIVE))
-    d.start()
-    d.up("work")
+    d = daemons.work_up(keepalive=KEEPALIVE)
     watch = daemons.watch(d)
     assert http_ok(lab, lab.tgt_v4)
 
@@ -141,10 +128,7 @@ def test_sigkilled_daemon_restarts_replacing_stale_rules_and_restoring_wanted_pr
 
 def test_cleanup_after_sigkill_removes_our_table_and_restores_the_ruleset(
         lab: Lab, daemons: DaemonSet) -> None:
-    d = daemons.new()
-    d.write_profile("work", root_profile(lab, lab.target_nets, autostart=True))
-    d.start()
-    d.wait_state("work", "up")
+    d = daemons.work_up(autostart=True)
     d.kill()
     assert nft_table(lab) is not None
 

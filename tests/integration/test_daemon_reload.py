@@ -9,7 +9,6 @@ import re
 import signal
 import socket
 import threading
-from collections.abc import Iterator
 
 import pytest
 
@@ -20,12 +19,6 @@ pytestmark = pytest.mark.integration
 
 SIZE = 64 << 20
 SEED = 11
-
-
-@pytest.fixture
-def daemons(lab: Lab) -> Iterator[DaemonSet]:
-    with DaemonSet(lab) as ds:
-        yield ds
 
 
 class PausedDownload:
@@ -71,10 +64,7 @@ class PausedDownload:
 
 def test_connection_opened_before_reload_keeps_transferring(
         lab: Lab, daemons: DaemonSet) -> None:
-    d = daemons.new()
-    d.write_profile("work", root_profile(lab, lab.target_nets, autostart=True))
-    d.start()
-    d.wait_state("work", "up")
+    d = daemons.work_up(autostart=True)
     ssh_pid = d.ssh_pid("work")
 
     download = PausedDownload(lab, lab.tgt_v4)
@@ -95,10 +85,7 @@ def test_connection_opened_before_reload_keeps_transferring(
 
 def test_broken_yaml_on_reload_is_refused_and_running_profiles_are_untouched(
         lab: Lab, daemons: DaemonSet) -> None:
-    d = daemons.new()
-    d.write_profile("work", root_profile(lab, lab.target_nets))
-    d.start()
-    d.up("work")
+    d = daemons.work_up()
     ssh_pid = d.ssh_pid("work")
     rules = d.lab.run("cli", ["nft", "list", "table", "inet", "shuttled"]).stdout
 
@@ -135,10 +122,7 @@ def test_broken_yaml_on_reload_is_refused_and_running_profiles_are_untouched(
 
 def test_sighup_reloads_and_a_broken_config_on_sighup_keeps_the_daemon_running(
         lab: Lab, daemons: DaemonSet) -> None:
-    d = daemons.new()
-    d.write_profile("work", root_profile(lab, lab.target_nets))
-    d.start()
-    d.up("work")
+    d = daemons.work_up()
     ssh_pid = d.ssh_pid("work")
 
     d.write_profile("extra", root_profile(lab, [f"10.{lab.net}.9.0/24"]))

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,12 +32,6 @@ pytestmark = pytest.mark.integration
 
 UNIT = REPO_ROOT / "systemd" / "shuttled.service"
 LAUNCHD = REPO_ROOT / "launchd"
-
-
-@pytest.fixture
-def daemons(lab: Lab) -> Iterator[DaemonSet]:
-    with DaemonSet(lab) as ds:
-        yield ds
 
 
 def test_ready_status_and_watchdog_arrive_on_the_notify_socket(

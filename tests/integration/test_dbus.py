@@ -8,14 +8,10 @@ import asyncio
 import dataclasses
 import grp
 import json
-import select
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Callable, Coroutine, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +29,7 @@ from shuttled.control.dbus import (
 )
 from shuttled.errors import ShuttledError
 from tests.lab import require_root_tools, which
-from tests.lab.bus import SYSTEM_LIKE_BUS_CONFIG as BUS_CONFIG
+from tests.lab.bus import SYSTEM_LIKE_POLICY, Bus, private_bus
 from tests.unit.test_control_support import FakeCore, fake_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -109,35 +105,12 @@ asyncio.run(asyncio.wait_for(main(sys.argv[1]), 60))
 """
 
 
-@dataclass
-class Bus:
-    address: str
-    pid: int
-
-
 @pytest.fixture
 def bus() -> Iterator[Bus]:
     """A private system-type dbus-daemon on a socket every uid can reach; killed after."""
     require_root_tools("dbus-daemon", "dbus-send", "setpriv")
-    # Not pytest's tmp_path: it is 0700, and unprivileged clients must reach the socket.
-    tmp = Path(tempfile.mkdtemp(prefix="shuttled-dbus-"))
-    tmp.chmod(0o755)
-    config = tmp / "bus.conf"
-    config.write_text(BUS_CONFIG.format(socket=tmp / "bus", policy=POLICY))
-    proc = subprocess.Popen([str(which("dbus-daemon")), f"--config-file={config}", "--nofork",
-                             "--print-address=1"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], 10)
-        address = proc.stdout.readline().strip() if ready else ""
-        assert address, f"dbus-daemon did not start (exit {proc.poll()})"
-        yield Bus(address, proc.pid)
-    finally:
-        proc.kill()
-        proc.wait(10)
-        if proc.stdout is not None:
-            proc.stdout.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+    with private_bus(SYSTEM_LIKE_POLICY, POLICY, prefix="shuttled-dbus-") as running:
+        yield running
 
 
 class Service:

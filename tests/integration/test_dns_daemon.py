@@ -18,6 +18,7 @@ from tests.integration.daemon_util import (
     http_ok,
     nft_table,
     root_profile,
+    split_profile,
     wait_for,
 )
 from tests.integration.dns_util import (
@@ -40,12 +41,6 @@ USAGE = 2
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
     yield from dns_lab()
-
-
-@pytest.fixture
-def daemons(lab: Lab) -> Iterator[DaemonSet]:
-    with DaemonSet(lab) as ds:
-        yield ds
 
 
 @contextlib.contextmanager
@@ -77,10 +72,6 @@ def addresses(lab: Lab, ns: str, *cidrs: str) -> Iterator[None]:
 
 def learnt(status: dict[str, Any]) -> set[str]:
     return {s["subnet"] for s in status["subnets"] if s["source"] == "auto_nets"}
-
-
-def split(lab: Lab, subnets: list[str], *domains: str) -> dict[str, Any]:
-    return root_profile(lab, subnets, dns={"mode": "split", "domains": list(domains)})
 
 
 def test_auto_nets_capture_what_the_remote_routes_and_never_its_default(
@@ -126,9 +117,9 @@ def test_two_split_profiles_each_get_their_own_names(lab: Lab, daemons: DaemonSe
     www, alt = lab.dns_name, f"alt.{lab.dns_zone}"
     with local_resolver(lab) as local:
         d = daemons.new()
-        d.write_profile("corp", split(lab, [f"{lab.tgt_v4}/32"], www))
-        d.write_profile("alt", split(lab, [f"{lab.tgt_v6}/128"], alt))
-        d.write_profile("over", split(lab, [f"{lab.tgt_v4_alt}/32"], lab.dns_zone))
+        d.write_profile("corp", split_profile(lab, [f"{lab.tgt_v4}/32"], www))
+        d.write_profile("alt", split_profile(lab, [f"{lab.tgt_v6}/128"], alt))
+        d.write_profile("over", split_profile(lab, [f"{lab.tgt_v4_alt}/32"], lab.dns_zone))
         d.start()
         d.up("corp")
         d.up("alt")
@@ -156,7 +147,7 @@ def test_down_exit_and_cleanup_after_sigkill_leave_the_firewall_as_before(
     before = lab.firewall_snapshot()
     with local_resolver(lab):
         d = daemons.new()
-        d.write_profile("corp", split(lab, [lab.target_net_v4], lab.dns_zone))
+        d.write_profile("corp", split_profile(lab, [lab.target_net_v4], lab.dns_zone))
         d.start()
         d.up("corp")
         assert "0x5d1e0053" in (nft_table(lab) or "")

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.daemon_util import REPO_ROOT, DaemonSet, nft_table, root_profile
+from tests.integration.daemon_util import REPO_ROOT, DaemonSet, nft_table, split_profile
 from tests.integration.dns_util import (
     PUBLIC_ADDRESS,
     PUBLIC_NAME,
@@ -36,12 +36,6 @@ def lab() -> Iterator[Lab]:
     yield from dns_lab()
 
 
-@pytest.fixture
-def daemons(lab: Lab) -> Iterator[DaemonSet]:
-    with DaemonSet(lab) as ds:
-        yield ds
-
-
 def test_split_dns_through_systemd_resolved_one_link_per_profile(
         lab: Lab, daemons: DaemonSet) -> None:
     www, alt = lab.dns_name, f"alt.{lab.dns_zone}"
@@ -50,8 +44,7 @@ def test_split_dns_through_systemd_resolved_one_link_per_profile(
         d = daemons.new()
         for name, subnet, domain in (("corp", lab.target_net_v4, www),
                                      ("alt", lab.target_net_v6, alt)):
-            d.write_profile(name, root_profile(lab, [subnet],
-                                               dns={"mode": "split", "domains": [domain]}))
+            d.write_profile(name, split_profile(lab, [subnet], domain))
         d.start(env={"DBUS_SYSTEM_BUS_ADDRESS": bus})
         d.up("corp")
         d.up("alt")

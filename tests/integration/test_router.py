@@ -19,7 +19,6 @@ from tests.integration.router_util import (
     block_ssh,
     http_from,
     kernel_state,
-    rlab,
     router_profile,
     start_daemon,
     tcp_connections,
@@ -30,8 +29,6 @@ from tests.integration.router_util import (
 from tests.lab import Lab, clients
 
 pytestmark = pytest.mark.integration
-
-__all__ = ["rlab"]  # the module's lab fixture
 
 FLOWS = 500
 TCP_CONNECTIONS = 200

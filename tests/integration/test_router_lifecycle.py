@@ -17,7 +17,6 @@ from tests.integration.router_util import (
     block_ssh,
     http_from,
     kernel_state,
-    rlab,
     router_profile,
     start_daemon,
     timed,
@@ -27,8 +26,6 @@ from tests.integration.test_tunnel import start_run, stop_run
 from tests.lab import Lab, clients
 
 pytestmark = pytest.mark.integration
-
-__all__ = ["rlab"]  # the module's lab fixture
 
 
 def test_lan_host_reaches_nothing_without_a_tunnel(rlab: Lab) -> None:

@@ -9,58 +9,23 @@ temporary directory and stops it by PID.
 """
 
 import contextlib
-import select
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from dbus_fast import DBusError
 from dbus_fast.aio import MessageBus
 from dbus_fast.service import ServiceInterface, method
 
-BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <listen>unix:path={socket}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <allow own="*"/>
-    <allow send_destination="*"/>
-    <allow receive_sender="*"/>
-  </policy>
-</busconfig>
-"""
+from tests.lab import bus as lab_bus
 
 
 @contextlib.contextmanager
 def private_bus() -> Iterator[str]:
     """A private system-type dbus-daemon; yields its address; killed by PID after."""
-    tool = shutil.which("dbus-daemon")
-    if tool is None:
-        raise FileNotFoundError("dbus-daemon")
-    tmp = Path(tempfile.mkdtemp(prefix="shuttled-resolve1-"))
-    tmp.chmod(0o755)
-    config = tmp / "bus.conf"
-    config.write_text(BUS_CONFIG.format(socket=tmp / "bus"))
-    proc = subprocess.Popen([tool, f"--config-file={config}", "--nofork", "--print-address=1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], 10)
-        address = proc.stdout.readline().strip() if ready else ""
-        assert address, f"dbus-daemon did not start (exit {proc.poll()})"
-        yield address
-    finally:
-        proc.kill()
-        proc.wait(10)
-        if proc.stdout is not None:
-            proc.stdout.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+    with lab_bus.private_bus(lab_bus.OPEN_POLICY, prefix="shuttled-resolve1-",
+                             stderr=subprocess.DEVNULL) as bus:
+        yield bus.address
 
 
 class Recorder(ServiceInterface):  # type: ignore[misc]
