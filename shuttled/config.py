@@ -691,7 +691,8 @@ PROFILE_KEYS: Mapping[str, KeySpec] = MappingProxyType(dict((
           default_text="python3, then others"),
     _spec("keepalive", "seconds 1-300", "health ping interval; the link is declared dead "
           "after three misses", _seconds),
-    _spec("streams", "integer 1-8", "parallel ssh connections", _int_in(1, 8)),
+    _spec("streams", f"integer 1-{const.MAX_STREAMS}", "parallel ssh connections",
+          _int_in(1, const.MAX_STREAMS)),
 )))
 
 

@@ -44,7 +44,7 @@ def spec_for(profile: Profile) -> TunnelSpec:
         dns_domains=profile.dns.domains, dns_upstream=tuple(profile.dns.nameservers),
         auto_nets=profile.auto_nets, remote_hosts=profile.remote_hosts,
         pythons=(profile.python,) if profile.python else const.REMOTE_PYTHONS,
-        keepalive=profile.keepalive, reconnect=True,
+        keepalive=profile.keepalive, reconnect=True, streams=profile.streams,
         router=router_settings(profile))
 
 

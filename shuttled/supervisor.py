@@ -74,6 +74,7 @@ class TunnelSpec:
     reconnect: bool = True
     auto_nets: bool = False  # the remote's routes are subnets too, learnt at each connect
     remote_hosts: bool = False  # the remote's /etc/hosts names answered by our resolver
+    streams: int = 1  # ssh connections; new app connections go to the least busy
     router: RouterSettings = field(default_factory=RouterSettings)  # LAN, UDP, kill switch
 
     def dns_plan(self) -> DnsPlan | None:
@@ -276,7 +277,8 @@ class Tunnel:
     async def _one_session(self) -> tuple[str | None, bool]:
         """Run one ssh session to its end: (why it ended, whether retrying is futile)."""
         session = SshSession(self.spec.target, self.spec.name, forward=self.spec.forward,
-                             pythons=self.spec.pythons, keepalive=self.spec.keepalive)
+                             pythons=self.spec.pythons, keepalive=self.spec.keepalive,
+                             streams=self.spec.streams)
         self.session = session
         try:
             excludes = (await ssh_excludes(self.spec.target, self.server_pin)
@@ -377,7 +379,8 @@ class Tunnel:
             "uptime": time.time() - self.up_since if self.up_since else 0.0,
             "rtt": session.rtt if session else None,
             "mode": str(session.mode) if session and session.mode else None,
-            **_process_stats(session.master.pid if session else None),
+            **(session.stream_stats() if session else {"streams": 0}),
+            **_process_stats(session.master_pids() if session else []),
             **({"dns": self._dns_stats()} if self.forwarder else {}),
             **self.router.stats(),
         }
@@ -451,16 +454,20 @@ def auto_subnets(learnt: Iterable[IPNetwork], profile: Iterable[Subnet],
     return tuple(kept)
 
 
-def _process_stats(pid: int | None) -> dict[str, Any]:
-    if pid is None:
-        return {"ssh_pid": None, "ssh_cpu": None, "ssh_rss": None}
+def _process_stats(pids: list[int]) -> dict[str, Any]:
+    """The ssh masters' CPU seconds and RSS, summed; ssh_pid is the first's."""
     import psutil
 
+    cpu = rss = 0.0
     try:
-        proc = psutil.Process(pid)
-        with proc.oneshot():
-            cpu = proc.cpu_times()
-            return {"ssh_pid": pid, "ssh_cpu": cpu.user + cpu.system,
-                    "ssh_rss": proc.memory_info().rss}
+        for pid in pids:
+            proc = psutil.Process(pid)
+            with proc.oneshot():
+                times = proc.cpu_times()
+                cpu += times.user + times.system
+                rss += proc.memory_info().rss
     except psutil.Error:
-        return {"ssh_pid": pid, "ssh_cpu": None, "ssh_rss": None}
+        return {"ssh_pid": pids[0], "ssh_cpu": None, "ssh_rss": None}
+    if not pids:
+        return {"ssh_pid": None, "ssh_cpu": None, "ssh_rss": None}
+    return {"ssh_pid": pids[0], "ssh_cpu": cpu, "ssh_rss": int(rss)}
