@@ -31,6 +31,7 @@ from shuttled.firewall import cleanup_all, detect
 from shuttled.resolved import cleanup_links
 from shuttled.router import settings_from_profile as router_settings
 from shuttled.supervisor import CaptureSet, State, Tunnel, TunnelSpec, current_profile
+from shuttled.tunnel.ssh import cleanup_control_dirs
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class Daemon:
         self.on_reload: list[Callable[[], None]] = []
 
     async def start(self) -> None:
-        removed = cleanup_all() + cleanup_links()
+        removed = cleanup_all() + cleanup_links() + cleanup_control_dirs()
         if removed:
             log.info("removed stale rules: %s", ", ".join(removed))
         self.config = load_config(self.config_dir)
