@@ -33,6 +33,7 @@ from shuttled.tunnel.remote_info import IPAddress, IPNetwork, remote_hosts, remo
 from shuttled.tunnel.resolver import DnsCapture, DnsPlan, ProfileResolver
 from shuttled.tunnel.session import Forward, SshSession
 from shuttled.tunnel.ssh import SshTarget, resolve_host, server_host
+from shuttled.tunnel.transparent import endpoint_text
 
 log = logging.getLogger(__name__)
 
@@ -395,10 +396,11 @@ class Tunnel:
 
     def connections(self) -> list[dict[str, Any]]:
         now = asyncio.get_running_loop().time()
-        return [{"src": f"{c.src[0]}:{c.src[1]}", "dst": f"{c.dst[0]}:{c.dst[1]}",
-                 "tx": c.channel.bytes_up if c.channel else 0,
-                 "rx": c.channel.bytes_down if c.channel else 0,
-                 "age": round(now - c.started, 3)} for c in self.proxy.connections]
+        tcp = [{"proto": "tcp", "src": endpoint_text(c.src), "dst": endpoint_text(c.dst),
+                "tx": c.channel.bytes_up if c.channel else 0,
+                "rx": c.channel.bytes_down if c.channel else 0,
+                "age": round(now - c.started, 3)} for c in self.proxy.connections]
+        return tcp + self.router.flows()
 
 
 async def _from_remote(what: str, coro: Any, default: Any) -> Any:

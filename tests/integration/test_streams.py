@@ -50,6 +50,9 @@ def test_streams_spread_connections_over_that_many_ssh_connections(
         assert stats["streams"] == STREAMS, stats
         # Each ssh connection carries its share (the first also has our own session).
         assert min(stats["stream_channels"]) >= HELD // STREAMS, stats
+        rows = d.ctl_json("connections", "work")["connections"]
+        assert len(rows) == HELD and {r["proto"] for r in rows} == {"tcp"}, rows
+        assert {r["dst"] for r in rows} == {f"{lab.tgt_v4}:{clients.BULK_PORT}"}, rows
     finally:
         for sock in held:
             sock.close()
