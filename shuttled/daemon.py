@@ -217,7 +217,10 @@ class Daemon:
         for name in (*removed, *changed):
             tunnel = self.tunnels.pop(name, None)
             if tunnel is not None:
-                await tunnel.down()
+                # A changed profile that keeps its kill switch stays held until
+                # its successor takes over: the reload opens no gap.
+                await tunnel.down(keep_hold=name in changed and name in wanted
+                                  and new.profiles[name].kill_switch)
         self.config = new
         self.wanted = wanted
         self.state.save(self.wanted)

@@ -171,6 +171,7 @@ class Tunnel:
         self.changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._on_state = on_state
+        self._holding_own = False  # our own capture is the one held (not a predecessor's)
 
     def _mux(self) -> Any:
         return self.session.current_mux() if self.session is not None else None
@@ -197,12 +198,16 @@ class Tunnel:
         if not self.spec.router.kill_switch or self._excludes is None:
             return
         current = self.captures.captures.get(self.spec.name)
-        base = current or self.router.fields(Capture(
-            name=self.spec.name, subnets=self.spec.subnets + self.auto_nets + self._excludes,
-            tcp_port=self.proxy.port, uid=self.spec.uid))
+        # A predecessor's held capture (a reload changed the profile) is replaced
+        # by ours in one transaction: the subnets are never let out in between.
+        base = current if current is not None and self._holding_own else self.router.fields(
+            Capture(name=self.spec.name,
+                    subnets=self.spec.subnets + self.auto_nets + self._excludes,
+                    tcp_port=self.proxy.port, uid=self.spec.uid))
         held = dataclasses.replace(base, hold=True)
         if held != current:
             self.captures.put(held)
+        self._holding_own = True
 
     @property
     def running(self) -> bool:
@@ -236,13 +241,14 @@ class Tunnel:
             await self.changed.wait()
         return self.state
 
-    async def down(self) -> None:
+    async def down(self, keep_hold: bool = False) -> None:
+        """Stop; with `keep_hold` a kill switch stays engaged for a successor (reload)."""
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self._teardown()
+        await self._teardown(keep_hold and self.spec.router.kill_switch)
         self._set(State.DOWN)
 
     async def _supervise(self) -> None:
@@ -352,9 +358,15 @@ class Tunnel:
             raise ConnectionError("tunnel is not up")
         return await self.session.open_stream(host, port)
 
-    async def _teardown(self) -> None:
+    async def _teardown(self, keep_hold: bool = False) -> None:
         with contextlib.suppress(ShuttledError):
-            self.captures.drop(self.spec.name)
+            current = self.captures.captures.get(self.spec.name)
+            if keep_hold and current is not None:
+                if not current.hold:
+                    self.captures.put(dataclasses.replace(current, hold=True))
+            else:
+                self.captures.drop(self.spec.name)
+        self._holding_own = False
         self.proxy.close()
         self.proxy = self._new_proxy()
         self.router.close()
