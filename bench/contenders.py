@@ -423,4 +423,4 @@ ALL: dict[str, type[Contender]] = {c.name: c for c in (
     RawSsh, SshL, ShuttledRun, ShuttledHelper, ShuttledDaemon, Sshuttle, ShuttledUvloop,
     ShuttledDaemonStreams2, ShuttledDaemonStreams4)}
 DEFAULT_ORDER = ("raw-ssh", "ssh-L", "shuttled", "shuttled-helper", "shuttled-daemon",
-                 "sshuttle")
+                 "shuttled-daemon-s2", "shuttled-daemon-s4", "sshuttle")
