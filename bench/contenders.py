@@ -407,7 +407,13 @@ class ShuttledDaemon(Contender):
                                  f"{(up.stderr or up.stdout).strip()}\n{self.log_tail()}")
 
 
-class ShuttledDaemonStreams(ShuttledDaemon):
+class ShuttledDaemonStreams2(ShuttledDaemon):
+    name = "shuttled-daemon-s2"
+    description = "daemon profile with streams: 2 (two ssh connections)"
+    streams = 2
+
+
+class ShuttledDaemonStreams4(ShuttledDaemon):
     name = "shuttled-daemon-s4"
     description = "daemon profile with streams: 4 (four ssh connections)"
     streams = 4
@@ -415,6 +421,6 @@ class ShuttledDaemonStreams(ShuttledDaemon):
 
 ALL: dict[str, type[Contender]] = {c.name: c for c in (
     RawSsh, SshL, ShuttledRun, ShuttledHelper, ShuttledDaemon, Sshuttle, ShuttledUvloop,
-    ShuttledDaemonStreams)}
+    ShuttledDaemonStreams2, ShuttledDaemonStreams4)}
 DEFAULT_ORDER = ("raw-ssh", "ssh-L", "shuttled", "shuttled-helper", "shuttled-daemon",
-                 "sshuttle")
+                 "shuttled-daemon-s2", "shuttled-daemon-s4", "sshuttle")

@@ -209,9 +209,9 @@ def daemon_version(v: Mapping[str, Any]) -> str:
 
 
 def connections_table(conns: Sequence[Mapping[str, Any]]) -> str:
-    rows = [[text(c.get("src")), text(c.get("dst")), size(c.get("rx")), size(c.get("tx")),
-             duration(c.get("age"))] for c in conns]
-    return table(["SOURCE", "DESTINATION", "RX", "TX", "AGE"], rows)
+    rows = [[text(c.get("proto")), text(c.get("src")), text(c.get("dst")), size(c.get("rx")),
+             size(c.get("tx")), duration(c.get("age"))] for c in conns]
+    return table(["PROTO", "SOURCE", "DESTINATION", "RX", "TX", "AGE"], rows)
 
 
 def reload_summary(result: Mapping[str, Any]) -> str:

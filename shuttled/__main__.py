@@ -20,10 +20,11 @@ def _need_root(what: str) -> None:
 def _cleanup() -> int:
     from shuttled.firewall import cleanup_all
     from shuttled.resolved import cleanup_links
+    from shuttled.tunnel.ssh import cleanup_control_dirs
 
     _need_root("cleanup")
     # Links first: deleting one is also what undoes its systemd-resolved settings.
-    removed = cleanup_links() + cleanup_all()
+    removed = cleanup_links() + cleanup_all() + cleanup_control_dirs()
     for item in removed:
         print(f"removed {item}")
     return ExitCode.OK

@@ -115,9 +115,19 @@ def _add_run(p: argparse.ArgumentParser) -> None:
                    help="do not listen on ::1 nor capture IPv6")
     p.add_argument("--keepalive", type=float, default=const.KEEPALIVE_INTERVAL,
                    metavar="SECONDS", help="health ping interval; dead after three misses")
+    p.add_argument("--streams", type=_streams, default=1, metavar="N",
+                   help=f"ssh connections to spread new connections over "
+                        f"(1-{const.MAX_STREAMS}; default 1)")
     p.add_argument("--no-auto-exclude", action="store_true",
                    help="do not exclude the ssh server's own address and port")
     add_router_arguments(p)
+
+
+def _streams(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= const.MAX_STREAMS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a whole number from 1 to {const.MAX_STREAMS}")
+    return int(text)
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -212,6 +222,7 @@ def run_spec(args: argparse.Namespace) -> TunnelSpec:
         dns_capture=_addresses(args.ns_hosts, "--ns-hosts"),
         dns_upstream=_addresses(args.to_ns, "--to-ns"), listen=listen, port=port,
         uid=_uid(args.user), keepalive=args.keepalive, auto_exclude=not args.no_auto_exclude,
+        streams=args.streams,
         pythons=(args.python,) if args.python else const.REMOTE_PYTHONS,
         router=router_settings(args))
 

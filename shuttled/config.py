@@ -109,6 +109,10 @@ class _Seq(list[Any]):
     lines: list[int]
 
 
+_UNCLOSED = {"while parsing a flow mapping": "the {", "while parsing a flow sequence": "the [",
+             "while scanning a quoted scalar": "the quote"}
+
+
 class _Loader(yaml.CSafeLoader):
     """The C parser, with constructors that keep node marks as line numbers."""
 
@@ -691,7 +695,8 @@ PROFILE_KEYS: Mapping[str, KeySpec] = MappingProxyType(dict((
           default_text="python3, then others"),
     _spec("keepalive", "seconds 1-300", "health ping interval; the link is declared dead "
           "after three misses", _seconds),
-    _spec("streams", "integer 1-8", "parallel ssh connections", _int_in(1, 8)),
+    _spec("streams", f"integer 1-{const.MAX_STREAMS}", "parallel ssh connections",
+          _int_in(1, const.MAX_STREAMS)),
 )))
 
 
@@ -811,6 +816,14 @@ class _Collector:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else 1
         problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        # PyYAML notices an unclosed [, { or quote only where it gives up, often
+        # lines later: name the line that opened it, where the mistake is.
+        opened = _UNCLOSED.get(getattr(exc, "context", None) or "")
+        start = getattr(exc, "context_mark", None)
+        if opened and start is not None and start.line + 1 < line:
+            self._error(path, start.line + 1, f"YAML syntax error: {opened} opened here is "
+                                              f"not closed ({problem} at line {line})")
+            return
         self._error(path, line, f"YAML syntax error: {problem}")
 
     def _profiles_map(self, path: Path, data: Any) -> _Map | None:

@@ -61,6 +61,7 @@ LISTEN_BACKLOG = 4096
 # --- liveness ---------------------------------------------------------------------
 KEEPALIVE_INTERVAL = 10.0
 KEEPALIVE_MISSES = 3
+MAX_STREAMS = 8  # ssh connections one tunnel may hold (`streams`, `--streams`)
 SSH_SERVER_ALIVE_INTERVAL = 10
 SSH_SERVER_ALIVE_COUNT = 3
 

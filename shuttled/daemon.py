@@ -31,6 +31,7 @@ from shuttled.firewall import cleanup_all, detect
 from shuttled.resolved import cleanup_links
 from shuttled.router import settings_from_profile as router_settings
 from shuttled.supervisor import CaptureSet, State, Tunnel, TunnelSpec, current_profile
+from shuttled.tunnel.ssh import cleanup_control_dirs
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def spec_for(profile: Profile) -> TunnelSpec:
         dns_domains=profile.dns.domains, dns_upstream=tuple(profile.dns.nameservers),
         auto_nets=profile.auto_nets, remote_hosts=profile.remote_hosts,
         pythons=(profile.python,) if profile.python else const.REMOTE_PYTHONS,
-        keepalive=profile.keepalive, reconnect=True,
+        keepalive=profile.keepalive, reconnect=True, streams=profile.streams,
         router=router_settings(profile))
 
 
@@ -86,7 +87,7 @@ class Daemon:
         self.on_reload: list[Callable[[], None]] = []
 
     async def start(self) -> None:
-        removed = cleanup_all() + cleanup_links()
+        removed = cleanup_all() + cleanup_links() + cleanup_control_dirs()
         if removed:
             log.info("removed stale rules: %s", ", ".join(removed))
         self.config = load_config(self.config_dir)
@@ -216,7 +217,10 @@ class Daemon:
         for name in (*removed, *changed):
             tunnel = self.tunnels.pop(name, None)
             if tunnel is not None:
-                await tunnel.down()
+                # A changed profile that keeps its kill switch stays held until
+                # its successor takes over: the reload opens no gap.
+                await tunnel.down(keep_hold=name in changed and name in wanted
+                                  and new.profiles[name].kill_switch)
         self.config = new
         self.wanted = wanted
         self.state.save(self.wanted)

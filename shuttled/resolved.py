@@ -39,7 +39,7 @@ import re
 import shutil
 import socket
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +57,8 @@ LINK_KNOWN_TIMEOUT = 3.0  # resolved learns about a new link from rtnetlink, soo
 LINK_KINDS = ("dummy", "ifb")  # ifb where the kernel has no dummy driver
 IP_TIMEOUT = 10.0
 IFNAMSIZ = 15
+_OWNER_CHANGES = ("type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
+                  f"member='NameOwnerChanged',arg0='{const.RESOLVED_BUS_NAME}'")
 _SHORT_RE = re.compile(r"[A-Za-z0-9_-]{1,6}")
 
 
@@ -211,6 +213,7 @@ class Resolved:
 
     def __init__(self, bus: Any) -> None:
         self._bus = bus
+        self._tasks: set[asyncio.Future[None]] = set()
 
     @classmethod
     async def connect(cls) -> Resolved | None:
@@ -295,6 +298,24 @@ class Resolved:
                     raise
             await asyncio.sleep(0.05)
 
+    async def watch_restarts(self, on_restart: Callable[[], Awaitable[None]]) -> None:
+        """Call `on_restart` each time resolved's bus name gets a new owner: a
+        restarted resolved may have forgotten what we told it about our link."""
+        from dbus_fast import Message
+
+        def handler(msg: Message) -> None:
+            if (msg.member == "NameOwnerChanged" and msg.path == "/org/freedesktop/DBus"
+                    and len(msg.body) == 3 and msg.body[0] == const.RESOLVED_BUS_NAME
+                    and msg.body[2]):
+                task = asyncio.ensure_future(on_restart())
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+        self._bus.add_message_handler(handler)
+        await self._call_bus("AddMatch", "s", _OWNER_CHANGES)
+
     def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
         with contextlib.suppress(Exception):
             self._bus.disconnect()

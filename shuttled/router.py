@@ -121,6 +121,10 @@ class RouterSide:
             self.lan_dns.close()
             self.lan_dns = None
 
+    def flows(self) -> list[dict[str, Any]]:
+        """The UDP flows as `connections` rows."""
+        return self.udp.describe() if self.udp is not None else []
+
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if self.udp is not None:

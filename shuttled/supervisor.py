@@ -33,6 +33,7 @@ from shuttled.tunnel.remote_info import IPAddress, IPNetwork, remote_hosts, remo
 from shuttled.tunnel.resolver import DnsCapture, DnsPlan, ProfileResolver
 from shuttled.tunnel.session import Forward, SshSession
 from shuttled.tunnel.ssh import SshTarget, resolve_host, server_host
+from shuttled.tunnel.transparent import endpoint_text
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class TunnelSpec:
     reconnect: bool = True
     auto_nets: bool = False  # the remote's routes are subnets too, learnt at each connect
     remote_hosts: bool = False  # the remote's /etc/hosts names answered by our resolver
+    streams: int = 1  # ssh connections; new app connections go to the least busy
     router: RouterSettings = field(default_factory=RouterSettings)  # LAN, UDP, kill switch
 
     def dns_plan(self) -> DnsPlan | None:
@@ -169,6 +171,7 @@ class Tunnel:
         self.changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._on_state = on_state
+        self._holding_own = False  # our own capture is the one held (not a predecessor's)
 
     def _mux(self) -> Any:
         return self.session.current_mux() if self.session is not None else None
@@ -195,12 +198,16 @@ class Tunnel:
         if not self.spec.router.kill_switch or self._excludes is None:
             return
         current = self.captures.captures.get(self.spec.name)
-        base = current or self.router.fields(Capture(
-            name=self.spec.name, subnets=self.spec.subnets + self.auto_nets + self._excludes,
-            tcp_port=self.proxy.port, uid=self.spec.uid))
+        # A predecessor's held capture (a reload changed the profile) is replaced
+        # by ours in one transaction: the subnets are never let out in between.
+        base = current if current is not None and self._holding_own else self.router.fields(
+            Capture(name=self.spec.name,
+                    subnets=self.spec.subnets + self.auto_nets + self._excludes,
+                    tcp_port=self.proxy.port, uid=self.spec.uid))
         held = dataclasses.replace(base, hold=True)
         if held != current:
             self.captures.put(held)
+        self._holding_own = True
 
     @property
     def running(self) -> bool:
@@ -234,13 +241,14 @@ class Tunnel:
             await self.changed.wait()
         return self.state
 
-    async def down(self) -> None:
+    async def down(self, keep_hold: bool = False) -> None:
+        """Stop; with `keep_hold` a kill switch stays engaged for a successor (reload)."""
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self._teardown()
+        await self._teardown(keep_hold and self.spec.router.kill_switch)
         self._set(State.DOWN)
 
     async def _supervise(self) -> None:
@@ -276,7 +284,8 @@ class Tunnel:
     async def _one_session(self) -> tuple[str | None, bool]:
         """Run one ssh session to its end: (why it ended, whether retrying is futile)."""
         session = SshSession(self.spec.target, self.spec.name, forward=self.spec.forward,
-                             pythons=self.spec.pythons, keepalive=self.spec.keepalive)
+                             pythons=self.spec.pythons, keepalive=self.spec.keepalive,
+                             streams=self.spec.streams)
         self.session = session
         try:
             excludes = (await ssh_excludes(self.spec.target, self.server_pin)
@@ -349,9 +358,15 @@ class Tunnel:
             raise ConnectionError("tunnel is not up")
         return await self.session.open_stream(host, port)
 
-    async def _teardown(self) -> None:
+    async def _teardown(self, keep_hold: bool = False) -> None:
         with contextlib.suppress(ShuttledError):
-            self.captures.drop(self.spec.name)
+            current = self.captures.captures.get(self.spec.name)
+            if keep_hold and current is not None:
+                if not current.hold:
+                    self.captures.put(dataclasses.replace(current, hold=True))
+            else:
+                self.captures.drop(self.spec.name)
+        self._holding_own = False
         self.proxy.close()
         self.proxy = self._new_proxy()
         self.router.close()
@@ -377,7 +392,8 @@ class Tunnel:
             "uptime": time.time() - self.up_since if self.up_since else 0.0,
             "rtt": session.rtt if session else None,
             "mode": str(session.mode) if session and session.mode else None,
-            **_process_stats(session.master.pid if session else None),
+            **(session.stream_stats() if session else {"streams": 0}),
+            **_process_stats(session.master_pids() if session else []),
             **({"dns": self._dns_stats()} if self.forwarder else {}),
             **self.router.stats(),
         }
@@ -392,10 +408,11 @@ class Tunnel:
 
     def connections(self) -> list[dict[str, Any]]:
         now = asyncio.get_running_loop().time()
-        return [{"src": f"{c.src[0]}:{c.src[1]}", "dst": f"{c.dst[0]}:{c.dst[1]}",
-                 "tx": c.channel.bytes_up if c.channel else 0,
-                 "rx": c.channel.bytes_down if c.channel else 0,
-                 "age": round(now - c.started, 3)} for c in self.proxy.connections]
+        tcp = [{"proto": "tcp", "src": endpoint_text(c.src), "dst": endpoint_text(c.dst),
+                "tx": c.channel.bytes_up if c.channel else 0,
+                "rx": c.channel.bytes_down if c.channel else 0,
+                "age": round(now - c.started, 3)} for c in self.proxy.connections]
+        return tcp + self.router.flows()
 
 
 async def _from_remote(what: str, coro: Any, default: Any) -> Any:
@@ -451,16 +468,20 @@ def auto_subnets(learnt: Iterable[IPNetwork], profile: Iterable[Subnet],
     return tuple(kept)
 
 
-def _process_stats(pid: int | None) -> dict[str, Any]:
-    if pid is None:
-        return {"ssh_pid": None, "ssh_cpu": None, "ssh_rss": None}
+def _process_stats(pids: list[int]) -> dict[str, Any]:
+    """The ssh masters' CPU seconds and RSS, summed; ssh_pid is the first's."""
     import psutil
 
+    cpu = rss = 0.0
     try:
-        proc = psutil.Process(pid)
-        with proc.oneshot():
-            cpu = proc.cpu_times()
-            return {"ssh_pid": pid, "ssh_cpu": cpu.user + cpu.system,
-                    "ssh_rss": proc.memory_info().rss}
+        for pid in pids:
+            proc = psutil.Process(pid)
+            with proc.oneshot():
+                times = proc.cpu_times()
+                cpu += times.user + times.system
+                rss += proc.memory_info().rss
     except psutil.Error:
-        return {"ssh_pid": pid, "ssh_cpu": None, "ssh_rss": None}
+        return {"ssh_pid": pids[0], "ssh_cpu": None, "ssh_rss": None}
+    if not pids:
+        return {"ssh_pid": None, "ssh_cpu": None, "ssh_rss": None}
+    return {"ssh_pid": pids[0], "ssh_cpu": cpu, "ssh_rss": int(rss)}

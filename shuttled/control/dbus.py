@@ -173,6 +173,8 @@ PROFILE_PROPERTIES = (
     BusProperty("LastError", "s", "last_error", ""),
     BusProperty("Rx", "t", "rx", 0, emits="false"),
     BusProperty("Tx", "t", "tx", 0, emits="false"),
+    # The kill switch can engage before the first state change is signalled: read it.
+    BusProperty("Holding", "b", "holding", False, emits="false"),
 )
 # What a state change can alter; signalled with PropertiesChanged.
 STATE_PROPERTIES = ("State", "LastError", "Since")

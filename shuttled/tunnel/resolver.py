@@ -76,6 +76,7 @@ class ProfileResolver:
         self._peers = peers
         self._listener: DnsListener | None = None
         self._link: DnsLink | None = None  # the resolved path's link
+        self._watch: Resolved | None = None  # told when resolved restarts
         self._local: list[str] = []
         self._capture = DnsCapture()
         self._routes = SplitRoutes(everything=plan.mode == "all", domains=plan.domains)
@@ -102,14 +103,25 @@ class ProfileResolver:
         if resolved is None:
             return None
         try:
-            return await self._start_resolved(resolved, upstream)
+            capture = await self._start_resolved(resolved, upstream)
+            await resolved.watch_restarts(self._resolved_restarted)
         except (ResolvedError, OSError, TimeoutError) as exc:
             log.warning("split DNS through systemd-resolved failed (%s): catching DNS in the "
                         "firewall instead", exc)
+            resolved.close()
             await self.close()
             return None
-        finally:
-            resolved.close()
+        self._watch = resolved  # its bus connection stays open, for the signal
+        return capture
+
+    async def _resolved_restarted(self) -> None:
+        if self._link is None:
+            return
+        log.info("systemd-resolved restarted: configuring link %s again", self._link.name)
+        try:
+            await self._reconfigure(self._link)
+        except ShuttledError as exc:
+            log.warning("%s", exc)
 
     def _forwarder(self, upstream: Sequence[str], local: LocalUpstream | None) -> DnsForwarder:
         forwarder = DnsForwarder(self._opener, upstream, local=local, cache=DnsCache(),
@@ -189,6 +201,9 @@ class ProfileResolver:
         return None if self.plan.mode == "all" else self._routes
 
     async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
         if self._link is not None:
             resolved = await Resolved.connect()
             if resolved is not None:

@@ -1,4 +1,4 @@
-"""One live ssh connection of a tunnel: the master, the proxy-mode mux client,
+"""A tunnel's live ssh connections: the masters, their proxy-mode mux clients,
 liveness, and the forwarding mode (sshd's direct-tcpip, or the remote helper)."""
 
 from __future__ import annotations
@@ -30,6 +30,16 @@ HELPER_START_TIMEOUT = 30.0
 # the old one is closed once its last channel ends.
 ROTATE_AFTER_FAILED_OPENS = 256
 
+# pty-req: TERM, 80x24 characters, no pixel size, no terminal modes (RFC 4254 6.2).
+_PTY_REQUEST = (sshmsg.sstring("dumb") + sshmsg.U32X2.pack(80, 24) + sshmsg.U32X2.pack(0, 0)
+                + sshmsg.sstring(b"\x00"))
+
+# A lost extra ssh connection is replaced after this long, doubling while it fails.
+REPLACE_BACKOFF_MIN = 1.0
+REPLACE_BACKOFF_MAX = 60.0
+
+LostHandler = Callable[[BaseException | None], None]
+
 
 class Forward(enum.StrEnum):
     AUTO = "auto"
@@ -50,36 +60,194 @@ class _Probe(CommandEndpoint):
             self.opened.set_result(None)  # type: ignore[arg-type]
 
 
+class SshLink:
+    """One ssh connection of a session: its master, the mux on its control socket,
+    and the mux that carries app connections over it (that same mux in direct
+    mode, the helper's in helper mode)."""
+
+    def __init__(self, session: SshSession, index: int) -> None:
+        self.session = session
+        self.index = index
+        name = session.name if index == 0 else f"{session.name}.{index}"
+        self.master = SshMaster(session.target, name)
+        self.control: ChannelMux | None = None
+        self.data: ChannelMux | None = None
+        self.interactive: Channel | None = None  # our own session channel (see below)
+        self._retired: list[ChannelMux] = []
+        self._rotating = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self.dead = False  # lost while the session goes on without it
+
+    @property
+    def label(self) -> str:
+        return f"ssh connection {self.index + 1} of {self.session.streams}"
+
+    async def connect(self) -> None:
+        await self.master.start()
+        if self.master.pid is not None and set_nodelay(self.master.pid):
+            log.debug("TCP_NODELAY set on the ssh master's connection")
+        self.control = await self.connect_mux(self.lost)
+        self.interactive = await self._open_session()
+        self._tasks.append(asyncio.create_task(self._watch_master()))
+
+    async def connect_mux(self, on_lost: LostHandler) -> ChannelMux:
+        sock = await self.master.connect_proxy()
+        loop = asyncio.get_running_loop()
+        _, protocol = await loop.create_unix_connection(
+            lambda: MuxProtocol(f"ssh {self.session.target.remote}", on_lost), sock=sock)
+        assert isinstance(protocol, MuxProtocol) and protocol.mux is not None
+        return protocol.mux
+
+    async def _open_session(self) -> Channel:
+        assert self.control is not None
+        endpoint = CommandEndpoint()
+        self.control.open("session", endpoint)
+        channel = await asyncio.wait_for(endpoint.opened, const.MUX_HELLO_TIMEOUT)
+        await self._make_interactive(channel)
+        return channel
+
+    async def _make_interactive(self, channel: Channel) -> None:
+        """A pty on our own session makes sshd treat the connection as interactive,
+        which turns Nagle off on its side (session.c, do_exec_pty): without it sshd
+        holds a small packet until our delayed ACK, ~40 ms on a new connection."""
+        target = self.session.target.remote
+        try:
+            reply = channel.request("pty-req", _PTY_REQUEST)
+            assert reply is not None
+            if not await asyncio.wait_for(reply, const.MUX_HELLO_TIMEOUT):
+                log.debug("%s refuses a pty (PermitTTY no): Nagle stays on there", target)
+                return
+            reply = channel.request("exec", sshmsg.sstring("exec cat >/dev/null"))
+            assert reply is not None
+            await asyncio.wait_for(reply, const.MUX_HELLO_TIMEOUT)
+        except (TimeoutError, ShuttledError) as exc:
+            log.debug("no interactive session on %s: %s", target, exc)
+
+    async def start_data(self, mode: Forward) -> None:
+        assert self.control is not None
+        self.data = (self.control if mode is Forward.DIRECT
+                     else await self.session.start_helper(self.control, self.lost))
+
+    async def _watch_master(self) -> None:
+        status = await self.master.wait()
+        self.lost(SshError(f"ssh exited with status {status}: {self.master.last_error()}"))
+
+    def lost(self, exc: BaseException | None) -> None:
+        self.session.link_lost(self, exc)
+
+    def fail(self) -> None:
+        for mux in (self.data, self.control, *self._retired):
+            if mux is not None:
+                mux.fail(None)
+
+    @property
+    def load(self) -> int | None:
+        """Open channels on the data mux; None when it cannot take more."""
+        data = self.data
+        return None if self.dead or data is None or data.closed else data.counters.active
+
+    def current_mux(self) -> ChannelMux | None:
+        data = self.data
+        if (data is not None and self.session.mode is Forward.DIRECT and not self._rotating
+                and data.counters.open_failed >= ROTATE_AFTER_FAILED_OPENS):
+            self._rotating = True
+            self._tasks.append(asyncio.create_task(self._rotate()))
+        self._close_idle_retired()
+        return data
+
+    async def _rotate(self) -> None:
+        try:
+            fresh = await self.connect_mux(self._retired_lost)
+        except SshError as exc:
+            log.warning("could not open a fresh mux connection: %s", exc)
+            return
+        finally:
+            self._rotating = False
+        if self.data is not None and self.data is not self.control:
+            self._retired.append(self.data)
+        self.data = fresh
+        log.info("%d opens failed: new connections now use a fresh mux connection",
+                 ROTATE_AFTER_FAILED_OPENS)
+
+    def _retired_lost(self, exc: BaseException | None) -> None:
+        # A data-only mux connection: losing it ends the link like any other.
+        if exc is not None:
+            self.lost(exc)
+
+    def _close_idle_retired(self) -> None:
+        for mux in [m for m in self._retired if not m.channels]:
+            self._retired.remove(mux)
+            mux.fail(None)
+
+    async def stop(self) -> None:
+        self.fail()  # close our side first, so the master's exit is no surprise
+        await _cancel(self._tasks)
+        await self.master.stop()
+
+
 class SshSession:
-    """Start with `start()`; `closed` resolves with the reason it ended."""
+    """Start with `start()`; `closed` resolves with the reason it ended.
+
+    With `streams` > 1 the session holds that many ssh connections: the first
+    carries liveness, commands, DNS and UDP; each new app connection goes to the
+    one with the fewest open channels, so bulk transfers spread over several
+    encrypting processes (one ssh uses one CPU core at most). Losing an extra
+    connection resets only the app connections it carried, and it is replaced
+    in the background; losing the first ends the session.
+    """
 
     def __init__(self, target: SshTarget, name: str, *, forward: Forward = Forward.AUTO,
                  pythons: tuple[str, ...] = const.REMOTE_PYTHONS,
-                 keepalive: float = const.KEEPALIVE_INTERVAL) -> None:
+                 keepalive: float = const.KEEPALIVE_INTERVAL, streams: int = 1) -> None:
         self.target = target
         self.name = name
         self.forward = forward
         self.pythons = pythons
         self.keepalive = keepalive
-        self.master = SshMaster(target, name)
-        self.control: ChannelMux | None = None  # the mux on the master
-        self.data: ChannelMux | None = None  # the mux that carries app connections
+        self.streams = streams
+        self.links = [SshLink(self, i) for i in range(streams)]
         self.mode: Forward | None = None
         self.rtt: float | None = None
         self.started_at: float | None = None
         self.closed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._liveness: Channel | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._helper: HelperPipe | None = None
-        # The helper for UDP in direct mode: started on first use, on this master,
-        # in a session channel of its own; losing it costs UDP only, not the session.
+        # The helper for UDP in direct mode: started on first use, on the first
+        # master, in a session channel of its own; losing it costs UDP only.
         self._udp_helper: ChannelMux | None = None
         self._udp_starting: asyncio.Future[ChannelMux] | None = None
         self._udp_retry_at = 0.0
         self._udp_error = ""
-        self._retired: list[ChannelMux] = []
-        self._rotating = False
         self._last_answer = 0.0
+
+    @property
+    def primary(self) -> SshLink:
+        return self.links[0]
+
+    @property
+    def master(self) -> SshMaster:
+        return self.primary.master
+
+    @property
+    def control(self) -> ChannelMux | None:
+        return self.primary.control
+
+    @property
+    def data(self) -> ChannelMux | None:
+        return self.primary.data
+
+    def live_links(self) -> list[SshLink]:
+        return [link for link in self.links if link.load is not None]
+
+    def stream_stats(self) -> dict[str, Any]:
+        """How many ssh connections carry the tunnel, and (when several) the app
+        connections each one carries, so the spread can be seen."""
+        live = self.live_links()
+        if self.streams == 1:
+            return {"streams": len(live)}
+        return {"streams": len(live), "stream_channels": [link.load for link in live]}
+
+    def master_pids(self) -> list[int]:
+        return [link.master.pid for link in self.live_links() if link.master.pid is not None]
 
     async def start(self) -> None:
         try:
@@ -89,32 +257,35 @@ class SshSession:
             raise
 
     async def _start(self) -> None:
-        await self.master.start()
-        if self.master.pid is not None and set_nodelay(self.master.pid):
-            log.debug("TCP_NODELAY set on the ssh master's connection")
-        self.control = await self._connect_mux()
-        self._liveness = await self._open_session()
+        await self.primary.connect()
         self.mode = await self._choose_mode()
-        self.data = (self.control if self.mode is Forward.DIRECT
-                     else await self._start_helper(self._lost))
-        self._tasks.append(asyncio.create_task(self._watch_master()))
+        await self.primary.start_data(self.mode)
+        if self.streams > 1:
+            await self._start_extras(self.mode)
         self._tasks.append(asyncio.create_task(self._keepalive()))
         self.started_at = time.time()
-        log.info("tunnel %s up via %s (%s mode)", self.name, self.target.remote, self.mode)
+        extra = f", {len(self.links)} ssh connections" if self.streams > 1 else ""
+        log.info("tunnel %s up via %s (%s mode%s)", self.name, self.target.remote, self.mode,
+                 extra)
 
-    async def _connect_mux(self, on_lost: Any = None) -> ChannelMux:
-        sock = await self.master.connect_proxy()
-        loop = asyncio.get_running_loop()
-        _, protocol = await loop.create_unix_connection(
-            lambda: MuxProtocol(f"ssh {self.target.remote}", on_lost or self._lost), sock=sock)
-        assert isinstance(protocol, MuxProtocol) and protocol.mux is not None
-        return protocol.mux
+    async def _start_extras(self, mode: Forward) -> None:
+        # Side by side; one that fails leaves the tunnel up on fewer connections
+        # (and is tried again) rather than refusing what would still work.
+        extras = self.links[1:]
+        results = await asyncio.gather(*(self._start_link(link, mode) for link in extras),
+                                       return_exceptions=True)
+        for link, result in zip(extras, results, strict=True):
+            if isinstance(result, BaseException):
+                if not isinstance(result, (ShuttledError, OSError, TimeoutError)):
+                    raise result
+                log.warning("%s did not start: %s", link.label, result or "no answer in time")
+                link.dead = True
+                self._tasks.append(asyncio.create_task(self._replace(link)))
 
-    async def _open_session(self) -> Channel:
-        assert self.control is not None
-        endpoint = CommandEndpoint()
-        self.control.open("session", endpoint)
-        return await asyncio.wait_for(endpoint.opened, const.MUX_HELLO_TIMEOUT)
+    @staticmethod
+    async def _start_link(link: SshLink, mode: Forward) -> None:
+        await link.connect()
+        await link.start_data(mode)
 
     async def _choose_mode(self) -> Forward:
         if self.forward is not Forward.AUTO:
@@ -132,15 +303,13 @@ class SshSession:
             return Forward.HELPER
         return Forward.DIRECT
 
-    async def _start_helper(self, on_lost: Callable[[BaseException | None], None]
-                            ) -> ChannelMux:
+    async def start_helper(self, control: ChannelMux, on_lost: LostHandler) -> ChannelMux:
+        """Upload and start the remote helper in a session channel of `control`."""
         from shuttled.remote import helper_source, loader_command
 
-        assert self.control is not None
         source = helper_source()
         pipe = HelperPipe(lambda line: log.info("remote helper: %s", line))
-        self._helper = pipe
-        self.control.open("session", pipe)
+        control.open("session", pipe)
         hello: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
 
         def on_hello(_msg_type: int, payload: memoryview) -> None:
@@ -170,10 +339,6 @@ class SshSession:
                     f"(tried {', '.join(self.pythons)})")
         return f"the remote helper did not start (status {pipe.status}): {pipe.last_error()}"
 
-    async def _watch_master(self) -> None:
-        status = await self.master.wait()
-        self._lost(SshError(f"ssh exited with status {status}: {self.master.last_error()}"))
-
     async def _keepalive(self) -> None:
         # keepalive@openssh.com on our own session channel: the master forwards
         # channel requests, sshd answers FAILURE, and the round trip is our RTT.
@@ -184,7 +349,8 @@ class SshSession:
         for tick in itertools.count(1):
             # Check four times per interval so death is seen soon after the deadline.
             await asyncio.sleep(self.keepalive / 4)
-            if self._liveness is None or self.closed.done():
+            liveness = self.primary.interactive
+            if liveness is None or self.closed.done():
                 return
             if time.monotonic() - self._last_answer > deadline:
                 self._lost(SshError(f"no keepalive answer from {self.target.remote} in "
@@ -193,7 +359,7 @@ class SshSession:
             if tick % 4:
                 continue
             try:
-                reply = self._liveness.request("keepalive@openssh.com")
+                reply = liveness.request("keepalive@openssh.com")
             except ShuttledError:
                 return
             assert reply is not None
@@ -206,15 +372,46 @@ class SshSession:
         self._last_answer = now
         self.rtt = now - sent
 
+    def link_lost(self, link: SshLink, exc: BaseException | None) -> None:
+        if link is self.primary or exc is None:
+            self._lost(exc)
+            return
+        if not link.dead and not self.closed.done():
+            link.dead = True
+            log.warning("%s lost (%s): the connections it carried were reset, %d left",
+                        link.label, exc, len(self.live_links()))
+            self._tasks.append(asyncio.create_task(self._replace(link)))
+
+    async def _replace(self, link: SshLink) -> None:
+        """Bring a lost extra connection back, with backoff, while the session lives."""
+        await link.stop()
+        delay = REPLACE_BACKOFF_MIN
+        while not self.closed.done():
+            await asyncio.sleep(delay)
+            fresh = SshLink(self, link.index)
+            self.links[self.links.index(link)] = fresh
+            try:
+                assert self.mode is not None
+                await self._start_link(fresh, self.mode)
+            except (ShuttledError, OSError, TimeoutError) as exc:
+                log.warning("%s did not come back: %s", fresh.label, exc or "no answer in time")
+                fresh.dead = True
+                await fresh.stop()
+                link, delay = fresh, min(delay * 2, REPLACE_BACKOFF_MAX)
+                continue
+            log.info("%s is back", fresh.label)
+            return
+
     def _lost(self, exc: BaseException | None) -> None:
         if not self.closed.done():
             reason = str(exc) if exc is not None else "stopped"
             if exc is not None:
                 log.warning("tunnel %s lost: %s", self.name, reason)
             self.closed.set_result(reason)
-        for mux in (self._udp_helper, self.data, self.control, *self._retired):
-            if mux is not None:
-                mux.fail(None)
+        if self._udp_helper is not None:
+            self._udp_helper.fail(None)
+        for link in self.links:
+            link.fail()
 
     # --- services for the layers above --------------------------------------------
 
@@ -254,7 +451,8 @@ class SshSession:
 
     async def _start_udp_helper(self) -> ChannelMux:
         try:
-            mux = await self._start_helper(self._udp_helper_lost)
+            assert self.control is not None
+            mux = await self.start_helper(self.control, self._udp_helper_lost)
         except (ShuttledError, OSError, TimeoutError) as exc:
             self._udp_error = str(exc) or type(exc).__name__
             self._udp_retry_at = time.monotonic() + const.UDP_HELPER_RETRY
@@ -271,46 +469,26 @@ class SshSession:
         self._udp_helper = None
 
     def current_mux(self) -> ChannelMux | None:
+        """The mux for a new app connection: the least busy ssh connection's."""
         if self.closed.done():
             return None
-        data = self.data
-        if (data is not None and self.mode is Forward.DIRECT and not self._rotating
-                and data.counters.open_failed >= ROTATE_AFTER_FAILED_OPENS):
-            self._rotating = True
-            self._tasks.append(asyncio.create_task(self._rotate()))
-        self._close_idle_retired()
-        return data
-
-    async def _rotate(self) -> None:
-        try:
-            fresh = await self._connect_mux(on_lost=self._retired_lost)
-        except SshError as exc:
-            log.warning("could not open a fresh mux connection: %s", exc)
-            return
-        finally:
-            self._rotating = False
-        if self.data is not None and self.data is not self.control:
-            self._retired.append(self.data)
-        self.data = fresh
-        log.info("%d opens failed: new connections now use a fresh mux connection",
-                 ROTATE_AFTER_FAILED_OPENS)
-
-    def _retired_lost(self, exc: BaseException | None) -> None:
-        # A data-only mux connection: losing it ends the session like any other.
-        if exc is not None:
-            self._lost(exc)
-
-    def _close_idle_retired(self) -> None:
-        for mux in [m for m in self._retired if not m.channels]:
-            self._retired.remove(mux)
-            mux.fail(None)
+        live = self.live_links()
+        return min(live, key=_by_load).current_mux() if live else None
 
     async def stop(self) -> None:
-        self._lost(None)  # close our side first, so the master's exit is no surprise
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
-        await self.master.stop()
+        self._lost(None)  # close our side first, so the masters' exits are no surprise
+        await _cancel(self._tasks)
+        await asyncio.gather(*(link.stop() for link in self.links))
+
+
+def _by_load(link: SshLink) -> tuple[int, int]:
+    return (link.load or 0, link.index)
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    tasks.clear()

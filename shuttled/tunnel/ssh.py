@@ -20,6 +20,7 @@ import shutil
 import socket
 import struct
 import tempfile
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -307,6 +308,36 @@ class SshMaster:
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
+
+
+def cleanup_control_dirs(base: Path = const.RUN_DIR, min_age: float = 60.0) -> list[str]:
+    """The control-socket directories killed masters left behind under `base`.
+
+    Removed: those whose socket is missing or answers nobody. Kept: live ones
+    (another daemon or `shuttled run`), and any younger than `min_age`, where a
+    master that is starting has not made its socket yet.
+    """
+    removed = []
+    for path in sorted(base.glob("ssh-*")):
+        try:
+            young = time.time() - path.lstat().st_mtime < min_age
+        except OSError:
+            continue
+        if not path.is_dir() or path.is_symlink() or young or _answers(path / "ctl"):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(f"ssh control directory {path}")
+    return removed
+
+
+def _answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def _mux_message(kind: int, value: int) -> bytes:

@@ -28,6 +28,12 @@ MAX_DATAGRAM = 65535
 Address = tuple[str, int]
 
 
+def endpoint_text(address: Address) -> str:
+    """host:port, with an IPv6 host in brackets ([fd00::2]:80)."""
+    host, port = address[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def set_transparent(sock: socket.socket) -> None:
     """IP_TRANSPARENT (needs CAP_NET_ADMIN): TPROXY may deliver here, and we may bind
     to an address that is not ours."""

@@ -28,6 +28,7 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from shuttled import const
 from shuttled.errors import ShuttledError
@@ -36,6 +37,7 @@ from shuttled.tunnel.channels import Channel, ChannelMux
 from shuttled.tunnel.proxy import bind_listeners
 from shuttled.tunnel.transparent import (
     Address,
+    endpoint_text,
     recv_batch,
     recv_original_dst,
     reply_socket,
@@ -72,9 +74,18 @@ class Flow:
         self.channel: Channel | None = None
         self.queue: list[bytes] = []  # frames waiting for the channel to open
         self.replies: dict[Address, socket.socket] = {}
-        self.last = asyncio.get_running_loop().time()
+        self.started = self.last = asyncio.get_running_loop().time()
         self.closed = False
         self.paused = False
+
+    def describe(self, now: float) -> dict[str, Any]:
+        """This flow as a `connections` row: the destinations it has sent to."""
+        channel = self.channel
+        return {"proto": "udp", "src": endpoint_text(self.src),
+                "dst": ", ".join(endpoint_text(d) for d in self.replies) or "-",
+                "tx": channel.bytes_up if channel else 0,
+                "rx": channel.bytes_down if channel else 0,
+                "age": round(now - self.started, 3)}
 
     # --- towards the remote ---------------------------------------------------------
 
@@ -269,6 +280,10 @@ class UdpProxy:
             flow.close()
         self._sweeper = asyncio.get_running_loop().call_later(self._sweep_interval(),
                                                               self._sweep)
+
+    def describe(self) -> list[dict[str, Any]]:
+        now = asyncio.get_running_loop().time()
+        return [flow.describe(now) for flow in self.flows.values()]
 
     def close_flows(self) -> None:
         """End every flow (the session they ran on is gone)."""

@@ -213,18 +213,28 @@ class RealResolved:
         self.lab = lab
         self.package = package
         self.bus_address = bus_address
+        self.proc = self._start()
+
+    def _start(self) -> subprocess.Popen[Any]:
+        package, lab = self.package, self.lab
         script = (
             "set -e; mount --make-rprivate /; mount -t tmpfs -o mode=0755 tmpfs /run/systemd; "
             "mkdir /run/systemd/resolve; chown 65534:65534 /run/systemd/resolve; "
             "exec setpriv --reuid=65534 --regid=65534 --clear-groups "
             f"--inh-caps={self.CAPS} --ambient-caps={self.CAPS} "
             f"{package}/lib/systemd/systemd-resolved")
-        env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": bus_address,
+        env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": self.bus_address,
                "SYSTEMD_LOG_LEVEL": "debug", "SYSTEMD_LOG_TARGET": "console"}
         self.proc = lab.popen("cli", ["unshare", "--mount", "sh", "-c", script],
                               name="systemd-resolved", env=env)
         wait_for("systemd-resolved on the private bus", self._answering, 20,
                  detail=lambda: lab.log_tail("systemd-resolved"))
+        return self.proc
+
+    def restart(self) -> None:
+        """Stop (by PID) and start again on the same bus, with its state forgotten."""
+        self.stop()
+        self._start()
 
     def _answering(self) -> bool:
         if self.proc.poll() is not None:

@@ -14,7 +14,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.daemon_util import REPO_ROOT, DaemonSet, nft_table, split_profile
+from tests.integration.daemon_util import (
+    REPO_ROOT,
+    DaemonSet,
+    nft_table,
+    split_profile,
+    wait_for,
+)
 from tests.integration.dns_util import (
     PUBLIC_ADDRESS,
     PUBLIC_NAME,
@@ -81,3 +87,23 @@ def test_split_dns_through_systemd_resolved_one_link_per_profile(
     assert left_by_kill == ["shuttled-corp"]
     assert cleanup.returncode == 0 and "link shuttled-corp" in cleanup.stdout
     assert our_links(lab) == [] and links_after == links_before
+
+
+def test_a_restarted_resolved_is_given_the_link_settings_again(
+        lab: Lab, daemons: DaemonSet) -> None:
+    www = lab.dns_name
+    with local_resolver(lab), real_resolved(lab) as (resolved, bus):
+        d = daemons.new()
+        d.write_profile("corp", split_profile(lab, [lab.target_net_v4], www))
+        d.start(env={"DBUS_SYSTEM_BUS_ADDRESS": bus})
+        d.up("corp")
+        server = d.status("corp")["dns"]["server"]
+        resolved.restart()  # a new resolved knows the link, not what we told the old one
+
+        def configured() -> bool:
+            section = resolved.links().get("shuttled-corp", "")
+            return f"DNS Servers: {server}" in section and f"~{www}" in section
+
+        wait_for("the link configured again", configured, 10, detail=d.log)
+        answer = ask(lab, STUB, www)
+    assert answer.addresses == [lab.tgt_v4]

@@ -753,6 +753,9 @@ class Lab:
             f"AllowTcpForwarding {'yes' if forwarding else 'no'}",
             "AllowStreamLocalForwarding no", "X11Forwarding no", "PermitTunnel no",
             "LogLevel VERBOSE", "MaxStartups 200:30:400", "MaxSessions 100",
+            # bash sources ~/.bashrc for ssh commands; where that runs `pyenv init`,
+            # a rehash lock left by a killed session would stall every command 60 s.
+            "SetEnv PYENV_REHASH_TIMEOUT=0",
             "Subsystem sftp internal-sftp", *self.sshd_extra, ""]
         return "\n".join(lines)
 

@@ -217,7 +217,15 @@ def test_each_error_names_file_line_and_key(tmp_path: Path, body: str, line: int
 
 
 @pytest.mark.parametrize(("text", "line", "expected"), [
-    ("a: {remote: h, auto_nets: true\n", 2, "YAML syntax error"),
+    ("a: {remote: h, auto_nets: true\n", 1,
+     "YAML syntax error: the { opened here is not closed (did not find expected ',' or '}' "
+     "at line 2)"),
+    ("a:\n  remote: h\n  subnets: [10.0.0.0/8\n  dns: all\n", 3,
+     "YAML syntax error: the [ opened here is not closed"),
+    ("a:\n  remote: \"h\n  subnets: [10.0.0.0/8]\n", 2,
+     "YAML syntax error: the quote opened here is not closed"),
+    ("a:\n  remote: h\n bad: 1\n  subnets: [10.0.0.0/8]\n", 3,
+     "YAML syntax error: did not find expected key"),
     ("- a\n- b\n", 1, "expected a mapping of profile names to profiles, got a list"),
     ("bad name: {remote: h, auto_nets: true}\n", 1, "'bad name': a profile name must match"),
     (f"{'x' * 33}: {{remote: h, auto_nets: true}}\n", 1, f"'{'x' * 33}': a profile name"),

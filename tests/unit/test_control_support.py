@@ -103,8 +103,8 @@ class FakeCore:
 
     def connections(self, name: str) -> list[dict[str, Any]]:
         self.calls.append(("connections", (name,)))
-        return [{"src": "127.0.0.1:50000", "dst": "10.1.2.3:443", "rx": 2048, "tx": 100,
-                 "age": 3.5}]
+        return [{"proto": "tcp", "src": "127.0.0.1:50000", "dst": "10.1.2.3:443", "rx": 2048,
+                 "tx": 100, "age": 3.5}]
 
     async def reload(self) -> dict[str, Any]:
         self.calls.append(("reload", ()))

@@ -68,7 +68,7 @@ def test_introspection_matches_the_generated_methods_properties_and_signals() ->
     assert {m.name for m in profile.methods} == set(dbus.profile_methods())
     assert {(p.name, p.signature) for p in profile.properties} == {
         ("Name", "s"), ("State", "s"), ("Remote", "s"), ("Since", "d"), ("LastError", "s"),
-        ("Rx", "t"), ("Tx", "t")}
+        ("Rx", "t"), ("Tx", "t"), ("Holding", "b")}
     (changed,) = profile.signals
     assert changed.name == "StateChanged"
     assert [a.signature for a in changed.args] == ["s", "s"]
@@ -80,7 +80,7 @@ def test_properties_say_which_changes_are_signalled() -> None:
                                   if a.get("name") == dbus.EMITS_CHANGED), "true")
              for p in xml.iter("property")}
     assert emits == {"Name": "const", "State": "true", "Remote": "false", "Since": "true",
-                     "LastError": "true", "Rx": "false", "Tx": "false"}
+                     "LastError": "true", "Rx": "false", "Tx": "false", "Holding": "false"}
     assert set(dbus.STATE_PROPERTIES) == {n for n, v in emits.items() if v == "true"}
 
 
@@ -106,6 +106,7 @@ def test_properties_read_the_status_row_with_nulls_made_typed() -> None:
     assert obj._property_State == "up"
     assert obj._property_Since == 0.0 and obj._property_LastError == ""
     assert obj._property_Rx == 12 and obj._property_Tx == 0
+    assert obj._property_Holding is False
 
 
 def test_a_vanished_profile_reads_as_its_error() -> None:

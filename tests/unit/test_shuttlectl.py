@@ -180,8 +180,8 @@ def test_connections_table(capsys: pytest.CaptureFixture[str], sock: Path) -> No
         _, out, _ = ctl(capsys, sock, "connections", "work")
         _, doc, _ = ctl(capsys, sock, "connections", "work", "--json")
     assert [ln.split() for ln in out.splitlines()] == [
-        ["SOURCE", "DESTINATION", "RX", "TX", "AGE"],
-        ["127.0.0.1:50000", "10.1.2.3:443", "2.0", "KiB", "100", "B", "3s"]]
+        ["PROTO", "SOURCE", "DESTINATION", "RX", "TX", "AGE"],
+        ["tcp", "127.0.0.1:50000", "10.1.2.3:443", "2.0", "KiB", "100", "B", "3s"]]
     assert json.loads(doc)["connections"][0]["dst"] == "10.1.2.3:443"
 
 

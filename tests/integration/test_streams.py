@@ -1,0 +1,98 @@
+"""`streams: N`: one tunnel over several ssh connections, with a real daemon, sshd and
+nft. New connections spread over the connections; losing an extra one resets only what
+it carried, the tunnel stays up on the rest, and the lost one is replaced."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import psutil
+import pytest
+
+from tests.integration.daemon_util import DaemonSet, http_ok, root_profile, wait_for
+from tests.lab import Lab, clients
+
+pytestmark = pytest.mark.integration
+
+STREAMS = 3
+HELD = 6  # app connections held open while the spread is looked at
+BIG = 20 * 1024 * 1024
+
+
+def ssh_masters(daemon_pid: int) -> list[int]:
+    """The daemon's ssh ControlMaster children, oldest first."""
+    found = [p for p in psutil.Process(daemon_pid).children()
+             if p.name() == "ssh" and "-M" in p.cmdline()]
+    return [p.pid for p in sorted(found, key=lambda p: p.create_time())]
+
+
+def test_streams_spread_connections_over_that_many_ssh_connections(
+        lab: Lab, daemons: DaemonSet) -> None:
+    d = daemons.new()
+    d.write_profile("work", root_profile(lab, lab.target_nets, streams=STREAMS))
+    d.start()
+    d.up("work")
+    assert len(ssh_masters(d.pid)) == STREAMS
+    with lab.netns("cli"):
+        held = [clients.hold_connection(lab.tgt_v4, 60) for _ in range(HELD)]
+    try:
+        stats = wait_for("every app connection open", lambda: (
+            s := d.stats("work"))["active"] == HELD and s, 10)
+        assert stats["streams"] == STREAMS, stats
+        # Each ssh connection carries its share (the first also has our own session).
+        assert min(stats["stream_channels"]) >= HELD // STREAMS, stats
+        rows = d.ctl_json("connections", "work")["connections"]
+        assert len(rows) == HELD and {r["proto"] for r in rows} == {"tcp"}, rows
+        assert {r["dst"] for r in rows} == {f"{lab.tgt_v4}:{clients.BULK_PORT}"}, rows
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_transfers_over_several_ssh_connections_arrive_intact(
+        lab: Lab, daemons: DaemonSet) -> None:
+    d = daemons.new()
+    d.write_profile("work", root_profile(lab, lab.target_nets, streams=STREAMS))
+    d.start()
+    d.up("work")
+
+    async def both() -> list[clients.TransferResult]:
+        ups = [clients.abulk_upload(lab.tgt_v4, BIG, seed=i) for i in range(STREAMS)]
+        downs = [clients.abulk_download(lab.tgt_v6, BIG, seed=i) for i in range(STREAMS)]
+        return await asyncio.gather(*ups, *downs)
+
+    with lab.netns("cli"):
+        results = asyncio.run(both())
+    for result in results:
+        result.check()
+    assert d.stats("work")["streams"] == STREAMS
+
+
+def test_losing_an_extra_ssh_connection_resets_only_its_share_and_it_comes_back(
+        lab: Lab, daemons: DaemonSet) -> None:
+    d = daemons.new()
+    d.write_profile("work", root_profile(lab, lab.target_nets, streams=STREAMS))
+    d.start()
+    d.up("work")
+    primary = d.ssh_pid("work")
+    with lab.netns("cli"):
+        held = [clients.hold_connection(lab.tgt_v4, 60) for _ in range(HELD)]
+    try:
+        wait_for("every app connection open", lambda: d.stats("work")["active"] == HELD, 10)
+        extra = next(pid for pid in ssh_masters(d.pid) if pid != primary)
+        os.kill(extra, signal.SIGKILL)
+        stats = wait_for("one ssh connection fewer", lambda: (
+            s := d.stats("work"))["streams"] == STREAMS - 1 and s, 10)
+        assert d.state("work") == "up" and stats["reconnects"] == 0, stats
+        alive = wait_for("the lost share reset", lambda: (
+            n := d.stats("work")["active"]) < HELD and n, 10)
+        assert alive >= HELD - HELD // STREAMS, stats  # the others were not touched
+        assert http_ok(lab, lab.tgt_v4) and http_ok(lab, lab.tgt_v6)
+        wait_for("the lost ssh connection replaced", lambda: d.stats("work")["streams"]
+                 == STREAMS, 10)
+        assert d.state("work") == "up" and len(ssh_masters(d.pid)) == STREAMS
+    finally:
+        for sock in held:
+            sock.close()
