@@ -1,7 +1,7 @@
 """Profile shuttled's data path with py-spy during bulk transfers.
 
     sudo python3 -m bench.profile [--seconds 10] [--mode direct|helper] [--cipher C]
-                                  [--out DIR]
+                                  [--load bulk|conn] [--out DIR]
 
 Starts a lab and `shuttled run`, then for each direction runs a single-stream iperf3 while
 `py-spy record` samples the shuttled process (and, in helper mode, also the remote helper);
@@ -12,16 +12,18 @@ direction to --out, and prints the top functions by own samples and by inclusive
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-from bench import tools
+from bench import loadgen, tools
 from bench.contenders import Contender, Context, ShuttledHelper, ShuttledRun, remote_processes
 from tests.lab import Lab
 
@@ -70,17 +72,45 @@ def _short(frame: str) -> str:
 def profile_direction(contender: Contender, down: bool, seconds: int, out: Path,
                       py_spy: str) -> str:
     lab = contender.lab
-    assert contender.proc is not None
     tag = "down" if down else "up"
-    targets = {"shuttled": contender.proc.pid}
-    for pid, role in remote_processes(lab, contender.sshd_port).items():
-        if role == "remote-python":
-            targets["helper"] = pid
     iperf = ["iperf3", "-c", lab.tgt_v4, "-p", str(lab.ports.iperf3), "-t", str(seconds + 2)]
     if down:
         iperf.append("-R")
     client = lab.popen("cli", iperf, name=f"profile-iperf-{tag}")
     time.sleep(1.0)
+    report = sample(contender, f"bulk {tag}", tag, seconds, out, py_spy)
+    client.wait(seconds + 30)
+    return report + "\n" + lab.log_tail(f"profile-iperf-{tag}", 4)
+
+
+def profile_connections(contender: Contender, seconds: int, out: Path, py_spy: str) -> str:
+    """Short HTTP requests at concurrency 8 (the bench's connection-rate load)."""
+    ep = contender.endpoints().http
+    assert ep is not None
+    done: list[loadgen.LoadResult] = []
+
+    def load() -> None:
+        with contender.lab.netns("cli"):
+            done.append(asyncio.run(loadgen.http_load(
+                ep[0], ep[1], concurrency=8, count=10**6, seconds=seconds + 2)))
+
+    thread = threading.Thread(target=load)
+    thread.start()
+    time.sleep(1.0)
+    report = sample(contender, "new connections, c=8", "conn", seconds, out, py_spy)
+    thread.join(seconds + 30)
+    rate = f"{done[0].rate:.0f} requests/s" if done else "load did not finish"
+    return report + "\n" + rate + "\n"
+
+
+def sample(contender: Contender, what_load: str, tag: str, seconds: int, out: Path,
+           py_spy: str) -> str:
+    """py-spy on shuttled (and the helper) for `seconds` while a load runs."""
+    assert contender.proc is not None
+    targets = {"shuttled": contender.proc.pid}
+    for pid, role in remote_processes(contender.lab, contender.sshd_port).items():
+        if role == "remote-python":
+            targets["helper"] = pid
     spies = {}
     for what, pid in targets.items():
         for fmt, ext in (("raw", "txt"), ("flamegraph", "svg")):
@@ -91,9 +121,7 @@ def profile_direction(contender: Contender, down: bool, seconds: int, out: Path,
         if fmt == "raw":
             path = out / f"{what}-{tag}.txt"
             text = summarize(path) if path.exists() else f"py-spy failed: {err[-500:]}\n"
-            report.append(f"== {what}, bulk {tag} ==\n{text}")
-    client.wait(seconds + 30)
-    report.append(lab.log_tail(f"profile-iperf-{tag}", 4))
+            report.append(f"== {what}, {what_load} ==\n{text}")
     return "\n".join(report)
 
 
@@ -102,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=int, default=10)
     p.add_argument("--mode", choices=("direct", "helper"), default="direct")
     p.add_argument("--cipher", default="default")
+    p.add_argument("--load", choices=("bulk", "conn"), default="bulk",
+                   help="iperf3 up then down (default), or new connections at c=8")
     p.add_argument("--source", choices=("head", "worktree"), default="head")
     p.add_argument("--out", type=Path, default=Path("/tmp/shuttled-profile"))
     args = p.parse_args(argv)
@@ -123,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         contender: Contender = ShuttledRun(ctx) if args.mode == "direct" else ShuttledHelper(ctx)
         contender.start()
         try:
-            for down in (False, True):
+            if args.load == "conn":
+                print(profile_connections(contender, args.seconds, args.out, py_spy))
+            for down in (False, True) if args.load == "bulk" else ():
                 print(profile_direction(contender, down, args.seconds, args.out, py_spy))
         finally:
             contender.stop()
