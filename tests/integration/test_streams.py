@@ -12,6 +12,7 @@ import psutil
 import pytest
 
 from tests.integration.daemon_util import DaemonSet, http_ok, root_profile, wait_for
+from tests.integration.test_tunnel import start_run, stop_run
 from tests.lab import Lab, clients
 
 pytestmark = pytest.mark.integration
@@ -96,3 +97,19 @@ def test_losing_an_extra_ssh_connection_resets_only_its_share_and_it_comes_back(
     finally:
         for sock in held:
             sock.close()
+
+
+def test_run_streams_in_helper_mode_each_connection_has_its_own_helper(lab: Lab) -> None:
+    proc = start_run(lab, "--streams", "2", *lab.target_nets, remote=lab.remote_nofwd)
+    try:
+        with lab.netns("cli"):
+            async def four() -> list[clients.TransferResult]:
+                return await asyncio.gather(*(clients.abulk_download(lab.tgt_v4, BIG, seed=i)
+                                              for i in range(4)))
+            results = asyncio.run(four())
+        helpers = lab.log_tail("shuttled", 200).count("remote helper started")
+    finally:
+        assert stop_run(lab, proc) == 0
+    for result in results:
+        result.check()
+    assert helpers == 2, lab.log_tail("shuttled", 60)
