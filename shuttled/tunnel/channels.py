@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import enum
 import logging
-from collections.abc import Callable
+import os
+import socket
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 from shuttled import const
 from shuttled.errors import ProtocolError
@@ -28,6 +31,12 @@ from shuttled.tunnel.sshmsg import Reader, WireError
 
 log = logging.getLogger(__name__)
 
+Buffer = bytes | memoryview
+# writev() takes at most this many buffers at once (Linux and the BSDs: 1024).
+_IOV_MAX = 1024
+# Largest join handed to a pipe that wants one bytes (see ChannelMux._join_and_write).
+_JOIN_PIECE = 64 * 1024
+
 
 class Pipe(Protocol):
     """Where the mux writes packets: an asyncio transport or an outer channel."""
@@ -35,6 +44,53 @@ class Pipe(Protocol):
     def write(self, data: bytes) -> None: ...
 
     def close(self) -> None: ...
+
+
+def socket_fd(transport: asyncio.BaseTransport) -> int:
+    """The descriptor behind a socket transport (asyncio's or uvloop's), or -1."""
+    sock = transport.get_extra_info("socket")
+    try:
+        return int(sock.fileno()) if sock is not None else -1
+    except (AttributeError, OSError, ValueError):
+        return -1
+
+
+def write_views(transport: asyncio.WriteTransport, fd: int, views: Sequence[Buffer]) -> None:
+    """Write `views` in order, in one writev() while the transport holds nothing.
+
+    asyncio's transport.write() copies whatever the kernel does not take at once into
+    its own buffer, and a batch must first be joined into one bytes: two copies per
+    byte on the hot path. Here the kernel takes the buffers as they are, and only the
+    unsent rest goes to the transport, which then keeps order and reports errors.
+    """
+    sent = 0
+    if fd >= 0 and not transport.get_write_buffer_size() and not transport.is_closing():
+        with contextlib.suppress(OSError):  # EAGAIN, or an error the transport will meet
+            sent = os.writev(fd, views[:_IOV_MAX])
+    for view in views:
+        size = len(view)
+        if sent >= size:
+            sent -= size
+            continue
+        transport.write(memoryview(view)[sent:] if sent else view)
+        sent = 0
+
+
+class TransportPipe:
+    """A socket transport as the mux's pipe, written with write_views."""
+
+    def __init__(self, transport: asyncio.WriteTransport) -> None:
+        self.transport = transport
+        self.fd = socket_fd(transport)
+
+    def write(self, data: bytes) -> None:
+        write_views(self.transport, self.fd, (data,))
+
+    def writev(self, views: Sequence[Buffer]) -> None:
+        write_views(self.transport, self.fd, views)
+
+    def close(self) -> None:
+        self.transport.close()
 
 
 class Endpoint(Protocol):
@@ -157,6 +213,7 @@ class Channel:
             write(self.remote_id, view[start:min(start + step, total)])
         self.remote_window -= total
         self.bytes_up += total
+        self.mux.push()
         return total
 
     def _drain_pending(self) -> None:
@@ -185,6 +242,7 @@ class Channel:
         self.mux.write_data(self.remote_id, memoryview(data))
         self.remote_window -= size
         self.bytes_up += size
+        self.mux.push()
         return True
 
     @property
@@ -340,15 +398,17 @@ class ChannelMux:
         self.channels: dict[int, Channel] = {}
         self._free_ids: list[int] = []
         self._next_id = 0
-        self._out: list[bytes | memoryview] = []
-        self._flush_scheduled = False
+        self._out: list[Buffer] = []
+        self._flushing = False
+        self._feeding = False
+        self._write_batch = (pipe.writev if isinstance(pipe, TransportPipe)
+                             else self._join_and_write)
         self._leftover = b""
         self._paused = False
         self._blocked: set[Channel] = set()  # channels whose endpoint we paused
         self._closed = False
         self._on_lost = on_lost
         self._on_global = on_global
-        self._loop = asyncio.get_running_loop()
         self._dispatch: dict[int, Callable[[Reader], None]] = {
             sshmsg.MSG_CHANNEL_OPEN_CONFIRMATION: self._open_confirmation,
             sshmsg.MSG_CHANNEL_OPEN_FAILURE: self._open_failure,
@@ -394,25 +454,53 @@ class ChannelMux:
 
     # --- writing ----------------------------------------------------------------
 
-    def write(self, packet: bytes | memoryview) -> None:
+    def write(self, packet: Buffer) -> None:
         if self._closed:
             return
         self._out.append(packet)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+        self.push()
 
     def write_data(self, remote_id: int, data: memoryview) -> None:
-        self.write(sshmsg.data_header(remote_id, len(data)))
-        self._out.append(data)
+        """Queue one CHANNEL_DATA; the caller push()es once its whole batch is queued."""
+        if self._closed:
+            return
+        self._out += (sshmsg.data_header(remote_id, len(data)), data)
+
+    def push(self) -> None:
+        """Send what is queued now, unless a feed() is running: everything a read
+        from the pipe causes (grants, queued data it unblocks) leaves in one write
+        at its end. A burst still leaves in one write per app read (Channel.send
+        batches). At once rather than on the next loop turn: new connections one
+        at a time went from ~80/s to ~550/s in the lab (TTFB 1.2 -> 1.0 ms)."""
+        if not self._feeding:
+            self._flush()
 
     def _flush(self) -> None:
-        # Everything produced during one loop turn leaves in one write: the
-        # batching is what keeps per-packet syscalls off the hot path.
-        self._flush_scheduled = False
-        if self._out and not self._closed:
-            out, self._out = self._out, []
-            self.pipe.write(b"".join(out))
+        if self._flushing or self._closed:
+            return
+        self._flushing = True
+        try:
+            while self._out:  # a write may call back into us (pause_writing)
+                out, self._out = self._out, []
+                self._write_batch(out)
+        finally:
+            self._flushing = False
+
+    def _join_and_write(self, out: list[Buffer]) -> None:
+        # A pipe that is itself a channel (the helper's) takes one bytes at a time.
+        # Joined in pieces, not whole: a 256 KiB join freed together with the 256 KiB
+        # read it copies made glibc trim and re-fault the heap top on every read
+        # (10x the brk calls; helper upload 1.25 -> 1.70 CPU s/GB).
+        piece: list[Buffer] = []
+        size = 0
+        for buf in out:
+            piece.append(buf)
+            size += len(buf)
+            if size >= _JOIN_PIECE:
+                self.pipe.write(b"".join(piece))
+                piece, size = [], 0
+        if piece:
+            self.pipe.write(b"".join(piece))
 
     # --- global back-pressure from the pipe -----------------------------------------
 
@@ -445,6 +533,14 @@ class ChannelMux:
         """Bytes from the pipe; a protocol violation ends the whole mux."""
         if self._closed:
             return
+        self._feeding = True
+        try:
+            self._parse(data)
+        finally:
+            self._feeding = False
+        self._flush()
+
+    def _parse(self, data: bytes) -> None:
         view = memoryview(data)
         try:
             if self._leftover:
@@ -596,6 +692,20 @@ class ChannelMux:
         return self._closed
 
 
+def grow_send_buffer(transport: asyncio.BaseTransport, size: int) -> None:
+    """Let the kernel, not the transport's buffer, hold the backlog towards the master,
+    so that writes stay one writev() each with no copy in Python (as root, past
+    net.core.wmem_max; measured: upload CPU per GB 1.39 -> 0.89 s)."""
+    sock = transport.get_extra_info("socket")
+    for option in (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF):
+        if sock is not None and option is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, option, size)
+                return
+            except OSError:
+                continue
+
+
 class MuxProtocol(asyncio.Protocol):
     """asyncio glue: the control socket's bytes into a ChannelMux, and back-pressure."""
 
@@ -607,10 +717,13 @@ class MuxProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(high=const.MUX_WRITE_HIGH, low=const.MUX_WRITE_LOW)
-        self.mux = ChannelMux(transport, name=self.name, on_lost=self._on_lost)
+        # A cast, not an isinstance check: uvloop's transports are not subclasses.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=const.MUX_WRITE_HIGH,
+                                               low=const.MUX_WRITE_LOW)
+        pipe = TransportPipe(self.transport)
+        grow_send_buffer(transport, const.MUX_WRITE_SNDBUF)
+        self.mux = ChannelMux(pipe, name=self.name, on_lost=self._on_lost)
 
     def data_received(self, data: bytes) -> None:
         assert self.mux is not None

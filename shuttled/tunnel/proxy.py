@@ -12,6 +12,7 @@ import struct
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from shuttled import const
 from shuttled.tunnel import sshmsg
@@ -70,9 +71,9 @@ class LocalConnection(asyncio.Protocol):
     # --- asyncio side ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.pause_reading()  # nothing to send it to until the channel opens
+        # A cast, not an isinstance check: uvloop's transports are not subclasses.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.pause_reading()  # nothing to send it to until the channel opens
         sock: socket.socket = transport.get_extra_info("socket")
         self.started = asyncio.get_running_loop().time()
         try:
