@@ -88,6 +88,16 @@ class Ports:
     iperf3: int = svc.IPERF3_PORT
 
 
+def forget_namespace_records(ident: tuple[int, int] | None) -> None:
+    """shuttled's per-namespace state files (which iptables-nft tables existed before
+    it) name the namespace by inode: once the lab deletes the namespace they can never
+    be used again, and a SIGKILLed run in it leaves them behind."""
+    if ident is None:
+        return
+    for path in Path("/run/shuttled").glob(f"iptables-tables-{ident[1]}-*.json"):
+        path.unlink(missing_ok=True)
+
+
 @dataclasses.dataclass(frozen=True)
 class LabUser:
     """An unprivileged local account made for one lab, with its own key authorized on srv.
@@ -846,6 +856,7 @@ class Lab:
         for ns in self.namespaces.values():
             if not netns_exists(ns) or (ns in self._ns_ids and netns_id(ns) != self._ns_ids[ns]):
                 continue
+            forget_namespace_records(netns_id(ns))
             proc = subprocess.run(["ip", "netns", "delete", ns], capture_output=True, text=True,
                                   timeout=30)
             if proc.returncode != 0:
