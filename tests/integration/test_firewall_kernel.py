@@ -37,6 +37,7 @@ from shuttled.firewall import (
 )
 from shuttled.firewall import iptables as fw_iptables
 from shuttled.firewall.base import which_tool
+from tests.lab.core import forget_namespace_records
 
 pytestmark = pytest.mark.integration
 
@@ -96,16 +97,20 @@ def netns() -> Iterator[None]:
     require("ip")
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     home_inode = os.fstat(home).st_ino
+    inode = None
     try:
         if LIBC.unshare(CLONE_NEWNET) != 0:
             pytest.fail(f"unshare(CLONE_NEWNET): {os.strerror(ctypes.get_errno())}")
-        assert _netns_inode() != home_inode  # never touch the host's rules
+        inode = _netns_inode()
+        assert inode != home_inode  # never touch the host's rules
         sh("ip", "link", "set", "lo", "up")
         yield
     finally:
         if LIBC.setns(home, CLONE_NEWNET) != 0:
             raise OSError(ctypes.get_errno(), "setns back to the test's own namespace failed")
         os.close(home)
+        if inode is not None and inode != home_inode:
+            forget_namespace_records((0, inode))  # the namespace is gone with us
     assert _netns_inode() == home_inode
 
 
