@@ -5,13 +5,16 @@ it carried, the tunnel stays up on the rest, and the lost one is replaced."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import socket
+from collections.abc import Iterator
 
 import psutil
 import pytest
 
-from tests.integration.daemon_util import DaemonSet, http_ok, root_profile, wait_for
+from tests.integration.daemon_util import DaemonSet, http_ok, wait_for
 from tests.integration.test_tunnel import start_run, stop_run
 from tests.lab import Lab, clients
 
@@ -29,16 +32,23 @@ def ssh_masters(daemon_pid: int) -> list[int]:
     return [p.pid for p in sorted(found, key=lambda p: p.create_time())]
 
 
-def test_streams_spread_connections_over_that_many_ssh_connections(
-        lab: Lab, daemons: DaemonSet) -> None:
-    d = daemons.new()
-    d.write_profile("work", root_profile(lab, lab.target_nets, streams=STREAMS))
-    d.start()
-    d.up("work")
-    assert len(ssh_masters(d.pid)) == STREAMS
+@contextlib.contextmanager
+def held_connections(lab: Lab) -> Iterator[list[socket.socket]]:
+    """HELD idle connections to the lab's bulk service, closed at the end."""
     with lab.netns("cli"):
         held = [clients.hold_connection(lab.tgt_v4, 60) for _ in range(HELD)]
     try:
+        yield held
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_streams_spread_connections_over_that_many_ssh_connections(
+        lab: Lab, daemons: DaemonSet) -> None:
+    d = daemons.work_up(streams=STREAMS)
+    assert len(ssh_masters(d.pid)) == STREAMS
+    with held_connections(lab):
         stats = wait_for("every app connection open", lambda: (
             s := d.stats("work"))["active"] == HELD and s, 10)
         assert stats["streams"] == STREAMS, stats
@@ -47,17 +57,11 @@ def test_streams_spread_connections_over_that_many_ssh_connections(
         rows = d.ctl_json("connections", "work")["connections"]
         assert len(rows) == HELD and {r["proto"] for r in rows} == {"tcp"}, rows
         assert {r["dst"] for r in rows} == {f"{lab.tgt_v4}:{clients.BULK_PORT}"}, rows
-    finally:
-        for sock in held:
-            sock.close()
 
 
 def test_transfers_over_several_ssh_connections_arrive_intact(
         lab: Lab, daemons: DaemonSet) -> None:
-    d = daemons.new()
-    d.write_profile("work", root_profile(lab, lab.target_nets, streams=STREAMS))
-    d.start()
-    d.up("work")
+    d = daemons.work_up(streams=STREAMS)
 
     async def both() -> list[clients.TransferResult]:
         ups = [clients.abulk_upload(lab.tgt_v4, BIG, seed=i) for i in range(STREAMS)]
@@ -73,14 +77,9 @@ def test_transfers_over_several_ssh_connections_arrive_intact(
 
 def test_losing_an_extra_ssh_connection_resets_only_its_share_and_it_comes_back(
         lab: Lab, daemons: DaemonSet) -> None:
-    d = daemons.new()
-    d.write_profile("work", root_profile(lab, lab.target_nets, streams=STREAMS))
-    d.start()
-    d.up("work")
+    d = daemons.work_up(streams=STREAMS)
     primary = d.ssh_pid("work")
-    with lab.netns("cli"):
-        held = [clients.hold_connection(lab.tgt_v4, 60) for _ in range(HELD)]
-    try:
+    with held_connections(lab):
         wait_for("every app connection open", lambda: d.stats("work")["active"] == HELD, 10)
         extra = next(pid for pid in ssh_masters(d.pid) if pid != primary)
         os.kill(extra, signal.SIGKILL)
@@ -94,9 +93,6 @@ def test_losing_an_extra_ssh_connection_resets_only_its_share_and_it_comes_back(
         wait_for("the lost ssh connection replaced", lambda: d.stats("work")["streams"]
                  == STREAMS, 10)
         assert d.state("work") == "up" and len(ssh_masters(d.pid)) == STREAMS
-    finally:
-        for sock in held:
-            sock.close()
 
 
 def test_run_streams_in_helper_mode_each_connection_has_its_own_helper(lab: Lab) -> None:
