@@ -33,7 +33,7 @@ from shuttled.tunnel.remote_info import IPAddress, IPNetwork, remote_hosts, remo
 from shuttled.tunnel.resolver import DnsCapture, DnsPlan, ProfileResolver
 from shuttled.tunnel.session import Forward, SshSession
 from shuttled.tunnel.ssh import SshTarget, resolve_host, server_host
-from shuttled.tunnel.transparent import endpoint_text
+from shuttled.tunnel.transparent import connection_row, endpoint_text
 
 log = logging.getLogger(__name__)
 
@@ -408,10 +408,8 @@ class Tunnel:
 
     def connections(self) -> list[dict[str, Any]]:
         now = asyncio.get_running_loop().time()
-        tcp = [{"proto": "tcp", "src": endpoint_text(c.src), "dst": endpoint_text(c.dst),
-                "tx": c.channel.bytes_up if c.channel else 0,
-                "rx": c.channel.bytes_down if c.channel else 0,
-                "age": round(now - c.started, 3)} for c in self.proxy.connections]
+        tcp = [connection_row("tcp", c.src, endpoint_text(c.dst), c.channel, now - c.started)
+               for c in self.proxy.connections]
         return tcp + self.router.flows()
 
 
@@ -470,6 +468,8 @@ def auto_subnets(learnt: Iterable[IPNetwork], profile: Iterable[Subnet],
 
 def _process_stats(pids: list[int]) -> dict[str, Any]:
     """The ssh masters' CPU seconds and RSS, summed; ssh_pid is the first's."""
+    if not pids:
+        return {"ssh_pid": None, "ssh_cpu": None, "ssh_rss": None}
     import psutil
 
     cpu = rss = 0.0
@@ -482,6 +482,4 @@ def _process_stats(pids: list[int]) -> dict[str, Any]:
                 rss += proc.memory_info().rss
     except psutil.Error:
         return {"ssh_pid": pids[0], "ssh_cpu": None, "ssh_rss": None}
-    if not pids:
-        return {"ssh_pid": None, "ssh_cpu": None, "ssh_rss": None}
     return {"ssh_pid": pids[0], "ssh_cpu": cpu, "ssh_rss": int(rss)}

@@ -12,6 +12,10 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from shuttled.tunnel.channels import Channel
 
 # linux/in.h, linux/in6.h (Python has only IP_TRANSPARENT)
 IP_TRANSPARENT = 19
@@ -32,6 +36,14 @@ def endpoint_text(address: Address) -> str:
     """host:port, with an IPv6 host in brackets ([fd00::2]:80)."""
     host, port = address[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def connection_row(proto: str, src: Address, dst: str, channel: Channel | None,
+                   age: float) -> dict[str, Any]:
+    """One TCP connection or UDP flow as a `connections` row."""
+    return {"proto": proto, "src": endpoint_text(src), "dst": dst,
+            "tx": channel.bytes_up if channel else 0,
+            "rx": channel.bytes_down if channel else 0, "age": round(age, 3)}
 
 
 def set_transparent(sock: socket.socket) -> None:

@@ -37,6 +37,7 @@ from shuttled.tunnel.channels import Channel, ChannelMux
 from shuttled.tunnel.proxy import bind_listeners
 from shuttled.tunnel.transparent import (
     Address,
+    connection_row,
     endpoint_text,
     recv_batch,
     recv_original_dst,
@@ -80,12 +81,9 @@ class Flow:
 
     def describe(self, now: float) -> dict[str, Any]:
         """This flow as a `connections` row: the destinations it has sent to."""
-        channel = self.channel
-        return {"proto": "udp", "src": endpoint_text(self.src),
-                "dst": ", ".join(endpoint_text(d) for d in self.replies) or "-",
-                "tx": channel.bytes_up if channel else 0,
-                "rx": channel.bytes_down if channel else 0,
-                "age": round(now - self.started, 3)}
+        return connection_row("udp", self.src,
+                              ", ".join(endpoint_text(d) for d in self.replies) or "-",
+                              self.channel, now - self.started)
 
     # --- towards the remote ---------------------------------------------------------
 
