@@ -151,7 +151,8 @@ def status_detail(profile: Mapping[str, Any]) -> str:
 # --- stats, connections, reload, events ------------------------------------------------------
 
 _STATS_DONE = {"name", "profile", "state", "mode", "remote", "rx", "tx", "active", "total",
-               "failed", "reconnects", "uptime", "rtt", "ssh_pid", "ssh_cpu", "ssh_rss"}
+               "failed", "reconnects", "uptime", "rtt", "ssh_pid", "ssh_cpu", "ssh_rss",
+               "aborted"}
 
 
 def _count(value: Any) -> str:
@@ -171,6 +172,7 @@ def stats(name: str, s: Mapping[str, Any]) -> str:
         f"  transfer: {size(s.get('rx'))} received, {size(s.get('tx'))} sent",
         f"  connections: {_count(s.get('active'))} active, {_count(s.get('total'))} total, "
         f"{_count(s.get('failed'))} failed",
+        *([f"  aborted by a local error: {_any(s['aborted'])}"] if "aborted" in s else []),
         f"  reconnects: {_count(s.get('reconnects'))}",
         f"  latest health check: {milliseconds(s.get('rtt'))} round trip",
         f"  ssh: {_ssh_process(s)}",

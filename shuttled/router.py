@@ -22,6 +22,7 @@ from shuttled.errors import ConfigError, UsageError
 from shuttled.firewall.base import Capture, LanMatch, parse_subnet
 from shuttled.tunnel.channels import ChannelMux
 from shuttled.tunnel.dns import Resolver
+from shuttled.tunnel.faults import Faults
 from shuttled.tunnel.landns import LanDns
 from shuttled.tunnel.udp import UdpProxy
 
@@ -75,8 +76,10 @@ class RouterSide:
     """The UDP proxy and the LAN DNS front of one tunnel, and their counters."""
 
     def __init__(self, name: str, settings: RouterSettings,
-                 udp_mux: Callable[[], Awaitable[ChannelMux]]) -> None:
+                 udp_mux: Callable[[], Awaitable[ChannelMux]],
+                 fault_log: Faults | None = None) -> None:
         self.name = name
+        self.faults = fault_log if fault_log is not None else Faults()
         self.settings = settings
         self._udp_mux = udp_mux
         self.udp: UdpProxy | None = None
@@ -90,14 +93,14 @@ class RouterSide:
             for problem in self.health:
                 log.warning("router mode: %s", problem)
         if self.settings.udp and self.udp is None:
-            self.udp = UdpProxy(self._udp_mux, addresses=TPROXY_LISTEN,
+            self.udp = UdpProxy(self._udp_mux, self.faults, addresses=TPROXY_LISTEN,
                                 max_flows=self.settings.udp_flows, idle=self.settings.udp_idle)
             await self.udp.start()
 
     async def decorate(self, capture: Capture, resolver: Resolver | None) -> Capture:
         """The capture with router mode's parts; starts the LAN DNS front when needed."""
         if self.settings.lan is not None and resolver is not None and self.lan_dns is None:
-            self.lan_dns = LanDns(resolver, TPROXY_LISTEN)
+            self.lan_dns = LanDns(resolver, TPROXY_LISTEN, self.faults)
             await self.lan_dns.start()
         return self.fields(capture)
 

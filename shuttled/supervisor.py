@@ -28,6 +28,7 @@ from shuttled.firewall.base import Backend, Capture, Subnet
 from shuttled.router import RouterSettings, RouterSide
 from shuttled.tunnel.channels import ChannelMux
 from shuttled.tunnel.dns import DnsForwarder, DnsPeers, parse_resolv_conf
+from shuttled.tunnel.faults import Faults
 from shuttled.tunnel.proxy import TransparentProxy
 from shuttled.tunnel.remote_info import IPAddress, IPNetwork, remote_hosts, remote_routes
 from shuttled.tunnel.resolver import DnsCapture, DnsPlan, ProfileResolver
@@ -160,8 +161,10 @@ class Tunnel:
         self.since = time.time()
         self.last_error: str | None = None
         self.session: SshSession | None = None
+        # One connection's fault ends that connection; counted here for every part.
+        self.faults = Faults()
         self.proxy = self._new_proxy()
-        self.router = RouterSide(spec.name, spec.router, self._udp_mux)
+        self.router = RouterSide(spec.name, spec.router, self._udp_mux, self.faults)
         self._excludes: tuple[Subnet, ...] | None = None  # known once ssh -G answered
         self.resolver: ProfileResolver | None = None
         self.auto_nets: tuple[Subnet, ...] = ()  # learnt from the remote at the last connect
@@ -178,7 +181,7 @@ class Tunnel:
 
     def _new_proxy(self) -> TransparentProxy:
         # LAN connections arrive by TPROXY: the listener needs IP_TRANSPARENT.
-        return TransparentProxy(self._mux, addresses=self.spec.listen,
+        return TransparentProxy(self._mux, self.faults, addresses=self.spec.listen,
                                 transparent=self.spec.router.lan is not None)
 
     async def _udp_mux(self) -> ChannelMux:
@@ -285,7 +288,7 @@ class Tunnel:
         """Run one ssh session to its end: (why it ended, whether retrying is futile)."""
         session = SshSession(self.spec.target, self.spec.name, forward=self.spec.forward,
                              pythons=self.spec.pythons, keepalive=self.spec.keepalive,
-                             streams=self.spec.streams)
+                             streams=self.spec.streams, fault_log=self.faults)
         self.session = session
         try:
             excludes = (await ssh_excludes(self.spec.target, self.server_pin)
@@ -338,7 +341,8 @@ class Tunnel:
         assert session is not None
         if self.resolver is None:
             self.resolver = ProfileResolver(self.spec.name, self.captures.backend.table, plan,
-                                            self._open_stream, self.captures.dns_peers)
+                                            self._open_stream, self.captures.dns_peers,
+                                            self.faults)
         hosts = (await _from_remote("/etc/hosts", remote_hosts(session.run), {})
                  if self.spec.remote_hosts else None)
         networks = [s.network for s in (*self.spec.subnets, *self.auto_nets) if not s.exclude]
@@ -389,6 +393,7 @@ class Tunnel:
             "tx": counters.bytes_up + live_up, "rx": counters.bytes_down + live_down,
             "active": len(self.proxy.connections), "total": counters.accepted,
             "failed": counters.failed, "reconnects": self.reconnects,
+            "aborted": self.faults.snapshot(),
             "uptime": time.time() - self.up_since if self.up_since else 0.0,
             "rtt": session.rtt if session else None,
             "mode": str(session.mode) if session and session.mode else None,

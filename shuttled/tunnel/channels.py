@@ -26,7 +26,7 @@ from typing import Protocol, cast
 
 from shuttled import const
 from shuttled.errors import ProtocolError
-from shuttled.tunnel import sshmsg
+from shuttled.tunnel import faults, sshmsg
 from shuttled.tunnel.sshmsg import Reader, WireError
 
 log = logging.getLogger(__name__)
@@ -320,8 +320,8 @@ class Channel:
         if self.close_sent:  # closed by our side while the open was in flight
             self.mux.write(sshmsg.close(self.remote_id))
             return
-        self.endpoint.on_open(self)
-        if self.eof_pending:
+        self.notify("open", self.endpoint.on_open, self)
+        if self.eof_pending and not self.close_sent:
             self.send_eof()
 
     def _on_data(self, data: memoryview) -> None:
@@ -335,7 +335,10 @@ class Channel:
         if self.close_sent or self.eof_received:
             self.consumed(size)  # nobody will read it; keep the books balanced
             return
-        self.endpoint.on_data(data)
+        try:  # inline, not notify(): this is the hot path
+            self.endpoint.on_data(data)
+        except Exception as exc:
+            self.mux.contain(self, exc, "data")
 
     def _on_window_adjust(self, amount: int) -> None:
         if self.remote_window + amount > sshmsg.MAX_WINDOW:
@@ -349,7 +352,7 @@ class Channel:
             raise ProtocolError(f"channel {self.local_id}: second EOF")
         self.eof_received = True
         if not self.close_sent:
-            self.endpoint.on_eof()
+            self.notify("eof", self.endpoint.on_eof)
         self._maybe_close()
 
     def _on_close(self) -> None:
@@ -380,7 +383,15 @@ class Channel:
                 future.set_result(False)
         self._replies.clear()
         self.mux.release(self)
-        self.endpoint.on_close()
+        self.notify("close", self.endpoint.on_close)
+
+    def notify(self, where: str, callback: Callable[..., None], *args: object) -> None:
+        """Call into the endpoint inside the fault boundary: what it raises ends this
+        channel, never the mux (see faults.py)."""
+        try:
+            callback(*args)
+        except Exception as exc:
+            self.mux.contain(self, exc, where)
 
 
 Handler = Callable[[Channel, Reader], None]
@@ -391,10 +402,12 @@ class ChannelMux:
 
     def __init__(self, pipe: Pipe, *, name: str = "mux",
                  on_lost: Callable[[BaseException | None], None] | None = None,
-                 on_global: Callable[[int, memoryview], None] | None = None) -> None:
+                 on_global: Callable[[int, memoryview], None] | None = None,
+                 fault_log: faults.Faults | None = None) -> None:
         self.pipe = pipe
         self.name = name
         self.counters = Counters()
+        self.faults = fault_log if fault_log is not None else faults.Faults()
         self.channels: dict[int, Channel] = {}
         self._free_ids: list[int] = []
         self._next_id = 0
@@ -522,10 +535,21 @@ class ChannelMux:
         channel.reading_paused = want_paused
         if want_paused:
             self._blocked.add(channel)
-            channel.endpoint.pause_reading()
+            channel.notify("pause", channel.endpoint.pause_reading)
         else:
             self._blocked.discard(channel)
-            channel.endpoint.resume_reading()
+            channel.notify("resume", channel.endpoint.resume_reading)
+
+    def contain(self, channel: Channel, exc: BaseException, where: str) -> None:
+        """An endpoint failed: end its channel (CLOSE to the remote, its local side
+        aborted) and count it; the other channels and the mux go on."""
+        endpoint = channel.endpoint
+        self.faults.record(getattr(endpoint, "fault_kind", faults.CHANNEL), exc, where)
+        if not channel.close_sent and channel.state is not State.CLOSED:
+            channel.close()
+        abort = getattr(endpoint, "abort_connection", None)
+        if abort is not None and where != "abort":
+            channel.notify("abort", abort)
 
     # --- reading ----------------------------------------------------------------
 
@@ -625,7 +649,7 @@ class ChannelMux:
         if len(data) > channel.window:
             raise ProtocolError(f"channel {channel.local_id}: extended data exceeds window")
         channel.window -= len(data)
-        channel.endpoint.on_extended_data(code, data)
+        channel.notify("extended data", channel.endpoint.on_extended_data, code, data)
         channel.consumed(len(data))
 
     def _open_confirmation(self, reader: Reader) -> None:
@@ -641,7 +665,7 @@ class ChannelMux:
         self.counters.open_failed += 1
         channel.state = State.CLOSED
         self.release(channel)
-        channel.endpoint.on_open_failed(reason, description)
+        channel.notify("open failure", channel.endpoint.on_open_failed, reason, description)
 
     def _window_adjust(self, reader: Reader) -> None:
         channel = self._channel(reader)
@@ -653,7 +677,7 @@ class ChannelMux:
         want_reply = reader.boolean()
         hook = getattr(channel.endpoint, "on_exit_status", None)
         if name == "exit-status" and hook is not None:
-            hook(reader.u32())
+            channel.notify("exit status", hook, reader.u32())
         if want_reply and not channel.close_sent:
             self.write(sshmsg.channel_reply(channel.remote_id, False))
 
@@ -681,7 +705,8 @@ class ChannelMux:
             if channel.state is State.OPENING:
                 self.release(channel)
                 channel.state = State.CLOSED
-                channel.endpoint.on_open_failed(sshmsg.OPEN_CONNECT_FAILED, "tunnel closed")
+                channel.notify("open failure", channel.endpoint.on_open_failed,
+                               sshmsg.OPEN_CONNECT_FAILED, "tunnel closed")
             else:
                 channel._finish()
         if self._on_lost is not None:
@@ -710,10 +735,12 @@ class MuxProtocol(asyncio.Protocol):
     """asyncio glue: the control socket's bytes into a ChannelMux, and back-pressure."""
 
     def __init__(self, name: str,
-                 on_lost: Callable[[BaseException | None], None] | None = None) -> None:
+                 on_lost: Callable[[BaseException | None], None] | None = None,
+                 fault_log: faults.Faults | None = None) -> None:
         self.name = name
         self.mux: ChannelMux | None = None
         self._on_lost = on_lost
+        self._faults = fault_log
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -723,7 +750,8 @@ class MuxProtocol(asyncio.Protocol):
                                                low=const.MUX_WRITE_LOW)
         pipe = TransportPipe(self.transport)
         grow_send_buffer(transport, const.MUX_WRITE_SNDBUF)
-        self.mux = ChannelMux(pipe, name=self.name, on_lost=self._on_lost)
+        self.mux = ChannelMux(pipe, name=self.name, on_lost=self._on_lost,
+                              fault_log=self._faults)
 
     def data_received(self, data: bytes) -> None:
         assert self.mux is not None

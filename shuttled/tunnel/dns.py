@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 from shuttled.const import DNS_PORT, DNS_TIMEOUT
+from shuttled.tunnel import faults
+from shuttled.tunnel.faults import Faults
 
 log = logging.getLogger(__name__)
 
@@ -771,9 +773,10 @@ class _UdpProtocol(asyncio.DatagramProtocol):
 class DnsListener:
     """UDP and TCP DNS listeners on the same port number on each address."""
 
-    def __init__(self, resolver: Resolver) -> None:
+    def __init__(self, resolver: Resolver, fault_log: Faults | None = None) -> None:
         self.port = 0
         self._resolver = resolver
+        self.faults = fault_log if fault_log is not None else Faults()
         self._transports: list[asyncio.DatagramTransport] = []
         self._servers: list[asyncio.Server] = []
         self._udp_tasks: set[asyncio.Task[Any]] = set()
@@ -828,8 +831,8 @@ class DnsListener:
             return await self._resolver.resolve(query)
         except DnsMessageError as exc:
             log.debug("dropped a DNS query: %s", exc)
-        except Exception:  # a bug answering one query must not take the listener down
-            log.exception("answering a DNS query failed")
+        except Exception as exc:  # the boundary: one query, not the listener
+            self.faults.record(faults.DNS, exc, "query")
         return None
 
     def _spawn(self, tasks: set[asyncio.Task[Any]], coro: Coroutine[Any, Any, None]) -> None:
@@ -871,6 +874,9 @@ class DnsListener:
                 await asyncio.wait(answers)
         except asyncio.CancelledError:
             pass  # close(); Python 3.11 would log a cancelled connection callback as an error
+        except Exception as exc:  # the boundary: this client, not the listener
+            self.faults.record(faults.DNS, exc, "DNS over TCP client")
+            writer.transport.abort()
         finally:
             for answer in answers:
                 answer.cancel()

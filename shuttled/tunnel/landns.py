@@ -18,6 +18,7 @@ import socket
 from collections.abc import Coroutine
 from typing import Any
 
+from shuttled.tunnel import faults
 from shuttled.tunnel.dns import (
     DnsMessageError,
     Resolver,
@@ -26,6 +27,7 @@ from shuttled.tunnel.dns import (
     truncate,
     udp_payload_limit,
 )
+from shuttled.tunnel.faults import Faults
 from shuttled.tunnel.proxy import bind_listeners
 from shuttled.tunnel.transparent import Address, recv_batch, recv_original_dst, send_from
 
@@ -41,8 +43,10 @@ class LanDns:
     """Transparent UDP and TCP DNS listeners (one port) answering with `resolver`."""
 
     def __init__(self, resolver: Resolver,
-                 addresses: tuple[str, ...] = ("127.0.0.1", "::1")) -> None:
+                 addresses: tuple[str, ...] = ("127.0.0.1", "::1"),
+                 fault_log: Faults | None = None) -> None:
         self.resolver = resolver
+        self.faults = fault_log if fault_log is not None else Faults()
         self.addresses = addresses
         self.port = 0
         self.queries = 0
@@ -100,8 +104,8 @@ class LanDns:
             return await self.resolver.resolve(query)
         except DnsMessageError as exc:
             log.debug("dropped a LAN DNS query: %s", exc)
-        except Exception:  # one bad query must not take the listener down
-            log.exception("answering a LAN DNS query failed")
+        except Exception as exc:  # the boundary: one query, not the listener
+            self.faults.record(faults.DNS, exc, "LAN query")
         self.dropped += 1
         return None
 
@@ -142,6 +146,9 @@ class LanDns:
                 await asyncio.wait(answers)
         except asyncio.CancelledError:
             pass
+        except Exception as exc:  # the boundary: this client, not the listener
+            self.faults.record(faults.DNS, exc, "LAN DNS over TCP client")
+            writer.transport.abort()
         finally:
             for task in answers:
                 task.cancel()

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import cast
 
 from shuttled import const
-from shuttled.tunnel import sshmsg
+from shuttled.tunnel import faults, sshmsg
 from shuttled.tunnel.channels import Channel, ChannelMux, State
+from shuttled.tunnel.faults import Faults, contained
 from shuttled.tunnel.transparent import set_transparent
 
 log = logging.getLogger(__name__)
@@ -56,10 +57,17 @@ class ProxyCounters:
 
 
 class LocalConnection(asyncio.Protocol):
-    """One accepted app connection; the channel's Endpoint."""
+    """One accepted app connection; the channel's Endpoint.
+
+    Its asyncio callbacks run inside the fault boundary (@contained), its channel
+    callbacks inside the mux's: an app that resets at any moment ends this
+    connection only."""
+
+    fault_kind = faults.TCP
 
     def __init__(self, proxy: TransparentProxy) -> None:
         self.proxy = proxy
+        self.faults = proxy.faults
         self.transport: asyncio.Transport | None = None
         self.channel: Channel | None = None
         self.src: tuple[str, int] = ("", 0)
@@ -70,19 +78,17 @@ class LocalConnection(asyncio.Protocol):
 
     # --- asyncio side ---------------------------------------------------------------
 
+    @contained
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A cast, not an isinstance check: uvloop's transports are not subclasses.
         self.transport = cast(asyncio.Transport, transport)
         self.transport.pause_reading()  # nothing to send it to until the channel opens
         sock: socket.socket = transport.get_extra_info("socket")
         self.started = asyncio.get_running_loop().time()
-        try:
-            self.dst = self.proxy.destination(sock)
-            self.src = sock.getpeername()[:2]
-        except OSError as exc:
-            log.warning("no original destination for a connection: %s", exc.strerror)
-            self.reset()
-            return
+        # Both raise for an app that reset before we got here (ENOTCONN): the
+        # boundary ends this connection, counted, as for any other fault.
+        self.dst = self.proxy.destination(sock)
+        self.src = sock.getpeername()[:2]
         if self.dst[1] == self.proxy.port and self.dst[0] in ("127.0.0.1", "::1"):
             self.reset()  # a direct connect to our listener, not a redirect: refuse
             return
@@ -98,6 +104,7 @@ class LocalConnection(asyncio.Protocol):
         self.channel = mux.open_direct_tcpip(self.dst[0], self.dst[1], self.src[0],
                                              self.src[1], self)
 
+    @contained
     def data_received(self, data: bytes) -> None:
         if self._opening():
             # Python before 3.11.3 (Debian 12 ships 3.11.2) starts reading even when
@@ -111,25 +118,35 @@ class LocalConnection(asyncio.Protocol):
             self.channel.send(data)
 
     def eof_received(self) -> bool:
+        self._half_closed()
+        return True  # keep our write side open: half-close
+
+    @contained
+    def _half_closed(self) -> None:
         if self._opening():
             self._early.append(b"")
         elif self.channel is not None:
             self.channel.send_eof()
-        return True  # keep our write side open: half-close
 
     def _opening(self) -> bool:
         return self.channel is None or self.channel.state is State.OPENING
 
+    @contained
     def connection_lost(self, exc: Exception | None) -> None:
         self.proxy.forget(self)
+        self._close_channel()
+
+    def _close_channel(self) -> None:
         channel = self.channel
         if channel is not None and not channel.close_sent:
             channel.close()
 
+    @contained
     def pause_writing(self) -> None:
         if self.channel is not None:
             self.channel.set_hold_window(True)
 
+    @contained
     def resume_writing(self) -> None:
         if self.channel is not None:
             self.channel.set_hold_window(False)
@@ -164,6 +181,8 @@ class LocalConnection(asyncio.Protocol):
 
     def on_eof(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
+            # asyncio's write_eof() is a bare shutdown(): an app that already reset
+            # (it closed, then our data met its closed socket) raises ENOTCONN here.
             self.transport.write_eof()
 
     def on_close(self) -> None:
@@ -186,6 +205,12 @@ class LocalConnection(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
+    def abort_connection(self) -> None:
+        """The fault boundary's way out: reset the app, close the channel, forget us."""
+        self.reset()
+        self._close_channel()
+        self.proxy.forget(self)
+
     def reset(self) -> None:
         """Close with RST so the app sees a refusal at once, not an empty reply."""
         if self.transport is None:
@@ -200,8 +225,8 @@ class LocalConnection(asyncio.Protocol):
 class TransparentProxy:
     """Listeners on 127.0.0.1 and ::1 (one port for both) for one tunnel."""
 
-    def __init__(self, mux_source: MuxSource, *, addresses: tuple[str, ...] = ("127.0.0.1",
-                                                                              "::1"),
+    def __init__(self, mux_source: MuxSource, fault_log: Faults | None = None, *,
+                 addresses: tuple[str, ...] = ("127.0.0.1", "::1"),
                  on_prohibited: Callable[[LocalConnection], bool] | None = None,
                  transparent: bool = False) -> None:
         self.mux_source = mux_source
@@ -211,6 +236,7 @@ class TransparentProxy:
         self.transparent = transparent
         self.port = 0
         self.counters = ProxyCounters()
+        self.faults = fault_log if fault_log is not None else Faults()
         self.connections: set[LocalConnection] = set()
         self._servers: list[asyncio.Server] = []
         self._on_prohibited = on_prohibited

@@ -33,6 +33,7 @@ from shuttled.tunnel.dns import DnsForwarder, DnsListener, DnsPeers, Opener, par
 from shuttled.tunnel.dnscache import DnsCache
 from shuttled.tunnel.dnslocal import LocalUpstream
 from shuttled.tunnel.dnsroute import HostsTable, SplitRoutes
+from shuttled.tunnel.faults import Faults
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,9 @@ class DnsCapture:
 
 class ProfileResolver:
     def __init__(self, name: str, owner: str, plan: DnsPlan, opener: Opener,
-                 peers: DnsPeers | None = None) -> None:
+                 peers: DnsPeers | None = None, fault_log: Faults | None = None) -> None:
         self.name = name
+        self.faults = fault_log if fault_log is not None else Faults()
         self.owner = owner  # the firewall table: names our link, decides its cleanup
         self.plan = plan
         self.forwarder: DnsForwarder | None = None
@@ -139,7 +141,7 @@ class ProfileResolver:
         if not self._local and (split or self.plan.capture):
             raise UsageError("DNS capture: no nameserver in /etc/resolv.conf")
         local = LocalUpstream(self._local, mark=const.DNS_BYPASS_MARK) if split else None
-        self._listener = DnsListener(self._forwarder(upstream, local))
+        self._listener = DnsListener(self._forwarder(upstream, local), self.faults)
         port = await self._listener.start(self.plan.listen)
         every = self.plan.mode == "all" and not self.plan.capture
         log.info("DNS (%s): %s answered %s", self.plan.mode,
@@ -152,7 +154,7 @@ class ProfileResolver:
     async def _start_resolved(self, resolved: Resolved, upstream: Sequence[str]) -> DnsCapture:
         self.path = "resolved"
         self._link = await create_link(self.name, self.owner)
-        self._listener = DnsListener(self._forwarder(upstream, None))
+        self._listener = DnsListener(self._forwarder(upstream, None), self.faults)
         await self._listener.start([str(self._link.address)], const.DNS_PORT)
         await resolved.configure(self._link, self._routes.routing_domains())
         log.info("DNS (split): systemd-resolved sends %s to link %s (%s), answered by %s "

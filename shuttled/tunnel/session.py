@@ -18,6 +18,7 @@ from shuttled.errors import RemoteError, ShuttledError, SshError
 from shuttled.tunnel import sshmsg
 from shuttled.tunnel.channels import Channel, ChannelMux, MuxProtocol
 from shuttled.tunnel.endpoints import CommandEndpoint, HelperPipe, open_stream, run_command
+from shuttled.tunnel.faults import Faults
 from shuttled.tunnel.nodelay import set_nodelay
 from shuttled.tunnel.ssh import SshMaster, SshTarget
 
@@ -94,7 +95,8 @@ class SshLink:
         sock = await self.master.connect_proxy()
         loop = asyncio.get_running_loop()
         _, protocol = await loop.create_unix_connection(
-            lambda: MuxProtocol(f"ssh {self.session.target.remote}", on_lost), sock=sock)
+            lambda: MuxProtocol(f"ssh {self.session.target.remote}", on_lost,
+                                self.session.faults), sock=sock)
         assert isinstance(protocol, MuxProtocol) and protocol.mux is not None
         return protocol.mux
 
@@ -198,8 +200,11 @@ class SshSession:
 
     def __init__(self, target: SshTarget, name: str, *, forward: Forward = Forward.AUTO,
                  pythons: tuple[str, ...] = const.REMOTE_PYTHONS,
-                 keepalive: float = const.KEEPALIVE_INTERVAL, streams: int = 1) -> None:
+                 keepalive: float = const.KEEPALIVE_INTERVAL, streams: int = 1,
+                 fault_log: Faults | None = None) -> None:
         self.target = target
+        # Faults of single connections, contained by every mux of this session.
+        self.faults = fault_log if fault_log is not None else Faults()
         self.name = name
         self.forward = forward
         self.pythons = pythons
@@ -317,7 +322,7 @@ class SshSession:
                 hello.set_result(bytes(payload))
 
         pipe.inner = ChannelMux(pipe, name=f"helper on {self.target.remote}",
-                                on_lost=on_lost, on_global=on_hello)
+                                on_lost=on_lost, on_global=on_hello, fault_log=self.faults)
         async with asyncio.timeout(HELPER_START_TIMEOUT):
             channel = await pipe.opened
             reply = channel.request("exec", sshmsg.sstring(

@@ -32,8 +32,9 @@ from typing import Any
 
 from shuttled import const
 from shuttled.errors import ShuttledError
-from shuttled.tunnel import sshmsg
+from shuttled.tunnel import faults, sshmsg
 from shuttled.tunnel.channels import Channel, ChannelMux
+from shuttled.tunnel.faults import Faults, abort, contained
 from shuttled.tunnel.proxy import bind_listeners
 from shuttled.tunnel.transparent import (
     Address,
@@ -66,10 +67,16 @@ class UdpStats:
 
 
 class Flow:
-    """One local source's datagrams and their answers; the channel's Endpoint."""
+    """One local source's datagrams and their answers; the channel's Endpoint.
+
+    Its socket callbacks run inside the fault boundary (@contained), its channel
+    callbacks inside the mux's: a fault ends this flow only."""
+
+    fault_kind = faults.UDP
 
     def __init__(self, proxy: UdpProxy, src: Address) -> None:
         self.proxy = proxy
+        self.faults = proxy.faults
         self.src = src
         self.family = socket.AF_INET6 if ":" in src[0] else socket.AF_INET
         self.channel: Channel | None = None
@@ -87,6 +94,7 @@ class Flow:
 
     # --- towards the remote ---------------------------------------------------------
 
+    @contained
     def send(self, dst: Address, payload: bytes) -> None:
         stats = self.proxy.stats
         self.last = asyncio.get_running_loop().time()
@@ -121,6 +129,7 @@ class Flow:
         asyncio.get_running_loop().add_reader(sock.fileno(), self._readable, sock, dst)
         return sock
 
+    @contained
     def _readable(self, sock: socket.socket, dst: Address) -> None:
         # The source's next datagrams to dst, which TPROXY hands to this socket.
         for _ in range(RECV_BATCH):
@@ -141,6 +150,11 @@ class Flow:
         except (ShuttledError, OSError) as exc:
             log.debug("UDP flow from %s:%d not opened: %s", *self.src, exc)
             self.on_open_failed(0, str(exc))
+        except Exception as exc:  # the boundary, for a task nobody awaits
+            abort(self, exc, "open")
+
+    def abort_connection(self) -> None:
+        self.close()
 
     # --- channel side (Endpoint) ----------------------------------------------------
 
@@ -215,7 +229,7 @@ class Flow:
 class UdpProxy:
     """Transparent UDP listeners on 127.0.0.1 and ::1 (one port) for one tunnel."""
 
-    def __init__(self, mux_getter: MuxGetter, *,
+    def __init__(self, mux_getter: MuxGetter, fault_log: Faults | None = None, *,
                  addresses: tuple[str, ...] = ("127.0.0.1", "::1"),
                  max_flows: int = const.UDP_MAX_FLOWS, idle: float = const.UDP_IDLE) -> None:
         self.mux_getter = mux_getter
@@ -224,6 +238,7 @@ class UdpProxy:
         self.idle = idle
         self.port = 0
         self.stats = UdpStats()
+        self.faults = fault_log if fault_log is not None else Faults()
         self.flows: dict[Address, Flow] = {}
         self._socks: list[socket.socket] = []
         self._tasks: set[asyncio.Task[None]] = set()

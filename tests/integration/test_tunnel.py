@@ -42,12 +42,16 @@ class Tunnel:
 
 
 def start_run(lab: Lab, *args: str, method: str = "nft", remote: str | None = None,
-              name: str = "shuttled", user: LabUser | None = None) -> subprocess.Popen[bytes]:
-    """`shuttled run` in cli; with `user`, as if started by that user through sudo."""
+              name: str = "shuttled", user: LabUser | None = None,
+              module: str = "shuttled", env: dict[str, str] | None = None
+              ) -> subprocess.Popen[bytes]:
+    """`shuttled run` in cli; with `user`, as if started by that user through sudo.
+    `module`: what runs it (tests.lab.faulty for fault injection); `env`: added."""
     ssh = [] if user else ["-e", lab.ssh_cmd]
-    argv = [sys.executable, "-m", "shuttled", "run", "-v", "--method", method, *ssh,
+    argv = [sys.executable, "-m", module, "run", "-v", "--method", method, *ssh,
             "-r", remote or lab.remote, *args]
-    env = {**os.environ, "SUDO_UID": str(user.uid), "SUDO_GID": str(user.gid)} if user else None
+    sudo = {"SUDO_UID": str(user.uid), "SUDO_GID": str(user.gid)} if user else {}
+    env = {**os.environ, **sudo, **(env or {})} if user or env else None
     proc: subprocess.Popen[bytes] = lab.popen("cli", argv, name=name, env=env)
     deadline = time.monotonic() + UP_TIMEOUT
     while "is up" not in lab.log_tail(name, 200):

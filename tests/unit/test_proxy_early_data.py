@@ -8,10 +8,23 @@ can come while the direct-tcpip channel is still opening. The package test
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
+
 from shuttled.tunnel.channels import State
-from shuttled.tunnel.proxy import LocalConnection
+from shuttled.tunnel.proxy import LocalConnection, TransparentProxy
+
+_made: list[LocalConnection] = []
+
+
+@pytest.fixture(autouse=True)
+def no_fault_contained() -> Iterator[None]:
+    """The fault boundary would swallow a failed assertion inside a fake: fail here."""
+    _made.clear()
+    yield
+    assert all(not any(c.faults.counts.values()) for c in _made)
 
 
 class FakeTransport:
@@ -46,7 +59,8 @@ class FakeChannel:
 
 
 def connection() -> tuple[LocalConnection, FakeTransport, FakeChannel]:
-    conn = LocalConnection(proxy=None)  # type: ignore[arg-type]
+    conn = LocalConnection(TransparentProxy(lambda: None))
+    _made.append(conn)
     transport, channel = FakeTransport(), FakeChannel()
     conn.transport = transport  # type: ignore[assignment]
     conn.channel = channel  # type: ignore[assignment]
