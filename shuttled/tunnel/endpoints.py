@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from shuttled.errors import ProtocolError, RemoteError
-from shuttled.tunnel import sshmsg
+from shuttled.tunnel import faults, sshmsg
 from shuttled.tunnel.channels import Channel, ChannelMux
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,11 @@ class _BaseEndpoint:
 
     def resume_reading(self) -> None:
         pass
+
+    def abort_connection(self) -> None:
+        """The fault boundary ended our channel: whoever waits for the open stops."""
+        if not self.opened.done():
+            self.opened.set_exception(RemoteError("channel aborted by a local error"))
 
 
 class CommandEndpoint(_BaseEndpoint):
@@ -95,6 +100,8 @@ async def run_command(mux: ChannelMux, command: str, timeout: float = 30.0
 class ChannelTransport(_BaseEndpoint, asyncio.Transport):
     """An asyncio transport over one channel, so stream clients (DNS over TCP)
     can use StreamReader/StreamWriter through the tunnel."""
+
+    fault_kind = faults.DNS  # its one user
 
     def __init__(self, protocol: asyncio.Protocol) -> None:
         _BaseEndpoint.__init__(self)
