@@ -17,14 +17,19 @@ def _need_root(what: str) -> None:
         raise UsageError(f"shuttled {what} must run as root (firewall rules); try sudo")
 
 
-def _cleanup() -> int:
-    from shuttled.firewall import cleanup_all
+def _cleanup(force: bool, everything: bool) -> int:
+    from shuttled.firewall import cleanup_all, live_owners
     from shuttled.resolved import cleanup_links
     from shuttled.tunnel.ssh import cleanup_control_dirs
 
     _need_root("cleanup")
+    owners = live_owners()
+    if owners and not force:
+        raise UsageError(f"not cleaning up: {', '.join(owners)} running; their rules are "
+                         f"what protects their traffic (--force removes them anyway)")
     # Links first: deleting one is also what undoes its systemd-resolved settings.
-    removed = cleanup_links() + cleanup_all() + cleanup_control_dirs()
+    removed = (cleanup_links() + cleanup_all(live=force, lockdown=everything)
+               + cleanup_control_dirs())
     for item in removed:
         print(f"removed {item}")
     return ExitCode.OK
@@ -40,7 +45,7 @@ def _dispatch(argv: Sequence[str]) -> int:
         _need_root("run")
         return asyncio.run(run(spec, args.method))
     if args.command == "cleanup":
-        return _cleanup()
+        return _cleanup(args.force, args.all)
     from shuttled.daemon import main as daemon_main
 
     _need_root("daemon")

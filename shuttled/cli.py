@@ -60,8 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("daemon", help="run the daemon in the foreground (the default)")
     _add_run(sub.add_parser("run", help="one tunnel in the foreground, sshuttle-style",
                             fromfile_prefix_chars="@"))
-    sub.add_parser("cleanup", help="remove every firewall rule shuttled owns "
-                                   "(ExecStopPost; after a crash)")
+    cleanup = sub.add_parser("cleanup", help="remove the firewall rules a stopped or crashed "
+                                             "shuttled left (ExecStopPost; after a crash)")
+    cleanup.add_argument("--force", action="store_true",
+                         help="also while a daemon or a `shuttled run` is running: its "
+                              "traffic then goes out unprotected")
+    cleanup.add_argument("--all", action="store_true",
+                         help="also lift the kill switch's lockdown (blocking rules kept "
+                              "for wanted profiles while no daemon runs)")
     return parser
 
 

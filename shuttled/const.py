@@ -19,6 +19,8 @@ ADMIN_GROUP = "shuttle"
 # --- firewall ------------------------------------------------------------------
 NFT_TABLE = "shuttled"  # table `inet shuttled`: the daemon's, and nothing else's
 RUN_TABLE_PREFIX = "shuttled_run_"  # one-shot `shuttled run` instances: one table per pid
+# The kill switch's blocking rules for wanted profiles, kept while no daemon runs.
+LOCKDOWN_TABLE = "shuttled_lockdown"
 IPT_CHAIN_PREFIX = "SHUTTLED"
 # Priority just before the kernel's own dstnat so that we see the first packet.
 NFT_NAT_PRIORITY = -105

@@ -28,6 +28,7 @@ from shuttled.errors import (
     TimeoutError_,
 )
 from shuttled.firewall import cleanup_all, detect
+from shuttled.instance import InstanceLock
 from shuttled.resolved import cleanup_links
 from shuttled.router import settings_from_profile as router_settings
 from shuttled.supervisor import CaptureSet, State, Tunnel, TunnelSpec, current_profile
@@ -202,12 +203,20 @@ class Daemon:
             self.wanted.discard(name)
             self.state.save(self.wanted)
             tunnel = self.tunnels.pop(name, None)
-        if tunnel is not None:
-            await tunnel.down()
+            # Inside the lock: an `up` right after must not meet this one's teardown
+            # (it would drop the successor's capture, which has the same name).
+            if tunnel is not None:
+                await tunnel.down()
         return self._status_one(name)
 
     async def reload(self) -> dict[str, Any]:
-        """Apply only what changed; a bad config is refused and the old one runs on."""
+        """Apply only what changed; a bad config is refused and the old one runs on.
+        Under the lock up and down take: one of them never acts on a half-reloaded
+        daemon (a tunnel started from the old config, a wanted set written twice)."""
+        async with self._lock:
+            return await self._reload()
+
+    async def _reload(self) -> dict[str, Any]:
         new = load_config(self.config_dir)
         diff = self.config.diff(new)
         added, removed, changed = diff["added"], diff["removed"], diff["changed"]
@@ -337,6 +346,8 @@ def setup_logging(verbose: int) -> None:
 async def serve(args: argparse.Namespace) -> int:
     from shuttled.control.unix import UnixControlServer
 
+    lock = InstanceLock()
+    lock.acquire()  # before anything is touched: a second daemon changes nothing
     daemon = Daemon(args.config_dir, Path(args.state_dir), args.method)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -360,6 +371,7 @@ async def serve(args: argparse.Namespace) -> int:
         if bus is not None:
             bus.close()
         await daemon.stop()
+        lock.close()
 
 
 async def _reload(daemon: Daemon) -> None:

@@ -204,13 +204,21 @@ class Tunnel:
         # A predecessor's held capture (a reload changed the profile) is replaced
         # by ours in one transaction: the subnets are never let out in between.
         base = current if current is not None and self._holding_own else self.router.fields(
-            Capture(name=self.spec.name,
-                    subnets=self.spec.subnets + self.auto_nets + self._excludes,
-                    tcp_port=self.proxy.port, uid=self.spec.uid))
+            self._held_capture(self._excludes))
         held = dataclasses.replace(base, hold=True)
         if held != current:
             self.captures.put(held)
         self._holding_own = True
+
+    def _held_capture(self, excludes: tuple[Subnet, ...]) -> Capture:
+        """The capture to hold when none is in place: with the DNS the profile will
+        catch, refused until our listener exists (never let out in the clear)."""
+        plan = self.spec.dns_plan()
+        dns = plan.held() if plan is not None else DnsCapture()
+        return Capture(name=self.spec.name,
+                       subnets=self.spec.subnets + self.auto_nets + excludes,
+                       tcp_port=self.proxy.port, dns_servers=dns.servers,
+                       dns_all=dns.every_server, uid=self.spec.uid, hold=True)
 
     @property
     def running(self) -> bool:

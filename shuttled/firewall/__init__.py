@@ -10,10 +10,11 @@ captures; rules live only in our own table (nft) or chains (iptables).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 
-from shuttled.const import NFT_TABLE
+from shuttled.const import NFT_TABLE, RUN_TABLE_PREFIX
 from shuttled.errors import ConfigError, FirewallError
 from shuttled.firewall import policy
 from shuttled.firewall.base import (
@@ -76,8 +77,27 @@ def detect(method: str | None = None, table: str = NFT_TABLE, *,
     return forced(table, persistent=persistent)
 
 
-def cleanup_all() -> list[str]:
-    """Remove the daemon's rules and those of dead one-shot runs, in every backend present.
+def live_owners() -> list[str]:
+    """Who runs and owns rules here now: the daemon, one-shot runs (by pid)."""
+    from shuttled.instance import owner
+
+    found = []
+    pid = owner()
+    if pid is not None:
+        found.append(f"the daemon (pid {pid})" if pid > 0 else "the daemon")
+    for cls in BACKENDS.values():
+        if not cls.present():
+            continue
+        with contextlib.suppress(FirewallError):
+            found += [f"shuttled run (pid {t.removeprefix(RUN_TABLE_PREFIX)}, {cls.name})"
+                      for t in cls.instances()
+                      if t.startswith(RUN_TABLE_PREFIX) and not is_cleanup_target(t)]
+    return found
+
+
+def cleanup_all(*, live: bool = False, lockdown: bool = False) -> list[str]:
+    """Remove the daemon's rules and those of dead one-shot runs, in every backend present;
+    with `live`, those of running ones too; with `lockdown`, the kill switch's lockdown.
 
     Returns what was removed ("nft shuttled", "iptables shuttled_run_42", ...).
     Every backend and table is tried even when one fails; failures are then
@@ -89,7 +109,8 @@ def cleanup_all() -> list[str]:
         if not cls.present():
             continue
         try:
-            stale = [t for t in cls.instances() if is_cleanup_target(t)]
+            stale = [t for t in cls.instances()
+                     if is_cleanup_target(t, live=live, lockdown=lockdown)]
         except FirewallError as e:
             errors.append(f"{cls.name}: {e}")
             continue

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from shuttled.const import DNS_PORT, NFT_TABLE, RUN_TABLE_PREFIX
+from shuttled.const import DNS_PORT, LOCKDOWN_TABLE, NFT_TABLE, RUN_TABLE_PREFIX
 from shuttled.errors import ConfigError, FirewallError
 
 log = logging.getLogger(__name__)
@@ -207,7 +207,8 @@ class Capture:
         for what, port in (("tcp_port", self.tcp_port), ("dns_port", self.dns_port)):
             if port is not None and not 1 <= port <= 65535:
                 raise ConfigError(f"profile {self.name}: {what} {port} is not within 1-65535")
-        if (self.dns_servers or self.dns_all) and self.dns_port is None:
+        # Held with no listener yet (the first connect): that DNS is refused instead.
+        if (self.dns_servers or self.dns_all) and self.dns_port is None and not self.hold:
             raise ConfigError(f"profile {self.name}: DNS capture given without a dns_port")
         if self.bypass_mark is not None and not 0 < self.bypass_mark <= 0xFFFFFFFF:
             raise ConfigError(f"profile {self.name}: mark {self.bypass_mark} is not 32 bits")
@@ -267,8 +268,8 @@ def _servers(capture: Capture, family: int) -> tuple[IPNetwork, ...]:
 
 
 def _dns_rule(capture: Capture, family: int) -> Rule:
-    assert capture.dns_port is not None  # Capture guarantees it when servers are set
-    return Rule(family, _servers(capture, family), "redirect", capture.dns_port,
+    # No port only while held before the listener exists: then nothing redirects.
+    return Rule(family, _servers(capture, family), "redirect", capture.dns_port or 0,
                 protos=("tcp", "udp"), ports=(DNS_PORT, DNS_PORT))
 
 
@@ -409,12 +410,16 @@ def one_line(text: str, limit: int = 400) -> str:
     return summary if len(summary) <= limit else summary[: limit - 3] + "..."
 
 
-def is_cleanup_target(table: str) -> bool:
-    """The daemon's table, or a one-shot run's table whose process is gone."""
+def is_cleanup_target(table: str, *, live: bool = False, lockdown: bool = False) -> bool:
+    """The daemon's table, or a one-shot run's table whose process is gone (`live`:
+    running or not); the kill switch's lockdown table only with `lockdown`."""
     if table == NFT_TABLE:
         return True
+    if table == LOCKDOWN_TABLE:
+        return lockdown
     pid = table.removeprefix(RUN_TABLE_PREFIX)
-    return table.startswith(RUN_TABLE_PREFIX) and pid.isdigit() and not _alive(int(pid))
+    return table.startswith(RUN_TABLE_PREFIX) and pid.isdigit() and (
+        live or not _alive(int(pid)))
 
 
 def _alive(pid: int) -> bool:

@@ -221,11 +221,20 @@ def mark_chain(capture: Capture) -> list[RRule]:
     return body
 
 
+def _held_dns(dns: Rule, listening: bool) -> list[RRule]:
+    """DNS still reaches our listener while held (it answers SERVFAIL meanwhile); before
+    the listener exists it is refused here, so no query ever leaves in the clear."""
+    if listening:
+        return [RRule(dns.family, "return", daddrs=dns.daddrs, protos=("udp", "tcp"),
+                      ports=dns.ports)]
+    return [RRule(dns.family, "reset", daddrs=dns.daddrs, protos=("tcp",), ports=dns.ports),
+            RRule(dns.family, "reject", daddrs=dns.daddrs, protos=("udp",), ports=dns.ports)]
+
+
 def hold_chain(capture: Capture) -> list[RRule]:
     """While the kill switch holds: reset TCP, refuse the rest, to the subnets only."""
     rules = capture_rules(capture)
-    body = [RRule(r.family, "return", daddrs=r.daddrs, protos=("udp", "tcp"), ports=r.ports)
-            for r in rules.dns]  # local DNS still reaches our listener (SERVFAIL meanwhile)
+    body = [rule for r in rules.dns for rule in _held_dns(r, capture.dns_port is not None)]
     body += never_captured()
     for sub in rules.subnets:
         if sub.verdict == "return":

@@ -54,6 +54,18 @@ class DnsPlan:
     listen: tuple[str, ...] = ("127.0.0.1", "::1")
     use_resolved: bool = True
 
+    def held(self) -> DnsCapture:
+        """The DNS a kill switch must refuse before our listener exists (the first
+        connect): what the capture will catch, with no port to send it to."""
+        every = self.mode == "all" and not self.capture
+        if every:
+            return DnsCapture(every_server=True)
+        try:
+            local = list(self.capture) or parse_resolv_conf(RESOLV_CONF.read_text())
+        except OSError:
+            local = []
+        return DnsCapture(servers=tuple(ipaddress.ip_address(a) for a in local))
+
 
 @dataclass(frozen=True)
 class DnsCapture:

@@ -28,7 +28,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -138,18 +138,21 @@ def local_resolver(lab: Lab, records: dict[str, dict[str, list[str]]] | None = N
 
 
 class LeakCounter:
-    """Counts port-53 packets that leave cli through its outside link (after NAT)."""
+    """Counts port-53 packets, and packets to `nets`, that leave cli through its outside
+    link, after NAT and after the kill switch's hooks (priority 0 comes after -110)."""
 
     TABLE = ("inet", "leakcheck")
 
-    def __init__(self, lab: Lab) -> None:
+    def __init__(self, lab: Lab, nets: Sequence[str] = ()) -> None:
         self.lab = lab
         link = lab.if_cli
+        rules = [f'oifname "{link}" udp dport 53 counter', f'oifname "{link}" tcp dport 53 counter',
+                 *(f'oifname "{link}" {"ip6" if ":" in n else "ip"} daddr {n} counter'
+                   for n in nets)]
+        body = "".join(f"  {rule}\n" for rule in rules)
         lab.run("cli", ["nft", "-f", "-"], input=(
             "table inet leakcheck {\n chain out {\n"
-            "  type filter hook output priority 0; policy accept;\n"
-            f'  oifname "{link}" udp dport 53 counter\n'
-            f'  oifname "{link}" tcp dport 53 counter\n }}\n}}\n'))
+            f"  type filter hook output priority 0; policy accept;\n{body} }}\n}}\n"))
 
     def packets(self) -> int:
         listed = json.loads(self.lab.run("cli", ["nft", "-j", "list", "table",
@@ -162,8 +165,8 @@ class LeakCounter:
 
 
 @contextlib.contextmanager
-def leak_counter(lab: Lab) -> Iterator[LeakCounter]:
-    counter = LeakCounter(lab)
+def leak_counter(lab: Lab, nets: Sequence[str] = ()) -> Iterator[LeakCounter]:
+    counter = LeakCounter(lab, nets)
     try:
         yield counter
     finally:

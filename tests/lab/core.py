@@ -96,6 +96,7 @@ def forget_namespace_records(ident: tuple[int, int] | None) -> None:
         return
     for path in Path("/run/shuttled").glob(f"iptables-tables-{ident[1]}-*.json"):
         path.unlink(missing_ok=True)
+    Path(f"/run/shuttled/daemon-{ident[1]}.lock").unlink(missing_ok=True)
 
 
 @dataclasses.dataclass(frozen=True)
