@@ -21,6 +21,9 @@ NFT_TABLE = "shuttled"  # table `inet shuttled`: the daemon's, and nothing else'
 RUN_TABLE_PREFIX = "shuttled_run_"  # one-shot `shuttled run` instances: one table per pid
 # The kill switch's blocking rules for wanted profiles, kept while no daemon runs.
 LOCKDOWN_TABLE = "shuttled_lockdown"
+# How often the daemon compares its rules with the kernel's (someone else may remove
+# them: `nft flush ruleset`, a firewall manager's reload); restored within this.
+RULE_CHECK_INTERVAL = 1.0
 IPT_CHAIN_PREFIX = "SHUTTLED"
 # Priority just before the kernel's own dstnat so that we see the first packet.
 NFT_NAT_PRIORITY = -105

@@ -93,8 +93,8 @@ class Daemon:
             log.info("removed stale rules: %s", ", ".join(removed))
         self.config = load_config(self.config_dir)
         backend = detect(self.method, persistent=True)
-        backend.apply([])  # our (empty) table exists before READY=1
         self.captures = CaptureSet(backend)
+        self.captures.install()  # our (empty) table exists before READY=1
         autostart = {n for n, p in self.config.profiles.items() if p.autostart}
         self.wanted = (self.state.load() & set(self.config.profiles)) | autostart
         for name in sorted(self.wanted):
@@ -129,7 +129,28 @@ class Daemon:
         tunnel = self.tunnels.get(name)
         return str(tunnel.state) if tunnel else str(State.DOWN)
 
+    def guard_rules(self) -> None:
+        """Put back what someone else took from our rules (also before every report:
+        `up` is never said while the rules behind it are missing)."""
+        if self.captures is None:
+            return
+        try:
+            lost = self.captures.heal()
+        except ShuttledError as exc:
+            log.error("cannot restore the firewall rules: %s", exc)
+            return
+        if lost is not None:
+            log.warning("%s: restored", lost)
+            self._emit({"type": "rules", "lost": lost, "restored": self.captures.restored,
+                        "time": time.time()})
+
+    async def guard_forever(self) -> None:
+        while True:
+            await asyncio.sleep(const.RULE_CHECK_INTERVAL)
+            self.guard_rules()
+
     def status(self, name: str | None) -> dict[str, Any] | list[dict[str, Any]]:
+        self.guard_rules()
         if name is None:
             return [self._status_one(n) for n in sorted(self.config.profiles)]
         return self._status_one(name)
@@ -156,8 +177,12 @@ class Daemon:
 
     def stats(self, name: str) -> dict[str, Any]:
         self._profile(name)
+        self.guard_rules()
         tunnel = self.tunnels.get(name)
-        return {"name": name, "state": self._state(name), **(tunnel.stats() if tunnel else {})}
+        rules = ({"rules_restored": self.captures.restored,
+                  "rules_last_loss": self.captures.last_loss} if self.captures else {})
+        return {"name": name, "state": self._state(name), **(tunnel.stats() if tunnel else {}),
+                **rules}
 
     def connections(self, name: str) -> list[dict[str, Any]]:
         self._profile(name)
@@ -254,12 +279,14 @@ class Daemon:
     def _on_state(self, name: str, state: State, error: str | None) -> None:
         log.info("%s is %s%s", name, state, f": {error}" if error else "",
                  extra={"PROFILE": name})
-        event = {"type": "state", "profile": name, "state": str(state), "error": error,
-                 "time": time.time()}
+        self._emit({"type": "state", "profile": name, "state": str(state), "error": error,
+                    "time": time.time()})
+        notify(status_line(self))
+
+    def _emit(self, event: dict[str, Any]) -> None:
         for queue in list(self._subscribers):
             with contextlib.suppress(asyncio.QueueFull):
                 queue.put_nowait(event)
-        notify(status_line(self))
 
     def summary(self) -> str:
         return status_line(self)
@@ -362,8 +389,10 @@ async def serve(args: argparse.Namespace) -> int:
         bus = await _start_dbus(daemon, args)
         notify("READY=1\n" + status_line(daemon))
         dog = asyncio.create_task(watchdog())
+        guard = asyncio.create_task(daemon.guard_forever())
         await stop.wait()
         dog.cancel()
+        guard.cancel()
         notify("STOPPING=1")
         return 0
     finally:

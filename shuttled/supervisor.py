@@ -16,6 +16,7 @@ import dataclasses
 import enum
 import ipaddress
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -24,7 +25,9 @@ from typing import Any
 
 from shuttled import const
 from shuttled.errors import FirewallError, ShuttledError, UsageError
+from shuttled.firewall import policy
 from shuttled.firewall.base import Backend, Capture, Subnet
+from shuttled.firewall.router import router_rules
 from shuttled.router import RouterSettings, RouterSide
 from shuttled.tunnel.channels import ChannelMux
 from shuttled.tunnel.dns import DnsForwarder, DnsPeers, parse_resolv_conf
@@ -90,7 +93,11 @@ class TunnelSpec:
 
 class CaptureSet:
     """All captures of one table; every change is one transaction of the whole set,
-    and our record changes only once the kernel accepted it."""
+    and our record changes only once the kernel accepted it.
+
+    It also remembers our rules as the kernel listed them right after our own last
+    change: anything else that differs later is someone else's doing (`nft flush
+    ruleset`, a firewall manager's reload), and heal() puts ours back."""
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
@@ -98,18 +105,74 @@ class CaptureSet:
         # Profiles whose DNS capture shares this table shadow each other: their
         # forwarders hand each other's names over (tunnel.dns.DnsPeers).
         self.dns_peers = DnsPeers()
+        self.seen = ""  # the kernel's view of our rules after our last change
+        self.restored = 0  # times someone else's change was undone
+        self.last_loss: str | None = None
 
     def put(self, capture: Capture) -> None:
-        wanted = {**self.captures, capture.name: capture}
-        self.backend.apply(list(wanted.values()))
-        self.captures = wanted
+        self._commit({**self.captures, capture.name: capture})
 
     def drop(self, name: str) -> None:
         if name not in self.captures:
             return
-        wanted = {k: v for k, v in self.captures.items() if k != name}
+        self._commit({k: v for k, v in self.captures.items() if k != name})
+
+    def _commit(self, wanted: dict[str, Capture]) -> None:
         self.backend.apply(list(wanted.values()))
         self.captures = wanted
+        self.seen = self.kernel_view()
+
+    def install(self) -> None:
+        """Our (maybe empty) table as it should be now: at start, and to heal."""
+        self._commit(self.captures)
+
+    def kernel_view(self) -> str:
+        view = self.backend.snapshot()
+        if router_rules(list(self.captures.values())).needs_policy:
+            view += policy.describe()
+        return view
+
+    def heal(self) -> str | None:
+        """Put back what someone else removed or changed, in one transaction; what
+        was lost (None when all is in place). Raises FirewallError."""
+        now = self.kernel_view()
+        if now == self.seen:
+            return None
+        lost = describe_loss(self.backend, self.seen, now)
+        self.install()
+        self.restored += 1
+        self.last_loss = lost
+        return lost
+
+
+# Programs that replace firewall rules wholesale when they start or reload.
+_RULE_REPLACERS = ("firewalld", "dockerd", "ufw", "netfilter-persistent", "iptables-restore",
+                   "nft", "kube-proxy", "podman", "shorewall")
+
+
+def describe_loss(backend: Backend, seen: str, now: str) -> str:
+    """One line: what of ours is gone, and who probably did it."""
+    if not now.strip():
+        what = f"the {backend.name} rules of {backend.table} were deleted"
+    else:
+        what = f"the {backend.name} rules of {backend.table} were changed"
+    suspects = _running(_RULE_REPLACERS)
+    who = (f" (running here: {', '.join(suspects)})" if suspects else
+           " (by hand, e.g. `nft flush ruleset` or `iptables -t nat -F`, or a firewall "
+           "manager's reload)")
+    return what + who
+
+
+def _running(names: Iterable[str]) -> list[str]:
+    import psutil
+
+    wanted = set(names)
+    found: set[str] = set()
+    for proc in psutil.process_iter(["name"]):
+        name = proc.info.get("name") or ""
+        if name in wanted and proc.pid != os.getpid():
+            found.add(name)
+    return sorted(found)
 
 
 async def ssh_excludes(target: SshTarget, pin: dict[str, tuple[IPAddress, ...]] | None = None

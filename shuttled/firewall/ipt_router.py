@@ -208,6 +208,17 @@ def instances(families: Sequence[int]) -> set[str]:
     return tops
 
 
+def snapshot(top: str, families: Sequence[int]) -> str:
+    """Our mangle and filter chains as the kernel lists them now."""
+    parts = []
+    for family in families:
+        for table in TABLES:
+            state = _state(family, table, top)
+            if state.chains or state.jumps:
+                parts.append(f"# {_TOOLS[family][0]} -t {table}\n{state}\n")
+    return "".join(parts)
+
+
 def _state(family: int, table: str, top: str) -> TableSet:
     return parse(_save(family, table), top)
 

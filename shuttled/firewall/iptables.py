@@ -134,7 +134,7 @@ class IptablesBackend(Backend):
                 lines = [f":{c} - [0:0]" for c in state.chains]
                 lines += [f"-A OUTPUT -j {self.top}"] * state.jumps + list(state.rules)
                 parts.append(f"# {_TOOLS[family][0]} -t nat\n" + "\n".join(lines) + "\n")
-        return "".join(parts)
+        return "".join(parts) + ipt_router.snapshot(self.top, families())
 
     # --- internals --------------------------------------------------------------
 

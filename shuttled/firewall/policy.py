@@ -66,6 +66,12 @@ def route_present(family: int) -> bool:
     return bool(out.strip())
 
 
+def describe() -> str:
+    """Our rule and route, per family, as present or not (for change detection)."""
+    return "".join(f"# policy ipv{f}: rule {rule_present(f)}, route {route_present(f)}\n"
+                   for f in families())
+
+
 def ensure() -> None:
     """Make the rule and route for every family (idempotent)."""
     global _made

@@ -132,3 +132,53 @@ def test_reload_racing_up_and_down_leaves_state_rules_and_wanted_in_agreement(
     assert http_ok(lab, lab.tgt_v4)
     assert d.ctl("down", "work").returncode == 0
     assert "cap_work" not in (nft_table(lab) or "")
+
+
+DISRUPTIONS = [
+    pytest.param("nft", ["nft flush ruleset"], id="nft-flush-ruleset"),
+    pytest.param("nft", ["nft delete table inet shuttled"], id="nft-delete-table"),
+    pytest.param("iptables", ["iptables -t nat -F", "iptables -t nat -X"], id="iptables-nat-F-X"),
+    pytest.param("iptables", ["nft flush ruleset"], id="iptables-nft-flush-ruleset"),
+]
+
+
+def captured(lab: Lab) -> bool:
+    """A new connection to the target goes through the tunnel (nothing else routes it)."""
+    try:
+        return http_ok(lab, lab.tgt_v4, timeout=1.0)
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize(("method", "commands"), DISRUPTIONS)
+def test_rules_someone_else_removes_are_restored_within_two_seconds_and_counted(
+        lab: Lab, daemons: DaemonSet, method: str, commands: list[str]) -> None:
+    d = daemons.new(method=method)
+    d.write_profile("work", root_profile(lab, lab.target_nets))
+    d.start()
+    d.up("work")
+    watch = daemons.watch(d)
+    with lab.netns("cli"):
+        download = clients.hold_connection(lab.tgt_v4, 30)  # an established connection
+    try:
+        for command in commands:
+            lab.run("cli", command.split())
+        t0 = time.monotonic()
+        while not captured(lab) and time.monotonic() - t0 < 10:
+            time.sleep(0.05)
+        restored_after = time.monotonic() - t0
+        print(f"{method} {commands}: captured again after {restored_after:.2f} s")
+        assert captured(lab), d.log()
+        assert restored_after < 2.5, restored_after
+        download.settimeout(0.3)
+        with pytest.raises(TimeoutError):  # still open: no reset, no EOF
+            download.recv(1)
+    finally:
+        download.close()
+    stats = d.stats("work")
+    assert stats["rules_restored"] >= 1, stats
+    assert " were deleted " in stats["rules_last_loss"] or " were changed " in stats[
+        "rules_last_loss"], stats
+    assert "restored" in d.log(200)
+    assert any(e.get("type") == "rules" for e in watch.events()), watch.events()
+    assert d.state("work") == "up"
