@@ -25,11 +25,12 @@ from shuttled.tunnel.ssh import SshMaster, SshTarget
 log = logging.getLogger(__name__)
 
 HELPER_START_TIMEOUT = 30.0
-# The master keeps a proxied channel whose open failed until the mux client
-# that opened it goes away (channels.c frees proxy channels only on CLOSE), so
-# after this many failures new connections move to a fresh mux connection and
-# the old one is closed once its last channel ends.
-ROTATE_AFTER_FAILED_OPENS = 256
+# No rotation of mux connections after failed opens: the master keeps a proxied
+# channel whose open failed (channels.c frees proxy channels only on CLOSE both
+# ways), and when its mux client leaves it turns them into plain channels and
+# sends CLOSE for each, which for a channel that never had a remote id is fatal
+# (nchan.c chan_send_close2: "no remote_id"): closing that mux connection kills
+# the master and every connection with it.
 
 # pty-req: TERM, 80x24 characters, no pixel size, no terminal modes (RFC 4254 6.2).
 _PTY_REQUEST = (sshmsg.sstring("dumb") + sshmsg.U32X2.pack(80, 24) + sshmsg.U32X2.pack(0, 0)
@@ -74,8 +75,6 @@ class SshLink:
         self.control: ChannelMux | None = None
         self.data: ChannelMux | None = None
         self.interactive: Channel | None = None  # our own session channel (see below)
-        self._retired: list[ChannelMux] = []
-        self._rotating = False
         self._tasks: list[asyncio.Task[None]] = []
         self.dead = False  # lost while the session goes on without it
 
@@ -138,7 +137,7 @@ class SshLink:
         self.session.link_lost(self, exc)
 
     def fail(self) -> None:
-        for mux in (self.data, self.control, *self._retired):
+        for mux in (self.data, self.control):
             if mux is not None:
                 mux.fail(None)
 
@@ -149,37 +148,7 @@ class SshLink:
         return None if self.dead or data is None or data.closed else data.counters.active
 
     def current_mux(self) -> ChannelMux | None:
-        data = self.data
-        if (data is not None and self.session.mode is Forward.DIRECT and not self._rotating
-                and data.counters.open_failed >= ROTATE_AFTER_FAILED_OPENS):
-            self._rotating = True
-            self._tasks.append(asyncio.create_task(self._rotate()))
-        self._close_idle_retired()
-        return data
-
-    async def _rotate(self) -> None:
-        try:
-            fresh = await self.connect_mux(self._retired_lost)
-        except SshError as exc:
-            log.warning("could not open a fresh mux connection: %s", exc)
-            return
-        finally:
-            self._rotating = False
-        if self.data is not None and self.data is not self.control:
-            self._retired.append(self.data)
-        self.data = fresh
-        log.info("%d opens failed: new connections now use a fresh mux connection",
-                 ROTATE_AFTER_FAILED_OPENS)
-
-    def _retired_lost(self, exc: BaseException | None) -> None:
-        # A data-only mux connection: losing it ends the link like any other.
-        if exc is not None:
-            self.lost(exc)
-
-    def _close_idle_retired(self) -> None:
-        for mux in [m for m in self._retired if not m.channels]:
-            self._retired.remove(mux)
-            mux.fail(None)
+        return self.data
 
     async def stop(self) -> None:
         self.fail()  # close our side first, so the master's exit is no surprise

@@ -229,8 +229,9 @@ def test_excluded_subnet_is_not_captured(tunnel: Tunnel) -> None:
     assert outcome in ("timeout", "unreachable") and captured == "connected"
 
 
-def test_many_refused_connections_rotate_the_mux_and_traffic_goes_on(tunnel: Tunnel) -> None:
-    """The master keeps a channel per failed open until its mux client leaves."""
+def test_many_refused_connections_leave_the_master_and_traffic_alone(tunnel: Tunnel) -> None:
+    """The master keeps a channel per failed open for good: 3 x 600 of them, and
+    nothing that would make it close them (that is fatal for it)."""
     lab = tunnel.lab
 
     async def refuse_many(count: int) -> list[str]:
@@ -248,8 +249,8 @@ def test_many_refused_connections_rotate_the_mux_and_traffic_goes_on(tunnel: Tun
         return await asyncio.wait_for(asyncio.gather(*(one() for _ in range(count))), 60)
 
     with lab.netns("cli"):
-        outcomes = asyncio.run(refuse_many(600))
-        assert set(outcomes) <= {"ConnectionResetError", "ConnectionRefusedError"}
+        for _ in range(3):
+            outcomes = asyncio.run(refuse_many(600))
+            assert set(outcomes) <= {"ConnectionResetError", "ConnectionRefusedError"}
         clients.bulk_download(lab.tgt_v4, 1 << 20).check()
-    if not tunnel.helper:
-        assert "fresh mux connection" in tunnel.lab.log_tail(tunnel.name, 2000)
+    assert "lost" not in tunnel.log()
