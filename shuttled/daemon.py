@@ -64,10 +64,20 @@ class StateFile:
             return set()
 
     def save(self, wanted: set[str]) -> None:
+        """Written to a temporary file, fsynced, renamed, the directory fsynced: a crash
+        or power loss leaves the old list or the new one, never an empty file."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"wanted": sorted(wanted)}))
+        with open(tmp, "w") as fh:
+            fh.write(json.dumps({"wanted": sorted(wanted)}))
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, self.path)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 class Daemon:

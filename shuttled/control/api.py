@@ -45,6 +45,8 @@ class Core(Protocol):
 class Permission(enum.Enum):
     READ = "read"  # anyone who can reach the socket
     MUTATE_PROFILE = "mutate_profile"  # root, group `shuttle`, or the profile's allow list
+    # Who talks to whom through a profile: the same people as MUTATE_PROFILE.
+    PRIVATE = "private"
     ADMIN = "admin"  # root or group `shuttle`
 
 
@@ -130,7 +132,7 @@ VERBS: Mapping[str, Verb] = _table(
     Verb("down", "down", Permission.MUTATE_PROFILE, (_PROFILE,),
          help="take a profile down (idempotent)"),
     Verb("stats", "stats", Permission.READ, (_PROFILE,), help="counters of one profile"),
-    Verb("connections", "connections", Permission.READ, (_PROFILE,),
+    Verb("connections", "connections", Permission.PRIVATE, (_PROFILE,),
          help="live connections of one profile"),
     Verb("reload", "reload", Permission.ADMIN,
          help="re-read the configuration; apply only what changed"),
@@ -197,7 +199,7 @@ def authorize(call: Call, caller: Caller, config: Config) -> None:
     permission = call.verb.permission
     if permission is Permission.ADMIN and not is_admin(caller.uid, caller.gids):
         raise _admin_denied(call.verb)
-    if permission is Permission.MUTATE_PROFILE:
+    if permission in (Permission.MUTATE_PROFILE, Permission.PRIVATE):
         name = call.value("profile")
         if not config.profiles[name].allows(caller.uid, caller.gids):
             raise PermissionDeniedError(

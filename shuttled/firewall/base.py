@@ -34,7 +34,9 @@ _TABLE_RE = re.compile(rf"{re.escape(NFT_TABLE)}(_[A-Za-z0-9_]+)?")
 _PORTS_RE = re.compile(r"(\d{1,5})(?:-(\d{1,5}))?")
 _SHORT_V4_RE = re.compile(r"\d{1,3}(\.\d{1,3}){0,2}")  # "10", "192.168": iproute2 shorthand
 _HOST_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
-_IFACE_RE = re.compile(r"[A-Za-z0-9_.@:+-]{1,15}")  # IFNAMSIZ, no "/" or spaces
+# The kernel's dev_valid_name(): under IFNAMSIZ, no "/", ":" or space, not "." or "..";
+# narrower still, so that a name is always safe inside nft and iptables arguments.
+_IFACE_RE = re.compile(r"(?!\.{1,2}$)[A-Za-z0-9_.@+-]{1,15}")
 
 
 # --- subnets ------------------------------------------------------------------

@@ -31,7 +31,8 @@ def test_unprivileged_user_reads_status_and_may_up_only_once_allowed(
     document = d.ctl_json("status", "work", user=lab_user, ok=(7,))
     assert document["profile"]["state"] == "down"
 
-    for verb in (["up", "work"], ["down", "work"], ["reload"]):
+    # Who connects where through a profile is private: not for any local user.
+    for verb in (["up", "work"], ["down", "work"], ["reload"], ["connections", "work"]):
         denied = d.ctl(*verb, user=lab_user)
         assert denied.returncode == DENIED, (verb, denied.stdout, denied.stderr)
         assert "permission denied" in denied.stderr
@@ -48,6 +49,7 @@ def test_unprivileged_user_reads_status_and_may_up_only_once_allowed(
     assert up.returncode == 0, (up.stdout, up.stderr, d.log())
     assert d.state("work") == "up"
     assert http_ok(lab, lab.tgt_v4)
+    assert d.ctl("connections", "work", user=lab_user).returncode == 0  # on the allow list
     down = d.ctl("down", "work", user=lab_user)
     assert down.returncode == 0, down.stderr
     assert d.state("work") == "down"
