@@ -51,16 +51,25 @@ unencrypted SSH packets, the same channel subset the ControlMaster carries):
   want_reply: REQUEST_FAILURE (usable as a ping of the helper itself).
 * Every inbound packet is validated: length, known channel id, state, window
   and max packet.
-* Logged (stderr, one line each): protocol and internal errors, and UDP
-  datagrams dropped (at most one line a minute, and at exit).
+* A connection's failure ends that connection only. Every callback of a
+  channel (socket ready, timer, a client message for it) runs inside its fault
+  boundary (Channel.contain): whatever it raises, an OSError the target's
+  reset left behind (ENOTCONN, EPIPE...) or a bug, ends that channel: its
+  socket closed, CLOSE (OPEN_FAILURE if not yet confirmed), its id freed once
+  the client closed too. The helper and every other channel go on.
+* Logged (stderr, one line each): protocol and internal errors, and counters:
+  UDP datagrams dropped and channels ended by a contained fault (at most one
+  line each a minute, and at exit).
 
 Exit status: 0 on stdin EOF (or stdout closed); 3 on a malformed or
-out-of-state packet (one line on stderr); 70 on an internal error (one line).
+out-of-state packet (one line on stderr); 70 on an internal error outside any
+one channel (one line).
 The loader adds 96 (source truncated) and 97 (no usable python).
 """
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import os
 import resource
@@ -144,6 +153,24 @@ def _drop_front(parts: List[Buf], count: int) -> None:
         parts[0] = memoryview(parts[0])[count:]
 
 
+def _where(exc: BaseException) -> str:
+    """Where `exc` was raised, as " (line N in function)" for a one-line report."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return ""
+    return " (line %d in %s)" % (tb.tb_lineno, tb.tb_frame.f_code.co_name)
+
+
+def _describe(exc: BaseException) -> str:
+    """One line about a contained fault: the errno's name for an OSError, else the
+    exception and where it came from (a bug)."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return "%s (%s)" % (errno.errorcode.get(exc.errno, str(exc.errno)), _error_text(exc))
+    return "%s: %s%s" % (type(exc).__name__, exc, _where(exc))
+
+
 def _error_text(exc: BaseException) -> str:
     if isinstance(exc, asyncio.TimeoutError):
         return "timed out"
@@ -162,13 +189,17 @@ def _grow_pipe(fd: int) -> None:
 
 
 class Channel:
-    """What TCP and UDP channels share: ids, windows both ways, EOF/CLOSE flags."""
+    """What TCP and UDP channels share: ids, windows both ways, EOF/CLOSE flags, the
+    socket, and the fault boundary that every callback of the channel runs in."""
 
     kind = "channel"
+    fault_kind = "channel"  # what the fault counters call it
 
     def __init__(self, helper: "Helper", lid: int, rid: int, rwin: int, rmax: int,
-                 lwin: int, lmax: int) -> None:
+                 lwin: int, lmax: int, sock: socket.socket) -> None:
         self.h = helper
+        self.sock: Optional[socket.socket] = sock
+        self.fd = sock.fileno()
         self.lid = lid  # ours: the recipient in what the client sends
         self.rid = rid  # the client's: the recipient in what we send
         self.rwin = rwin  # how much the client still accepts
@@ -177,14 +208,55 @@ class Channel:
         self.lmax = lmax
         self.grant_at = lwin // 2
         self.consumed = 0  # processed but not yet granted back
+        self.confirmed = False  # OPEN_CONFIRMATION queued: the client knows the channel
         self.sent_eof = False
         self.sent_close = False
         self.got_eof = False
         self.got_close = False
 
-    def confirmation(self) -> bytes:
-        result: bytes = wire.open_confirmation(self.rid, self.lid, self.lwin, self.lmax)
-        return result
+    # --- the fault boundary ----------------------------------------------------------
+
+    def contain(self, callback: Callable[..., None], *args: Any) -> None:
+        """Run `callback(*args)`, one of this channel's callbacks, so that whatever it
+        raises ends this channel only.
+
+        The event loop (socket ready, timers) and the Helper (client messages, stdout
+        drained, idle sweep) call a channel only through here. Without it, anything
+        raised reaches the loop's exception handler, which ends the helper (exit 70)
+        and with it every connection: an OSError a target's reset leaves for a call
+        not expecting one (ENOTCONN, EPIPE, EBADF, ENOSPC from epoll...) or a bug
+        that only some connection's state trips. A protocol violation by the client
+        is not this channel's failure: it goes on up and ends the helper (exit 3).
+        """
+        try:
+            callback(*args)
+        except (ProtocolError, wire.WireError):
+            raise
+        except Exception as exc:
+            where = getattr(callback, "__name__", "callback")
+            self.h.fault(self.fault_kind, exc, where)
+            self.end("%s: %s" % (where, _error_text(exc)))
+
+    def end(self, why: str) -> None:
+        """Take the channel down after a fault, whatever state the fault left it in:
+        the socket closed, then OPEN_FAILURE if the client never heard of the
+        channel, else CLOSE. The id is freed once the client has closed too; before
+        that its DATA in flight must still find the channel (else: protocol error)."""
+        self.close_socket()
+        if not self.confirmed:
+            self.sent_close = True  # nothing more is ever sent for it
+            self.h.queue(wire.open_failure(self.rid, wire.OPEN_CONNECT_FAILED,
+                                           "helper: " + why))
+            self.h.release(self)
+            return
+        self.send_close()
+        if self.got_close:
+            self.h.release(self)
+
+    def start(self) -> None:
+        """Confirm the open; the subclass has armed the socket before calling this."""
+        self.h.queue(wire.open_confirmation(self.rid, self.lid, self.lwin, self.lmax))
+        self.confirmed = True
 
     def take_window(self, size: int) -> None:
         if self.got_eof:
@@ -221,12 +293,10 @@ class Channel:
             raise ProtocolError("channel %d: window adjusted beyond 2^32-1" % self.lid)
 
     def on_eof(self) -> None:
-        if self.got_eof:
-            raise ProtocolError("channel %d: second EOF" % self.lid)
-        self.got_eof = True
+        """The client's EOF (Helper already set got_eof)."""
 
     def on_close(self) -> None:
-        self.got_close = True
+        """The client's CLOSE (Helper already set got_close)."""
         self.send_close()
         self.h.release(self)
         self.close_socket()
@@ -235,17 +305,25 @@ class Channel:
         raise NotImplementedError
 
     def close_socket(self) -> None:
-        raise NotImplementedError
+        """Close the socket, at most once. Never raises: the fault boundary and
+        Helper.finish rely on it."""
+        sock = self.sock
+        if sock is None:
+            return
+        self.sock = None
+        self.h.unwatch(self.fd)  # before close(): a reused fd number must not be unwatched
+        with contextlib.suppress(OSError):
+            sock.close()
 
 
 class TcpChannel(Channel):
     kind = "direct-tcpip"
+    fault_kind = "tcp"
 
     def __init__(self, helper: "Helper", lid: int, rid: int, rwin: int, rmax: int,
                  sock: socket.socket) -> None:
-        Channel.__init__(self, helper, lid, rid, rwin, rmax, TCP_WINDOW, TCP_MAX_PACKET)
-        self.sock: Optional[socket.socket] = sock
-        self.fd = sock.fileno()
+        Channel.__init__(self, helper, lid, rid, rwin, rmax, TCP_WINDOW, TCP_MAX_PACKET,
+                         sock)
         self.wq: List[Buf] = []  # client data not yet accepted by the socket
         self.reading = False
         self.writing = False
@@ -255,6 +333,10 @@ class TcpChannel(Channel):
         self.draining = False
         self.drain_timer: Optional[asyncio.TimerHandle] = None
 
+    def start(self) -> None:
+        self.update_reading()
+        Channel.start(self)
+
     # --- socket -> client ---------------------------------------------------------
 
     def update_reading(self) -> None:
@@ -262,7 +344,7 @@ class TcpChannel(Channel):
             self.draining or (not self.sent_close and self.rwin > 0))
         if want != self.reading:
             if want:
-                self.h.loop.add_reader(self.fd, self.on_readable)
+                self.h.loop.add_reader(self.fd, self.contain, self.on_readable)
             else:
                 self.h.loop.remove_reader(self.fd)
             self.reading = want
@@ -307,6 +389,10 @@ class TcpChannel(Channel):
             helper.queue_parts(parts, size + _DATA_OVERHEAD * (len(parts) >> 1))
         if not self.rwin:
             self.update_reading()
+
+    def resume(self) -> None:
+        """stdout has drained: read the socket again, if the client's window allows."""
+        self.update_reading()
 
     def discard_input(self) -> None:
         """After the client's CLOSE: read and drop, so that the target never blocks
@@ -355,7 +441,7 @@ class TcpChannel(Channel):
             self.grant(written)
         if wq:
             if not self.writing:
-                self.h.loop.add_writer(self.fd, self.flush_socket)
+                self.h.loop.add_writer(self.fd, self.contain, self.flush_socket)
                 self.writing = True
             return
         if self.writing:
@@ -393,7 +479,6 @@ class TcpChannel(Channel):
             self.update_reading()
 
     def on_eof(self) -> None:
-        Channel.on_eof(self)
         if not self.wq and not self.dirty:
             self.shut_write()
 
@@ -409,7 +494,6 @@ class TcpChannel(Channel):
         self.send_close()
 
     def on_close(self) -> None:
-        self.got_close = True
         self.send_close()
         self.h.release(self)
         if self.sock is None:
@@ -419,9 +503,14 @@ class TcpChannel(Channel):
         # input would make the kernel reset the connection and lose that data.
         self.draining = True
         self.h.draining.add(self)
-        self.drain_timer = self.h.loop.call_later(DRAIN_TIMEOUT, self.close_socket)
+        self.drain_timer = self.h.loop.call_later(DRAIN_TIMEOUT, self.contain,
+                                                  self.on_drain_timeout)
         self.update_reading()
         self.finish_drain()
+
+    def on_drain_timeout(self) -> None:
+        """The target sent no EOF within DRAIN_TIMEOUT of the client's CLOSE."""
+        self.close_socket()
 
     def finish_drain(self) -> None:
         if self.wq or self.dirty:
@@ -432,37 +521,32 @@ class TcpChannel(Channel):
             self.close_socket()
 
     def close_socket(self) -> None:
-        sock = self.sock
-        if sock is None:
+        if self.sock is None:
             return
-        loop = self.h.loop
-        if self.reading:
-            loop.remove_reader(self.fd)
-            self.reading = False
-        if self.writing:
-            loop.remove_writer(self.fd)
-            self.writing = False
+        self.reading = self.writing = False  # Channel.close_socket unwatches both
         if self.drain_timer is not None:
             self.drain_timer.cancel()
             self.drain_timer = None
         self.h.draining.discard(self)
-        self.sock = None
         self.wq.clear()
-        sock.close()
+        Channel.close_socket(self)
 
 
 class UdpChannel(Channel):
     kind = wire.UDP_CHANNEL_TYPE
+    fault_kind = "udp"
 
     def __init__(self, helper: "Helper", lid: int, rid: int, rwin: int, rmax: int,
                  sock: socket.socket) -> None:
-        Channel.__init__(self, helper, lid, rid, rwin, rmax, UDP_WINDOW, UDP_MAX_PACKET)
-        self.sock: Optional[socket.socket] = sock
+        Channel.__init__(self, helper, lid, rid, rwin, rmax, UDP_WINDOW, UDP_MAX_PACKET,
+                         sock)
         self.family = sock.family
-        self.fd = sock.fileno()
         self.last = helper.loop.time()
         self.idle = helper.udp_idle
-        helper.loop.add_reader(self.fd, self.on_readable)
+
+    def start(self) -> None:
+        self.h.loop.add_reader(self.fd, self.contain, self.on_readable)
+        Channel.start(self)
 
     def on_data(self, data: memoryview) -> None:
         host, port, payload = wire.unpack_datagram(data)
@@ -473,8 +557,8 @@ class UdpChannel(Channel):
         try:
             socket.inet_pton(self.family, host)  # never resolve names here: it blocks
             self.sock.sendto(payload, (host, port))
-        except OSError:  # includes a full socket buffer: UDP may drop
-            self.h.udp_dropped_send += 1
+        except (OSError, ValueError):  # a full socket buffer (UDP may drop), or not an
+            self.h.udp_dropped_send += 1  # address (ValueError: a NUL in it)
 
     def on_readable(self) -> None:
         sock = self.sock
@@ -502,14 +586,6 @@ class UdpChannel(Channel):
         self.send_eof()
         self.send_close()
         self.close_socket()
-
-    def close_socket(self) -> None:
-        sock = self.sock
-        if sock is None:
-            return
-        self.h.loop.remove_reader(self.fd)
-        self.sock = None
-        sock.close()
 
 
 class Helper:
@@ -549,7 +625,12 @@ class Helper:
         self.udp_dropped_reply = 0
         self.udp_dropped_send = 0
         self.udp_reported = (0, 0)
-        self.udp_report_after = 0.0
+        # Channels ended by a fault their boundary contained, by kind ("tcp",
+        # "udp"), and the last one's description; reported like the drops.
+        self.faults: Dict[str, int] = {}
+        self.faults_reported: Dict[str, int] = {}
+        self.last_fault = ""
+        self.report_after = 0.0
         self.handlers: Dict[int, Callable[[memoryview], None]] = {
             wire.MSG_CHANNEL_OPEN: self._m_open,
             wire.MSG_CHANNEL_WINDOW_ADJUST: self._m_window_adjust,
@@ -598,12 +679,12 @@ class Helper:
         if why:
             log(why)
         elif code == EXIT_OK:
-            self._report_udp_drops()
+            self._report()
         self.loop.remove_reader(self.rfd)
         for task in list(self.tasks):
             task.cancel()
         for channel in list(self.channels.values()):
-            channel.close_socket()
+            channel.close_socket()  # never raises
         for draining in list(self.draining):
             draining.close_socket()
         self.channels.clear()
@@ -637,14 +718,14 @@ class Helper:
         self._internal_error(exc)
 
     def _internal_error(self, exc: BaseException) -> None:
-        where = ""
-        tb = exc.__traceback__
-        while tb is not None and tb.tb_next is not None:
-            tb = tb.tb_next
-        if tb is not None:
-            where = " (line %d in %s)" % (tb.tb_lineno, tb.tb_frame.f_code.co_name)
+        """A failure outside any one channel's boundary: a bug in the helper itself."""
         self.finish(EXIT_INTERNAL, "internal error: %s: %s%s"
-                    % (type(exc).__name__, exc, where))
+                    % (type(exc).__name__, exc, _where(exc)))
+
+    def fault(self, kind: str, exc: BaseException, where: str) -> None:
+        """Count a fault that ended one channel (the boundary ends it)."""
+        self.faults[kind] = self.faults.get(kind, 0) + 1
+        self.last_fault = "%s %s: %s" % (kind, where, _describe(exc))
 
     def _sweep_interval(self) -> float:
         return max(0.05, min(self.udp_idle / 4, 5.0))
@@ -653,19 +734,30 @@ class Helper:
         now = self.loop.time()
         for channel in list(self.udp.values()):
             if not channel.sent_close and now - channel.last >= channel.idle:
-                channel.expire()
-        if now >= self.udp_report_after:
-            self._report_udp_drops()
+                channel.contain(channel.expire)
+        if now >= self.report_after:
+            self._report()
         self.sweep_timer = self.loop.call_later(self._sweep_interval(), self._sweep)
 
-    def _report_udp_drops(self) -> None:
+    def _report(self) -> None:
+        """The counters that changed since the last report, one line each on stderr
+        (the client logs them); then nothing more for a minute."""
         counts = (self.udp_dropped_reply, self.udp_dropped_send)
-        if counts != self.udp_reported:
+        drops = counts != self.udp_reported
+        faults = ["%d %s" % (count - self.faults_reported.get(kind, 0), kind)
+                  for kind, count in sorted(self.faults.items())
+                  if count != self.faults_reported.get(kind, 0)]
+        if drops:
             log("udp: dropped %d replies (client window or max packet, or stdout backed up) "
                 "and %d datagrams towards targets (send failed or not an address)"
                 % (counts[0] - self.udp_reported[0], counts[1] - self.udp_reported[1]))
             self.udp_reported = counts
-            self.udp_report_after = self.loop.time() + 60.0
+        if faults:
+            log("faults: %s channels ended by a fault of their own (the helper went on); "
+                "last: %s" % (", ".join(faults), self.last_fault))
+            self.faults_reported = dict(self.faults)
+        if drops or faults:
+            self.report_after = self.loop.time() + 60.0
 
     # --- output ----------------------------------------------------------------------
 
@@ -712,7 +804,7 @@ class Helper:
             self.out_paused = False
             stalled, self.stalled = self.stalled, []
             for channel in stalled:
-                channel.update_reading()
+                channel.contain(channel.resume)
 
     # --- input -----------------------------------------------------------------------
 
@@ -753,8 +845,8 @@ class Helper:
         dirty, self.dirty = self.dirty, []
         for channel in dirty:
             channel.dirty = False
-            channel.flush_socket()
-            if channel.wq:
+            channel.contain(channel.flush_socket)
+            if channel.wq:  # (a channel ended by a fault has none)
                 channel.keep_unsent(self.inbuf)
 
     def _channel(self, lid: int) -> Channel:
@@ -779,7 +871,7 @@ class Helper:
         channel.take_window(size)
         if channel.sent_close:
             return
-        channel.on_data(payload[8:])
+        channel.contain(channel.on_data, payload[8:])
 
     def _m_extended_data(self, payload: memoryview) -> None:
         reader = wire.Reader(payload)
@@ -795,16 +887,25 @@ class Helper:
         lid, size = _U32X2_unpack(payload, 0)
         channel = self._channel(lid)
         if not channel.sent_close:
-            channel.on_window(size)
+            channel.contain(channel.on_window, size)
+
+    # EOF and CLOSE are recorded here, outside the boundary: whatever becomes of the
+    # channel, the protocol state must hold (a second EOF is still an error; an id
+    # whose CLOSE came must be freed when the channel ends).
 
     def _m_eof(self, payload: memoryview) -> None:
         self._expect(payload, 4, "CHANNEL_EOF")
         channel = self._channel(_U32_unpack(payload, 0)[0])
-        channel.on_eof()
+        if channel.got_eof:
+            raise ProtocolError("channel %d: second EOF" % channel.lid)
+        channel.got_eof = True
+        channel.contain(channel.on_eof)
 
     def _m_close(self, payload: memoryview) -> None:
         self._expect(payload, 4, "CHANNEL_CLOSE")
-        self._channel(_U32_unpack(payload, 0)[0]).on_close()
+        channel = self._channel(_U32_unpack(payload, 0)[0])
+        channel.got_close = True
+        channel.contain(channel.on_close)
 
     def _m_request(self, payload: memoryview) -> None:
         reader = wire.Reader(payload)
@@ -883,7 +984,12 @@ class Helper:
     async def _open_tcp(self, rid: int, rwin: int, rmax: int, host: str, port: int) -> None:
         try:
             sock = await self._connect(host, port)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except Exception as exc:  # this open fails, nothing else (no channel yet to end)
+            # OSError and timeouts are the target's or the resolver's answer, and
+            # ValueError a name the IDNA codec refuses (a label over 63 bytes); any
+            # other exception is a fault.
+            if not isinstance(exc, (OSError, asyncio.TimeoutError, ValueError)):
+                self.fault("tcp", exc, "connect")
             self._open_failed(rid, wire.OPEN_CONNECT_FAILED, "connect to %s port %d: %s"
                               % (host, port, _error_text(exc)))
             return
@@ -892,10 +998,7 @@ class Helper:
         if self.done.done():
             sock.close()
             return
-        channel = TcpChannel(self, self._new_id(), rid, rwin, rmax, sock)
-        self.channels[channel.lid] = channel
-        self.queue(channel.confirmation())
-        channel.update_reading()
+        self._start(TcpChannel(self, self._new_id(), rid, rwin, rmax, sock))
 
     async def _connect(self, host: str, port: int) -> socket.socket:
         loop = self.loop
@@ -912,6 +1015,9 @@ class Helper:
             sock = socket.socket(family, type_, proto_)
             try:
                 sock.setblocking(False)
+                # Before connecting: once connected, a target that reset at once
+                # makes it fail on BSDs and macOS (EINVAL).
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 await asyncio.wait_for(loop.sock_connect(sock, address),
                                        max(0.0, deadline - loop.time()))
             except (OSError, asyncio.TimeoutError) as exc:
@@ -921,7 +1027,6 @@ class Helper:
             except BaseException:
                 sock.close()
                 raise
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return sock
         raise error
 
@@ -949,14 +1054,30 @@ class Helper:
             return
         channel = UdpChannel(self, self._new_id(), rid, rwin, rmax, sock)
         channel.idle = float(idle) or self.udp_idle
-        self.channels[channel.lid] = channel
         self.udp[channel.lid] = channel
-        self.queue(channel.confirmation())
+        self._start(channel)
+
+    def _start(self, channel: Channel) -> None:
+        """Register a new channel, then arm and confirm it inside its boundary: a
+        fault there is its OPEN_FAILURE."""
+        self.channels[channel.lid] = channel
+        channel.contain(channel.start)
 
     def release(self, channel: Channel) -> None:
-        """Both sides sent CLOSE: the id is free."""
-        self.channels.pop(channel.lid, None)
-        self.udp.pop(channel.lid, None)
+        """Both sides sent CLOSE (or the client never learnt of it): the id is free.
+        Idempotent, and never frees an id that a newer channel took."""
+        if self.channels.get(channel.lid) is channel:
+            del self.channels[channel.lid]
+        if self.udp.get(channel.lid) is channel:
+            del self.udp[channel.lid]
+
+    def unwatch(self, fd: int) -> None:
+        """Stop watching a socket's fd for both directions; never raises. Unconditional,
+        as after a fault the channel's flags may not say what is registered. (When
+        epoll refuses the change, e.g. EBADF, the loop has forgotten the fd anyway.)"""
+        for remove in (self.loop.remove_reader, self.loop.remove_writer):
+            with contextlib.suppress(OSError, ValueError):
+                remove(fd)
 
 
 def _raise_fd_limit() -> int:

@@ -823,13 +823,15 @@ async def test_data_past_the_window_is_a_protocol_error(monkeypatch: pytest.Monk
 @run
 async def test_internal_error_exits_70_with_one_line(monkeypatch: pytest.MonkeyPatch,
                                                      capfd: pytest.CaptureFixture[str]) -> None:
-    def broken(self: Any, data: memoryview) -> None:
+    """A bug outside any one channel (here: global requests) ends the helper. A bug in
+    a channel's callback ends that channel only: test_remote_helper_faults.py."""
+    def broken(self: Any, payload: memoryview) -> None:
         raise RuntimeError("simulated bug")
 
-    monkeypatch.setattr(helper_mod.UdpChannel, "on_data", broken)
+    monkeypatch.setattr(helper_mod.Helper, "_m_global_request", broken)
     async with helper_inprocess(expect_exit=70) as (_, peer):
-        chan = await peer.open_udp()
-        chan.send_datagram("127.0.0.1", 9, b"x")
+        peer.write(sshmsg.packet(sshmsg.MSG_GLOBAL_REQUEST,
+                                 sshmsg.sstring("ping@shuttled") + sshmsg.sbool(True)))
     err = capfd.readouterr().err
     assert err.startswith("shuttled-helper: internal error: RuntimeError: simulated bug (line ")
     assert len(err.splitlines()) == 1
