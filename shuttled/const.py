@@ -71,8 +71,22 @@ LISTEN_BACKLOG = 4096
 KEEPALIVE_INTERVAL = 10.0
 KEEPALIVE_MISSES = 3
 MAX_STREAMS = 8  # ssh connections one tunnel may hold (`streams`, `--streams`)
-SSH_SERVER_ALIVE_INTERVAL = 10
+# The master's own check (any packet from the server counts): a backstop only,
+# about 12 s, behind ours (LINK_SILENCE_DEAD).
+SSH_SERVER_ALIVE_INTERVAL = 3
 SSH_SERVER_ALIVE_COUNT = 3
+# Dead-link detection (session.py). A ping goes out at least every LIVENESS_PING
+# seconds (or `keepalive`, if shorter); every packet from the master, and where
+# the daemon made the TCP connection every segment the kernel saw from the
+# server, is a sign of life. No sign for LINK_SILENCE_DEAD seconds (blind: without
+# the kernel's view, where ssh made the connection) means the link is dead; no
+# answer from sshd itself for `keepalive` x KEEPALIVE_MISSES does too.
+LIVENESS_PING = 2.0
+LINK_SILENCE_DEAD = 6.0
+LINK_SILENCE_DEAD_BLIND = 10.0
+LIVENESS_CHECK = 0.5  # how often the deadlines are checked
+# Our own connect to the ssh server, per address, when ssh -G sets no ConnectTimeout.
+SERVER_CONNECT_TIMEOUT = 10.0
 
 # --- DNS -----------------------------------------------------------------------
 DNS_PORT = 53

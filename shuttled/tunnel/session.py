@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import enum
 import functools
-import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -62,6 +61,20 @@ class _Probe(CommandEndpoint):
             self.opened.set_result(None)  # type: ignore[arg-type]
 
 
+class _HeardProtocol(MuxProtocol):
+    """A mux connection whose every packet from the master is a sign of life: a
+    ping's answer may queue behind bulk data in the master, the data itself not."""
+
+    def __init__(self, link: SshLink, name: str, on_lost: LostHandler,
+                 fault_log: Faults) -> None:
+        super().__init__(name, on_lost, fault_log)
+        self._link = link
+
+    def data_received(self, data: bytes) -> None:
+        self._link.heard = time.monotonic()
+        super().data_received(data)
+
+
 class SshLink:
     """One ssh connection of a session: its master, the mux on its control socket,
     and the mux that carries app connections over it (that same mux in direct
@@ -77,6 +90,7 @@ class SshLink:
         self.interactive: Channel | None = None  # our own session channel (see below)
         self._tasks: list[asyncio.Task[None]] = []
         self.dead = False  # lost while the session goes on without it
+        self.heard = time.monotonic()  # the master's last packet on any of our mux connections
 
     @property
     def label(self) -> str:
@@ -84,7 +98,9 @@ class SshLink:
 
     async def connect(self) -> None:
         await self.master.start()
-        if self.master.pid is not None and set_nodelay(self.master.pid):
+        # Where ssh made the server connection itself (nodelay.py): borrow it, if we may.
+        if self.master.server is None and self.master.pid is not None and \
+                set_nodelay(self.master.pid):
             log.debug("TCP_NODELAY set on the ssh master's connection")
         self.control = await self.connect_mux(self.lost)
         self.interactive = await self._open_session()
@@ -94,8 +110,8 @@ class SshLink:
         sock = await self.master.connect_proxy()
         loop = asyncio.get_running_loop()
         _, protocol = await loop.create_unix_connection(
-            lambda: MuxProtocol(f"ssh {self.session.target.remote}", on_lost,
-                                self.session.faults), sock=sock)
+            lambda: _HeardProtocol(self, f"ssh {self.session.target.remote}", on_lost,
+                                   self.session.faults), sock=sock)
         assert isinstance(protocol, MuxProtocol) and protocol.mux is not None
         return protocol.mux
 
@@ -191,7 +207,6 @@ class SshSession:
         self._udp_starting: asyncio.Future[ChannelMux] | None = None
         self._udp_retry_at = 0.0
         self._udp_error = ""
-        self._last_answer = 0.0
 
     @property
     def primary(self) -> SshLink:
@@ -314,37 +329,64 @@ class SshSession:
         return f"the remote helper did not start (status {pipe.status}): {pipe.last_error()}"
 
     async def _keepalive(self) -> None:
-        # keepalive@openssh.com on our own session channel: the master forwards
-        # channel requests, sshd answers FAILURE, and the round trip is our RTT.
-        # One ping per interval without waiting for the last: the link is dead
-        # once no answer came for KEEPALIVE_MISSES intervals.
-        self._last_answer = time.monotonic()
-        deadline = self.keepalive * const.KEEPALIVE_MISSES
-        for tick in itertools.count(1):
-            # Check four times per interval so death is seen soon after the deadline.
-            await asyncio.sleep(self.keepalive / 4)
-            liveness = self.primary.interactive
+        """Liveness of the first ssh connection (the numbers: const, LIVENESS_PING).
+
+        keepalive@openssh.com on our own session channel: the master forwards
+        channel requests, sshd answers FAILURE, and the round trip is our RTT.
+        The answer is only one sign of life among others: any packet from the
+        master, and (where we made the TCP connection) any segment the kernel saw
+        from the server. A saturated link is never silent; a cut one is, at once.
+        """
+        link = self.primary
+        ping_every = min(self.keepalive, const.LIVENESS_PING)
+        last_ping = link.heard = time.monotonic()
+        while not self.closed.done():
+            await asyncio.sleep(const.LIVENESS_CHECK)
+            liveness = link.interactive
             if liveness is None or self.closed.done():
                 return
-            if time.monotonic() - self._last_answer > deadline:
-                self._lost(SshError(f"no keepalive answer from {self.target.remote} in "
-                                    f"{deadline:.0f} s"))
+            reason = self._dead(link)
+            if reason is not None:
+                self._lost(SshError(reason))
                 return
-            if tick % 4:
-                continue
-            try:
-                reply = liveness.request("keepalive@openssh.com")
-            except ShuttledError:
-                return
-            assert reply is not None
-            reply.add_done_callback(functools.partial(self._answered, time.monotonic()))
+            if time.monotonic() - last_ping >= ping_every:
+                last_ping = time.monotonic()
+                try:
+                    reply = liveness.request("keepalive@openssh.com")
+                except ShuttledError:
+                    return
+                assert reply is not None
+                reply.add_done_callback(functools.partial(self._answered, last_ping))
+
+    def silence_limit(self, tcp_view: bool) -> float:
+        """Seconds without any sign of life after which the link is dead."""
+        silence = const.LINK_SILENCE_DEAD if tcp_view else const.LINK_SILENCE_DEAD_BLIND
+        return min(silence, self.keepalive * const.KEEPALIVE_MISSES)
+
+    def _dead(self, link: SshLink) -> str | None:
+        """Why the link is dead, or None while it lives."""
+        now = time.monotonic()
+        tcp = link.master.tcp_info()
+        heard = link.heard if tcp is None else max(link.heard, now - tcp.heard)
+        limit = self.silence_limit(tcp is not None)
+        if now - heard > limit:
+            return f"nothing heard from {self.target.remote} in {limit:.0f} s: link dead"
+        # The TCP connection lives but sshd or the master does not answer.
+        limit = self.keepalive * const.KEEPALIVE_MISSES
+        if now - link.heard > limit:
+            return f"no answer from {self.target.remote} in {limit:.0f} s"
+        return None
 
     def _answered(self, sent: float, reply: asyncio.Future[bool]) -> None:
         if reply.cancelled() or self.closed.done():
             return
-        now = time.monotonic()
-        self._last_answer = now
-        self.rtt = now - sent
+        self.rtt = time.monotonic() - sent
+
+    def link_stats(self) -> dict[str, Any]:
+        """The kernel's view of the first ssh connection, for stats: its smoothed
+        RTT (seconds) and retransmitted segments; empty where ssh made it."""
+        tcp = self.primary.master.tcp_info()
+        return {} if tcp is None else {"tcp_rtt": tcp.rtt, "tcp_retrans": tcp.retrans}
 
     def link_lost(self, link: SshLink, exc: BaseException | None) -> None:
         if link is self.primary or exc is None:

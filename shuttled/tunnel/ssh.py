@@ -11,22 +11,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import functools
 import ipaddress
 import logging
 import os
 import pwd
 import shlex
 import shutil
+import signal
 import socket
 import struct
+import sys
 import tempfile
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from shuttled import const
 from shuttled.errors import SshError
+from shuttled.tunnel.nodelay import (
+    FD_RELAY,
+    FdOffer,
+    TcpInfo,
+    connect_server,
+    runnable_by_all,
+    server_route,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +50,12 @@ MUX_S_FAILURE = 0x80000003
 MUX_S_PERMISSION_DENIED = 0x80000002
 MUX_PROTOCOL_VERSION = 4
 _U32 = struct.Struct(">I")
+# The system.posix_acl_access extended attribute (linux/posix_acl_xattr.h):
+# version 2, then (tag, permissions, id) entries sorted by tag, little-endian.
+_ACL_HEADER = struct.Struct("<I")
+_ACL_ENTRY = struct.Struct("<HHI")
+_ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER = 0x01, 0x02, 0x04, 0x10, 0x20
+_ACL_UNDEFINED_ID = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -110,6 +129,79 @@ def _spawn_kwargs(user: LocalUser | None) -> dict[str, object]:
     if user is None or os.geteuid() != 0:
         return {}
     return {"user": user.uid, "group": user.gid, "extra_groups": list(user.groups)}
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+@contextlib.contextmanager
+def fs_identity(uid: int, gid: int) -> Iterator[None]:
+    """File-system permission checks as uid/gid, for this thread only (setfsuid(2)).
+
+    A master's private directory is its user's (mode 0700) and ssh makes its
+    control socket 0600: root reaches them only with CAP_DAC_OVERRIDE, which
+    the service does not have. With the user's file-system identity it needs no
+    capability (but CAP_SETUID); everything else stays root's, and the master
+    still sees euid 0 as its mux peer. Never await inside: other tasks run on
+    this thread.
+    """
+    if uid == 0 or os.geteuid() != 0 or not sys.platform.startswith("linux"):
+        yield
+        return
+    libc = _libc()
+    libc.setfsgid(gid)
+    libc.setfsuid(uid)
+    try:
+        if libc.setfsuid(-1) != uid:  # -1 changes nothing and returns the current one
+            raise OSError(ctypes.get_errno() or 1, f"cannot take file-system uid {uid}")
+        yield
+    finally:
+        libc.setfsuid(0)
+        libc.setfsgid(0)
+
+
+def user_fs(user: LocalUser | None) -> contextlib.AbstractContextManager[None]:
+    return fs_identity(user.uid, user.gid) if user is not None else contextlib.nullcontext()
+
+
+def helper_python(user: LocalUser | None) -> str | None:
+    """A python the profile's user may run, for our one-liners run as that user
+    (the descriptor relay, signals); ours unless it is out of their reach."""
+    if user is None or runnable_by_all(sys.executable):
+        return sys.executable
+    found = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")
+    return found if found is not None and runnable_by_all(found) else None
+
+
+def grant_dir(path: str, uid: int) -> None:
+    """Give `uid`, and no one else, full access to root's directory `path`.
+
+    ssh runs as the profile's user and makes its control socket in the master's
+    directory. A POSIX ACL entry (user:UID:rwx) lets it without chown, which needs
+    CAP_CHOWN: the owner may set a file's ACL with no capability at all.
+    """
+    entries = [(_ACL_USER_OBJ, 7, _ACL_UNDEFINED_ID), (_ACL_USER, 7, uid),
+               (_ACL_GROUP_OBJ, 0, _ACL_UNDEFINED_ID), (_ACL_MASK, 7, _ACL_UNDEFINED_ID),
+               (_ACL_OTHER, 0, _ACL_UNDEFINED_ID)]
+    os.setxattr(path, "system.posix_acl_access",
+                _ACL_HEADER.pack(2) + b"".join(_ACL_ENTRY.pack(*e) for e in entries))
+
+
+def remove_private_dir(path: str, uid: int, gid: int) -> None:
+    """Remove a master's directory: its entries as their owner (see fs_identity),
+    the directory itself as root (the parent is root's)."""
+    with contextlib.suppress(OSError), fs_identity(uid, gid):
+        for name in os.listdir(path):
+            entry = os.path.join(path, name)
+            if os.path.isdir(entry) and not os.path.islink(entry):
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry)
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
 
 
 async def ssh_config(target: SshTarget) -> dict[str, str]:
@@ -187,6 +279,11 @@ class SshMaster:
         self._dir: str | None = None
         self._output = _ChildOutput()
         self._reader: asyncio.Task[None] | None = None
+        # Our duplicate of ssh's server connection, when we made it (nodelay.py).
+        self.server: socket.socket | None = None
+        self._offer: FdOffer | None = None
+        self._serving: asyncio.Task[None] | None = None
+        self._relay: list[str] = []  # the -o options that make ssh take it
 
     @property
     def control_path(self) -> str:
@@ -205,18 +302,52 @@ class SshMaster:
                                      dir=str(base) if base else None)
         user = self.target.user
         if user is not None and os.geteuid() == 0:
-            os.chown(self._dir, user.uid, user.gid)
+            try:
+                grant_dir(self._dir, user.uid)
+            except OSError:  # no ACLs on this file system: chown (needs CAP_CHOWN)
+                os.chown(self._dir, user.uid, user.gid)
 
     def argv(self) -> list[str]:
         return [*self.target.base_argv(), "-M", "-S", self.control_path, "-N",
                 "-o", "ControlMaster=yes", "-o", "ControlPersist=no",
                 "-o", f"ServerAliveInterval={const.SSH_SERVER_ALIVE_INTERVAL}",
                 "-o", f"ServerAliveCountMax={const.SSH_SERVER_ALIVE_COUNT}",
-                "-o", "ExitOnForwardFailure=yes", self.target.remote]
+                "-o", "ExitOnForwardFailure=yes", *self._relay, self.target.remote]
+
+    def tcp_info(self) -> TcpInfo | None:
+        """The kernel's view of the server connection; None where ssh made it."""
+        return TcpInfo.of(self.server) if self.server is not None else None
+
+    async def _connect_server(self) -> None:
+        """Make the server connection ourselves where ssh would go straight to the
+        server (see nodelay.py); where not, or when it fails, ssh makes it."""
+        python = helper_python(self.target.user)
+        try:
+            route = server_route(await ssh_config(self.target), const.SERVER_CONNECT_TIMEOUT)
+        except SshError as exc:
+            route = str(exc)
+        if python is None:
+            route = "no python the profile's user may run for the descriptor relay"
+        if isinstance(route, str):
+            log.debug("ssh connects to the server itself: %s", route)
+            return
+        try:
+            self.server = await connect_server(route)
+        except OSError as exc:
+            log.info("%s; ssh tries itself", exc.strerror or exc)
+            return
+        assert self._dir is not None and python is not None
+        user = self.target.user
+        self._offer = FdOffer(os.path.join(self._dir, "fd"), user.uid if user else 0)
+        with user_fs(user):
+            self._offer.bind()
+        relay = shlex.join([python, "-I", "-S", "-c", FD_RELAY, self._offer.path])
+        self._relay = ["-o", f"ProxyCommand={relay}", "-o", "ProxyUseFdpass=yes"]
 
     async def start(self) -> None:
         """Spawn the master and wait (bounded) until its control socket exists."""
         self._make_dir()
+        await self._connect_server()
         argv = self.argv()
         log.info("starting ssh master: %s", shlex.join(argv))
         try:
@@ -227,6 +358,8 @@ class SshMaster:
                 **_spawn_kwargs(self.target.user))  # type: ignore[arg-type]
         except OSError as exc:
             raise SshError(f"cannot run {argv[0]!r}: {exc.strerror}") from None
+        if self._offer is not None and self.server is not None:
+            self._serving = asyncio.create_task(self._offer.serve(self.server))
         self._reader = asyncio.create_task(self._read_stderr())
         await self._wait_for_socket()
 
@@ -242,7 +375,7 @@ class SshMaster:
         assert self.proc is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + const.MASTER_START_TIMEOUT
-        while not os.path.exists(self.control_path):
+        while not self._socket_exists():
             if self.proc.returncode is not None:
                 if self._reader is not None:
                     await asyncio.wait([self._reader], timeout=1)
@@ -252,6 +385,10 @@ class SshMaster:
                 raise SshError(f"ssh to {self.target.remote} did not authenticate within "
                                f"{const.MASTER_START_TIMEOUT:.0f} s")
             await asyncio.sleep(0.05)
+
+    def _socket_exists(self) -> bool:
+        with user_fs(self.target.user):  # the directory is the user's (mode 0700)
+            return os.path.exists(self.control_path)
 
     def last_error(self) -> str:
         return self._output.lines[-1] if self._output.lines else "no output from ssh"
@@ -263,8 +400,14 @@ class SshMaster:
     async def connect_proxy(self) -> socket.socket:
         """A new mux client connection already switched to proxy mode."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setblocking(False)
         try:
+            # Blocking, and with the user's file-system identity for the permission
+            # checks (fs_identity): a unix connect is done at once unless the
+            # master's backlog is full, and the check must not be repeated as root.
+            sock.settimeout(2.0)
+            with user_fs(self.target.user):
+                sock.connect(self.control_path)
+            sock.setblocking(False)
             await asyncio.wait_for(self._handshake(sock), const.MUX_HELLO_TIMEOUT)
         except TimeoutError:
             sock.close()
@@ -276,7 +419,6 @@ class SshMaster:
 
     async def _handshake(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        await loop.sock_connect(sock, self.control_path)
         await loop.sock_sendall(sock, _mux_message(MUX_MSG_HELLO, MUX_PROTOCOL_VERSION))
         kind, body = await _read_mux_message(sock)
         if kind != MUX_MSG_HELLO or len(body) < 4:
@@ -294,20 +436,52 @@ class SshMaster:
         """Terminate the child (bounded), reap it, remove the socket directory."""
         proc = self.proc
         if proc is not None and proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
+            await self._signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(proc.wait(), 5)
             except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
+                await self._signal(signal.SIGKILL)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(proc.wait(), 5)
+        if self._serving is not None:  # done, or ssh never asked: nobody will
+            self._serving.cancel()
+            await asyncio.wait([self._serving], timeout=1)
         if self._reader is not None:
             await asyncio.wait([self._reader], timeout=1)
             self._reader.cancel()
+        if self._offer is not None:
+            self._offer.close()
+        if self.server is not None:  # ssh's copy is closed: now the server sees FIN
+            self.server.close()
+            self.server = None
         if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
+            user = self.target.user
+            remove_private_dir(self._dir, user.uid if user else 0, user.gid if user else 0)
             self._dir = None
+
+    async def _signal(self, sig: signal.Signals) -> None:
+        """Signal the master; where we may not (the service has no CAP_KILL, and
+        the master runs as the profile's user), as that user, which we may be."""
+        assert self.proc is not None
+        try:
+            self.proc.send_signal(sig)
+            return
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            pass
+        user, python = self.target.user, helper_python(self.target.user)
+        if user is None or python is None or self.proc.returncode is not None:
+            return
+        try:
+            kill = await asyncio.create_subprocess_exec(
+                python, "-I", "-S", "-c", "import os,sys;os.kill(*map(int,sys.argv[1:]))",
+                str(self.proc.pid), str(int(sig)), stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                env=_child_env(user), **_spawn_kwargs(user))  # type: ignore[arg-type]
+            await asyncio.wait_for(kill.wait(), 5)
+        except (OSError, TimeoutError) as exc:
+            log.warning("cannot signal ssh pid %d as %s: %s", self.proc.pid, user.name, exc)
 
 
 def cleanup_control_dirs(base: Path = const.RUN_DIR, min_age: float = 60.0) -> list[str]:
@@ -320,21 +494,37 @@ def cleanup_control_dirs(base: Path = const.RUN_DIR, min_age: float = 60.0) -> l
     removed = []
     for path in sorted(base.glob("ssh-*")):
         try:
-            young = time.time() - path.lstat().st_mtime < min_age
+            info = path.lstat()
         except OSError:
             continue
-        if not path.is_dir() or path.is_symlink() or young or _answers(path / "ctl"):
+        young = time.time() - info.st_mtime < min_age
+        if not path.is_dir() or path.is_symlink() or young:
             continue
-        shutil.rmtree(path, ignore_errors=True)
+        # The socket is the master's user's (the directory root's, or theirs).
+        uid, gid = _owner(path / "ctl", info.st_uid, info.st_gid)
+        if _answers(path / "ctl", uid, gid):
+            continue
+        remove_private_dir(str(path), uid, gid)
         removed.append(f"ssh control directory {path}")
     return removed
 
 
-def _answers(path: Path) -> bool:
+def _owner(path: Path, uid: int, gid: int) -> tuple[int, int]:
+    """Who owns `path`, looked at as uid/gid (the directory's owner); theirs if none."""
+    try:
+        with fs_identity(uid, gid):
+            info = path.lstat()
+    except OSError:
+        return uid, gid
+    return info.st_uid, info.st_gid
+
+
+def _answers(path: Path, uid: int, gid: int) -> bool:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(1.0)
         try:
-            sock.connect(str(path))
+            with fs_identity(uid, gid):  # the socket is 0600: see fs_identity
+                sock.connect(str(path))
         except OSError:
             return False
     return True
