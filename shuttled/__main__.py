@@ -6,10 +6,12 @@ import asyncio
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from shuttled.cli import parse, run_spec, setup_logging
 from shuttled.const import ExitCode
 from shuttled.errors import ShuttledError, UsageError
+from shuttled.firewall.lockdown import LockdownFile, load_at_boot
 
 
 def _need_root(what: str) -> None:
@@ -17,7 +19,7 @@ def _need_root(what: str) -> None:
         raise UsageError(f"shuttled {what} must run as root (firewall rules); try sudo")
 
 
-def _cleanup(force: bool, everything: bool) -> int:
+def _cleanup(force: bool, everything: bool, state_dir: Path) -> int:
     from shuttled.firewall import cleanup_all, live_owners
     from shuttled.resolved import cleanup_links
     from shuttled.tunnel.ssh import cleanup_control_dirs
@@ -30,8 +32,18 @@ def _cleanup(force: bool, everything: bool) -> int:
     # Links first: deleting one is also what undoes its systemd-resolved settings.
     removed = (cleanup_links() + cleanup_all(live=force, lockdown=everything)
                + cleanup_control_dirs())
+    if everything:  # or the boot unit would lock down again
+        LockdownFile(state_dir).save("", {})
     for item in removed:
         print(f"removed {item}")
+    return ExitCode.OK
+
+
+def _lockdown(state_dir: Path) -> int:
+    """At boot, before any interface is up: the kill switch of every wanted profile."""
+    _need_root("lockdown")
+    held = load_at_boot(state_dir)
+    print(f"locked down: {', '.join(held)}" if held else "nothing to lock down")
     return ExitCode.OK
 
 
@@ -45,7 +57,9 @@ def _dispatch(argv: Sequence[str]) -> int:
         _need_root("run")
         return asyncio.run(run(spec, args.method))
     if args.command == "cleanup":
-        return _cleanup(args.force, args.all)
+        return _cleanup(args.force, args.all, args.state_dir)
+    if args.command == "lockdown":
+        return _lockdown(args.state_dir)
     from shuttled.daemon import main as daemon_main
 
     _need_root("daemon")

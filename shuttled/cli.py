@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     cleanup.add_argument("--all", action="store_true",
                          help="also lift the kill switch's lockdown (blocking rules kept "
                               "for wanted profiles while no daemon runs)")
+    sub.add_parser("lockdown", help="put the kill switch of every wanted profile in place "
+                                    "from the state directory (at boot, before the network)")
     return parser
 
 

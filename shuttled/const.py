@@ -41,6 +41,9 @@ NFT_MANGLE_PRIORITY = -150
 # The kill switch's reject chains run before our nat output chain (-105), so
 # they still see the original destination of a local connection.
 NFT_HOLD_PRIORITY = -110
+# The lockdown table's (shuttled.firewall.lockdown) come after our nat redirect and
+# iptables-nft's nat (-100): only what the tunnel does not carry meets them.
+NFT_LOCKDOWN_PRIORITY = -90
 
 # --- ssh and the channel layer ----------------------------------------------------
 SSH_BIN = "ssh"

@@ -28,6 +28,8 @@ from shuttled.errors import (
     TimeoutError_,
 )
 from shuttled.firewall import cleanup_all, detect
+from shuttled.firewall.base import Capture
+from shuttled.firewall.lockdown import LockdownFile, lockdown_backend, locked
 from shuttled.instance import InstanceLock
 from shuttled.resolved import cleanup_links
 from shuttled.router import settings_from_profile as router_settings
@@ -89,6 +91,8 @@ class Daemon:
         self.method = method
         self.state = StateFile(state_dir / "state.json")
         self.captures: CaptureSet | None = None
+        self.lockdown: CaptureSet | None = None  # see shuttled.firewall.lockdown
+        self.lockdown_file = LockdownFile(state_dir)
         self.tunnels: dict[str, Tunnel] = {}
         self.wanted: set[str] = set()
         self.started = time.time()
@@ -105,6 +109,7 @@ class Daemon:
         backend = detect(self.method, persistent=True)
         self.captures = CaptureSet(backend)
         self.captures.install()  # our (empty) table exists before READY=1
+        self._start_lockdown(backend.name)
         autostart = {n for n, p in self.config.profiles.items() if p.autostart}
         self.wanted = (self.state.load() & set(self.config.profiles)) | autostart
         for name in sorted(self.wanted):
@@ -113,6 +118,48 @@ class Daemon:
                 self._tunnel(name).up()
             except ShuttledError as exc:
                 log.error("not starting %s: %s", name, exc, extra={"PROFILE": name})
+
+    # --- the kill switch's lockdown ---------------------------------------------------
+
+    def _start_lockdown(self, method: str) -> None:
+        """Keep what the boot unit (or the last daemon) locked down, until each profile's
+        own capture takes its place; then follow every change of ours."""
+        try:
+            _, saved = self.lockdown_file.load()
+        except ShuttledError as exc:
+            log.error("%s: starting without it", exc)
+            saved = {}
+        assert self.captures is not None
+        self.lockdown = CaptureSet(lockdown_backend(method))
+        self.lockdown.captures = saved
+        self.captures.on_change = self._sync_lockdown
+        self._sync_lockdown()
+
+    def _locked_down(self) -> dict[str, Capture]:
+        """Every wanted kill-switched profile: its capture as it is now, else as it was."""
+        assert self.captures is not None and self.lockdown is not None
+        out: dict[str, Capture] = {}
+        for name in sorted(self.wanted):
+            profile = self.config.profiles.get(name)
+            if profile is None or not profile.kill_switch:
+                continue
+            live = self.captures.captures.get(name)
+            chosen = locked(live) if live is not None else self.lockdown.captures.get(name)
+            if chosen is not None:
+                out[name] = chosen
+        return out
+
+    def _sync_lockdown(self) -> None:
+        if self.lockdown is None:
+            return
+        wanted = self._locked_down()
+        if wanted == self.lockdown.captures and self.lockdown.seen:
+            return
+        try:
+            self.lockdown.replace(wanted)
+            self.lockdown_file.save(self.lockdown.backend.name, wanted)
+        except (ShuttledError, OSError) as exc:
+            log.error("kill switch lockdown not updated: %s", exc)
 
     # --- Core: reading ---------------------------------------------------------------
 
@@ -142,17 +189,18 @@ class Daemon:
     def guard_rules(self) -> None:
         """Put back what someone else took from our rules (also before every report:
         `up` is never said while the rules behind it are missing)."""
-        if self.captures is None:
-            return
-        try:
-            lost = self.captures.heal()
-        except ShuttledError as exc:
-            log.error("cannot restore the firewall rules: %s", exc)
-            return
-        if lost is not None:
-            log.warning("%s: restored", lost)
-            self._emit({"type": "rules", "lost": lost, "restored": self.captures.restored,
-                        "time": time.time()})
+        for captures in (self.captures, self.lockdown):
+            if captures is None:
+                continue
+            try:
+                lost = captures.heal()
+            except ShuttledError as exc:
+                log.error("cannot restore the firewall rules: %s", exc)
+                continue
+            if lost is not None:
+                log.warning("%s: restored", lost)
+                self._emit({"type": "rules", "lost": lost, "restored": captures.restored,
+                            "time": time.time()})
 
     async def guard_forever(self) -> None:
         while True:
@@ -271,6 +319,7 @@ class Daemon:
         for name in sorted(wanted):
             if name not in self.tunnels or not self.tunnels[name].running:
                 self._tunnel(name).up()
+        self._sync_lockdown()  # kill_switch may have changed, or profiles gone
         log.info("reloaded: added %s, removed %s, changed %s", added, removed, changed)
         for hook in self.on_reload:
             hook()

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
+import difflib
 import enum
 import ipaddress
 import logging
@@ -108,6 +109,7 @@ class CaptureSet:
         self.seen = ""  # the kernel's view of our rules after our last change
         self.restored = 0  # times someone else's change was undone
         self.last_loss: str | None = None
+        self.on_change: Callable[[], None] | None = None  # after each accepted change
 
     def put(self, capture: Capture) -> None:
         self._commit({**self.captures, capture.name: capture})
@@ -117,10 +119,16 @@ class CaptureSet:
             return
         self._commit({k: v for k, v in self.captures.items() if k != name})
 
+    def replace(self, wanted: dict[str, Capture]) -> None:
+        """Exactly these captures, in one transaction."""
+        self._commit(dict(wanted))
+
     def _commit(self, wanted: dict[str, Capture]) -> None:
         self.backend.apply(list(wanted.values()))
         self.captures = wanted
         self.seen = self.kernel_view()
+        if self.on_change is not None:
+            self.on_change()
 
     def install(self) -> None:
         """Our (maybe empty) table as it should be now: at start, and to heal."""
@@ -139,6 +147,8 @@ class CaptureSet:
         if now == self.seen:
             return None
         lost = describe_loss(self.backend, self.seen, now)
+        log.debug("our rules, then and now:\n%s", "\n".join(difflib.unified_diff(
+            self.seen.splitlines(), now.splitlines(), "ours", "kernel", lineterm="")))
         self.install()
         self.restored += 1
         self.last_loss = lost

@@ -199,6 +199,9 @@ class Capture:
     lan_dns_port: int | None = None  # DNS from the LAN (udp and tcp), transparent
     lan_dns_all: bool = False  # all port-53 traffic from the LAN, not only to this host
     hold: bool = False  # kill switch holding: reject what this capture would carry
+    # The lockdown table's form of a held capture (shuttled.firewall.lockdown): it only
+    # refuses, after our redirect, so nothing goes to a listener and no TPROXY is used.
+    lockdown: bool = False
 
     def __post_init__(self) -> None:
         for what, port in (("udp_port", self.udp_port), ("lan_dns_port", self.lan_dns_port)):

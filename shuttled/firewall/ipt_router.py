@@ -175,7 +175,7 @@ def commit(top: str, families: Sequence[int], captures: Sequence[Capture]) -> Un
                 raise FirewallError(f"{table} chains of {top}: {e}{_undo(top, done)}") from None
             done.append((family, table, before))
     if rules.empty:
-        _drop_tables_we_made(TABLES)
+        _drop_tables_we_made(TABLES, top)
     return lambda: _undo(top, done)
 
 
@@ -257,9 +257,11 @@ def _is_legacy(save_binary: str) -> bool:
 # iptables-nft creates `ip nat`, `ip mangle`, `ip filter` ... on first use and never
 # removes them: remember which existed before we touched them (in memory, and in a
 # file per network namespace and instance, for a cleanup after SIGKILL), and drop
-# the ones we made once nothing is in them.
+# the ones we made once nothing is in them. Per instance (top chain): the daemon runs
+# two (its own and the lockdown), and the lockdown may have been made by another
+# process (at boot), whose record is the one that counts.
 ALL_TABLES = ("nat", *TABLES)
-_tables_before: set[str] | None = None
+_tables_before: dict[str, set[str]] = {}
 
 
 def _record_path(top: str) -> Path:
@@ -280,15 +282,14 @@ def _nft_tables() -> set[str]:
 def _remember_tables(top: str) -> None:
     """What existed before this instance first touched iptables: its record if one was
     left (a crashed run of it), else what exists now, recorded."""
-    global _tables_before
     recorded = _recorded(top)
-    if _tables_before is None and which_tool(_TOOLS[4][0]):
-        _tables_before = recorded if recorded is not None else _nft_tables()
-    if recorded is None and _tables_before is not None:
+    if top not in _tables_before and which_tool(_TOOLS[4][0]):
+        _tables_before[top] = recorded if recorded is not None else _nft_tables()
+    if recorded is None and top in _tables_before:
         path = _record_path(top)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(sorted(_tables_before)))
+            path.write_text(json.dumps(sorted(_tables_before[top])))
         except OSError as e:  # only a cleanup after a crash needs it
             log.debug("cannot record the iptables-nft tables: %s", e)
 
@@ -300,8 +301,10 @@ def _recorded(top: str) -> set[str] | None:
         return None
 
 
-def _drop_tables_we_made(tables: Sequence[str], top: str | None = None) -> None:
-    before = _tables_before
+def _drop_tables_we_made(tables: Sequence[str], top: str) -> None:
+    before = _tables_before.get(top)
+    if before is None:
+        before = _recorded(top)  # `shuttled cleanup`: another process made them
     if before is None:
         return
     present = _nft_tables()

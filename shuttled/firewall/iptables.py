@@ -109,7 +109,7 @@ class IptablesBackend(Backend):
         # policy routing before any TPROXY rule, taken away after the last.
         tproxy = router_rules(captures).needs_policy
         if tproxy:
-            policy.ensure()
+            policy.ensure(self.table)
         undo = ipt_router.commit(self.top, families(), captures)
         try:
             self._commit({family: self._wanted(family, captures) for family in families()})

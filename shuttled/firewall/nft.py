@@ -16,7 +16,13 @@ import ipaddress
 import os
 from collections.abc import Sequence
 
-from shuttled.const import NFT_HOLD_PRIORITY, NFT_MANGLE_PRIORITY, NFT_NAT_PRIORITY
+from shuttled.const import (
+    LOCKDOWN_TABLE,
+    NFT_HOLD_PRIORITY,
+    NFT_LOCKDOWN_PRIORITY,
+    NFT_MANGLE_PRIORITY,
+    NFT_NAT_PRIORITY,
+)
 from shuttled.errors import FirewallError
 from shuttled.firewall import policy
 from shuttled.firewall.base import (
@@ -61,8 +67,11 @@ class NftBackend(Backend):
         if not captures and not self.persistent:
             return script
         chains = [_output_chain(captures), *(_capture_chain(c) for c in captures)]
+        # The lockdown's refusals come after our nat redirect (what the tunnel carries
+        # is on its way to our listener by then); a held capture's come before it.
+        hold = NFT_LOCKDOWN_PRIORITY if self.table == LOCKDOWN_TABLE else NFT_HOLD_PRIORITY
         chains += nft_chains(router_rules(captures),
-                             NftHooks(_chain, NFT_MANGLE_PRIORITY, NFT_HOLD_PRIORITY))
+                             NftHooks(_chain, NFT_MANGLE_PRIORITY, hold))
         return script + f"table inet {self.table} {{\n" + "\n".join(chains) + "}\n"
 
     def _delete_script(self) -> str:
@@ -73,7 +82,7 @@ class NftBackend(Backend):
         # Policy routing first: a TPROXY rule without it would forward, not deliver.
         tproxy = router_rules(captures).needs_policy
         if tproxy:
-            policy.ensure()
+            policy.ensure(self.table)
         self._run(self.render(captures))
         if not tproxy:
             policy.release(self.table, only_if_made=True)

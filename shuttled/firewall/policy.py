@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 IP = "ip"
 _MARK = f"{TPROXY_MARK:#x}/{TPROXY_MARK:#x}"
-_made = False  # this process made them (so an apply without TPROXY checks for them)
+_made: set[str] = set()  # instances (tables) of this process that made them
 _DEFAULT = {4: "0.0.0.0/0", 6: "::/0"}
 
 
@@ -72,10 +72,9 @@ def describe() -> str:
                    for f in families())
 
 
-def ensure() -> None:
-    """Make the rule and route for every family (idempotent)."""
-    global _made
-    _made = True
+def ensure(owner: str) -> None:
+    """Make the rule and route for every family (idempotent), for `owner` (a table)."""
+    _made.add(owner)
     for family in families():
         run_tool([IP, f"-{family}", "route", "replace", "local", _DEFAULT[family], "dev", "lo",
                   "table", str(POLICY_TABLE)])
@@ -97,11 +96,12 @@ def remove() -> None:
 def release(owner: str, *, only_if_made: bool = False) -> None:
     """`owner` (a table name) no longer uses TPROXY: remove ours unless another instance does.
 
-    `only_if_made`: skip the kernel queries when this process never made them (every
+    `only_if_made`: skip the kernel queries when this instance never made them (every
     apply of a plain local capture would otherwise pay for them).
     """
-    if only_if_made and not _made:
+    if only_if_made and owner not in _made:
         return
+    _made.discard(owner)
     if not any(rule_present(f) or route_present(f) for f in families()):
         return  # the common case, and cheap: nothing of ours to take away
     users = [t for t in tproxy_users() if t != owner]

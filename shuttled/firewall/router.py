@@ -72,6 +72,7 @@ class RRule:
     foreign_src: bool = False  # the source is NOT one of this host's addresses
     not_lo: bool = False  # did not arrive through lo (LAN traffic only)
     mark: int | None = None  # the packet carries exactly this mark
+    marked: bool = False  # the packet carries TPROXY_MARK (among other bits)
 
 
 @dataclass(frozen=True)
@@ -101,8 +102,10 @@ class RouterRules:
 
     @property
     def needs_policy(self) -> bool:
-        """Whether TPROXY is in use, so the fwmark policy routing must exist."""
-        return bool(self.tproxy)
+        """Whether TPROXY is in use, so the fwmark policy routing must exist. A chain
+        without a TPROXY rule (a held LAN capture) needs none: policy.tproxy_users,
+        which decides when another instance may remove it, counts the same way."""
+        return any(r.verdict == "tproxy" for body in self.tproxy.values() for r in body)
 
     @property
     def empty(self) -> bool:
@@ -110,6 +113,8 @@ class RouterRules:
 
 
 def needs_tproxy(capture: Capture) -> bool:
+    if capture.lockdown:
+        return False
     return capture.lan is not None or (capture.udp_port is not None and not capture.hold)
 
 
@@ -234,7 +239,12 @@ def _held_dns(dns: Rule, listening: bool) -> list[RRule]:
 def hold_chain(capture: Capture) -> list[RRule]:
     """While the kill switch holds: reset TCP, refuse the rest, to the subnets only."""
     rules = capture_rules(capture)
-    body = [rule for r in rules.dns for rule in _held_dns(r, capture.dns_port is not None)]
+    # What is on its way to our listeners passes: local UDP marked for TPROXY, and our
+    # own queries to the original resolvers (split DNS) carrying the bypass mark.
+    body = [RRule(family, "return", marked=True) for family in (4, 6)]
+    if capture.bypass_mark is not None:
+        body += [RRule(family, "return", mark=capture.bypass_mark) for family in (4, 6)]
+    body += [rule for r in rules.dns for rule in _held_dns(r, capture.dns_port is not None)]
     body += never_captured()
     for sub in rules.subnets:
         if sub.verdict == "return":
@@ -333,7 +343,8 @@ class _Spelling(abc.ABC):
     uid: ClassVar[str]  # str.format templates of one value
     interface: ClassVar[str]
     mark: ClassVar[str]
-    not_lo: ClassVar[str]  # constant matches
+    marked: ClassVar[str]  # constant matches
+    not_lo: ClassVar[str]
     lo_marked: ClassVar[str]
     local_dst: ClassVar[str]
     broadcast_dst: ClassVar[str]
@@ -359,6 +370,8 @@ class _Spelling(abc.ABC):
         parts = self.family(rule.family, daddrs)
         if rule.mark is not None:
             parts.append(self.mark.format(rule.mark))
+        if rule.marked:
+            parts.append(self.marked)
         if rule.not_lo:
             parts.append(self.not_lo)
         parts += self.daddrs(rule.family, daddrs)
@@ -407,6 +420,7 @@ class _NftSpelling(_Spelling):
     uid = "meta skuid {}"
     interface = 'iifname "{}"'
     mark = "meta mark {:#x}"
+    marked = f"meta mark & {TPROXY_MARK:#010x} == {TPROXY_MARK:#010x}"
     not_lo = 'iif != "lo"'
     lo_marked = f'iif "lo" meta mark & {TPROXY_MARK:#010x} == {TPROXY_MARK:#010x}'
     local_dst = "fib daddr type local"
@@ -437,6 +451,7 @@ class _IptSpelling(_Spelling):
     uid = "-m owner --uid-owner {}"
     interface = "-i {}"
     mark = "-m mark --mark {:#x}"
+    marked = f"-m mark --mark {_IPT_MARK}"
     not_lo = "! -i lo"
     lo_marked = f"-i lo -m mark --mark {_IPT_MARK}"
     local_dst = "-m addrtype --dst-type LOCAL"

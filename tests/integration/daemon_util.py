@@ -515,6 +515,13 @@ class DaemonSet:
                 daemon.cleanup()
             if code not in (None, 0):
                 problems.append(f"{daemon.name} exited {code} on SIGTERM:\n{daemon.log()}")
+        for daemon in self.daemons:
+            # A kill-switched profile still wanted when its daemon stopped keeps its
+            # lockdown (by design): lift it as its user would, before comparing.
+            if (daemon.state_dir / "lockdown.json").exists():
+                self.lab.run("cli", [sys.executable, "-m", "shuttled", "--state-dir",
+                                     str(daemon.state_dir), "cleanup", "--all"], check=False,
+                             cwd=str(REPO_ROOT))
         leftover = nft_table(self.lab)
         if leftover is not None:
             # Leave the next test a clean namespace whatever happened here.

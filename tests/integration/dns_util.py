@@ -139,7 +139,7 @@ def local_resolver(lab: Lab, records: dict[str, dict[str, list[str]]] | None = N
 
 class LeakCounter:
     """Counts port-53 packets, and packets to `nets`, that leave cli through its outside
-    link, after NAT and after the kill switch's hooks (priority 0 comes after -110)."""
+    link (postrouting: after NAT and every output hook)."""
 
     TABLE = ("inet", "leakcheck")
 
@@ -150,9 +150,10 @@ class LeakCounter:
                  *(f'oifname "{link}" {"ip6" if ":" in n else "ip"} daddr {n} counter'
                    for n in nets)]
         body = "".join(f"  {rule}\n" for rule in rules)
+        # Postrouting: only what really leaves, after every output hook of ours.
         lab.run("cli", ["nft", "-f", "-"], input=(
             "table inet leakcheck {\n chain out {\n"
-            f"  type filter hook output priority 0; policy accept;\n{body} }}\n}}\n"))
+            f"  type filter hook postrouting priority 100; policy accept;\n{body} }}\n}}\n"))
 
     def packets(self) -> int:
         listed = json.loads(self.lab.run("cli", ["nft", "-j", "list", "table",

@@ -11,7 +11,14 @@ import time
 
 import pytest
 
-from tests.integration.daemon_util import REPO_ROOT, DaemonSet, http_ok, nft_table, root_profile
+from tests.integration.daemon_util import (
+    REPO_ROOT,
+    Daemon,
+    DaemonSet,
+    http_ok,
+    nft_table,
+    root_profile,
+)
 from tests.integration.dns_util import leak_counter
 from tests.integration.router_util import block_ssh
 from tests.lab import Lab, clients
@@ -182,3 +189,68 @@ def test_rules_someone_else_removes_are_restored_within_two_seconds_and_counted(
     assert "restored" in d.log(200)
     assert any(e.get("type") == "rules" for e in watch.events()), watch.events()
     assert d.state("work") == "up"
+
+
+def lockdown_table(lab: Lab) -> bool:
+    return lab.run("cli", ["nft", "list", "tables"]).stdout.count("shuttled_lockdown") > 0 or \
+        "SHUTTLED_lockdown" in lab.run("cli", ["iptables-save"], check=False).stdout
+
+
+def kill_switched(daemons: DaemonSet, lab: Lab, method: str) -> Daemon:
+    d = daemons.new(method=method)
+    d.write_profile("work", root_profile(lab, lab.target_nets, kill_switch=True,
+                                         dns={"mode": "all"}))
+    d.start()
+    d.up("work")
+    return d
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_lockdown_outlives_sigkill_and_sigterm_and_only_down_lifts_it(
+        lab: Lab, daemons: DaemonSet, method: str) -> None:
+    d = kill_switched(daemons, lab, method)
+    with leak_counter(lab, list(lab.target_nets)) as leaks:
+        try_leaks(lab, 1.0)  # up: UDP and ICMP the tunnel does not carry are refused too
+        lab.run("cli", ["ping", "-c", "2", "-i", "0.2", "-W", "0.3", lab.tgt_v4], check=False)
+        assert leaks.packets() == 0 and http_ok(lab, lab.tgt_v4)
+        d.kill()
+        assert lockdown_table(lab)
+        try_leaks(lab, 2.0)
+        assert leaks.packets() == 0
+        d.start()  # as systemd's Restart= would
+        d.wait_state("work", "up")
+        assert http_ok(lab, lab.tgt_v4)
+        assert d.stop() == 0  # SIGTERM, the profile still wanted
+        assert lockdown_table(lab)
+        try_leaks(lab, 2.0)
+        assert leaks.packets() == 0
+        assert shuttled(lab, "cleanup").returncode == 0 and lockdown_table(lab)
+        try_leaks(lab, 1.0)
+        assert leaks.packets() == 0
+    d.start()
+    d.wait_state("work", "up")
+    assert d.ctl("down", "work").returncode == 0
+    assert not lockdown_table(lab)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_boot_loads_the_lockdown_before_anything_else(
+        lab: Lab, daemons: DaemonSet, method: str) -> None:
+    d = kill_switched(daemons, lab, method)
+    d.kill()
+    # A reboot: the kernel forgets every rule; the state directory stays.
+    saved = (d.state_dir / "lockdown.json").read_text()
+    assert shuttled(lab, "cleanup", "--force", "--all").returncode == 0
+    assert not lockdown_table(lab)
+    (d.state_dir / "lockdown.json").write_text(saved)
+    booted = shuttled(lab, "--state-dir", str(d.state_dir), "lockdown")
+    assert booted.returncode == 0, booted.stderr
+    assert "locked down: work" in booted.stdout
+    with leak_counter(lab, list(lab.target_nets)) as leaks:
+        try_leaks(lab, 2.0)
+        assert leaks.packets() == 0
+    d.start()
+    d.wait_state("work", "up")
+    assert http_ok(lab, lab.tgt_v4)
+    assert d.ctl("down", "work").returncode == 0
+    assert not lockdown_table(lab)

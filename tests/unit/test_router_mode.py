@@ -115,6 +115,8 @@ NFT_HELD = dedent("""
 
 NFT_HOLD_CHAIN = dedent("""
     \tchain ks_lan {
+    \t\tmeta nfproto ipv4 meta mark & 0x20000000 == 0x20000000 return
+    \t\tmeta nfproto ipv6 meta mark & 0x20000000 == 0x20000000 return
     \t\tNEVER
     \t\tip daddr 203.0.113.7 meta l4proto { tcp, udp } th dport 22 return
     \t\tip daddr 10.0.5.0/24 return
@@ -170,6 +172,7 @@ IPT_HELD_FILTER_V4 = dedent("""
     -I OUTPUT -j SHUTTLED
     -I FORWARD -j SHUTTLED-.fwd
     -A SHUTTLED -m owner --uid-owner 1000 -j SHUTTLED-lan
+    -A SHUTTLED-lan -m mark --mark 0x20000000/0x20000000 -j RETURN
     -A SHUTTLED-lan -m addrtype --dst-type LOCAL -j RETURN
     -A SHUTTLED-lan -m addrtype --dst-type BROADCAST -j RETURN
     -A SHUTTLED-lan -d 224.0.0.0/4 -j RETURN
