@@ -152,7 +152,7 @@ def status_detail(profile: Mapping[str, Any]) -> str:
 
 _STATS_DONE = {"name", "profile", "state", "mode", "remote", "rx", "tx", "active", "total",
                "failed", "reconnects", "uptime", "rtt", "ssh_pid", "ssh_cpu", "ssh_rss",
-               "aborted"}
+               "aborted", "tcp_rtt", "tcp_retrans"}
 
 
 def _count(value: Any) -> str:
@@ -175,6 +175,8 @@ def stats(name: str, s: Mapping[str, Any]) -> str:
         *([f"  aborted by a local error: {_any(s['aborted'])}"] if "aborted" in s else []),
         f"  reconnects: {_count(s.get('reconnects'))}",
         f"  latest health check: {milliseconds(s.get('rtt'))} round trip",
+        *([f"  ssh connection (kernel): {milliseconds(s['tcp_rtt'])} round trip, "
+           f"{_count(s.get('tcp_retrans'))} retransmitted"] if "tcp_rtt" in s else []),
         f"  ssh: {_ssh_process(s)}",
     ]
     lines += [f"  {key.replace('_', ' ')}: {_any(value)}"

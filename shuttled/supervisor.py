@@ -479,6 +479,7 @@ class Tunnel:
             "rtt": session.rtt if session else None,
             "mode": str(session.mode) if session and session.mode else None,
             **(session.stream_stats() if session else {"streams": 0}),
+            **(session.link_stats() if session else {}),
             **_process_stats(session.master_pids() if session else []),
             **({"dns": self._dns_stats()} if self.forwarder else {}),
             **self.router.stats(),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -141,3 +142,22 @@ def test_kill_switch_refuses_promptly_while_reconnecting_then_recovers(
     assert udp_from(rlab, rlab.tgt_v6) == "ok"
 
 
+
+
+def test_policy_routing_flushed_by_someone_else_is_restored_within_two_seconds(
+        router: Daemon, rlab: Lab) -> None:
+    restored = router.stats(PROFILE).get("rules_restored", 0)
+    for family in ("-4", "-6"):
+        # `ip rule flush`, then the main and default lookups put back (as a network
+        # manager resetting its rules would): only ours is missing now.
+        rlab.run("cli", ["ip", family, "rule", "flush"])
+        rlab.run("cli", ["ip", family, "rule", "add", "priority", "32766", "lookup", "main"])
+        if family == "-4":
+            rlab.run("cli", ["ip", family, "rule", "add", "priority", "32767",
+                             "lookup", "default"])
+    t0 = time.monotonic()
+    wait_for("UDP from the LAN again", lambda: udp_from(rlab, rlab.tgt_v4, timeout=0.5) == "ok",
+             10, interval=0.05)
+    assert time.monotonic() - t0 < 2.5
+    stats = router.stats(PROFILE)
+    assert stats["rules_restored"] > restored and "changed" in stats["rules_last_loss"], stats
