@@ -122,6 +122,11 @@ UDP_IDLE = 60.0  # seconds without a datagram either way ends a flow
 UDP_MAX_DESTINATIONS = 64  # peers one flow may talk to (each has a reply socket)
 UDP_OPEN_QUEUE = 32  # datagrams held per flow while its channel opens
 UDP_HELPER_RETRY = 30.0  # after the helper failed to start, seconds before trying again
+# A master keeps every failed proxied open, and has room for 16,384 channels in all
+# (shuttled.tunnel.session): past this many the session is replaced by a fresh one.
+MASTER_FAILED_OPENS_MAX = 8000
+RECYCLE_DRAIN_MAX = 600.0  # seconds a replaced session may carry its old connections
+RECYCLE_RETRY = 30.0  # after a replacement failed to start, seconds before trying again
 
 
 class ExitCode(enum.IntEnum):

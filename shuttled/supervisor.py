@@ -243,6 +243,8 @@ class Tunnel:
         self.auto_nets: tuple[Subnet, ...] = ()  # learnt from the remote at the last connect
         self.server_pin: dict[str, tuple[IPAddress, ...]] = {}  # see ssh_excludes
         self.reconnects = 0
+        self.recycled = 0  # worn sessions replaced (see SshSession.worn)
+        self._draining: set[asyncio.Task[None]] = set()
         self.up_since: float | None = None
         self.changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -367,9 +369,7 @@ class Tunnel:
 
     async def _one_session(self) -> tuple[str | None, bool]:
         """Run one ssh session to its end: (why it ended, whether retrying is futile)."""
-        session = SshSession(self.spec.target, self.spec.name, forward=self.spec.forward,
-                             pythons=self.spec.pythons, keepalive=self.spec.keepalive,
-                             streams=self.spec.streams, fault_log=self.faults)
+        session = self._new_session()
         self.session = session
         try:
             excludes = (await ssh_excludes(self.spec.target, self.server_pin)
@@ -386,11 +386,50 @@ class Tunnel:
             return str(exc), False
         self._set(State.UP)
         try:
-            # shield: a down() cancelling us must not cancel the session's own future
-            reason = await asyncio.shield(session.closed)
+            while (reason := await _ended_or_worn(session)) is None:
+                session = await self._recycle(session)
         finally:
             await session.stop()
         return reason, False
+
+    async def _recycle(self, worn: SshSession) -> SshSession:
+        """Make before break: a fresh session takes the new connections; the worn one
+        carries its own to their end (at most RECYCLE_DRAIN_MAX), then stops."""
+        fresh = self._new_session()
+        try:
+            await fresh.start()
+        except ShuttledError as exc:
+            await fresh.stop()
+            log.warning("could not replace a worn ssh connection (%s): trying again in %g s",
+                        exc, const.RECYCLE_RETRY)
+            await asyncio.wait([worn.closed], timeout=const.RECYCLE_RETRY)
+            worn.worn.clear()
+            return worn
+        self.session = fresh
+        self.recycled += 1
+        log.info("the ssh master kept %d failed opens: new connections use a fresh ssh "
+                 "connection; the old one ends with its last connection",
+                 const.MASTER_FAILED_OPENS_MAX)
+        task = asyncio.create_task(self._drain(worn))
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
+        return fresh
+
+    async def _drain(self, old: SshSession) -> None:
+        deadline = time.monotonic() + const.RECYCLE_DRAIN_MAX
+        try:
+            muxes = old.muxes()
+            while (time.monotonic() < deadline and not old.closed.done() and any(
+                    c.channel is not None and c.channel.mux in muxes
+                    for c in self.proxy.connections)):
+                await asyncio.sleep(1.0)
+        finally:
+            await old.stop()
+
+    def _new_session(self) -> SshSession:
+        return SshSession(self.spec.target, self.spec.name, forward=self.spec.forward,
+                          pythons=self.spec.pythons, keepalive=self.spec.keepalive,
+                          streams=self.spec.streams, fault_log=self.faults)
 
     async def _capture(self, excludes: tuple[Subnet, ...]) -> None:
         self.auto_nets = await self._learn_routes(excludes) if self.spec.auto_nets else ()
@@ -452,6 +491,10 @@ class Tunnel:
             else:
                 self.captures.drop(self.spec.name)
         self._holding_own = False
+        draining = list(self._draining)
+        for task in draining:
+            task.cancel()  # each stops its old session on the way out
+        await asyncio.gather(*draining, return_exceptions=True)
         self.proxy.close()
         self.proxy = self._new_proxy()
         self.router.close()
@@ -498,6 +541,18 @@ class Tunnel:
         tcp = [connection_row("tcp", c.src, endpoint_text(c.dst), c.channel, now - c.started)
                for c in self.proxy.connections]
         return tcp + self.router.flows()
+
+
+async def _ended_or_worn(session: SshSession) -> str | None:
+    """Why the session ended, or None once it is worn and should be replaced."""
+    # shield: a down() cancelling us must not cancel the session's own future
+    worn = asyncio.create_task(session.worn.wait())
+    waiters: list[asyncio.Future[Any]] = [asyncio.shield(session.closed), worn]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        worn.cancel()
+    return session.closed.result() if session.closed.done() else None
 
 
 async def _from_remote(what: str, coro: Any, default: Any) -> Any:

@@ -24,12 +24,13 @@ from shuttled.tunnel.ssh import SshMaster, SshTarget
 log = logging.getLogger(__name__)
 
 HELPER_START_TIMEOUT = 30.0
-# No rotation of mux connections after failed opens: the master keeps a proxied
-# channel whose open failed (channels.c frees proxy channels only on CLOSE both
-# ways), and when its mux client leaves it turns them into plain channels and
-# sends CLOSE for each, which for a channel that never had a remote id is fatal
-# (nchan.c chan_send_close2: "no remote_id"): closing that mux connection kills
-# the master and every connection with it.
+# The master keeps a proxied channel whose open failed for good (channels.c frees
+# proxy channels only on CLOSE both ways), and closing the mux connection that
+# holds one is fatal for it (the master then sends CLOSE for a channel that never
+# had a remote id: nchan.c, "no remote_id"). Its table has room for 16,384 channels
+# (CHANNELS_MAX_CHANNELS), failed and live together: past that it exits. So a
+# session whose master has collected const.MASTER_FAILED_OPENS_MAX failed opens is
+# `worn`, and the supervisor replaces it with a fresh one (make before break).
 
 # pty-req: TERM, 80x24 characters, no pixel size, no terminal modes (RFC 4254 6.2).
 _PTY_REQUEST = (sshmsg.sstring("dumb") + sshmsg.U32X2.pack(80, 24) + sshmsg.U32X2.pack(0, 0)
@@ -166,6 +167,13 @@ class SshLink:
     def current_mux(self) -> ChannelMux | None:
         return self.data
 
+    @property
+    def failed_opens(self) -> int:
+        """Failed opens the master keeps (direct mode; the helper frees its own)."""
+        control = self.control
+        return 0 if control is None or self.session.mode is not Forward.DIRECT else (
+            control.counters.open_failed)
+
     async def stop(self) -> None:
         self.fail()  # close our side first, so the master's exit is no surprise
         await _cancel(self._tasks)
@@ -200,6 +208,7 @@ class SshSession:
         self.rtt: float | None = None
         self.started_at: float | None = None
         self.closed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.worn = asyncio.Event()  # a master's channel table is filling up (see above)
         self._tasks: list[asyncio.Task[None]] = []
         # The helper for UDP in direct mode: started on first use, on the first
         # master, in a session channel of its own; losing it costs UDP only.
@@ -489,7 +498,17 @@ class SshSession:
         if self.closed.done():
             return None
         live = self.live_links()
+        if not self.worn.is_set() and any(
+                link.failed_opens >= const.MASTER_FAILED_OPENS_MAX for link in live):
+            log.debug("tunnel %s: a master holds %d failed opens", self.name,
+                      const.MASTER_FAILED_OPENS_MAX)
+            self.worn.set()
         return min(live, key=_by_load).current_mux() if live else None
+
+    def muxes(self) -> set[ChannelMux]:
+        """Every mux of this session: a connection on one of them is this session's."""
+        return {mux for link in self.links for mux in (link.control, link.data)
+                if mux is not None}
 
     async def stop(self) -> None:
         self._lost(None)  # close our side first, so the masters' exits are no surprise

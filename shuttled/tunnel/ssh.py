@@ -42,6 +42,7 @@ from shuttled.tunnel.nodelay import (
 )
 
 log = logging.getLogger(__name__)
+_EXPECTED_AT_EXIT = ": no remote_id"  # nchan.c chan_send_close2, at the master's exit
 
 MUX_MSG_HELLO = 0x00000001
 MUX_C_PROXY = 0x1000000F
@@ -369,7 +370,10 @@ class SshMaster:
             line = raw.decode(errors="replace").rstrip()
             if line:
                 self._output.lines.append(line)
-                log.info("ssh: %s", line)
+                # How a master that kept failed opens exits once our mux connections
+                # close (see shuttled.tunnel.session): expected, so not worth a line.
+                quiet = _EXPECTED_AT_EXIT in line
+                log.log(logging.DEBUG if quiet else logging.INFO, "ssh: %s", line)
 
     async def _wait_for_socket(self) -> None:
         assert self.proc is not None

@@ -155,3 +155,39 @@ def test_a_fault_in_any_callback_ends_only_its_connection(
     # The tunnel still carries new connections after all of it.
     with lab.netns("cli"):
         assert clients.http_get(lab.tgt_v4).status == 200
+
+
+RECYCLED = "use a fresh ssh connection"
+
+
+def test_a_master_full_of_failed_opens_is_replaced_and_its_connections_go_on(
+        lab: Lab, tmp_path: Path) -> None:
+    """The master keeps every failed open and dies at 16,384 channels: past the limit
+    (300 here, 8,000 by default) a fresh session takes new connections, make before
+    break, and the old one keeps what it carries."""
+    name = "recycle"
+    proc = start_run(lab, "-v", *lab.target_nets, name=name, module="tests.lab.faulty",
+                     env={"SHUTTLED_FAULT_FILE": str(tmp_path / "none"),
+                          "SHUTTLED_TEST_CONST": "MASTER_FAILED_OPENS_MAX=300"})
+    stream = EchoStream(lab)
+    stream.start()
+    try:
+        with lab.netns("cli"):
+            for replaced in (1, 2):  # refused connections until each replacement is seen
+                for _ in range(40):
+                    if lab.log_tail(name, 100_000).count(RECYCLED) >= replaced:
+                        break
+                    for _ in range(50):
+                        clients.probe_tcp(lab.tgt_v4, lab.ports.closed, timeout=1.0)
+                    time.sleep(0.2)
+            assert clients.http_get(lab.tgt_v4).status == 200
+        assert stream.error is None, stream.error
+    finally:
+        stream.stop.set()
+        stream.join(15)
+        code = stop_run(lab, proc)
+    log = "\n".join(line for line in lab.log_tail(name, 100_000).splitlines()
+                     if "refused: connect failed" not in line)
+    assert code == 0 and log.count(RECYCLED) == 2, log
+    assert "tunnel run lost" not in log and "tunnel lost" not in log, log
+    assert stream.error is None and stream.echoed > 0

@@ -1,4 +1,5 @@
-"""`python -m tests.lab.faulty ARGS...`: shuttled's CLI with fault injection points.
+"""`python -m tests.lab.faulty ARGS...`: shuttled's CLI with fault injection points
+(and SHUTTLED_TEST_CONST to lower a limit, see set_constants).
 
 For tests of the fault boundary (tests/integration/test_fault_boundary.py): the same
 `shuttled run` as usual, in which chosen per-connection callbacks raise a chosen
@@ -119,7 +120,17 @@ def install() -> None:
                 setattr(cls, method, _raising(point, current, victim))
 
 
+def set_constants() -> None:
+    """SHUTTLED_TEST_CONST="NAME=VALUE,...": smaller limits, so a test reaches them."""
+    from shuttled import const
+
+    for item in filter(None, os.environ.get("SHUTTLED_TEST_CONST", "").split(",")):
+        name, _, value = item.partition("=")
+        setattr(const, name, type(getattr(const, name))(value))
+
+
 if __name__ == "__main__":
+    set_constants()
     install()
     from shuttled.__main__ import main
 
