@@ -9,6 +9,7 @@ of the lab's sshd listener in srv.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shlex
 import signal
@@ -49,6 +50,7 @@ class Context:
     quick: bool
     source: str = str(tools.REPO)  # where `python3 -m shuttled` is run from (a snapshot)
     notes: list[str] = field(default_factory=list)
+    method: str = "nft"  # shuttled's firewall backend (--method): nft or iptables
 
     def ssh_argv(self) -> list[str]:
         argv = list(self.lab.ssh_argv)
@@ -72,6 +74,24 @@ def wait_log(lab: Lab, name: str, proc: subprocess.Popen[Any], marker: str,
             raise ContenderError(f"{name}: no {marker!r} after {timeout:.0f}s:\n"
                                  + lab.log_tail(name, 30))
         time.sleep(0.05)
+
+
+def shuttlectl(lab: Lab, socket: str | os.PathLike[str], *args: str, cwd: str,
+               timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """`python3 -m shuttlectl --socket SOCKET ARGS...` in cli, run from ``cwd``; not checked."""
+    return lab.run("cli", [sys.executable, "-m", "shuttlectl", "--socket", str(socket), *args],
+                   check=False, timeout=timeout, cwd=cwd)
+
+
+def profile_stats(lab: Lab, socket: str | os.PathLike[str], profile: str, *,
+                  cwd: str) -> dict[str, Any]:
+    """A daemon profile's counters: `shuttlectl --json stats PROFILE`."""
+    out = shuttlectl(lab, socket, "--json", "stats", profile, cwd=cwd)
+    if out.returncode != 0:
+        raise ContenderError(f"shuttlectl stats failed ({out.returncode}): "
+                             f"{(out.stderr or out.stdout).strip()[-300:]}")
+    stats: dict[str, Any] = json.loads(out.stdout)["stats"]
+    return stats
 
 
 def sshd_pid(lab: Lab, port: int) -> int | None:
@@ -291,8 +311,8 @@ class ShuttledRun(Contender):
 
     def start(self) -> None:
         lab = self.lab
-        argv = [*self.python_argv(), "run", "--method", "nft", "--forward", self.forward,
-                "-e", self.ctx.ssh_cmd(), "-r", getattr(lab, self.remote_attr),
+        argv = [*self.python_argv(), "run", "--method", self.ctx.method, "--forward",
+                self.forward, "-e", self.ctx.ssh_cmd(), "-r", getattr(lab, self.remote_attr),
                 *lab.target_nets]
         self.proc = lab.popen("cli", argv, name=self.log_name, cwd=self.ctx.source)
         wait_log(lab, self.log_name, self.proc, "is up")
@@ -392,19 +412,24 @@ class ShuttledDaemon(Contender):
         (config / "bench.yaml").write_text("\n".join(lines) + "\n")
         argv = [sys.executable, "-m", "shuttled", "-v", "--config-dir", str(config),
                 "--socket", self.socket, "--state-dir", str(state), "--no-dbus",
-                "--method", "nft", "daemon"]
+                "--method", self.ctx.method, "daemon"]
         self.proc = lab.popen("cli", argv, name=self.log_name, cwd=self.ctx.source)
         deadline = time.monotonic() + UP_TIMEOUT
         while not os.path.exists(self.socket):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise ContenderError("daemon did not open its socket:\n" + self.log_tail())
             time.sleep(0.05)
-        up = lab.run("cli", [sys.executable, "-m", "shuttlectl", "--socket", self.socket,
-                             "up", self.profile, "--wait", "--timeout", "30"],
-                     check=False, timeout=60, cwd=self.ctx.source)
+        up = self.ctl("up", self.profile, "--wait", "--timeout", "30", timeout=60)
         if up.returncode != 0:
             raise ContenderError(f"shuttlectl up failed ({up.returncode}): "
                                  f"{(up.stderr or up.stdout).strip()}\n{self.log_tail()}")
+
+    def ctl(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        return shuttlectl(self.lab, self.socket, *args, cwd=self.ctx.source, timeout=timeout)
+
+    def stats(self) -> dict[str, Any]:
+        """`shuttlectl --json stats` of the profile (active, reconnects, aborted, ssh_pid...)."""
+        return profile_stats(self.lab, self.socket, self.profile, cwd=self.ctx.source)
 
 
 class ShuttledDaemonStreams2(ShuttledDaemon):

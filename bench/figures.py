@@ -229,11 +229,11 @@ def concurrent(contender: Contender, sizes: Sizes) -> Concurrency:
     ep = contender.endpoints().echo
     assert ep is not None
     pid = contender.rss_pid()
-    before = _rss_mb(pid)
+    before = rss_mb(pid)
     holder: dict[str, Any] = {}
 
     def measure_held() -> None:
-        holder["held"] = _rss_mb(pid)
+        holder["held"] = rss_mb(pid)
 
     t0 = time.monotonic()
     with contender.lab.netns("cli"):
@@ -242,12 +242,12 @@ def concurrent(contender: Contender, sizes: Sizes) -> Concurrency:
                                             while_held=measure_held))
     seconds = time.monotonic() - t0
     time.sleep(1.0)
-    after = _rss_mb(pid)
+    after = rss_mb(pid)
     return Concurrency(sizes.concurrent, res.ok, before, holder.get("held"), after, seconds,
                        res.first_error)
 
 
-def _rss_mb(pid: int | None) -> float | None:
+def rss_mb(pid: int | None) -> float | None:
     if pid is None:
         return None
     try:

@@ -7,6 +7,7 @@ bounded by a count and by wall-clock time; every socket operation has its own ti
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import statistics
 import time
@@ -97,41 +98,48 @@ class _Http(asyncio.Protocol):
                 self._finish(False)
 
 
+async def http_request(host: str, port: int, timeout: float = OP_TIMEOUT) -> float | None:
+    """One request on a new connection: connect, GET, read the response to the end of its
+    body, close.  Returns the time to the first response byte (s); raises OSError,
+    TimeoutError (each step bounded by ``timeout``) or RuntimeError (not a 200 reply)."""
+    loop = asyncio.get_running_loop()
+    t0 = time.perf_counter()
+    transport, proto = await asyncio.wait_for(
+        loop.create_connection(lambda: _Http(t0), host, port), timeout)
+    try:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):  # already reset: proto.done says so
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        ok = await asyncio.wait_for(proto.done, timeout)
+    finally:
+        transport.close()
+    if not ok:
+        raise RuntimeError(f"bad HTTP reply {proto.head!r}")
+    return None if proto.first is None else proto.first - t0
+
+
 async def http_load(host: str, port: int, *, concurrency: int, count: int,
                     seconds: float) -> LoadResult:
     """``concurrency`` workers each doing connect, GET, read-to-EOF, close in a loop, until
     ``count`` requests were started or ``seconds`` passed."""
-    loop = asyncio.get_running_loop()
     result = LoadResult()
     issued = 0
     start = time.monotonic()
     deadline = start + seconds
-
-    async def one() -> None:
-        t0 = time.perf_counter()
-        transport, proto = await asyncio.wait_for(
-            loop.create_connection(lambda: _Http(t0), host, port), OP_TIMEOUT)
-        try:
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            ok = await asyncio.wait_for(proto.done, OP_TIMEOUT)
-        finally:
-            transport.close()
-        if not ok:
-            raise RuntimeError(f"bad HTTP reply {proto.head!r}")
-        result.ok += 1
-        if proto.first is not None:
-            result.ttfb.append(proto.first - t0)
 
     async def worker() -> None:
         nonlocal issued
         while issued < count and time.monotonic() < deadline:
             issued += 1
             try:
-                await one()
+                ttfb = await http_request(host, port)
             except (OSError, RuntimeError, TimeoutError) as exc:
                 result.error(exc)
+                continue
+            result.ok += 1
+            if ttfb is not None:
+                result.ttfb.append(ttfb)
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     result.seconds = time.monotonic() - start

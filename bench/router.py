@@ -35,6 +35,7 @@ from typing import Any
 import psutil
 import yaml
 
+from bench.contenders import profile_stats, shuttlectl
 from tests.lab import Lab, clients
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,13 +71,10 @@ class Daemon:
             time.sleep(0.1)
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return self.lab.run("cli", [sys.executable, "-m", "shuttlectl", "--socket",
-                                    str(self.socket), *args], check=False, cwd=str(REPO))
+        return shuttlectl(self.lab, self.socket, *args, cwd=str(REPO))
 
     def stats(self) -> dict[str, Any]:
-        out = self.ctl("--json", "stats", PROFILE)
-        stats: dict[str, Any] = json.loads(out.stdout)["stats"]
-        return stats
+        return profile_stats(self.lab, self.socket, PROFILE, cwd=str(REPO))
 
     def process(self) -> psutil.Process:
         assert self.proc is not None
