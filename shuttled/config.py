@@ -39,6 +39,9 @@ Profile keys (the README and man page are generated from PROFILE_KEYS):
     python        string                   python3   remote python for the helper
     keepalive     seconds 1-300            10        health ping interval (dead: 3 misses)
     streams       integer 1-8              1         parallel ssh connections
+    max_connections           integer  8192  captured TCP connections at once (more:
+                                             reset); root is never limited
+    max_connections_per_user  integer  2048  the same, per local user (uid of the app)
 
 `dns` as a map: `{mode: off|all|split, domains: [names], nameservers: [IPs]}`;
 split needs domains; nameservers are the remote resolvers to ask (default:
@@ -559,6 +562,8 @@ class Profile:
     python: str | None = None
     keepalive: float = const.KEEPALIVE_INTERVAL
     streams: int = 1
+    max_connections: int = const.MAX_CONNECTIONS
+    max_connections_per_user: int = const.MAX_CONNECTIONS_PER_USER
     # Where it was written; moving a profile within its file is not a change.
     source: str = field(default="", compare=False)
     config_dir: Path = field(default=const.CONFIG_DIR, compare=False, repr=False)
@@ -697,6 +702,12 @@ PROFILE_KEYS: Mapping[str, KeySpec] = MappingProxyType(dict((
           "after three misses", _seconds),
     _spec("streams", f"integer 1-{const.MAX_STREAMS}", "parallel ssh connections",
           _int_in(1, const.MAX_STREAMS)),
+    _spec("max_connections", "integer 1-1000000", "most TCP connections captured at once; "
+          "new ones beyond it are reset and counted (refused in stats); root's are never "
+          "refused", _int_in(1, 1_000_000)),
+    _spec("max_connections_per_user", "integer 1-1000000", "the same for each local user "
+          "(the uid owning the app's socket), and never more than half of what the "
+          "daemon's file descriptors allow; root is never limited", _int_in(1, 1_000_000)),
 )))
 
 

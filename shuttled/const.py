@@ -12,6 +12,9 @@ STATE_DIR = Path("/var/lib/shuttled")
 # macOS and FreeBSD have no /run (and macOS cannot create one): /var/run there.
 RUN_DIR = Path("/run/shuttled") if sys.platform == "linux" else Path("/var/run/shuttled")
 CONTROL_SOCKET = RUN_DIR / "control.sock"
+# Beside it, the administrators' door (control-admin.sock): root and group shuttle
+# only, so a flood of connects from others never fills its queue.
+ADMIN_SOCKET_SUFFIX = "-admin"
 DBUS_NAME = "io.github.shuttled"
 DBUS_PATH = "/io/github/shuttled"
 ADMIN_GROUP = "shuttle"
@@ -127,6 +130,23 @@ UDP_HELPER_RETRY = 30.0  # after the helper failed to start, seconds before tryi
 MASTER_FAILED_OPENS_MAX = 8000
 RECYCLE_DRAIN_MAX = 600.0  # seconds a replaced session may carry its old connections
 RECYCLE_RETRY = 30.0  # after a replacement failed to start, seconds before trying again
+# --- limits: a flood from one local user starves neither root nor the tunnel -------
+# The daemon raises its soft RLIMIT_NOFILE to the hard limit at start; the unit
+# sets LimitNOFILE=524288. Captured connections are refused (reset) before the
+# descriptors run out, so that the control socket, the ssh masters, DNS and the
+# journal always have some: FD_RESERVE are kept from everyone's connections,
+# FD_RESERVE_ROOT even from root's.
+FD_RESERVE = 256
+FD_RESERVE_ROOT = 64
+SPARE_FDS = 4  # /dev/null placeholders the control socket closes to accept at EMFILE
+MAX_CONNECTIONS = 8192  # captured TCP connections per profile (`max_connections`)
+# Per local user and profile (`max_connections_per_user`); root is never limited,
+# and no one user gets more than half of what the descriptors allow.
+MAX_CONNECTIONS_PER_USER = 2048
+ACCEPT_BATCH = 64  # connections accepted per wakeup of a listener: the loop stays fair
+ACCEPT_PAUSE = 0.2  # seconds a listener waits after EMFILE/ENFILE instead of spinning
+LIMIT_LOG_INTERVAL = 10.0  # seconds between two warnings about the same refusals
+CONTROL_BACKLOG = 4096  # the control socket's listen queue (the kernel caps it at somaxconn)
 
 
 class ExitCode(enum.IntEnum):

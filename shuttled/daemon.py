@@ -34,6 +34,8 @@ from shuttled.instance import InstanceLock
 from shuttled.resolved import cleanup_links
 from shuttled.router import settings_from_profile as router_settings
 from shuttled.supervisor import CaptureSet, State, Tunnel, TunnelSpec, current_profile
+from shuttled.tunnel.accept import quiet_accept_failures, raise_nofile
+from shuttled.tunnel.proxy import ConnLimits
 from shuttled.tunnel.ssh import cleanup_control_dirs
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,8 @@ def spec_for(profile: Profile) -> TunnelSpec:
         auto_nets=profile.auto_nets, remote_hosts=profile.remote_hosts,
         pythons=(profile.python,) if profile.python else const.REMOTE_PYTHONS,
         keepalive=profile.keepalive, reconnect=True, streams=profile.streams,
-        router=router_settings(profile))
+        router=router_settings(profile),
+        limits=ConnLimits(profile.max_connections, profile.max_connections_per_user))
 
 
 class StateFile:
@@ -436,6 +439,7 @@ async def serve(args: argparse.Namespace) -> int:
     lock.acquire()  # before anything is touched: a second daemon changes nothing
     daemon = Daemon(args.config_dir, Path(args.state_dir), args.method)
     loop = asyncio.get_running_loop()
+    quiet_accept_failures(loop)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -491,4 +495,5 @@ async def _start_dbus(daemon: Daemon, args: argparse.Namespace) -> Any:
 
 def main(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
+    raise_nofile()  # a proxy needs a descriptor a connection: 1024 is far too few
     return asyncio.run(serve(args))

@@ -14,11 +14,14 @@ from shuttled import const
 from shuttled.errors import ShuttledError
 from shuttled.firewall import detect
 from shuttled.supervisor import CaptureSet, State, Tunnel, TunnelSpec
+from shuttled.tunnel.accept import quiet_accept_failures, raise_nofile
 
 
 async def run(spec: TunnelSpec, method: str | None = None) -> int:
     """Run until SIGINT/SIGTERM (exit 0) or until the tunnel drops (exit 1)."""
     loop = asyncio.get_running_loop()
+    raise_nofile()  # a proxy needs a descriptor a connection: 1024 is far too few
+    quiet_accept_failures(loop)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)

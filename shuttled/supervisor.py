@@ -33,7 +33,7 @@ from shuttled.router import RouterSettings, RouterSide
 from shuttled.tunnel.channels import ChannelMux
 from shuttled.tunnel.dns import DnsForwarder, DnsPeers, parse_resolv_conf
 from shuttled.tunnel.faults import Faults
-from shuttled.tunnel.proxy import TransparentProxy
+from shuttled.tunnel.proxy import ConnLimits, TransparentProxy
 from shuttled.tunnel.remote_info import IPAddress, IPNetwork, remote_hosts, remote_routes
 from shuttled.tunnel.resolver import DnsCapture, DnsPlan, ProfileResolver
 from shuttled.tunnel.session import Forward, SshSession
@@ -82,6 +82,7 @@ class TunnelSpec:
     remote_hosts: bool = False  # the remote's /etc/hosts names answered by our resolver
     streams: int = 1  # ssh connections; new app connections go to the least busy
     router: RouterSettings = field(default_factory=RouterSettings)  # LAN, UDP, kill switch
+    limits: ConnLimits = field(default_factory=ConnLimits)  # captured: in all, per user
 
     def dns_plan(self) -> DnsPlan | None:
         """How this tunnel does DNS; None when it does none."""
@@ -257,7 +258,8 @@ class Tunnel:
     def _new_proxy(self) -> TransparentProxy:
         # LAN connections arrive by TPROXY: the listener needs IP_TRANSPARENT.
         return TransparentProxy(self._mux, self.faults, addresses=self.spec.listen,
-                                transparent=self.spec.router.lan is not None)
+                                transparent=self.spec.router.lan is not None,
+                                limits=self.spec.limits)
 
     async def _udp_mux(self) -> ChannelMux:
         if self.session is None:
@@ -517,6 +519,7 @@ class Tunnel:
             "tx": counters.bytes_up + live_up, "rx": counters.bytes_down + live_down,
             "active": len(self.proxy.connections), "total": counters.accepted,
             "failed": counters.failed, "reconnects": self.reconnects,
+            **self.proxy.limit_stats(),
             "aborted": self.faults.snapshot(),
             "uptime": time.time() - self.up_since if self.up_since else 0.0,
             "rtt": session.rtt if session else None,

@@ -1,9 +1,16 @@
 """Transparent listeners: accept redirected connections, recover where they were
-going, and pair each one with a direct-tcpip channel."""
+going, and pair each one with a direct-tcpip channel.
+
+Admission happens on the raw socket, before any transport exists: a connection
+beyond the profile's limits (in all, per local user, the process's descriptors)
+is reset at once, which costs a flood little and lets no user starve root, the
+control socket or the tunnel itself (README, "Limits").
+"""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import logging
@@ -12,12 +19,14 @@ import struct
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 from shuttled import const
 from shuttled.tunnel import faults, sshmsg
+from shuttled.tunnel.accept import BUDGET, Acceptor, Throttled
 from shuttled.tunnel.channels import Channel, ChannelMux, State
 from shuttled.tunnel.faults import Faults, contained
+from shuttled.tunnel.sockdiag import DIAG
 from shuttled.tunnel.transparent import set_transparent
 
 log = logging.getLogger(__name__)
@@ -54,6 +63,16 @@ class ProxyCounters:
     failed: int = 0  # open failures and tunnel-down refusals
     bytes_up: int = 0
     bytes_down: int = 0
+    refused: int = 0  # reset at accept: over a connection limit
+
+
+@dataclass(frozen=True)
+class ConnLimits:
+    """Captured connections one profile holds at once: in all, and per local user
+    (by the uid owning the app's socket). Root is held to neither."""
+
+    total: int = const.MAX_CONNECTIONS
+    per_user: int = const.MAX_CONNECTIONS_PER_USER
 
 
 class LocalConnection(asyncio.Protocol):
@@ -65,13 +84,16 @@ class LocalConnection(asyncio.Protocol):
 
     fault_kind = faults.TCP
 
-    def __init__(self, proxy: TransparentProxy) -> None:
+    def __init__(self, proxy: TransparentProxy, src: tuple[str, int] = ("", 0),
+                 dst: tuple[str, int] = ("", 0), uid: int | None = None) -> None:
         self.proxy = proxy
         self.faults = proxy.faults
         self.transport: asyncio.Transport | None = None
         self.channel: Channel | None = None
-        self.src: tuple[str, int] = ("", 0)
-        self.dst: tuple[str, int] = ("", 0)
+        self.src = src
+        self.dst = dst
+        self.uid = uid  # the app's local user; None: unknown (a LAN host's connection)
+        self.admitted = False  # counted against the limits until forgotten
         self.started = 0.0
         # What arrived before the channel opened (see data_received); b"" marks EOF.
         self._early: list[bytes] = []
@@ -83,15 +105,7 @@ class LocalConnection(asyncio.Protocol):
         # A cast, not an isinstance check: uvloop's transports are not subclasses.
         self.transport = cast(asyncio.Transport, transport)
         self.transport.pause_reading()  # nothing to send it to until the channel opens
-        sock: socket.socket = transport.get_extra_info("socket")
         self.started = asyncio.get_running_loop().time()
-        # Both raise for an app that reset before we got here (ENOTCONN): the
-        # boundary ends this connection, counted, as for any other fault.
-        self.dst = self.proxy.destination(sock)
-        self.src = sock.getpeername()[:2]
-        if self.dst[1] == self.proxy.port and self.dst[0] in ("127.0.0.1", "::1"):
-            self.reset()  # a direct connect to our listener, not a redirect: refuse
-            return
         self.proxy.accepted(self)
 
     def open_channel(self, mux: ChannelMux) -> None:
@@ -228,28 +242,34 @@ class TransparentProxy:
     def __init__(self, mux_source: MuxSource, fault_log: Faults | None = None, *,
                  addresses: tuple[str, ...] = ("127.0.0.1", "::1"),
                  on_prohibited: Callable[[LocalConnection], bool] | None = None,
-                 transparent: bool = False) -> None:
+                 transparent: bool = False, limits: ConnLimits | None = None) -> None:
         self.mux_source = mux_source
         self.addresses = addresses
         # Router mode: LAN connections arrive by TPROXY, so the listener needs
         # IP_TRANSPARENT; local ones still arrive by the nat redirect.
         self.transparent = transparent
+        self.limits = limits if limits is not None else ConnLimits()
         self.port = 0
         self.counters = ProxyCounters()
         self.faults = fault_log if fault_log is not None else Faults()
         self.connections: set[LocalConnection] = set()
-        self._servers: list[asyncio.Server] = []
+        self.admitted = 0  # connections counted against the limits (accept to close)
+        self._per_user: collections.Counter[int] = collections.Counter()
+        self._acceptors: list[Acceptor] = []
+        self._attaching: set[asyncio.Task[None]] = set()
+        self._closed = False
         self._on_prohibited = on_prohibited
+        self._refusals = Throttled(log)
 
     async def start(self, port: int = 0) -> int:
-        loop = asyncio.get_running_loop()
         for sock in bind_listeners(self.addresses, port, socket.SOCK_STREAM,
                                    transparent=self.transparent):
             sock.listen(const.LISTEN_BACKLOG)
-            server = await loop.create_server(lambda: LocalConnection(self), sock=sock,
-                                              backlog=const.LISTEN_BACKLOG)
-            self._servers.append(server)
             self.port = sock.getsockname()[1]
+            acceptor = Acceptor(sock, self._on_accept,
+                                what=f"the proxy listener {sock.getsockname()[0]}:{self.port}")
+            acceptor.start()
+            self._acceptors.append(acceptor)
         return self.port
 
     def destination(self, sock: socket.socket) -> tuple[str, int]:
@@ -261,10 +281,84 @@ class TransparentProxy:
             return local
         return original_dst(sock)
 
+    # --- admission: on the raw socket, before any transport -----------------------------
+
+    def _on_accept(self, sock: socket.socket, _address: Any) -> None:
+        """The accept path's fault boundary: whatever goes wrong for this connection
+        (an app that reset already makes getpeername and SO_ORIGINAL_DST raise
+        ENOTCONN; a bug raises anything) ends it, counted, and the listener goes on."""
+        try:
+            self._admission(sock)
+        except Exception as exc:
+            self.faults.record(faults.TCP, exc, "accept")
+            _reset_socket(sock)
+
+    def _admission(self, sock: socket.socket) -> None:
+        dst = self.destination(sock)
+        src: tuple[str, int] = sock.getpeername()[:2]
+        if self._closed or (dst[1] == self.port and dst[0] in ("127.0.0.1", "::1")):
+            _reset_socket(sock)  # a direct connect to our listener, not a redirect: refuse
+            return
+        uid = DIAG.uid(src, dst)
+        refusal = self._refusal(uid)
+        if refusal is not None:
+            self.counters.refused += 1
+            self._refusals("refused connections over %s (the last: uid %s, %s:%d -> %s:%d)",
+                           refusal, "unknown" if uid is None else uid, *src, *dst)
+            _reset_socket(sock)
+            return
+        conn = LocalConnection(self, src, dst, uid)
+        task = asyncio.get_running_loop().create_task(self._attach(conn, sock))
+        self._admit(conn)  # counted from here until forget() or a failed _attach
+        self._attaching.add(task)
+        task.add_done_callback(self._attaching.discard)
+
+    def _refusal(self, uid: int | None) -> str | None:
+        """Which limit a new connection of `uid` is over; None to take it."""
+        if BUDGET.live >= BUDGET.limit(root=uid == 0):
+            return f"the file descriptors left to connections ({BUDGET.limit(uid == 0)})"
+        if uid == 0:
+            return None  # root is never limited, but by what is left of the descriptors
+        if self.admitted >= self.limits.total:
+            return f"the profile's limit ({self.limits.total})"
+        # One user never gets more than half of what the descriptors allow.
+        share = min(self.limits.per_user, BUDGET.limit(root=False) // 2)
+        if uid is not None and self._per_user[uid] >= share:
+            return f"the limit per user ({share})"
+        return None
+
+    def _admit(self, conn: LocalConnection) -> None:
+        conn.admitted = True
+        self.admitted += 1
+        BUDGET.live += 1
+        if conn.uid is not None:
+            self._per_user[conn.uid] += 1
+
+    def _release(self, conn: LocalConnection) -> None:
+        if not conn.admitted:
+            return
+        conn.admitted = False
+        self.admitted -= 1
+        BUDGET.live -= 1
+        if conn.uid is not None:
+            self._per_user[conn.uid] -= 1
+            if self._per_user[conn.uid] <= 0:
+                del self._per_user[conn.uid]
+
+    async def _attach(self, conn: LocalConnection, sock: socket.socket) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: conn, sock)
+        except Exception as exc:  # the transport could not be made: end this one only
+            self.faults.record(faults.TCP, exc, "accept")
+            self._release(conn)
+            sock.close()
+
+    # --- live connections ---------------------------------------------------------------
+
     def accepted(self, conn: LocalConnection) -> None:
         self.counters.accepted += 1
         mux = self.mux_source()
-        if mux is None or mux.closed:
+        if self._closed or mux is None or mux.closed:
             self.counters.failed += 1
             conn.reset()  # tunnel down: refuse fast rather than hang (kill switch)
             return
@@ -277,13 +371,26 @@ class TransparentProxy:
 
     def forget(self, conn: LocalConnection) -> None:
         self.connections.discard(conn)
+        self._release(conn)
+
+    def limit_stats(self) -> dict[str, int]:
+        """For stats: connections refused by a limit, and listener pauses at EMFILE."""
+        return {"refused": self.counters.refused,
+                "deferred": sum(a.deferred for a in self._acceptors)}
 
     def close(self) -> None:
-        for server in self._servers:
-            server.close()
-        self._servers.clear()
+        self._closed = True
+        for acceptor in self._acceptors:
+            acceptor.close()
         for conn in list(self.connections):
             conn.reset()
+
+
+def _reset_socket(sock: socket.socket) -> None:
+    """Close a socket with RST: the app sees a refusal at once, not an empty reply."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    sock.close()
 
 
 def bind_listeners(addresses: tuple[str, ...], port: int, kind: int, *,

@@ -176,8 +176,11 @@ def test_unreadable_credentials_get_an_error_reply(tmp_path: Path) -> None:
         raise OSError(95, "Operation not supported")
 
     async def test(server: UnixControlServer, path: Path) -> None:
-        reply = await ask(path, "version")
+        # Turned away at accept, before the request: the reply waits, then EOF.
+        conn = await Conn.open(path)
+        reply = await conn.recv()
         assert "peer credentials" in reply["error"]["message"]
+        assert await conn.closed()
 
     run(test, tmp_path, credentials=broken)
 
