@@ -130,6 +130,7 @@ UDP_HELPER_RETRY = 30.0  # after the helper failed to start, seconds before tryi
 MASTER_FAILED_OPENS_MAX = 8000
 RECYCLE_DRAIN_MAX = 600.0  # seconds a replaced session may carry its old connections
 RECYCLE_RETRY = 30.0  # after a replacement failed to start, seconds before trying again
+
 # --- limits: a flood from one local user starves neither root nor the tunnel -------
 # The daemon raises its soft RLIMIT_NOFILE to the hard limit at start; the unit
 # sets LimitNOFILE=524288. Captured connections are refused (reset) before the
