@@ -387,6 +387,7 @@ class Sample:
     active: int | None = None
     channels: int | None = None  # open channels per stats (only with streams > 1)
     reconnects: int | None = None
+    recycled: int | None = None  # worn ssh connections replaced, make before break
     failed: int | None = None
     total: int | None = None
     aborted: dict[str, int] | None = None
@@ -415,6 +416,7 @@ def take_sample(daemon: ShuttledDaemon, label: str, t: float, tally: Tally) -> S
         stats = {}
     s.state, s.active, s.reconnects = stats.get("state"), stats.get("active"), \
         stats.get("reconnects")
+    s.recycled = stats.get("recycled")
     s.failed, s.total, s.aborted = stats.get("failed"), stats.get("total"), stats.get("aborted")
     per_stream = stats.get("stream_channels")
     s.channels = sum(per_stream) if isinstance(per_stream, list) else None
@@ -479,11 +481,16 @@ def verdict(start: Sample, end: Sample, tally: Tally, rss_tolerance: float) -> l
                             f"{_num(a)} → {_num(b)} MB{growth}", ok))
     reconnects = (end.reconnects - start.reconnects
                   if end.reconnects is not None and start.reconnects is not None else None)
-    same = end.daemon_alive and end.ssh_pid is not None and end.ssh_pid == start.ssh_pid
-    checks.append(Check("session restarts", "0 reconnects, same ssh master, daemon alive, up",
-                        f"{_num(reconnects)} reconnects, ssh pid {start.ssh_pid} → "
-                        f"{end.ssh_pid}, daemon {'alive' if end.daemon_alive else 'DEAD'}, "
-                        f"{end.state}",
+    # A new ssh master is a restart unless the daemon replaced a worn one on purpose
+    # (make before break, stats `recycled`): that one is no session restart.
+    recycled = (end.recycled or 0) - (start.recycled or 0)
+    same = end.daemon_alive and end.ssh_pid is not None and (
+        end.ssh_pid == start.ssh_pid or recycled > 0)
+    checks.append(Check("session restarts", "0 reconnects, same ssh master (or replaced "
+                        "when worn), daemon alive, up",
+                        f"{_num(reconnects)} reconnects, {recycled} replaced when worn, ssh pid "
+                        f"{start.ssh_pid} → {end.ssh_pid}, daemon "
+                        f"{'alive' if end.daemon_alive else 'DEAD'}, {end.state}",
                         reconnects == 0 and same and end.state == "up"))
     good = tally.good_ok + tally.good_failed
     checks.append(Check("good connections failed", "0", f"{tally.good_failed:,} of {good:,}",

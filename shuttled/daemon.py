@@ -96,6 +96,7 @@ class Daemon:
         self.captures: CaptureSet | None = None
         self.lockdown: CaptureSet | None = None  # see shuttled.firewall.lockdown
         self.lockdown_file = LockdownFile(state_dir)
+        self._last_guard = 0.0
         self.tunnels: dict[str, Tunnel] = {}
         self.wanted: set[str] = set()
         self.started = time.time()
@@ -189,9 +190,15 @@ class Daemon:
         tunnel = self.tunnels.get(name)
         return str(tunnel.state) if tunnel else str(State.DOWN)
 
-    def guard_rules(self) -> None:
-        """Put back what someone else took from our rules (also before every report:
-        `up` is never said while the rules behind it are missing)."""
+    def guard_rules(self, *, report: bool = False) -> None:
+        """Put back what someone else took from our rules. Before a report too, so that
+        `up` is never said while the rules behind it are missing; but a report runs
+        the check at most once a second, or any user's `status` loop would run nft
+        without end (the background check runs every second anyway)."""
+        now = time.monotonic()
+        if report and now - self._last_guard < const.RULE_CHECK_INTERVAL:
+            return
+        self._last_guard = now
         for captures in (self.captures, self.lockdown):
             if captures is None:
                 continue
@@ -211,7 +218,7 @@ class Daemon:
             self.guard_rules()
 
     def status(self, name: str | None) -> dict[str, Any] | list[dict[str, Any]]:
-        self.guard_rules()
+        self.guard_rules(report=True)
         if name is None:
             return [self._status_one(n) for n in sorted(self.config.profiles)]
         return self._status_one(name)
@@ -238,7 +245,7 @@ class Daemon:
 
     def stats(self, name: str) -> dict[str, Any]:
         self._profile(name)
-        self.guard_rules()
+        self.guard_rules(report=True)
         tunnel = self.tunnels.get(name)
         rules = ({"rules_restored": self.captures.restored,
                   "rules_last_loss": self.captures.last_loss} if self.captures else {})

@@ -519,6 +519,7 @@ class Tunnel:
             "tx": counters.bytes_up + live_up, "rx": counters.bytes_down + live_down,
             "active": len(self.proxy.connections), "total": counters.accepted,
             "failed": counters.failed, "reconnects": self.reconnects,
+            "recycled": self.recycled,
             **self.proxy.limit_stats(),
             "aborted": self.faults.snapshot(),
             "uptime": time.time() - self.up_since if self.up_since else 0.0,

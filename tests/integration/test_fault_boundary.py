@@ -163,7 +163,7 @@ RECYCLED = "use a fresh ssh connection"
 def test_a_master_full_of_failed_opens_is_replaced_and_its_connections_go_on(
         lab: Lab, tmp_path: Path) -> None:
     """The master keeps every failed open and dies at 16,384 channels: past the limit
-    (300 here, 8,000 by default) a fresh session takes new connections, make before
+    (300 here, 1,000 by default) a fresh session takes new connections, make before
     break, and the old one keeps what it carries."""
     name = "recycle"
     proc = start_run(lab, "-v", *lab.target_nets, name=name, module="tests.lab.faulty",
