@@ -46,10 +46,13 @@ from shuttled.control.protocol import (
     error_reply,
     ok_reply,
 )
-from shuttled.errors import ShuttledError
+from shuttled.errors import PermissionDeniedError, ShuttledError
 from shuttled.tunnel.accept import Acceptor, SpareFds, Throttled
 
 log = logging.getLogger(__name__)
+# Somebody probing or misusing the socket: worth a warning, not one line per request.
+_BAD_REQUESTS = Throttled(log)
+_DENIED = Throttled(log)
 
 MAX_CLIENTS = 64
 # One unprivileged account may hold this many connections (watch streams never
@@ -386,9 +389,12 @@ class UnixControlServer:
             reply = ok_reply(request_id, await self._invoke(call, share))
         except BadRequestError as exc:
             log.debug("bad control request from uid %d: %s", caller.uid, exc)
+            _BAD_REQUESTS("bad control requests, the latest from uid %d: %s", caller.uid, exc)
             reply = error_reply(request_id if request_id is not None else exc.request_id, exc)
         except ShuttledError as exc:
             log.debug("control request from uid %d refused: %s", caller.uid, exc)
+            if isinstance(exc, PermissionDeniedError):
+                _DENIED("control requests denied, the latest from uid %d: %s", caller.uid, exc)
             reply = error_reply(request_id, exc)
         except _ClientGone:
             raise
