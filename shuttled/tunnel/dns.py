@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
+from shuttled import const
 from shuttled.const import DNS_PORT, DNS_TIMEOUT
 from shuttled.tunnel import faults
 from shuttled.tunnel.faults import Faults
@@ -811,7 +812,10 @@ class DnsListener:
                 continue
             self._transports.append(transport)
             port = int(transport.get_extra_info("sockname")[1])
-            self._servers.append(await asyncio.start_server(self._serve_tcp, address, port))
+            # asyncio's default backlog (100) lost connects in a burst of 300 (issue 19's
+            # storm): the same queue as the TCP listeners'.
+            self._servers.append(await asyncio.start_server(
+                self._serve_tcp, address, port, backlog=const.LISTEN_BACKLOG))
         if not self._transports:
             raise OSError(errno.EADDRNOTAVAIL, f"cannot listen for DNS on {', '.join(addresses)}")
         self.port = port

@@ -18,6 +18,7 @@ import socket
 from collections.abc import Coroutine
 from typing import Any
 
+from shuttled import const
 from shuttled.tunnel import faults
 from shuttled.tunnel.dns import (
     DnsMessageError,
@@ -76,8 +77,9 @@ class LanDns:
         # TCP on the same port number: TPROXY rules name one port for both.
         for sock in bind_listeners(self.addresses, self.port, socket.SOCK_STREAM,
                                    transparent=True):
-            sock.listen(128)
-            self._servers.append(await asyncio.start_server(self._serve_tcp, sock=sock))
+            sock.listen(const.LISTEN_BACKLOG)
+            self._servers.append(await asyncio.start_server(self._serve_tcp, sock=sock,
+                                                            backlog=const.LISTEN_BACKLOG))
         return self.port
 
     def close(self) -> None:
