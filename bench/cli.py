@@ -221,12 +221,20 @@ def _render(doc: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s bench: %(message)s", datefmt="%H:%M:%S",
+    return run_lab_program("bench", args, run, TOOLS, verbose=args.verbose)
+
+
+def run_lab_program(prog: str, args: argparse.Namespace,
+                    body: Callable[[argparse.Namespace], int], tools: Sequence[str], *,
+                    verbose: bool = False) -> int:
+    """What every bench program does around its body: logging, the root-tools check
+    (exit 2), and SIGINT/SIGTERM turned into a teardown of the lab (exit 130)."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format=f"%(asctime)s {prog}: %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr)
-    problems = missing_root_tools(*TOOLS)
+    problems = missing_root_tools(*tools)
     if problems:
-        print(f"bench: cannot run: {'; '.join(problems)}", file=sys.stderr)
+        print(f"{prog}: cannot run: {'; '.join(problems)}", file=sys.stderr)
         return 2
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     # SIGINT may arrive ignored (started in the background) and SIGTERM would skip the
@@ -234,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        return run(args)
+        return body(args)
     except KeyboardInterrupt:
-        print("bench: interrupted; the lab was torn down", file=sys.stderr)
+        print(f"{prog}: interrupted; the lab was torn down", file=sys.stderr)
         return 130

@@ -43,7 +43,6 @@ import logging
 import os
 import random
 import re
-import signal
 import socket
 import statistics
 import struct
@@ -60,7 +59,7 @@ import psutil
 from bench import loadgen, tools
 from bench.contenders import ALL, DEFAULT_CIPHER, Context, ShuttledDaemon, remote_processes
 from bench.figures import rss_mb
-from tests.lab import Lab, missing_root_tools
+from tests.lab import Lab
 
 log = logging.getLogger("bench.soak")
 
@@ -782,22 +781,10 @@ def _write(path: Path, doc: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from bench.cli import run_lab_program
+
     args = parse(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s soak: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)
-    problems = missing_root_tools(*TOOLS, args.method)
-    if problems:
-        print(f"soak: cannot run: {'; '.join(problems)}", file=sys.stderr)
-        return 2
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    # As in bench.cli: SIGINT and SIGTERM become KeyboardInterrupt, so the lab is torn down.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("soak: interrupted; the lab was torn down", file=sys.stderr)
-        return 130
+    return run_lab_program("soak", args, run, (*TOOLS, args.method))
 
 
 if __name__ == "__main__":
