@@ -247,9 +247,14 @@ async def _echoes(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
 
 
 def app_sockets(lab: Lab, pid: int) -> list[str]:
-    """The TCP connections (not listeners) process ``pid`` in cli holds, as `ss` lines."""
+    """The TCP connections (not listeners) process ``pid`` in cli holds, as `ss` lines,
+    but its ssh servers' (the daemon keeps each master's socket, for TCP_INFO; and a
+    master replaced after many failed opens lives on while it carries a connection)."""
     lines = lab.run("cli", ["ss", "-Htnp", "state", "connected"]).stdout.splitlines()
-    return [line for line in lines if f"pid={pid}," in line]
+    servers = tuple(f"{addr}:{port}" for addr in (lab.srv_v4, f"[{lab.srv_v6}]")
+                    for port in (lab.ports.ssh, lab.ports.ssh_nofwd))
+    return [line for line in lines
+            if f"pid={pid}," in line and not any(f" {s} " in f" {line} " for s in servers)]
 
 
 async def settled(lab: Lab, pid: int, keep: int) -> None:
