@@ -122,7 +122,8 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disable-ipv6", action="store_true",
                    help="do not listen on ::1 nor capture IPv6")
     p.add_argument("--keepalive", type=float, default=const.KEEPALIVE_INTERVAL,
-                   metavar="SECONDS", help="health ping interval; dead after three misses")
+                   metavar="SECONDS", help="health ping interval (pings go at least every "
+                                           "2 s); dead after three misses or 6 s of silence")
     p.add_argument("--streams", type=_streams, default=1, metavar="N",
                    help=f"ssh connections to spread new connections over "
                         f"(1-{const.MAX_STREAMS}; default 1)")

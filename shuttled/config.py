@@ -37,7 +37,8 @@ Profile keys (the README and man page are generated from PROFILE_KEYS):
                                                      or all port-53 traffic from the LAN
     forward       auto|direct|helper       auto      who opens remote connections
     python        string                   python3   remote python for the helper
-    keepalive     seconds 1-300            10        health ping interval (dead: 3 misses)
+    keepalive     seconds 1-300            10        health ping interval (dead: 3 misses
+                                                     or 6 s of silence)
     streams       integer 1-8              1         parallel ssh connections
     max_connections           integer  8192  captured TCP connections at once (more:
                                              reset); root is never limited
@@ -698,8 +699,9 @@ PROFILE_KEYS: Mapping[str, KeySpec] = MappingProxyType(dict((
           _forward),
     _spec("python", "string", "python on the remote for the helper", _python,
           default_text="python3, then others"),
-    _spec("keepalive", "seconds 1-300", "health ping interval; the link is declared dead "
-          "after three misses", _seconds),
+    _spec("keepalive", "seconds 1-300", "health ping interval (pings go at least every 2 s); "
+          "the link is declared dead after three misses, or 6 s without a sign of life",
+          _seconds),
     _spec("streams", f"integer 1-{const.MAX_STREAMS}", "parallel ssh connections",
           _int_in(1, const.MAX_STREAMS)),
     _spec("max_connections", "integer 1-1000000", "most TCP connections captured at once; "
