@@ -22,6 +22,7 @@ from typing import Any
 from shuttled import __version__, const
 from shuttled.config import Config, Profile, check_overlaps, load_config
 from shuttled.control.protocol import PROTOCOL_VERSION
+from shuttled.durable import write_durably
 from shuttled.errors import (
     NoSuchProfileError,
     ShuttledError,
@@ -69,20 +70,7 @@ class StateFile:
             return set()
 
     def save(self, wanted: set[str]) -> None:
-        """Written to a temporary file, fsynced, renamed, the directory fsynced: a crash
-        or power loss leaves the old list or the new one, never an empty file."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as fh:
-            fh.write(json.dumps({"wanted": sorted(wanted)}))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_durably(self.path, json.dumps({"wanted": sorted(wanted)}))
 
 
 class Daemon:

@@ -18,12 +18,12 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from shuttled.const import LOCKDOWN_TABLE
+from shuttled.durable import write_durably
 from shuttled.errors import ConfigError, FirewallError
 from shuttled.firewall.base import Backend, Capture, LanMatch, Subnet
 
@@ -76,7 +76,7 @@ def from_json(data: Mapping[str, Any]) -> Capture:
 
 
 class LockdownFile:
-    """The lockdown's captures and the backend they were made with, fsynced."""
+    """The lockdown's captures and the backend they were made with."""
 
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / FILE_NAME
@@ -98,15 +98,9 @@ class LockdownFile:
         if not captures:
             self.path.unlink(missing_ok=True)
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
         body = {"version": VERSION, "method": method,
                 "captures": [to_json(c) for c in captures.values()]}
-        with open(tmp, "w") as fh:
-            fh.write(json.dumps(body, indent=1))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        write_durably(self.path, json.dumps(body, indent=1))
 
 
 def lockdown_backend(method: str | None) -> Backend:
