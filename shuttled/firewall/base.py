@@ -247,17 +247,24 @@ class CaptureRules:
     dns: tuple[Rule, ...]
     subnets: tuple[Rule, ...]
     bypass_mark: int | None = None
+    # DNS the capture catches while it has no listener for it yet (held at the first
+    # connect): nothing redirects it; the kill switch's hold chain refuses it.
+    refused_dns: tuple[Rule, ...] = ()
 
     def family(self, family: int) -> CaptureRules:
-        return CaptureRules(tuple(r for r in self.dns if r.family == family),
-                            tuple(r for r in self.subnets if r.family == family),
-                            self.bypass_mark)
+        def of(rules: tuple[Rule, ...]) -> tuple[Rule, ...]:
+            return tuple(r for r in rules if r.family == family)
+
+        return CaptureRules(of(self.dns), of(self.subnets), self.bypass_mark,
+                            of(self.refused_dns))
 
 
 def capture_rules(capture: Capture) -> CaptureRules:
     """Build a capture's rules as data; IPv4 before IPv6, each most-specific-first."""
     dns = tuple(_dns_rule(capture, fam) for fam in (4, 6) if _servers(capture, fam))
     subnets = tuple(rule for fam in (4, 6) for rule in _subnet_rules(capture, fam))
+    if capture.dns_port is None:
+        return CaptureRules((), subnets, capture.bypass_mark, refused_dns=dns)
     return CaptureRules(dns, subnets, capture.bypass_mark)
 
 
@@ -273,7 +280,7 @@ def _servers(capture: Capture, family: int) -> tuple[IPNetwork, ...]:
 
 
 def _dns_rule(capture: Capture, family: int) -> Rule:
-    # No port only while held before the listener exists: then nothing redirects.
+    # No port only while held before the listener exists: then it is refused_dns.
     return Rule(family, _servers(capture, family), "redirect", capture.dns_port or 0,
                 protos=("tcp", "udp"), ports=(DNS_PORT, DNS_PORT))
 

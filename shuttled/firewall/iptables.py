@@ -231,9 +231,7 @@ def transaction(top: str, current: ChainSet, target: ChainSet) -> str:
 
 def _chain_body(family: int, capture: Capture) -> list[str]:
     rules = capture_rules(capture).family(family)
-    # No DNS port: held before the listener exists, refused in the hold chain.
-    specs = ([spec for rule in rules.dns for spec in _specs(rule)]
-             if capture.dns_port is not None else [])
+    specs = [spec for rule in rules.dns for spec in _specs(rule)]
     if rules.bypass_mark is not None and (specs or rules.subnets):
         # As iptables-save spells it (hex), so what we write is what we read back.
         specs.insert(0, f"-m mark --mark {rules.bypass_mark:#x} -j RETURN")

@@ -128,8 +128,7 @@ def _uid_match(capture: Capture) -> str:
 def _capture_chain(capture: Capture) -> str:
     rules = capture_rules(capture)
     lines = [] if rules.bypass_mark is None else [f"meta mark {rules.bypass_mark:#x} return"]
-    if capture.dns_port is not None:  # else held: refused in the hold chain
-        lines += [_rule(r) for r in rules.dns]
+    lines += [_rule(r) for r in rules.dns]
     # While the kill switch holds, the subnets are rejected (firewall.router), not
     # redirected: iptables' filter OUTPUT runs after nat and would see only our port.
     if rules.subnets and not capture.hold:

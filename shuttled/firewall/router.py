@@ -226,12 +226,7 @@ def mark_chain(capture: Capture) -> list[RRule]:
     return body
 
 
-def _held_dns(dns: Rule, listening: bool) -> list[RRule]:
-    """DNS still reaches our listener while held (it answers SERVFAIL meanwhile); before
-    the listener exists it is refused here, so no query ever leaves in the clear."""
-    if listening:
-        return [RRule(dns.family, "return", daddrs=dns.daddrs, protos=("udp", "tcp"),
-                      ports=dns.ports)]
+def _refused_dns(dns: Rule) -> list[RRule]:
     return [RRule(dns.family, "reset", daddrs=dns.daddrs, protos=("tcp",), ports=dns.ports),
             RRule(dns.family, "reject", daddrs=dns.daddrs, protos=("udp",), ports=dns.ports)]
 
@@ -244,7 +239,11 @@ def hold_chain(capture: Capture) -> list[RRule]:
     body = [RRule(family, "return", marked=True) for family in (4, 6)]
     if capture.bypass_mark is not None:
         body += [RRule(family, "return", mark=capture.bypass_mark) for family in (4, 6)]
-    body += [rule for r in rules.dns for rule in _held_dns(r, capture.dns_port is not None)]
+    # DNS still reaches our listener while held (it answers SERVFAIL meanwhile); before
+    # the listener exists it is refused here, so no query ever leaves in the clear.
+    body += [RRule(r.family, "return", daddrs=r.daddrs, protos=("udp", "tcp"), ports=r.ports)
+             for r in rules.dns]
+    body += [rule for r in rules.refused_dns for rule in _refused_dns(r)]
     body += never_captured()
     for sub in rules.subnets:
         if sub.verdict == "return":

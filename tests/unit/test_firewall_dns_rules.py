@@ -80,3 +80,16 @@ def test_mark_survives_per_family_split() -> None:
 def test_bad_dns_captures_are_refused(kwargs: dict[str, object]) -> None:
     with pytest.raises(ConfigError):
         Capture("bad", (), tcp_port=1, **kwargs)  # type: ignore[arg-type]
+
+
+def test_dns_held_before_its_listener_exists_is_refused_not_redirected() -> None:
+    held = Capture("held", tuple(parse_subnet("10.1.0.0/16", resolve=False)), tcp_port=12500,
+                   dns_all=True, hold=True)
+    rules = capture_rules(held)
+    assert rules.dns == () and [r.family for r in rules.refused_dns] == [4, 6]
+    assert nft_chain(held) == []  # nothing redirects: no listener to send it to
+    assert _chain_body(4, held) == []
+    text = NftBackend(persistent=True).render([held])
+    hold = text.split("chain ks_held {\n")[1].split("\t}")[0]
+    assert "ip daddr 0.0.0.0/0 tcp dport 53 reject with tcp reset" in hold
+    assert "ip daddr 0.0.0.0/0 udp dport 53 reject" in hold
