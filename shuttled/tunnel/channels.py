@@ -543,13 +543,11 @@ class ChannelMux:
     def contain(self, channel: Channel, exc: BaseException, where: str) -> None:
         """An endpoint failed: end its channel (CLOSE to the remote, its local side
         aborted) and count it; the other channels and the mux go on."""
-        endpoint = channel.endpoint
-        self.faults.record(getattr(endpoint, "fault_kind", faults.CHANNEL), exc, where)
         if not channel.close_sent and channel.state is not State.CLOSED:
             channel.close()
-        abort = getattr(endpoint, "abort_connection", None)
-        if abort is not None and where != "abort":
-            channel.notify("abort", abort)
+        endpoint = channel.endpoint
+        self.faults.end(getattr(endpoint, "fault_kind", faults.CHANNEL), exc, where,
+                        getattr(endpoint, "abort_connection", None))
 
     # --- reading ----------------------------------------------------------------
 

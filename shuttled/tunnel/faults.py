@@ -38,6 +38,18 @@ class Faults:
         log.debug("%s connection aborted in %s: %s", kind, where, describe(exc),
                   exc_info=not isinstance(exc, OSError))
 
+    def end(self, kind: str, exc: BaseException, where: str,
+            abort: Callable[[], None] | None) -> None:
+        """Count and log `exc`, then end the connection with `abort`; a failure while
+        ending it is logged, not raised (nothing leaves the boundary)."""
+        self.record(kind, exc, where)
+        if abort is None:
+            return
+        try:
+            abort()
+        except Exception:
+            log.debug("aborting a %s connection failed", kind, exc_info=True)
+
     def snapshot(self) -> dict[str, int]:
         return dict(self.counts)
 
@@ -84,9 +96,5 @@ def contained(method: Callable[Concatenate[T, P], object]
 
 
 def abort(target: Abortable, exc: BaseException, where: str) -> None:
-    """End `target` after `exc`; a failure while ending it is logged, not raised."""
-    target.faults.record(target.fault_kind, exc, where)
-    try:
-        target.abort_connection()
-    except Exception:
-        log.debug("aborting a %s connection failed", target.fault_kind, exc_info=True)
+    """End `target` after `exc` (see Faults.end)."""
+    target.faults.end(target.fault_kind, exc, where, target.abort_connection)
