@@ -231,8 +231,7 @@ class LocalConnection(asyncio.Protocol):
             return
         sock: socket.socket | None = self.transport.get_extra_info("socket")
         if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            _rst_on_close(sock)
         self.transport.abort()
 
 
@@ -386,10 +385,15 @@ class TransparentProxy:
             conn.reset()
 
 
-def _reset_socket(sock: socket.socket) -> None:
-    """Close a socket with RST: the app sees a refusal at once, not an empty reply."""
+def _rst_on_close(sock: socket.socket) -> None:
+    """Closing `sock` will send RST: the app sees a refusal at once, not an empty reply."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+
+
+def _reset_socket(sock: socket.socket) -> None:
+    """Close a socket with RST."""
+    _rst_on_close(sock)
     sock.close()
 
 
