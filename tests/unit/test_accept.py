@@ -62,14 +62,27 @@ def test_throttled_logs_once_per_interval_with_the_count(
 
 # --- the accept loop at EMFILE -------------------------------------------------------------------
 
-ACCEPT_AT_EMFILE = """
-import asyncio, json, logging, os, resource, socket, time
+# The children's common start: a low descriptor limit, and a way to use up the rest.
+AT_EMFILE = """
+import os, resource
+resource.setrlimit(resource.RLIMIT_NOFILE, (128, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+def use_up_descriptors():
+    fillers = []
+    while True:
+        try:
+            fillers.append(os.open(os.devnull, os.O_RDONLY))
+        except OSError:
+            return fillers
+"""
+
+ACCEPT_AT_EMFILE = AT_EMFILE + """
+import asyncio, json, logging, socket, time
 from shuttled.tunnel.accept import Acceptor, SpareFds
 logging.basicConfig(level=logging.WARNING)
 records = []
 logging.getLogger("shuttled.tunnel.accept").addHandler(
     type("H", (logging.Handler,), {"emit": lambda self, r: records.append(r)})())
-resource.setrlimit(resource.RLIMIT_NOFILE, (128, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 
 async def main():
     listener = socket.socket()
@@ -78,12 +91,7 @@ async def main():
     clients = [socket.create_connection(listener.getsockname()) for _ in range(40)]
     spares = SpareFds(SPARES)
     spares.fill()
-    fillers = []
-    while True:
-        try:
-            fillers.append(os.open(os.devnull, os.O_RDONLY))
-        except OSError:
-            break
+    fillers = use_up_descriptors()
     accepted = []
     acceptor = Acceptor(listener, lambda s, a: accepted.append(s), what="test", spares=spares)
     acceptor.start()
@@ -115,21 +123,15 @@ def test_spare_descriptors_let_a_connection_in_at_emfile() -> None:
     assert result["at_emfile"][0] == 3, result  # one connection per spare given up
 
 
-CONTROL_AT_EMFILE = """
-import asyncio, json, os, pathlib, resource, sys
+CONTROL_AT_EMFILE = AT_EMFILE + """
+import asyncio, json, pathlib, sys
 from shuttled.control.unix import UnixControlServer
 from tests.unit.test_control_support import FakeCore
-resource.setrlimit(resource.RLIMIT_NOFILE, (128, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 
 async def main():
     server = UnixControlServer(FakeCore())
     await server.start(pathlib.Path(sys.argv[1]))
-    fillers = []
-    while True:
-        try:
-            fillers.append(os.open(os.devnull, os.O_RDONLY))
-        except OSError:
-            break
+    fillers = use_up_descriptors()
     print("full", flush=True)
     await asyncio.sleep(float(sys.argv[2]))
     server.close()

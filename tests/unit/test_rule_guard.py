@@ -6,36 +6,29 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Sequence
 
-from shuttled.firewall.base import Backend, Capture, Subnet
+from shuttled.firewall.base import Capture, Subnet
 from shuttled.supervisor import CaptureSet
+from tests.unit.test_supervisor_hold import Recorder
 
 
-class Kernel(Backend):
-    """A backend whose 'kernel' is a string the test can tamper with."""
+class Kernel(Recorder):
+    """The recorder, with a listing of its 'kernel' that the test can tamper with."""
 
     name = "fake"
 
     def __init__(self) -> None:
         super().__init__()
         self.listing = ""
-        self.applied = 0
-
-    @classmethod
-    def unsupported_reason(cls) -> str | None:
-        return None
-
-    @classmethod
-    def instances(cls) -> list[str]:
-        return []
 
     def render(self, captures: Sequence[Capture]) -> str:
         return "".join(f"chain {c.name} {c.tcp_port}\n" for c in captures) or "table\n"
 
     def apply(self, captures: Sequence[Capture]) -> None:
-        self.applied += 1
+        super().apply(captures)
         self.listing = self.render(captures)
 
     def remove(self) -> None:
+        super().remove()
         self.listing = ""
 
     def snapshot(self) -> str:
@@ -52,7 +45,7 @@ def test_our_own_changes_are_never_healed() -> None:
     captures.install()
     captures.put(capture(1000))
     captures.put(capture(2000))
-    assert captures.heal() is None and captures.restored == 0 and kernel.applied == 3
+    assert captures.heal() is None and captures.restored == 0 and len(kernel.applied) == 3
 
 
 def test_a_deleted_table_is_put_back_and_named() -> None:
