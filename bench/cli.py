@@ -30,18 +30,33 @@ TOOLS = ("ip", "sshd", "ssh", "ssh-keygen", "iperf3", "nft")
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python3 -m bench", description=__doc__)
-    p.add_argument("--quick", action="store_true",
-                   help="small sizes, 1-second iperf3 runs, few connections (smoke test)")
-    p.add_argument("--runs", type=int, default=None, help="runs per contender (default 3; "
-                   "1 with --quick)")
-    p.add_argument("--cipher", choices=(DEFAULT_CIPHER, AES, "both"), default=DEFAULT_CIPHER,
-                   help="ssh cipher for every contender (-c; default: ssh's own choice)")
-    p.add_argument("--only", default="",
-                   help=f"comma-separated contenders (default {','.join(DEFAULT_ORDER)}; "
-                        f"also: {','.join(n for n in ALL if n not in DEFAULT_ORDER)})")
-    p.add_argument("--source", choices=("head", "worktree"), default="head",
-                   help="which shuttled to measure: the last commit (default) or the work "
-                        "tree as it is now; either way a snapshot taken at the start")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes, 1-second iperf3 runs, few connections (smoke test)",
+    )
+    p.add_argument(
+        "--runs", type=int, default=None, help="runs per contender (default 3; 1 with --quick)"
+    )
+    p.add_argument(
+        "--cipher",
+        choices=(DEFAULT_CIPHER, AES, "both"),
+        default=DEFAULT_CIPHER,
+        help="ssh cipher for every contender (-c; default: ssh's own choice)",
+    )
+    p.add_argument(
+        "--only",
+        default="",
+        help=f"comma-separated contenders (default {','.join(DEFAULT_ORDER)}; "
+        f"also: {','.join(n for n in ALL if n not in DEFAULT_ORDER)})",
+    )
+    p.add_argument(
+        "--source",
+        choices=("head", "worktree"),
+        default="head",
+        help="which shuttled to measure: the last commit (default) or the work "
+        "tree as it is now; either way a snapshot taken at the start",
+    )
     p.add_argument("--json", metavar="FILE", help="write the results as JSON here")
     p.add_argument("--markdown", metavar="FILE", help="write the markdown tables here too")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -84,8 +99,11 @@ def measure(contender: Contender, sizes: Sizes, res: ContenderResult) -> None:
         for down in (False, True):
             for streams in (1, 4):
                 figure = f"bulk_{'down' if down else 'up'}_{streams}"
-                b = _guard(res, figure, functools.partial(
-                    figures.bulk, contender, sizes, down=down, streams=streams))
+                b = _guard(
+                    res,
+                    figure,
+                    functools.partial(figures.bulk, contender, sizes, down=down, streams=streams),
+                )
                 if b is not None:
                     res.add(figure, b.gbit_per_s)
                     figures.add_cpu(cpu, b.cpu)
@@ -96,22 +114,27 @@ def measure(contender: Contender, sizes: Sizes, res: ContenderResult) -> None:
             for role, seconds in cpu.items():
                 res.add(f"cpu_s_per_gb.{role}", seconds / gb)
             # The applications (iperf3, or cat/wc for raw ssh) are not the contender's cost.
-            res.add("cpu_s_per_gb.total", sum(v for role, v in cpu.items()
-                                              if role not in APP_ROLES) / gb)
+            res.add(
+                "cpu_s_per_gb.total",
+                sum(v for role, v in cpu.items() if role not in APP_ROLES) / gb,
+            )
         if not contender.forwards:
             return
         for c in (1, 8):
-            load = _guard(res, f"conn_rate_c{c}",
-                          functools.partial(figures.conn_rate, contender, sizes, c))
+            load = _guard(
+                res, f"conn_rate_c{c}", functools.partial(figures.conn_rate, contender, sizes, c)
+            )
             if load is not None:
                 res.add(f"conn_rate_c{c}", load.rate)
                 if c == 1:
                     res.add("ttfb_ms", load.ttfb_median_ms)
                 if load.errors:
-                    res.notes.append(f"conn_rate_c{c}: {load.errors} failed requests "
-                                     f"({load.first_error})")
-                log.info("  %s c=%d: %.0f conn/s, %d errors", contender.name, c, load.rate,
-                         load.errors)
+                    res.notes.append(
+                        f"conn_rate_c{c}: {load.errors} failed requests ({load.first_error})"
+                    )
+                log.info(
+                    "  %s c=%d: %.0f conn/s, %d errors", contender.name, c, load.rate, load.errors
+                )
         rtt = _guard(res, "rtt_us_median", lambda: figures.rtt(contender, sizes))
         if rtt is not None:
             res.add("rtt_us_median", rtt[0])
@@ -124,14 +147,23 @@ def measure(contender: Contender, sizes: Sizes, res: ContenderResult) -> None:
             res.add("rss_held_mb", conc.rss_held_mb)
             res.add("rss_growth_mb", conc.growth_mb)
             if conc.ok < conc.wanted:
-                res.notes.append(f"{conc.ok}/{conc.wanted} concurrent connections "
-                                 f"succeeded ({conc.first_error})")
-            log.info("  %s concurrent: %d/%d ok in %.1fs, RSS %s -> %s MB", contender.name,
-                     conc.ok, conc.wanted, conc.seconds, _mb(conc.rss_before_mb),
-                     _mb(conc.rss_held_mb))
+                res.notes.append(
+                    f"{conc.ok}/{conc.wanted} concurrent connections succeeded ({conc.first_error})"
+                )
+            log.info(
+                "  %s concurrent: %d/%d ok in %.1fs, RSS %s -> %s MB",
+                contender.name,
+                conc.ok,
+                conc.wanted,
+                conc.seconds,
+                _mb(conc.rss_before_mb),
+                _mb(conc.rss_held_mb),
+            )
         if not contender.alive():
-            res.notes.append("the contender's process had exited by the end of its run:\n"
-                             + contender.log_tail(5))
+            res.notes.append(
+                "the contender's process had exited by the end of its run:\n"
+                + contender.log_tail(5)
+            )
     finally:
         contender.stop()
 
@@ -145,8 +177,11 @@ def missing_figures(contender: type[Contender], res: ContenderResult, wanted: in
     the concurrency load (sshuttle at about 1,000) has no RSS figure: that is its result."""
     ok = res.samples.get("concurrent_ok")
     died = bool(ok) and min(ok or [0.0]) < wanted
-    return [f for f in contender.figures
-            if not res.samples.get(f) and not (died and f == "rss_growth_mb")]
+    return [
+        f
+        for f in contender.figures
+        if not res.samples.get(f) and not (died and f == "rss_growth_mb")
+    ]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -154,9 +189,14 @@ def run(args: argparse.Namespace) -> int:
     ciphers = [DEFAULT_CIPHER, AES] if args.cipher == "both" else [args.cipher]
     doc: dict[str, Any] = {
         "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "mode": "quick" if args.quick else "full", "runs": args.runs,
+        "mode": "quick" if args.quick else "full",
+        "runs": args.runs,
         "command": " ".join(["python3 -m bench", *sys.argv[1:]]),
-        "machine": tools.machine(), "sizes": sizes.__dict__, "notes": [], "ciphers": {}}
+        "machine": tools.machine(),
+        "sizes": sizes.__dict__,
+        "notes": [],
+        "ciphers": {},
+    }
     missing: list[str] = []
     with tempfile.TemporaryDirectory(prefix="shuttled-bench-src-") as src:
         doc["machine"]["shuttled"] = tools.snapshot(args.source, Path(src))
@@ -186,7 +226,8 @@ def run(args: argparse.Namespace) -> int:
                 "contenders": {n: r.to_json() for n, r in results.items()},
                 "ratios": report.ratios(results),
                 "targets": [t.to_json() for t in report.targets(results, sizes.concurrent)],
-                "markdown": report.markdown(cipher, results, args.runs, sizes.concurrent)}
+                "markdown": report.markdown(cipher, results, args.runs, sizes.concurrent),
+            }
             doc["notes"] += notes
             for name, res in results.items():
                 for figure in missing_figures(ALL[name], res, sizes.concurrent):
@@ -209,10 +250,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _render(doc: dict[str, Any]) -> str:
     m = doc["machine"]
-    head = [f"## Bench results ({doc['mode']}, {doc['runs']} run(s), {doc['started']})", "",
-            f"Machine: {m['nproc']} CPUs, {m['cpu']}, kernel {m['kernel']}, {m['openssh']}, "
-            f"{m['iperf3']}, Python {m['python']}, shuttled {m['shuttled']}.",
-            f"Command: `sudo {doc['command']}`", ""]
+    head = [
+        f"## Bench results ({doc['mode']}, {doc['runs']} run(s), {doc['started']})",
+        "",
+        f"Machine: {m['nproc']} CPUs, {m['cpu']}, kernel {m['kernel']}, {m['openssh']}, "
+        f"{m['iperf3']}, Python {m['python']}, shuttled {m['shuttled']}.",
+        f"Command: `sudo {doc['command']}`",
+        "",
+    ]
     head += [f"- {n}" for n in doc["notes"]]
     parts = ["\n".join(head)]
     parts += [c["markdown"] for c in doc["ciphers"].values()]
@@ -224,14 +269,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_lab_program("bench", args, run, TOOLS, verbose=args.verbose)
 
 
-def run_lab_program(prog: str, args: argparse.Namespace,
-                    body: Callable[[argparse.Namespace], int], tools: Sequence[str], *,
-                    verbose: bool = False) -> int:
+def run_lab_program(
+    prog: str,
+    args: argparse.Namespace,
+    body: Callable[[argparse.Namespace], int],
+    tools: Sequence[str],
+    *,
+    verbose: bool = False,
+) -> int:
     """What every bench program does around its body: logging, the root-tools check
     (exit 2), and SIGINT/SIGTERM turned into a teardown of the lab (exit 130)."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format=f"%(asctime)s {prog}: %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format=f"%(asctime)s {prog}: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
     problems = missing_root_tools(*tools)
     if problems:
         print(f"{prog}: cannot run: {'; '.join(problems)}", file=sys.stderr)

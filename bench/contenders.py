@@ -30,6 +30,7 @@ from tests.lab import Lab
 UP_TIMEOUT = 45.0
 DEFAULT_CIPHER = "default"
 
+
 class ContenderError(RuntimeError):
     pass
 
@@ -62,34 +63,46 @@ class Context:
         return shlex.join(self.ssh_argv())
 
 
-def wait_log(lab: Lab, name: str, proc: subprocess.Popen[Any], marker: str,
-             timeout: float = UP_TIMEOUT) -> None:
+def wait_log(
+    lab: Lab, name: str, proc: subprocess.Popen[Any], marker: str, timeout: float = UP_TIMEOUT
+) -> None:
     """Wait (bounded) until ``marker`` shows in the child's log; fail if it exits first."""
     deadline = time.monotonic() + timeout
     while marker not in lab.log_tail(name, 400):
         if proc.poll() is not None:
-            raise ContenderError(f"{name} exited ({proc.returncode}) before {marker!r}:\n"
-                                 + lab.log_tail(name, 30))
+            raise ContenderError(
+                f"{name} exited ({proc.returncode}) before {marker!r}:\n" + lab.log_tail(name, 30)
+            )
         if time.monotonic() > deadline:
-            raise ContenderError(f"{name}: no {marker!r} after {timeout:.0f}s:\n"
-                                 + lab.log_tail(name, 30))
+            raise ContenderError(
+                f"{name}: no {marker!r} after {timeout:.0f}s:\n" + lab.log_tail(name, 30)
+            )
         time.sleep(0.05)
 
 
-def shuttlectl(lab: Lab, socket: str | os.PathLike[str], *args: str, cwd: str,
-               timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+def shuttlectl(
+    lab: Lab, socket: str | os.PathLike[str], *args: str, cwd: str, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
     """`python3 -m shuttlectl --socket SOCKET ARGS...` in cli, run from ``cwd``; not checked."""
-    return lab.run("cli", [sys.executable, "-m", "shuttlectl", "--socket", str(socket), *args],
-                   check=False, timeout=timeout, cwd=cwd)
+    return lab.run(
+        "cli",
+        [sys.executable, "-m", "shuttlectl", "--socket", str(socket), *args],
+        check=False,
+        timeout=timeout,
+        cwd=cwd,
+    )
 
 
-def profile_stats(lab: Lab, socket: str | os.PathLike[str], profile: str, *,
-                  cwd: str) -> dict[str, Any]:
+def profile_stats(
+    lab: Lab, socket: str | os.PathLike[str], profile: str, *, cwd: str
+) -> dict[str, Any]:
     """A daemon profile's counters: `shuttlectl --json stats PROFILE`."""
     out = shuttlectl(lab, socket, "--json", "stats", profile, cwd=cwd)
     if out.returncode != 0:
-        raise ContenderError(f"shuttlectl stats failed ({out.returncode}): "
-                             f"{(out.stderr or out.stdout).strip()[-300:]}")
+        raise ContenderError(
+            f"shuttlectl stats failed ({out.returncode}): "
+            f"{(out.stderr or out.stdout).strip()[-300:]}"
+        )
     stats: dict[str, Any] = json.loads(out.stdout)["stats"]
     return stats
 
@@ -109,8 +122,13 @@ def remote_processes(lab: Lab, port: int) -> dict[int, str]:
     try:
         for child in psutil.Process(pid).children(recursive=True):
             name = _name(child)
-            role = ("sshd" if name.startswith("sshd") else
-                    "remote-python" if name.startswith("python") else "remote-other")
+            role = (
+                "sshd"
+                if name.startswith("sshd")
+                else "remote-python"
+                if name.startswith("python")
+                else "remote-other"
+            )
             out[child.pid] = role
     except psutil.Error:
         pass
@@ -178,8 +196,11 @@ class Contender:
     # --- what the load talks to --------------------------------------------------------------
     def endpoints(self) -> Endpoints:
         lab = self.lab
-        return Endpoints((lab.tgt_v4, lab.ports.iperf3), (lab.tgt_v4, lab.ports.fast_http),
-                         (lab.tgt_v4, lab.ports.echo))
+        return Endpoints(
+            (lab.tgt_v4, lab.ports.iperf3),
+            (lab.tgt_v4, lab.ports.fast_http),
+            (lab.tgt_v4, lab.ports.echo),
+        )
 
     # --- accounting --------------------------------------------------------------------------
     def processes(self) -> dict[int, str]:
@@ -196,8 +217,17 @@ class Contender:
 
 # Figures a forwarding contender must produce, and the raw transport's.
 BULK = ("bulk_up_1", "bulk_up_4", "bulk_down_1", "bulk_down_4")
-FORWARDER_FIGURES = (*BULK, "conn_rate_c1", "conn_rate_c8", "ttfb_ms", "rtt_us_median",
-                     "rtt_us_p99", "concurrent_ok", "rss_growth_mb", "cpu_s_per_gb.total")
+FORWARDER_FIGURES = (
+    *BULK,
+    "conn_rate_c1",
+    "conn_rate_c8",
+    "ttfb_ms",
+    "rtt_us_median",
+    "rtt_us_p99",
+    "concurrent_ok",
+    "rss_growth_mb",
+    "cpu_s_per_gb.total",
+)
 RAW_FIGURES = (*BULK, "cpu_s_per_gb.total")
 
 
@@ -229,8 +259,15 @@ class RawSsh(Contender):
             time.sleep(0.05)
 
     def stream_argv(self, command: str) -> list[str]:
-        return [*self.ctx.ssh_argv(), "-S", self.control, "-o", "ControlMaster=no",
-                self.lab.remote, command]
+        return [
+            *self.ctx.ssh_argv(),
+            "-S",
+            self.control,
+            "-o",
+            "ControlMaster=no",
+            self.lab.remote,
+            command,
+        ]
 
     def processes(self) -> dict[int, str]:
         out = remote_processes(self.lab, self.sshd_port)
@@ -255,22 +292,27 @@ class SshL(Contender):
 
     def start(self) -> None:
         lab = self.lab
-        self.ports = {"iperf3": self.BASE_PORT, "http": self.BASE_PORT + 1,
-                      "echo": self.BASE_PORT + 2}
-        targets = {"iperf3": lab.ports.iperf3, "http": lab.ports.fast_http,
-                   "echo": lab.ports.echo}
+        self.ports = {
+            "iperf3": self.BASE_PORT,
+            "http": self.BASE_PORT + 1,
+            "echo": self.BASE_PORT + 2,
+        }
+        targets = {"iperf3": lab.ports.iperf3, "http": lab.ports.fast_http, "echo": lab.ports.echo}
         forwards: list[str] = []
         for key, local in self.ports.items():
             forwards += ["-L", f"127.0.0.1:{local}:{lab.tgt_v4}:{targets[key]}"]
-        argv = [*self.ctx.ssh_argv(), "-N", "-o", "ExitOnForwardFailure=yes", *forwards,
-                lab.remote]
+        argv = [*self.ctx.ssh_argv(), "-N", "-o", "ExitOnForwardFailure=yes", *forwards, lab.remote]
         self.proc = lab.popen("cli", argv, name=self.log_name)
-        _wait_listening(lab, self.proc, [("127.0.0.1", p) for p in self.ports.values()],
-                        self.log_name)
+        _wait_listening(
+            lab, self.proc, [("127.0.0.1", p) for p in self.ports.values()], self.log_name
+        )
 
     def endpoints(self) -> Endpoints:
-        return Endpoints(("127.0.0.1", self.ports["iperf3"]), ("127.0.0.1", self.ports["http"]),
-                         ("127.0.0.1", self.ports["echo"]))
+        return Endpoints(
+            ("127.0.0.1", self.ports["iperf3"]),
+            ("127.0.0.1", self.ports["http"]),
+            ("127.0.0.1", self.ports["echo"]),
+        )
 
     def processes(self) -> dict[int, str]:
         out = remote_processes(self.lab, self.sshd_port)
@@ -279,9 +321,11 @@ class SshL(Contender):
         return out
 
 
-def _wait_listening(lab: Lab, proc: subprocess.Popen[Any], addrs: Sequence[tuple[str, int]],
-                    name: str) -> None:
+def _wait_listening(
+    lab: Lab, proc: subprocess.Popen[Any], addrs: Sequence[tuple[str, int]], name: str
+) -> None:
     import socket
+
     deadline = time.monotonic() + UP_TIMEOUT
     with lab.netns("cli"):
         for host, port in addrs:
@@ -311,9 +355,19 @@ class ShuttledRun(Contender):
 
     def start(self) -> None:
         lab = self.lab
-        argv = [*self.python_argv(), "run", "--method", self.ctx.method, "--forward",
-                self.forward, "-e", self.ctx.ssh_cmd(), "-r", getattr(lab, self.remote_attr),
-                *lab.target_nets]
+        argv = [
+            *self.python_argv(),
+            "run",
+            "--method",
+            self.ctx.method,
+            "--forward",
+            self.forward,
+            "-e",
+            self.ctx.ssh_cmd(),
+            "-r",
+            getattr(lab, self.remote_attr),
+            *lab.target_nets,
+        ]
         self.proc = lab.popen("cli", argv, name=self.log_name, cwd=self.ctx.source)
         wait_log(lab, self.log_name, self.proc, "is up")
 
@@ -343,8 +397,12 @@ class ShuttledUvloop(ShuttledRun):
         self._python = tools.tools_python("uvloop").path
         assert self._python is not None
         # -O and the shim: see bench/uvloop_shim.py for what keeps shuttled off uvloop.
-        return [self._python, "-O", str(Path(__file__).with_name("uvloop_shim.py")),
-                self.ctx.source]
+        return [
+            self._python,
+            "-O",
+            str(Path(__file__).with_name("uvloop_shim.py")),
+            self.ctx.source,
+        ]
 
 
 class Sshuttle(Contender):
@@ -363,8 +421,16 @@ class Sshuttle(Contender):
         lab = self.lab
         self._exe = tools.sshuttle().path
         assert self._exe is not None
-        argv = [self._exe, "--method", "nat", "-e", self.ctx.ssh_cmd(), "-r", lab.remote,
-                lab.target_net_v4]
+        argv = [
+            self._exe,
+            "--method",
+            "nat",
+            "-e",
+            self.ctx.ssh_cmd(),
+            "-r",
+            lab.remote,
+            lab.target_net_v4,
+        ]
         self.proc = lab.popen("cli", argv, name=self.log_name)
         # sshuttle's start (remote python, firewall helper) is slow on a loaded machine.
         wait_log(lab, self.log_name, self.proc, "Connected to server", timeout=90.0)
@@ -399,20 +465,43 @@ class ShuttledDaemon(Contender):
         config.mkdir()
         state.mkdir()
         self.socket = str(base / "control.sock")
-        options = {"UserKnownHostsFile": lab.known_hosts, "GlobalKnownHostsFile": "/dev/null",
-                   "StrictHostKeyChecking": "yes", "IdentitiesOnly": "yes"}
+        options = {
+            "UserKnownHostsFile": lab.known_hosts,
+            "GlobalKnownHostsFile": "/dev/null",
+            "StrictHostKeyChecking": "yes",
+            "IdentitiesOnly": "yes",
+        }
         if self.ctx.cipher != DEFAULT_CIPHER:
             options["Ciphers"] = self.ctx.cipher
-        lines = [f"{self.profile}:", f"  remote: root@{lab.srv_v4}", "  user: root",
-                 f"  identity: {lab.identity}", "  forward: direct",
-                 f"  subnets: [{lab.target_net_v4}, \"{lab.target_net_v6}\"]",
-                 "  ssh_options:", *(f"    {k}: \"{v}\"" for k, v in options.items())]
+        lines = [
+            f"{self.profile}:",
+            f"  remote: root@{lab.srv_v4}",
+            "  user: root",
+            f"  identity: {lab.identity}",
+            "  forward: direct",
+            f'  subnets: [{lab.target_net_v4}, "{lab.target_net_v6}"]',
+            "  ssh_options:",
+            *(f'    {k}: "{v}"' for k, v in options.items()),
+        ]
         if self.streams != 1:
             lines.append(f"  streams: {self.streams}")
         (config / "bench.yaml").write_text("\n".join(lines) + "\n")
-        argv = [sys.executable, "-m", "shuttled", "-v", "--config-dir", str(config),
-                "--socket", self.socket, "--state-dir", str(state), "--no-dbus",
-                "--method", self.ctx.method, "daemon"]
+        argv = [
+            sys.executable,
+            "-m",
+            "shuttled",
+            "-v",
+            "--config-dir",
+            str(config),
+            "--socket",
+            self.socket,
+            "--state-dir",
+            str(state),
+            "--no-dbus",
+            "--method",
+            self.ctx.method,
+            "daemon",
+        ]
         self.proc = lab.popen("cli", argv, name=self.log_name, cwd=self.ctx.source)
         deadline = time.monotonic() + UP_TIMEOUT
         while not os.path.exists(self.socket):
@@ -421,8 +510,10 @@ class ShuttledDaemon(Contender):
             time.sleep(0.05)
         up = self.ctl("up", self.profile, "--wait", "--timeout", "30", timeout=60)
         if up.returncode != 0:
-            raise ContenderError(f"shuttlectl up failed ({up.returncode}): "
-                                 f"{(up.stderr or up.stdout).strip()}\n{self.log_tail()}")
+            raise ContenderError(
+                f"shuttlectl up failed ({up.returncode}): "
+                f"{(up.stderr or up.stdout).strip()}\n{self.log_tail()}"
+            )
 
     def ctl(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         return shuttlectl(self.lab, self.socket, *args, cwd=self.ctx.source, timeout=timeout)
@@ -444,8 +535,27 @@ class ShuttledDaemonStreams4(ShuttledDaemon):
     streams = 4
 
 
-ALL: dict[str, type[Contender]] = {c.name: c for c in (
-    RawSsh, SshL, ShuttledRun, ShuttledHelper, ShuttledDaemon, Sshuttle, ShuttledUvloop,
-    ShuttledDaemonStreams2, ShuttledDaemonStreams4)}
-DEFAULT_ORDER = ("raw-ssh", "ssh-L", "shuttled", "shuttled-helper", "shuttled-daemon",
-                 "shuttled-daemon-s2", "shuttled-daemon-s4", "sshuttle")
+ALL: dict[str, type[Contender]] = {
+    c.name: c
+    for c in (
+        RawSsh,
+        SshL,
+        ShuttledRun,
+        ShuttledHelper,
+        ShuttledDaemon,
+        Sshuttle,
+        ShuttledUvloop,
+        ShuttledDaemonStreams2,
+        ShuttledDaemonStreams4,
+    )
+}
+DEFAULT_ORDER = (
+    "raw-ssh",
+    "ssh-L",
+    "shuttled",
+    "shuttled-helper",
+    "shuttled-daemon",
+    "shuttled-daemon-s2",
+    "shuttled-daemon-s4",
+    "sshuttle",
+)

@@ -39,10 +39,24 @@ class Sizes:
     @classmethod
     def for_mode(cls, quick: bool) -> Sizes:
         if quick:
-            return cls(bulk_seconds=1, bulk_omit=0, conn_count=200, conn_seconds=1.5,
-                       rtt_count=200, concurrent=200, concurrent_seconds=30.0)
-        return cls(bulk_seconds=8, bulk_omit=1, conn_count=20000, conn_seconds=5.0,
-                   rtt_count=3000, concurrent=5000, concurrent_seconds=90.0)
+            return cls(
+                bulk_seconds=1,
+                bulk_omit=0,
+                conn_count=200,
+                conn_seconds=1.5,
+                rtt_count=200,
+                concurrent=200,
+                concurrent_seconds=30.0,
+            )
+        return cls(
+            bulk_seconds=8,
+            bulk_omit=1,
+            conn_count=20000,
+            conn_seconds=5.0,
+            rtt_count=3000,
+            concurrent=5000,
+            concurrent_seconds=90.0,
+        )
 
 
 # --- CPU accounting ---------------------------------------------------------------------------
@@ -61,8 +75,9 @@ class CpuMeter:
         return self
 
     def stop(self) -> dict[str, float]:
-        end = _cpu({**{p: r for p, (r, _) in self.start_times.items()},
-                    **self.contender.processes()})
+        end = _cpu(
+            {**{p: r for p, (r, _) in self.start_times.items()}, **self.contender.processes()}
+        )
         out: dict[str, float] = {}
         for pid, (role, seconds) in end.items():
             before = self.start_times.get(pid, (role, 0.0))[1]
@@ -100,8 +115,9 @@ def bulk(contender: Contender, sizes: Sizes, *, down: bool, streams: int) -> Bul
     try:
         return fn(contender, sizes, down=down, streams=streams)  # type: ignore[arg-type]
     except RuntimeError as exc:
-        contender.ctx.notes.append(f"{contender.name}: bulk {'down' if down else 'up'} "
-                                   f"x{streams} retried after: {exc}")
+        contender.ctx.notes.append(
+            f"{contender.name}: bulk {'down' if down else 'up'} x{streams} retried after: {exc}"
+        )
         time.sleep(1.0)
         return fn(contender, sizes, down=down, streams=streams)  # type: ignore[arg-type]
 
@@ -110,8 +126,18 @@ def _bulk_iperf(contender: Contender, sizes: Sizes, *, down: bool, streams: int)
     lab = contender.lab
     ep = contender.endpoints().iperf3
     assert ep is not None
-    argv = ["iperf3", "-c", ep[0], "-p", str(ep[1]), "-t", str(sizes.bulk_seconds), "-J",
-            "--connect-timeout", "10000"]
+    argv = [
+        "iperf3",
+        "-c",
+        ep[0],
+        "-p",
+        str(ep[1]),
+        "-t",
+        str(sizes.bulk_seconds),
+        "-J",
+        "--connect-timeout",
+        "10000",
+    ]
     if sizes.bulk_omit:
         argv += ["-O", str(sizes.bulk_omit)]
     if streams > 1:
@@ -130,8 +156,10 @@ def _bulk_iperf(contender: Contender, sizes: Sizes, *, down: bool, streams: int)
         result = json.loads(proc.stdout)
     except ValueError:
         restart_iperf3(contender)
-        raise RuntimeError(f"iperf3 output is not JSON (rc {proc.returncode}): "
-                           f"{(proc.stderr or proc.stdout)[-300:]}") from None
+        raise RuntimeError(
+            f"iperf3 output is not JSON (rc {proc.returncode}): "
+            f"{(proc.stderr or proc.stdout)[-300:]}"
+        ) from None
     if "error" in result:
         restart_iperf3(contender)
         raise RuntimeError(f"iperf3: {result['error']}")
@@ -160,12 +188,15 @@ def _bulk_raw(contender: RawSsh, sizes: Sizes, *, down: bool, streams: int) -> B
         remote = f"exec timeout {seconds} cat /dev/zero"
         script = f"{shlex.join(contender.stream_argv(remote))} | wc -c"
     else:
-        script = (f"timeout {seconds} cat /dev/zero | "
-                  f"{shlex.join(contender.stream_argv('exec wc -c'))}")
+        script = (
+            f"timeout {seconds} cat /dev/zero | {shlex.join(contender.stream_argv('exec wc -c'))}"
+        )
     meter = CpuMeter(contender).start()
     start = time.monotonic()
-    procs = [lab.popen("cli", script, name=f"raw-{i}", stdout=subprocess.PIPE,
-                       stderr=subprocess.DEVNULL) for i in range(streams)]
+    procs = [
+        lab.popen("cli", script, name=f"raw-{i}", stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        for i in range(streams)
+    ]
     counts = []
     errors = []
     for proc in procs:
@@ -188,12 +219,19 @@ def conn_rate(contender: Contender, sizes: Sizes, concurrency: int) -> loadgen.L
     ep = contender.endpoints().http
     assert ep is not None
     with contender.lab.netns("cli"):
-        result = asyncio.run(loadgen.http_load(ep[0], ep[1], concurrency=concurrency,
-                                               count=sizes.conn_count,
-                                               seconds=sizes.conn_seconds))
+        result = asyncio.run(
+            loadgen.http_load(
+                ep[0],
+                ep[1],
+                concurrency=concurrency,
+                count=sizes.conn_count,
+                seconds=sizes.conn_seconds,
+            )
+        )
     if result.ok == 0:
-        raise RuntimeError(f"no HTTP request succeeded ({result.errors} errors: "
-                           f"{result.first_error})")
+        raise RuntimeError(
+            f"no HTTP request succeeded ({result.errors} errors: {result.first_error})"
+        )
     return result
 
 
@@ -237,14 +275,21 @@ def concurrent(contender: Contender, sizes: Sizes) -> Concurrency:
 
     t0 = time.monotonic()
     with contender.lab.netns("cli"):
-        res = asyncio.run(loadgen.hold_many(ep[0], ep[1], sizes.concurrent,
-                                            seconds=sizes.concurrent_seconds,
-                                            while_held=measure_held))
+        res = asyncio.run(
+            loadgen.hold_many(
+                ep[0],
+                ep[1],
+                sizes.concurrent,
+                seconds=sizes.concurrent_seconds,
+                while_held=measure_held,
+            )
+        )
     seconds = time.monotonic() - t0
     time.sleep(1.0)
     after = rss_mb(pid)
-    return Concurrency(sizes.concurrent, res.ok, before, holder.get("held"), after, seconds,
-                       res.first_error)
+    return Concurrency(
+        sizes.concurrent, res.ok, before, holder.get("held"), after, seconds, res.first_error
+    )
 
 
 def rss_mb(pid: int | None) -> float | None:

@@ -86,8 +86,11 @@ class _Http(asyncio.Protocol):
             self.done.set_result(ok)
 
     def eof_received(self) -> bool:
-        self._finish(False if self.need is None or len(self.buf) < self.need
-                     else self.buf.startswith(STATUS_OK))
+        self._finish(
+            False
+            if self.need is None or len(self.buf) < self.need
+            else self.buf.startswith(STATUS_OK)
+        )
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -105,7 +108,8 @@ async def http_request(host: str, port: int, timeout: float = OP_TIMEOUT) -> flo
     loop = asyncio.get_running_loop()
     t0 = time.perf_counter()
     transport, proto = await asyncio.wait_for(
-        loop.create_connection(lambda: _Http(t0), host, port), timeout)
+        loop.create_connection(lambda: _Http(t0), host, port), timeout
+    )
     try:
         sock = transport.get_extra_info("socket")
         if sock is not None:
@@ -119,8 +123,9 @@ async def http_request(host: str, port: int, timeout: float = OP_TIMEOUT) -> flo
     return None if proto.first is None else proto.first - t0
 
 
-async def http_load(host: str, port: int, *, concurrency: int, count: int,
-                    seconds: float) -> LoadResult:
+async def http_load(
+    host: str, port: int, *, concurrency: int, count: int, seconds: float
+) -> LoadResult:
     """``concurrency`` workers each doing connect, GET, read-to-EOF, close in a loop, until
     ``count`` requests were started or ``seconds`` passed."""
     result = LoadResult()
@@ -153,8 +158,9 @@ class HoldResult:
     first_error: str = ""
 
 
-async def hold_many(host: str, port: int, count: int, *, seconds: float,
-                    while_held: Callable[[], None]) -> HoldResult:
+async def hold_many(
+    host: str, port: int, count: int, *, seconds: float, while_held: Callable[[], None]
+) -> HoldResult:
     """Open ``count`` connections to an echo server (at most CONNECT_PARALLEL connects in
     flight), keep every one open, then prove each works with a 1-byte echo while all are
     held; ``while_held`` runs at that moment (the RSS reading).  Bounded by ``seconds``."""
@@ -166,7 +172,8 @@ async def hold_many(host: str, port: int, count: int, *, seconds: float,
         async with sem:
             try:
                 reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(host, port), OP_TIMEOUT)
+                    asyncio.open_connection(host, port), OP_TIMEOUT
+                )
             except (OSError, TimeoutError) as exc:
                 if not result.first_error:
                     result.first_error = f"connect: {type(exc).__name__}: {exc}"

@@ -31,9 +31,26 @@ TOP = 25
 
 
 def record(pid: int, seconds: int, out: Path, fmt: str, py_spy: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([py_spy, "record", "--pid", str(pid), "--duration", str(seconds),
-                             "--rate", "200", "--nonblocking", "--format", fmt, "-o", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            py_spy,
+            "record",
+            "--pid",
+            str(pid),
+            "--duration",
+            str(seconds),
+            "--rate",
+            "200",
+            "--nonblocking",
+            "--format",
+            fmt,
+            "-o",
+            str(out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def summarize(collapsed: Path, top: int = TOP) -> str:
@@ -69,8 +86,9 @@ def _short(frame: str) -> str:
     return f"{name} ({short}:{line})" if line else f"{name} ({short})"
 
 
-def profile_direction(contender: Contender, down: bool, seconds: int, out: Path,
-                      py_spy: str) -> str:
+def profile_direction(
+    contender: Contender, down: bool, seconds: int, out: Path, py_spy: str
+) -> str:
     lab = contender.lab
     tag = "down" if down else "up"
     iperf = ["iperf3", "-c", lab.tgt_v4, "-p", str(lab.ports.iperf3), "-t", str(seconds + 2)]
@@ -91,8 +109,11 @@ def profile_connections(contender: Contender, seconds: int, out: Path, py_spy: s
 
     def load() -> None:
         with contender.lab.netns("cli"):
-            done.append(asyncio.run(loadgen.http_load(
-                ep[0], ep[1], concurrency=8, count=10**6, seconds=seconds + 2)))
+            done.append(
+                asyncio.run(
+                    loadgen.http_load(ep[0], ep[1], concurrency=8, count=10**6, seconds=seconds + 2)
+                )
+            )
 
     thread = threading.Thread(target=load)
     thread.start()
@@ -103,8 +124,9 @@ def profile_connections(contender: Contender, seconds: int, out: Path, py_spy: s
     return report + "\n" + rate + "\n"
 
 
-def sample(contender: Contender, what_load: str, tag: str, seconds: int, out: Path,
-           py_spy: str) -> str:
+def sample(
+    contender: Contender, what_load: str, tag: str, seconds: int, out: Path, py_spy: str
+) -> str:
     """py-spy on shuttled (and the helper) for `seconds` while a load runs."""
     assert contender.proc is not None
     targets = {"shuttled": contender.proc.pid}
@@ -130,8 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=int, default=10)
     p.add_argument("--mode", choices=("direct", "helper"), default="direct")
     p.add_argument("--cipher", default="default")
-    p.add_argument("--load", choices=("bulk", "conn"), default="bulk",
-                   help="iperf3 up then down (default), or new connections at c=8")
+    p.add_argument(
+        "--load",
+        choices=("bulk", "conn"),
+        default="bulk",
+        help="iperf3 up then down (default), or new connections at c=8",
+    )
     p.add_argument("--source", choices=("head", "worktree"), default="head")
     p.add_argument("--out", type=Path, default=Path("/tmp/shuttled-profile"))
     args = p.parse_args(argv)

@@ -8,8 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 BASELINES = ("ssh-L", "raw-ssh", "sshuttle")
-OURS = ("shuttled", "shuttled-helper", "shuttled-daemon", "shuttled-daemon-s4",
-        "shuttled-uvloop")
+OURS = ("shuttled", "shuttled-helper", "shuttled-daemon", "shuttled-daemon-s4", "shuttled-uvloop")
 
 # figure -> (label, unit, higher is better)
 FIGURES: dict[str, tuple[str, str, bool]] = {
@@ -34,9 +33,18 @@ FIGURES: dict[str, tuple[str, str, bool]] = {
     "cpu_s_per_gb.local-other": ("CPU per GB, other local", "s/GB", False),
     "cpu_s_per_gb.remote-other": ("CPU per GB, remote cat/wc (raw ssh app)", "s/GB", False),
 }
-RATIO_FIGURES = ("bulk_up_1", "bulk_up_4", "bulk_down_1", "bulk_down_4", "conn_rate_c1",
-                 "conn_rate_c8", "ttfb_ms", "rtt_us_median", "rtt_us_p99",
-                 "cpu_s_per_gb.total")
+RATIO_FIGURES = (
+    "bulk_up_1",
+    "bulk_up_4",
+    "bulk_down_1",
+    "bulk_down_4",
+    "conn_rate_c1",
+    "conn_rate_c8",
+    "ttfb_ms",
+    "rtt_us_median",
+    "rtt_us_p99",
+    "cpu_s_per_gb.total",
+)
 
 
 @dataclass
@@ -57,8 +65,12 @@ class ContenderResult:
     def summary(self) -> dict[str, dict[str, float]]:
         out = {}
         for figure, values in self.samples.items():
-            out[figure] = {"median": statistics.median(values), "min": min(values),
-                           "max": max(values), "n": len(values)}
+            out[figure] = {
+                "median": statistics.median(values),
+                "min": min(values),
+                "max": max(values),
+                "n": len(values),
+            }
         return out
 
     def median(self, figure: str) -> float | None:
@@ -66,8 +78,13 @@ class ContenderResult:
         return statistics.median(values) if values else None
 
     def to_json(self) -> dict[str, Any]:
-        return {"description": self.description, "samples": self.samples,
-                "summary": self.summary(), "errors": self.errors, "notes": self.notes}
+        return {
+            "description": self.description,
+            "samples": self.samples,
+            "summary": self.summary(),
+            "errors": self.errors,
+            "notes": self.notes,
+        }
 
 
 def ratios(results: dict[str, ContenderResult]) -> dict[str, dict[str, dict[str, float]]]:
@@ -99,8 +116,13 @@ class Target:
     met: bool | None
 
     def to_json(self) -> dict[str, Any]:
-        return {"contender": self.contender, "figure": self.figure, "rule": self.rule,
-                "value": self.value, "met": self.met}
+        return {
+            "contender": self.contender,
+            "figure": self.figure,
+            "rule": self.rule,
+            "value": self.value,
+            "met": self.met,
+        }
 
 
 def targets(results: dict[str, ContenderResult], wanted_concurrent: int) -> list[Target]:
@@ -124,12 +146,26 @@ def targets(results: dict[str, ContenderResult], wanted_concurrent: int) -> list
             res = results[name]
             ok = res.samples.get("concurrent_ok")
             low = min(ok) if ok else None
-            out.append(Target(name, "concurrent_ok", f"all {wanted_concurrent} succeed (every run)",
-                              low, None if low is None else low >= wanted_concurrent))
+            out.append(
+                Target(
+                    name,
+                    "concurrent_ok",
+                    f"all {wanted_concurrent} succeed (every run)",
+                    low,
+                    None if low is None else low >= wanted_concurrent,
+                )
+            )
             growth = res.samples.get("rss_growth_mb")
             high = max(growth) if growth else None
-            out.append(Target(name, "rss_growth_mb", "≤ 20 MB (every run)", high,
-                              None if high is None else high <= 20))
+            out.append(
+                Target(
+                    name,
+                    "rss_growth_mb",
+                    "≤ 20 MB (every run)",
+                    high,
+                    None if high is None else high <= 20,
+                )
+            )
         if name == "shuttled-helper":
             for fig in bulk:
                 ratio_rule(name, fig, "sshuttle", "≥ 3 x sshuttle", lambda v: v >= 3)
@@ -139,9 +175,15 @@ def targets(results: dict[str, ContenderResult], wanted_concurrent: int) -> list
                 mine = results[name].median(f"bulk_{direction}_4")
                 theirs = ssh_l.median(f"bulk_{direction}_1") if ssh_l else None
                 value = mine / theirs if mine and theirs else None
-                out.append(Target(name, f"bulk_{direction}_4",
-                                  "4 streams > ssh -L's single-stream figure", value,
-                                  None if value is None else value > 1))
+                out.append(
+                    Target(
+                        name,
+                        f"bulk_{direction}_4",
+                        "4 streams > ssh -L's single-stream figure",
+                        value,
+                        None if value is None else value > 1,
+                    )
+                )
     return out
 
 
@@ -171,12 +213,17 @@ def _cell(res: ContenderResult, figure: str, runs: int) -> str:
     return text
 
 
-def markdown(cipher: str, results: dict[str, ContenderResult], runs: int,
-             wanted_concurrent: int) -> str:
+def markdown(
+    cipher: str, results: dict[str, ContenderResult], runs: int, wanted_concurrent: int
+) -> str:
     names = list(results)
-    lines = [f"### Cipher: {cipher}", "",
-             f"Median of {runs} run(s), (min-max) when more than one; `[k/n]`: only k runs "
-             "produced the figure.", ""]
+    lines = [
+        f"### Cipher: {cipher}",
+        "",
+        f"Median of {runs} run(s), (min-max) when more than one; `[k/n]`: only k runs "
+        "produced the figure.",
+        "",
+    ]
     lines.append("| figure | unit | " + " | ".join(names) + " |")
     lines.append("|---|---|" + "---|" * len(names))
     for figure, (label, unit, _higher) in FIGURES.items():
@@ -188,27 +235,40 @@ def markdown(cipher: str, results: dict[str, ContenderResult], runs: int,
         lines.append(f"| {label} | {unit} | " + " | ".join(cells) + " |")
     rat = ratios(results)
     if any(rat.values()):
-        lines += ["", "Ratios of medians (ours / baseline; >1 is better for throughput and "
-                  "rates, <1 is better for times and CPU):", "",
-                  "| contender | figure | vs ssh -L | vs raw ssh | vs sshuttle |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Ratios of medians (ours / baseline; >1 is better for throughput and "
+            "rates, <1 is better for times and CPU):",
+            "",
+            "| contender | figure | vs ssh -L | vs raw ssh | vs sshuttle |",
+            "|---|---|---|---|---|",
+        ]
         for name, per in rat.items():
             for figure in RATIO_FIGURES:
                 if figure not in per:
                     continue
-                cells = [f"{per[figure][b]:.2f}x" if b in per[figure] else "-"
-                         for b in BASELINES]
+                cells = [f"{per[figure][b]:.2f}x" if b in per[figure] else "-" for b in BASELINES]
                 lines.append(f"| {name} | {FIGURES[figure][0]} | " + " | ".join(cells) + " |")
     tgt = targets(results, wanted_concurrent)
     if tgt:
-        lines += ["", "Issue 7 targets:", "", "| contender | figure | target | value | met |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Issue 7 targets:",
+            "",
+            "| contender | figure | target | value | met |",
+            "|---|---|---|---|---|",
+        ]
         for t in tgt:
             met = "-" if t.met is None else "yes" if t.met else "**no**"
-            value = "-" if t.value is None else (
-                f"{t.value:.2f}x" if "x" in t.rule or "ssh -L's" in t.rule else _fmt(t.value))
-            lines.append(f"| {t.contender} | {FIGURES.get(t.figure, (t.figure,))[0]} | "
-                         f"{t.rule} | {value} | {met} |")
+            value = (
+                "-"
+                if t.value is None
+                else (f"{t.value:.2f}x" if "x" in t.rule or "ssh -L's" in t.rule else _fmt(t.value))
+            )
+            lines.append(
+                f"| {t.contender} | {FIGURES.get(t.figure, (t.figure,))[0]} | "
+                f"{t.rule} | {value} | {met} |"
+            )
     errs = [(n, f, m) for n, r in results.items() for f, ms in r.errors.items() for m in ms]
     notes = [(n, m) for n, r in results.items() for m in r.notes]
     if errs or notes:

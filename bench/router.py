@@ -53,16 +53,33 @@ class Daemon:
 
     def write_profile(self) -> None:
         lab = self.lab
-        body = {"remote": lab.srv_v4, "identity": lab.identity,
-                "ssh_options": {"UserKnownHostsFile": lab.known_hosts, "User": "root"},
-                "subnets": lab.target_nets, "lan": [lab.if_cli_lan], "dns": "all"}
+        body = {
+            "remote": lab.srv_v4,
+            "identity": lab.identity,
+            "ssh_options": {"UserKnownHostsFile": lab.known_hosts, "User": "root"},
+            "subnets": lab.target_nets,
+            "lan": [lab.if_cli_lan],
+            "dns": "all",
+        }
         (self.root / "etc").mkdir(parents=True, exist_ok=True)
         (self.root / "etc" / f"{PROFILE}.yaml").write_text(yaml.safe_dump({PROFILE: body}))
 
     def start(self) -> None:
-        argv = [sys.executable, "-m", "shuttled", "--config-dir", str(self.root / "etc"),
-                "--socket", str(self.socket), "--state-dir", str(self.root / "state"),
-                "--method", self.method, "--no-dbus", "daemon"]
+        argv = [
+            sys.executable,
+            "-m",
+            "shuttled",
+            "--config-dir",
+            str(self.root / "etc"),
+            "--socket",
+            str(self.socket),
+            "--state-dir",
+            str(self.root / "state"),
+            "--method",
+            self.method,
+            "--no-dbus",
+            "daemon",
+        ]
         self.proc = self.lab.popen("cli", argv, name="bench-daemon", cwd=str(REPO))
         deadline = time.monotonic() + 30
         while self.ctl("version").returncode != 0:
@@ -207,16 +224,24 @@ def report(result: dict[str, Any]) -> str:
     rows = [
         ("daemon RSS idle", f"{result['rss_idle_mib']:.1f} MiB"),
         ("daemon RSS, one router profile up", f"{result['rss_up_mib']:.1f} MiB"),
-        (f"daemon RSS, {result['connections']} LAN TCP connections",
-         f"{result['rss_connections_mib']:.1f} MiB"),
-        (f"... and {result['udp_flows_answered']} UDP flows",
-         f"{result['rss_connections_and_flows_mib']:.1f} MiB"),
+        (
+            f"daemon RSS, {result['connections']} LAN TCP connections",
+            f"{result['rss_connections_mib']:.1f} MiB",
+        ),
+        (
+            f"... and {result['udp_flows_answered']} UDP flows",
+            f"{result['rss_connections_and_flows_mib']:.1f} MiB",
+        ),
         ("ssh master RSS", f"{result['ssh_rss_mib']:.1f} MiB"),
     ]
     for way in ("down", "up"):
-        rows.append((f"{way}load {result[f'{way}_mbit_s']:.0f} Mbit/s, CPU per GB",
-                     f"daemon {result[f'{way}_daemon_cpu_s_per_gb']:.2f} s, "
-                     f"ssh {result[f'{way}_ssh_cpu_s_per_gb']:.2f} s"))
+        rows.append(
+            (
+                f"{way}load {result[f'{way}_mbit_s']:.0f} Mbit/s, CPU per GB",
+                f"daemon {result[f'{way}_daemon_cpu_s_per_gb']:.2f} s, "
+                f"ssh {result[f'{way}_ssh_cpu_s_per_gb']:.2f} s",
+            )
+        )
     width = max(len(label) for label, _ in rows) + 2
     lines = [f"shuttled router mode ({result['method']})"]
     lines += [f"  {(label + ':').ljust(width)}{value}" for label, value in rows]
@@ -224,8 +249,11 @@ def report(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python3 -m bench.router", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python3 -m bench.router",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--method", choices=("nft", "iptables"), default="nft")
     parser.add_argument("--connections", type=int, default=1000)
     parser.add_argument("--flows", type=int, default=1000)

@@ -34,9 +34,13 @@ def _venv(path: Path, *packages: str, system_site: bool = False) -> str | None:
             if system_site:
                 argv.insert(3, "--system-site-packages")
             subprocess.run(argv, check=True, capture_output=True, text=True, timeout=PIP_TIMEOUT)
-        proc = subprocess.run([str(python), "-m", "pip", "install", "-q",
-                               "--disable-pip-version-check", *packages],
-                              capture_output=True, text=True, timeout=PIP_TIMEOUT, check=False)
+        proc = subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *packages],
+            capture_output=True,
+            text=True,
+            timeout=PIP_TIMEOUT,
+            check=False,
+        )
     except (OSError, subprocess.SubprocessError) as exc:
         return f"venv {path}: {exc}"
     if proc.returncode != 0:
@@ -71,9 +75,18 @@ def _installed_version(venv: Path, package: str) -> str | None:
     python = venv / "bin" / "python"
     if not python.exists():
         return None
-    proc = subprocess.run([str(python), "-c", "import importlib.metadata as m, sys; "
-                           "print(m.version(sys.argv[1]))", package],
-                          capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [
+            str(python),
+            "-c",
+            "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))",
+            package,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     return proc.stdout.strip() or None if proc.returncode == 0 else None
 
 
@@ -87,10 +100,10 @@ def machine() -> dict[str, str]:
                 break
     except OSError:
         pass
-    ssh = subprocess.run(["ssh", "-V"], capture_output=True, text=True, timeout=10,
-                         check=False)
-    iperf = subprocess.run(["iperf3", "--version"], capture_output=True, text=True, timeout=10,
-                           check=False)
+    ssh = subprocess.run(["ssh", "-V"], capture_output=True, text=True, timeout=10, check=False)
+    iperf = subprocess.run(
+        ["iperf3", "--version"], capture_output=True, text=True, timeout=10, check=False
+    )
     return {
         "nproc": str(os.cpu_count()),
         "cpu": cpu,
@@ -107,20 +120,40 @@ def snapshot(source: str, dest: Path) -> str:
 
     ``source`` is "head" (the last commit, via git archive) or "worktree" (the files as
     they are now).  Returns a description of what was copied."""
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True, timeout=10, check=False)
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
     rev = commit.stdout.strip() or "?"
     if source == "head":
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", "HEAD", "shuttled",
-                                  "shuttlectl"], capture_output=True, timeout=60, check=True)
-        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True,
-                       capture_output=True, timeout=60)
+        archive = subprocess.run(
+            ["git", "-C", str(REPO), "archive", "HEAD", "shuttled", "shuttlectl"],
+            capture_output=True,
+            timeout=60,
+            check=True,
+        )
+        subprocess.run(
+            ["tar", "-x", "-C", str(dest)],
+            input=archive.stdout,
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
         return f"commit {rev}"
     import shutil
+
     for package in ("shuttled", "shuttlectl"):
-        shutil.copytree(REPO / package, dest / package,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "shuttled",
-                            "shuttlectl"], capture_output=True, text=True, timeout=10,
-                           check=False)
+        shutil.copytree(
+            REPO / package, dest / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
+    dirty = subprocess.run(
+        ["git", "-C", str(REPO), "status", "--porcelain", "shuttled", "shuttlectl"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
     return f"work tree at {rev}" + (" with local changes" if dirty.stdout.strip() else "")

@@ -21,8 +21,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, sys.argv.pop(1) if len(sys.argv) > 1 else
-                str(Path(__file__).resolve().parent.parent))
+sys.path.insert(
+    0, sys.argv.pop(1) if len(sys.argv) > 1 else str(Path(__file__).resolve().parent.parent)
+)
 
 import uvloop
 
@@ -33,15 +34,15 @@ _on_confirm = channels.Channel._on_confirm
 
 
 def _send_even_while_opening(self: channels.Channel, data: Any) -> None:
-    if self.state is channels.State.OPENING and data and not (self.close_sent
-                                                              or self.eof_sent):
+    if self.state is channels.State.OPENING and data and not (self.close_sent or self.eof_sent):
         self._queue(memoryview(bytes(data)))
         return
     _send(self, data)
 
 
-def _confirm_then_drain(self: channels.Channel, remote_id: int, window: int,
-                        max_packet: int) -> None:
+def _confirm_then_drain(
+    self: channels.Channel, remote_id: int, window: int, max_packet: int
+) -> None:
     _on_confirm(self, remote_id, window, max_packet)
     if self._pending_size and self.state is channels.State.OPEN and not self.close_sent:
         self._drain_pending()

@@ -31,8 +31,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         # A reply we could not render: say so in one line rather than a traceback.
-        _report(ProtocolError(f"unexpected reply from the daemon ({type(exc).__name__}: "
-                              f"{exc})"), json_mode)
+        _report(
+            ProtocolError(f"unexpected reply from the daemon ({type(exc).__name__}: {exc})"),
+            json_mode,
+        )
         return ExitCode.FAILED
     except BrokenPipeError:
         # `shuttlectl status | head`: the reader left; stay quiet about it.

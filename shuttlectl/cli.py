@@ -51,8 +51,9 @@ class Context:
     def client(self) -> Client:
         return Client(self.args.socket)
 
-    def call(self, verb: str, args: Mapping[str, Any] | None = None,
-             timeout: float | None = None) -> Any:
+    def call(
+        self, verb: str, args: Mapping[str, Any] | None = None, timeout: float | None = None
+    ) -> Any:
         return self.client.call(verb, args, timeout=timeout)
 
     def emit(self, human: str, document: Mapping[str, Any]) -> None:
@@ -65,11 +66,14 @@ class Context:
 
 def print_json(document: Mapping[str, Any], *, compact: bool = False) -> None:
     body = {"schema": JSON_SCHEMA, **document}
-    print(json.dumps(body, separators=(",", ":")) if compact else json.dumps(body, indent=2),
-          flush=True)
+    print(
+        json.dumps(body, separators=(",", ":")) if compact else json.dumps(body, indent=2),
+        flush=True,
+    )
 
 
 # --- commands -------------------------------------------------------------------------------
+
 
 def _list(ctx: Context) -> int:
     profiles = render.records(ctx.call("list"))
@@ -91,19 +95,23 @@ def _status(ctx: Context) -> int:
     problems = render.health(profiles)
     if problems:
         human += "\n" + render.health_block(problems)
-    ctx.emit(human, {"profile": profiles[0] if profiles else None} if name
-             else {"profiles": profiles})
+    ctx.emit(
+        human, {"profile": profiles[0] if profiles else None} if name else {"profiles": profiles}
+    )
     # Like `tailscale status`: scripts can ask "is it up?" with the exit code alone.
-    not_up = [p for p in profiles
-              if p.get("state") != "up" and (name or render.expected_up(p))]
+    not_up = [p for p in profiles if p.get("state") != "up" and (name or render.expected_up(p))]
     return ExitCode.NOT_UP if not_up else ExitCode.OK
 
 
 def _up(ctx: Context) -> int:
     a = ctx.args
-    result = render.mapping(ctx.call(
-        "up", {"profile": a.profile, "wait": a.wait, "timeout": a.timeout},
-        timeout=(a.timeout + REPLY_GRACE) if a.wait else None))
+    result = render.mapping(
+        ctx.call(
+            "up",
+            {"profile": a.profile, "wait": a.wait, "timeout": a.timeout},
+            timeout=(a.timeout + REPLY_GRACE) if a.wait else None,
+        )
+    )
     state = result.get("state") or ("up" if a.wait else "connecting")
     ctx.emit(f"{a.profile}: {render.text(state)}", {"profile": result})
     return ExitCode.NOT_UP if a.wait and state != "up" else ExitCode.OK
@@ -111,8 +119,9 @@ def _up(ctx: Context) -> int:
 
 def _down(ctx: Context) -> int:
     result = render.mapping(ctx.call("down", {"profile": ctx.args.profile}))
-    ctx.emit(f"{ctx.args.profile}: {render.text(result.get('state') or 'down')}",
-             {"profile": result})
+    ctx.emit(
+        f"{ctx.args.profile}: {render.text(result.get('state') or 'down')}", {"profile": result}
+    )
     return ExitCode.OK
 
 
@@ -157,8 +166,7 @@ def _version(ctx: Context) -> int:
         if not ctx.args.json:
             print(f"{PROG} {__version__} (protocol {PROTOCOL_VERSION})")
         raise
-    human = (f"{PROG} {__version__} (protocol {PROTOCOL_VERSION})\n"
-             f"{render.daemon_version(daemon)}")
+    human = f"{PROG} {__version__} (protocol {PROTOCOL_VERSION})\n{render.daemon_version(daemon)}"
     ctx.emit(human, {"client": client, "daemon": daemon})
     return ExitCode.OK
 
@@ -189,10 +197,19 @@ def _list_options(p: argparse.ArgumentParser) -> None:
 
 
 def _up_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
-                   help="wait until the profile is up (default) or return at once")
-    p.add_argument("--timeout", type=_timeout, default=DEFAULT_UP_TIMEOUT, metavar="SECONDS",
-                   help=f"give up waiting after this long (default {DEFAULT_UP_TIMEOUT:g})")
+    p.add_argument(
+        "--wait",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="wait until the profile is up (default) or return at once",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_timeout,
+        default=DEFAULT_UP_TIMEOUT,
+        metavar="SECONDS",
+        help=f"give up waiting after this long (default {DEFAULT_UP_TIMEOUT:g})",
+    )
 
 
 def _completion_options(p: argparse.ArgumentParser) -> None:
@@ -209,19 +226,26 @@ def _timeout(value: str) -> float:
     return seconds
 
 
-COMMANDS: Mapping[str, Command] = {c.name: c for c in (
-    Command("list", "profiles and their states", _list, options=_list_options),
-    Command("status", "state, traffic and health; exits 7 when not up", _status, "optional"),
-    Command("up", "bring a profile up (idempotent)", _up, "required", _up_options),
-    Command("down", "take a profile down (idempotent)", _down, "required"),
-    Command("stats", "counters of a profile, like `wg show`", _stats, "required"),
-    Command("connections", "live connections of a profile", _connections, "required"),
-    Command("reload", "re-read the configuration (root or group shuttle)", _reload),
-    Command("watch", "print state changes as they happen", _watch),
-    Command("version", "client and daemon versions", _version),
-    Command("completion", "print a shell completion script", _completion,
-            options=_completion_options),
-)}
+COMMANDS: Mapping[str, Command] = {
+    c.name: c
+    for c in (
+        Command("list", "profiles and their states", _list, options=_list_options),
+        Command("status", "state, traffic and health; exits 7 when not up", _status, "optional"),
+        Command("up", "bring a profile up (idempotent)", _up, "required", _up_options),
+        Command("down", "take a profile down (idempotent)", _down, "required"),
+        Command("stats", "counters of a profile, like `wg show`", _stats, "required"),
+        Command("connections", "live connections of a profile", _connections, "required"),
+        Command("reload", "re-read the configuration (root or group shuttle)", _reload),
+        Command("watch", "print state changes as they happen", _watch),
+        Command("version", "client and daemon versions", _version),
+        Command(
+            "completion",
+            "print a shell completion script",
+            _completion,
+            options=_completion_options,
+        ),
+    )
+}
 OFFLINE = frozenset({"completion"})  # commands that never talk to the daemon
 
 
@@ -229,34 +253,47 @@ def _common(defaults: bool) -> _Parser:
     """--socket and --json, accepted before and after the verb."""
     p = _Parser(add_help=False)
     socket_default = Path(os.environ.get(SOCKET_ENV) or const.CONTROL_SOCKET)
-    p.add_argument("--socket", type=Path, metavar="PATH",
-                   default=socket_default if defaults else argparse.SUPPRESS,
-                   help=f"control socket (default {const.CONTROL_SOCKET}, or ${SOCKET_ENV})")
-    p.add_argument("--json", action="store_true",
-                   default=False if defaults else argparse.SUPPRESS,
-                   help=f"machine-readable output ({{\"schema\": {JSON_SCHEMA}, ...}})")
+    p.add_argument(
+        "--socket",
+        type=Path,
+        metavar="PATH",
+        default=socket_default if defaults else argparse.SUPPRESS,
+        help=f"control socket (default {const.CONTROL_SOCKET}, or ${SOCKET_ENV})",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        default=False if defaults else argparse.SUPPRESS,
+        help=f'machine-readable output ({{"schema": {JSON_SCHEMA}, ...}})',
+    )
     return p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, parents=[_common(True)],
-                     description="Control the shuttled VPN-over-ssh daemon.",
-                     epilog=_EXIT_CODES)
-    sub = parser.add_subparsers(dest="command", metavar="VERB", required=True,
-                                parser_class=_Parser)
+    parser = _Parser(
+        prog=PROG,
+        parents=[_common(True)],
+        description="Control the shuttled VPN-over-ssh daemon.",
+        epilog=_EXIT_CODES,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="VERB", required=True, parser_class=_Parser)
     for command in COMMANDS.values():
-        p = sub.add_parser(command.name, help=command.help, description=command.help,
-                           parents=[_common(False)])
+        p = sub.add_parser(
+            command.name, help=command.help, description=command.help, parents=[_common(False)]
+        )
         if command.profile != "none":
-            p.add_argument("profile", metavar="PROFILE",
-                           nargs="?" if command.profile == "optional" else None)
+            p.add_argument(
+                "profile", metavar="PROFILE", nargs="?" if command.profile == "optional" else None
+            )
         if command.options is not None:
             command.options(p)
     return parser
 
 
-_EXIT_CODES = ("exit codes: 0 ok, 1 failed, 2 usage, 3 daemon not running, "
-               "4 no such profile, 5 permission denied, 6 timeout, 7 not up (status, up)")
+_EXIT_CODES = (
+    "exit codes: 0 ok, 1 failed, 2 usage, 3 daemon not running, "
+    "4 no such profile, 5 permission denied, 6 timeout, 7 not up (status, up)"
+)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -50,8 +50,9 @@ class Client:
         self.timeout = timeout
         self._ids = itertools.count(1)
 
-    def call(self, verb: str, args: Mapping[str, Any] | None = None, *,
-             timeout: float | None = None) -> Any:
+    def call(
+        self, verb: str, args: Mapping[str, Any] | None = None, *, timeout: float | None = None
+    ) -> Any:
         """Send one request and return its result (or raise the daemon's error)."""
         with self._session(verb, args, timeout or self.timeout) as (_sock, _stream, reply):
             return reply.unwrap()
@@ -69,8 +70,9 @@ class Client:
                 yield dict(message.event)
 
     @contextlib.contextmanager
-    def _session(self, verb: str, args: Mapping[str, Any] | None, wait: float
-                 ) -> Iterator[tuple[socket.socket, IO[bytes], Reply]]:
+    def _session(
+        self, verb: str, args: Mapping[str, Any] | None, wait: float
+    ) -> Iterator[tuple[socket.socket, IO[bytes], Reply]]:
         """A connection, the request sent and its first reply; "busy" retried."""
         delays = _backoff()
         while True:
@@ -80,8 +82,14 @@ class Client:
                     yield sock, stream, reply
                     return
 
-    def _exchange(self, sock: socket.socket, stream: IO[bytes], verb: str,
-                  args: Mapping[str, Any] | None, wait: float) -> Reply:
+    def _exchange(
+        self,
+        sock: socket.socket,
+        stream: IO[bytes],
+        verb: str,
+        args: Mapping[str, Any] | None,
+        wait: float,
+    ) -> Reply:
         request_id = next(self._ids)
         try:
             sock.sendall(encode_request(Request(request_id, verb, dict(args or {}))))
@@ -138,11 +146,11 @@ class Client:
 
     def _connect_error(self, exc: BaseException) -> BaseException:
         if isinstance(exc, FileNotFoundError):
-            return NotRunningError(f"the shuttled daemon is not running "
-                                   f"(no socket at {self.path})")
+            return NotRunningError(f"the shuttled daemon is not running (no socket at {self.path})")
         if isinstance(exc, ConnectionRefusedError):
-            return NotRunningError(f"the shuttled daemon is not running "
-                                   f"(nothing listening on {self.path})")
+            return NotRunningError(
+                f"the shuttled daemon is not running (nothing listening on {self.path})"
+            )
         if isinstance(exc, PermissionError):
             return PermissionDeniedError(f"cannot connect to {self.path}: permission denied")
         if isinstance(exc, TimeoutError | BlockingIOError):
@@ -196,5 +204,8 @@ def _wait_in_connect(sock: socket.socket, seconds: float) -> None:
     sock.settimeout(None)
     whole = int(seconds)
     with contextlib.suppress(OSError):  # then EAGAIN at once, and the retries
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
-                        struct.pack("ll", whole, int((seconds - whole) * 1e6)))
+        sock.setsockopt(
+            socket.SOL_SOCKET,
+            socket.SO_SNDTIMEO,
+            struct.pack("ll", whole, int((seconds - whole) * 1e6)),
+        )

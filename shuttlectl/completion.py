@@ -21,8 +21,9 @@ class _Verb:
     choices: list[str] = field(default_factory=list)  # a positional with fixed choices
 
 
-def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction[
-        argparse.ArgumentParser]:
+def _subparsers(
+    parser: argparse.ArgumentParser,
+) -> argparse._SubParsersAction[argparse.ArgumentParser]:
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             return action
@@ -116,17 +117,31 @@ def bash(parser: argparse.ArgumentParser) -> str:
     verbs = _verbs(parser)
     all_actions = _globals(parser) + [a for v in verbs for a in v.options]
     value_flags = sorted(set(_value_flags(all_actions)) - {"--socket"}) or ["--no-such-flag"]
-    option_cases = [f'            {v.name}) COMPREPLY=($(compgen -W "{" ".join(_flags(v.options))}"'
-                    ' -- "$cur")) ;;' for v in verbs]
-    positional = [f'        {v.name}) COMPREPLY=($(compgen -W "$(_{_fn(parser)}_profiles '
-                  '"$socket")" -- "$cur")) ;;' for v in verbs if v.profile]
-    positional += [f'        {v.name}) COMPREPLY=($(compgen -W "{" ".join(v.choices)}" '
-                   '-- "$cur")) ;;' for v in verbs if v.choices]
-    return _BASH.format(prog=parser.prog, fn=_fn(parser), value_flags="|".join(value_flags),
-                        global_flags=" ".join(_flags(_globals(parser))),
-                        verbs=" ".join(v.name for v in verbs),
-                        option_cases="\n".join(option_cases),
-                        positional_cases="\n".join(positional))
+    option_cases = [
+        f'            {v.name}) COMPREPLY=($(compgen -W "{" ".join(_flags(v.options))}"'
+        ' -- "$cur")) ;;'
+        for v in verbs
+    ]
+    positional = [
+        f'        {v.name}) COMPREPLY=($(compgen -W "$(_{_fn(parser)}_profiles '
+        '"$socket")" -- "$cur")) ;;'
+        for v in verbs
+        if v.profile
+    ]
+    positional += [
+        f'        {v.name}) COMPREPLY=($(compgen -W "{" ".join(v.choices)}" -- "$cur")) ;;'
+        for v in verbs
+        if v.choices
+    ]
+    return _BASH.format(
+        prog=parser.prog,
+        fn=_fn(parser),
+        value_flags="|".join(value_flags),
+        global_flags=" ".join(_flags(_globals(parser))),
+        verbs=" ".join(v.name for v in verbs),
+        option_cases="\n".join(option_cases),
+        positional_cases="\n".join(positional),
+    )
 
 
 def _fn(parser: argparse.ArgumentParser) -> str:
@@ -210,10 +225,15 @@ def _zsh_verb_case(verb: _Verb, fn: str) -> str:
 def zsh(parser: argparse.ArgumentParser) -> str:
     verbs, fn = _verbs(parser), _fn(parser)
     global_specs = [f"        {s} \\" for a in _globals(parser) for s in _zsh_spec(a)]
-    return _ZSH.format(prog=parser.prog, fn=fn, global_specs="\n".join(global_specs),
-                       verb_items="\n".join(f"                '{v.name}:{_describe_quote(v.help)}'"
-                                            for v in verbs),
-                       verb_cases="\n".join(_zsh_verb_case(v, fn) for v in verbs))
+    return _ZSH.format(
+        prog=parser.prog,
+        fn=fn,
+        global_specs="\n".join(global_specs),
+        verb_items="\n".join(
+            f"                '{v.name}:{_describe_quote(v.help)}'" for v in verbs
+        ),
+        verb_cases="\n".join(_zsh_verb_case(v, fn) for v in verbs),
+    )
 
 
 def script(shell: str, parser: argparse.ArgumentParser) -> str:

@@ -62,8 +62,10 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     """Left-aligned columns two spaces apart; the last column is not padded."""
     rows = [list(headers), *[list(r) for r in rows]]
     widths = [max(len(r[i]) for r in rows) for i in range(len(headers))]
-    lines = ["  ".join([*(c.ljust(w) for c, w in zip(r[:-1], widths, strict=False)), r[-1]])
-             for r in rows]
+    lines = [
+        "  ".join([*(c.ljust(w) for c, w in zip(r[:-1], widths, strict=False)), r[-1]])
+        for r in rows
+    ]
     return "\n".join(line.rstrip() for line in lines)
 
 
@@ -81,13 +83,22 @@ def records(value: Any) -> list[Mapping[str, Any]]:
 
 # --- list and status --------------------------------------------------------------------------
 
+
 def yes_no(value: Any) -> str:
     return "yes" if value is True else "no" if value is False else NONE
 
 
 def profiles_table(profiles: Sequence[Mapping[str, Any]]) -> str:
-    rows = [[text(p.get("name")), text(p.get("state")), text(p.get("remote")),
-             yes_no(p.get("autostart")), yes_no(p.get("wanted"))] for p in profiles]
+    rows = [
+        [
+            text(p.get("name")),
+            text(p.get("state")),
+            text(p.get("remote")),
+            yes_no(p.get("autostart")),
+            yes_no(p.get("wanted")),
+        ]
+        for p in profiles
+    ]
     return table(["PROFILE", "STATE", "REMOTE", "AUTOSTART", "WANTED"], rows)
 
 
@@ -95,12 +106,19 @@ def status_table(profiles: Sequence[Mapping[str, Any]]) -> str:
     rows = []
     for p in profiles:
         up = p.get("state") == "up"
-        rows.append([text(p.get("name")), text(p.get("state")), text(p.get("remote")),
-                     duration(p.get("uptime")) if up else NONE,
-                     size(p.get("rx")), size(p.get("tx")), text(p.get("connections")),
-                     text(p.get("last_error"), ERROR_WIDTH)])
-    return table(["PROFILE", "STATE", "REMOTE", "UPTIME", "RX", "TX", "CONNS", "LAST ERROR"],
-                 rows)
+        rows.append(
+            [
+                text(p.get("name")),
+                text(p.get("state")),
+                text(p.get("remote")),
+                duration(p.get("uptime")) if up else NONE,
+                size(p.get("rx")),
+                size(p.get("tx")),
+                text(p.get("connections")),
+                text(p.get("last_error"), ERROR_WIDTH),
+            ]
+        )
+    return table(["PROFILE", "STATE", "REMOTE", "UPTIME", "RX", "TX", "CONNS", "LAST ERROR"], rows)
 
 
 def expected_up(profile: Mapping[str, Any]) -> bool:
@@ -140,19 +158,41 @@ def subnets(profile: Mapping[str, Any]) -> str:
 
 def status_detail(profile: Mapping[str, Any]) -> str:
     """What a single-profile status adds below its table row."""
-    pairs = [("mode", text(profile.get("mode"))), ("subnets", subnets(profile)),
-             ("health check", milliseconds(profile.get("rtt")))]
+    pairs = [
+        ("mode", text(profile.get("mode"))),
+        ("subnets", subnets(profile)),
+        ("health check", milliseconds(profile.get("rtt"))),
+    ]
     if isinstance(profile.get("since"), int | float):
-        pairs.insert(1, ("since", time.strftime("%Y-%m-%d %H:%M:%S",
-                                                time.localtime(profile["since"]))))
+        pairs.insert(
+            1, ("since", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(profile["since"])))
+        )
     return "\n".join(f"  {label}: {value}" for label, value in pairs)
 
 
 # --- stats, connections, reload, events ------------------------------------------------------
 
-_STATS_DONE = {"name", "profile", "state", "mode", "remote", "rx", "tx", "active", "total",
-               "failed", "reconnects", "uptime", "rtt", "ssh_pid", "ssh_cpu", "ssh_rss",
-               "aborted", "tcp_rtt", "tcp_retrans"}
+_STATS_DONE = {
+    "name",
+    "profile",
+    "state",
+    "mode",
+    "remote",
+    "rx",
+    "tx",
+    "active",
+    "total",
+    "failed",
+    "reconnects",
+    "uptime",
+    "rtt",
+    "ssh_pid",
+    "ssh_cpu",
+    "ssh_rss",
+    "aborted",
+    "tcp_rtt",
+    "tcp_retrans",
+}
 
 
 def _count(value: Any) -> str:
@@ -175,23 +215,34 @@ def stats(name: str, s: Mapping[str, Any]) -> str:
         *([f"  aborted by a local error: {_any(s['aborted'])}"] if "aborted" in s else []),
         f"  reconnects: {_count(s.get('reconnects'))}",
         f"  latest health check: {milliseconds(s.get('rtt'))} round trip",
-        *([f"  ssh connection (kernel): {milliseconds(s['tcp_rtt'])} round trip, "
-           f"{_count(s.get('tcp_retrans'))} retransmitted"] if "tcp_rtt" in s else []),
+        *(
+            [
+                f"  ssh connection (kernel): {milliseconds(s['tcp_rtt'])} round trip, "
+                f"{_count(s.get('tcp_retrans'))} retransmitted"
+            ]
+            if "tcp_rtt" in s
+            else []
+        ),
         f"  ssh: {_ssh_process(s)}",
     ]
-    lines += [f"  {key.replace('_', ' ')}: {_any(value)}"
-              for key, value in s.items() if key not in _STATS_DONE]
+    lines += [
+        f"  {key.replace('_', ' ')}: {_any(value)}"
+        for key, value in s.items()
+        if key not in _STATS_DONE
+    ]
     return "\n".join(lines)
 
 
 def _ssh_process(s: Mapping[str, Any]) -> str:
     """The ssh child: pid, CPU time used so far (seconds), resident memory."""
     cpu = s.get("ssh_cpu")
-    cpu_text = (f"{cpu:.2f} s" if isinstance(cpu, int | float) and not isinstance(cpu, bool)
-                else NONE)
+    cpu_text = (
+        f"{cpu:.2f} s" if isinstance(cpu, int | float) and not isinstance(cpu, bool) else NONE
+    )
     pid = s.get("ssh_pid")
     return (f"pid {_count(pid)}, " if pid is not None else "") + (
-        f"{cpu_text} cpu, {size(s.get('ssh_rss'))} rss")
+        f"{cpu_text} cpu, {size(s.get('ssh_rss'))} rss"
+    )
 
 
 def _any(value: Any) -> str:
@@ -213,8 +264,17 @@ def daemon_version(v: Mapping[str, Any]) -> str:
 
 
 def connections_table(conns: Sequence[Mapping[str, Any]]) -> str:
-    rows = [[text(c.get("proto")), text(c.get("src")), text(c.get("dst")), size(c.get("rx")),
-             size(c.get("tx")), duration(c.get("age"))] for c in conns]
+    rows = [
+        [
+            text(c.get("proto")),
+            text(c.get("src")),
+            text(c.get("dst")),
+            size(c.get("rx")),
+            size(c.get("tx")),
+            duration(c.get("age")),
+        ]
+        for c in conns
+    ]
     return table(["PROTO", "SOURCE", "DESTINATION", "RX", "TX", "AGE"], rows)
 
 
@@ -240,7 +300,6 @@ def event(e: Mapping[str, Any], now: float | None = None) -> str:
     if e.get("type") == "state":
         line = f"{stamp} {text(e.get('profile'))}: {text(e.get('state'))}"
         return line + (f" ({text(e.get('error'))})" if e.get("error") else "")
-    rest = " ".join(f"{k}={text(v)}" for k, v in e.items()
-                    if k not in ("type", "profile", "time"))
+    rest = " ".join(f"{k}={text(v)}" for k, v in e.items() if k not in ("type", "profile", "time"))
     who = f" {text(e.get('profile'))}:" if "profile" in e else ""
     return f"{stamp}{who} {text(e.get('type'))} {rest}".rstrip()

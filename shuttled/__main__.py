@@ -27,11 +27,14 @@ def _cleanup(force: bool, everything: bool, state_dir: Path) -> int:
     _need_root("cleanup")
     owners = live_owners()
     if owners and not force:
-        raise UsageError(f"not cleaning up: {', '.join(owners)} running; their rules are "
-                         f"what protects their traffic (--force removes them anyway)")
+        raise UsageError(
+            f"not cleaning up: {', '.join(owners)} running; their rules are "
+            f"what protects their traffic (--force removes them anyway)"
+        )
     # Links first: deleting one is also what undoes its systemd-resolved settings.
-    removed = (cleanup_links() + cleanup_all(live=force, lockdown=everything)
-               + cleanup_control_dirs())
+    removed = (
+        cleanup_links() + cleanup_all(live=force, lockdown=everything) + cleanup_control_dirs()
+    )
     if everything:  # or the boot unit would lock down again
         LockdownFile(state_dir).save("", {})
     for item in removed:

@@ -38,104 +38,226 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="shuttled", fromfile_prefix_chars="@",
-                     description="A VPN over ssh: transparent TCP and DNS through an "
-                                 "OpenSSH ControlMaster.")
+    parser = _Parser(
+        prog="shuttled",
+        fromfile_prefix_chars="@",
+        description="A VPN over ssh: transparent TCP and DNS through an OpenSSH ControlMaster.",
+    )
     parser.add_argument("-V", "--version", action="version", version=f"shuttled {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more log output (repeat for debug)")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more log output (repeat for debug)"
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-    parser.add_argument("--config-dir", type=Path, default=const.CONFIG_DIR,
-                        help=f"profile directory of the daemon (default {const.CONFIG_DIR})")
-    parser.add_argument("--socket", type=Path, default=const.CONTROL_SOCKET,
-                        help=f"control socket of the daemon (default {const.CONTROL_SOCKET})")
-    parser.add_argument("--state-dir", type=Path, default=const.STATE_DIR,
-                        help=f"where wanted-up profiles are kept (default {const.STATE_DIR})")
-    parser.add_argument("--method", choices=METHODS, default="auto",
-                        help="firewall backend of the daemon (default: nft, else iptables; "
-                             "pf on macOS and FreeBSD)")
-    parser.add_argument("--no-dbus", action="store_true",
-                        help="do not export the API on the D-Bus system bus")
+    parser.add_argument(
+        "--config-dir",
+        type=Path,
+        default=const.CONFIG_DIR,
+        help=f"profile directory of the daemon (default {const.CONFIG_DIR})",
+    )
+    parser.add_argument(
+        "--socket",
+        type=Path,
+        default=const.CONTROL_SOCKET,
+        help=f"control socket of the daemon (default {const.CONTROL_SOCKET})",
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=const.STATE_DIR,
+        help=f"where wanted-up profiles are kept (default {const.STATE_DIR})",
+    )
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        default="auto",
+        help="firewall backend of the daemon (default: nft, else iptables; "
+        "pf on macOS and FreeBSD)",
+    )
+    parser.add_argument(
+        "--no-dbus", action="store_true", help="do not export the API on the D-Bus system bus"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("daemon", help="run the daemon in the foreground (the default)")
-    _add_run(sub.add_parser("run", help="one tunnel in the foreground, sshuttle-style",
-                            fromfile_prefix_chars="@"))
-    cleanup = sub.add_parser("cleanup", help="remove the firewall rules a stopped or crashed "
-                                             "shuttled left (ExecStopPost; after a crash)")
-    cleanup.add_argument("--force", action="store_true",
-                         help="also while a daemon or a `shuttled run` is running: its "
-                              "traffic then goes out unprotected")
-    cleanup.add_argument("--all", action="store_true",
-                         help="also lift the kill switch's lockdown (blocking rules kept "
-                              "for wanted profiles while no daemon runs)")
-    sub.add_parser("lockdown", help="put the kill switch of every wanted profile in place "
-                                    "from the state directory (at boot, before the network)")
+    _add_run(
+        sub.add_parser(
+            "run", help="one tunnel in the foreground, sshuttle-style", fromfile_prefix_chars="@"
+        )
+    )
+    cleanup = sub.add_parser(
+        "cleanup",
+        help="remove the firewall rules a stopped or crashed "
+        "shuttled left (ExecStopPost; after a crash)",
+    )
+    cleanup.add_argument(
+        "--force",
+        action="store_true",
+        help="also while a daemon or a `shuttled run` is running: its "
+        "traffic then goes out unprotected",
+    )
+    cleanup.add_argument(
+        "--all",
+        action="store_true",
+        help="also lift the kill switch's lockdown (blocking rules kept "
+        "for wanted profiles while no daemon runs)",
+    )
+    sub.add_parser(
+        "lockdown",
+        help="put the kill switch of every wanted profile in place "
+        "from the state directory (at boot, before the network)",
+    )
     return parser
 
 
 def _add_run(p: argparse.ArgumentParser) -> None:
     # Also accepted after `run`, as sshuttle users type them; SUPPRESS keeps the
     # top-level value when the flag is not repeated here.
-    p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
-                   help="more log output (repeat for debug)")
-    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
-                   help="only warnings and errors")
-    p.add_argument("subnets", nargs="*", metavar="SUBNET",
-                   help="IP/MASK[:PORT[-PORT]] to capture; 0/0 means all IPv4 and IPv6; "
-                        "hostnames allowed")
-    p.add_argument("-r", "--remote", required=True, metavar="[USER@]HOST[:PORT]",
-                   help="ssh destination (anything ssh accepts, including Host aliases)")
-    p.add_argument("-s", "--subnets", dest="subnet_file", type=Path, metavar="FILE",
-                   help="read more subnets from FILE, one per line")
-    p.add_argument("-x", "--exclude", action="append", default=[], metavar="SUBNET",
-                   help="do not capture SUBNET (repeatable)")
-    p.add_argument("-X", "--exclude-from", type=Path, metavar="FILE",
-                   help="read excluded subnets from FILE")
-    p.add_argument("-e", "--ssh-cmd", default=const.SSH_BIN, metavar="CMD",
-                   help="the ssh command and options, e.g. 'ssh -i key -p 2222'")
-    p.add_argument("--method", choices=METHODS, default="auto",
-                   help="firewall backend (default: nft, else iptables; pf on macOS and FreeBSD)")
-    p.add_argument("--forward", choices=[f.value for f in Forward], default="auto",
-                   help="who makes the remote connections: sshd (direct) or the uploaded "
-                        "helper; auto uses the helper only where sshd refuses forwarding")
-    p.add_argument("--dns", action="store_true",
-                   help="all DNS through the tunnel: catch every query (port 53, any "
-                        "address) and answer it from the remote's resolver")
-    p.add_argument("--dns-domain", action="append", default=[], metavar="DOMAIN",
-                   help="split DNS: only names under DOMAIN (repeatable) and the reverse "
-                        "zones of the subnets go through the tunnel; the rest stay local")
-    p.add_argument("-N", "--auto-nets", action="store_true",
-                   help="also capture the networks the remote routes (learnt at connect)")
-    p.add_argument("-H", "--remote-hosts", action="store_true",
-                   help="answer the names of the remote's /etc/hosts (nothing is written "
-                        "to the local one)")
-    p.add_argument("--ns-hosts", metavar="IP[,IP]",
-                   help="capture DNS to these resolvers instead of /etc/resolv.conf's")
-    p.add_argument("--to-ns", metavar="IP[,IP]",
-                   help="remote nameservers to ask (default: the remote's /etc/resolv.conf)")
-    p.add_argument("-l", "--listen", metavar="[IP:]PORT",
-                   help="listener port (default: any free port on 127.0.0.1 and ::1)")
-    p.add_argument("--user", metavar="USER",
-                   help="capture only connections made by this local user")
-    p.add_argument("--python", metavar="PATH",
-                   help="python on the remote for the helper (default: python3 and others)")
-    p.add_argument("--disable-ipv6", action="store_true",
-                   help="do not listen on ::1 nor capture IPv6")
-    p.add_argument("--keepalive", type=float, default=const.KEEPALIVE_INTERVAL,
-                   metavar="SECONDS", help="health ping interval (pings go at least every "
-                                           "2 s); dead after three misses or 6 s of silence")
-    p.add_argument("--streams", type=_streams, default=1, metavar="N",
-                   help=f"ssh connections to spread new connections over "
-                        f"(1-{const.MAX_STREAMS}; default 1)")
-    p.add_argument("--no-auto-exclude", action="store_true",
-                   help="do not exclude the ssh server's own address and port")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS,
+        help="more log output (repeat for debug)",
+    )
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="only warnings and errors",
+    )
+    p.add_argument(
+        "subnets",
+        nargs="*",
+        metavar="SUBNET",
+        help="IP/MASK[:PORT[-PORT]] to capture; 0/0 means all IPv4 and IPv6; hostnames allowed",
+    )
+    p.add_argument(
+        "-r",
+        "--remote",
+        required=True,
+        metavar="[USER@]HOST[:PORT]",
+        help="ssh destination (anything ssh accepts, including Host aliases)",
+    )
+    p.add_argument(
+        "-s",
+        "--subnets",
+        dest="subnet_file",
+        type=Path,
+        metavar="FILE",
+        help="read more subnets from FILE, one per line",
+    )
+    p.add_argument(
+        "-x",
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="SUBNET",
+        help="do not capture SUBNET (repeatable)",
+    )
+    p.add_argument(
+        "-X", "--exclude-from", type=Path, metavar="FILE", help="read excluded subnets from FILE"
+    )
+    p.add_argument(
+        "-e",
+        "--ssh-cmd",
+        default=const.SSH_BIN,
+        metavar="CMD",
+        help="the ssh command and options, e.g. 'ssh -i key -p 2222'",
+    )
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        default="auto",
+        help="firewall backend (default: nft, else iptables; pf on macOS and FreeBSD)",
+    )
+    p.add_argument(
+        "--forward",
+        choices=[f.value for f in Forward],
+        default="auto",
+        help="who makes the remote connections: sshd (direct) or the uploaded "
+        "helper; auto uses the helper only where sshd refuses forwarding",
+    )
+    p.add_argument(
+        "--dns",
+        action="store_true",
+        help="all DNS through the tunnel: catch every query (port 53, any "
+        "address) and answer it from the remote's resolver",
+    )
+    p.add_argument(
+        "--dns-domain",
+        action="append",
+        default=[],
+        metavar="DOMAIN",
+        help="split DNS: only names under DOMAIN (repeatable) and the reverse "
+        "zones of the subnets go through the tunnel; the rest stay local",
+    )
+    p.add_argument(
+        "-N",
+        "--auto-nets",
+        action="store_true",
+        help="also capture the networks the remote routes (learnt at connect)",
+    )
+    p.add_argument(
+        "-H",
+        "--remote-hosts",
+        action="store_true",
+        help="answer the names of the remote's /etc/hosts (nothing is written to the local one)",
+    )
+    p.add_argument(
+        "--ns-hosts",
+        metavar="IP[,IP]",
+        help="capture DNS to these resolvers instead of /etc/resolv.conf's",
+    )
+    p.add_argument(
+        "--to-ns",
+        metavar="IP[,IP]",
+        help="remote nameservers to ask (default: the remote's /etc/resolv.conf)",
+    )
+    p.add_argument(
+        "-l",
+        "--listen",
+        metavar="[IP:]PORT",
+        help="listener port (default: any free port on 127.0.0.1 and ::1)",
+    )
+    p.add_argument(
+        "--user", metavar="USER", help="capture only connections made by this local user"
+    )
+    p.add_argument(
+        "--python",
+        metavar="PATH",
+        help="python on the remote for the helper (default: python3 and others)",
+    )
+    p.add_argument(
+        "--disable-ipv6", action="store_true", help="do not listen on ::1 nor capture IPv6"
+    )
+    p.add_argument(
+        "--keepalive",
+        type=float,
+        default=const.KEEPALIVE_INTERVAL,
+        metavar="SECONDS",
+        help="health ping interval (pings go at least every "
+        "2 s); dead after three misses or 6 s of silence",
+    )
+    p.add_argument(
+        "--streams",
+        type=_streams,
+        default=1,
+        metavar="N",
+        help=f"ssh connections to spread new connections over (1-{const.MAX_STREAMS}; default 1)",
+    )
+    p.add_argument(
+        "--no-auto-exclude",
+        action="store_true",
+        help="do not exclude the ssh server's own address and port",
+    )
     add_router_arguments(p)
 
 
 def _streams(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= const.MAX_STREAMS:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a whole number from 1 to {const.MAX_STREAMS}")
+            f"{text!r} is not a whole number from 1 to {const.MAX_STREAMS}"
+        )
     return int(text)
 
 
@@ -161,8 +283,10 @@ def _subnets(args: argparse.Namespace) -> tuple[Subnet, ...]:
     includes = [*args.subnets, *_read_list(args.subnet_file, "--subnets")]
     excludes = [*args.exclude, *_read_list(args.exclude_from, "--exclude-from")]
     if not (includes or args.dns or args.dns_domain or args.auto_nets or args.remote_hosts):
-        raise UsageError("shuttled run: give at least one SUBNET (or --dns, --dns-domain, "
-                         "--auto-nets, --remote-hosts)")
+        raise UsageError(
+            "shuttled run: give at least one SUBNET (or --dns, --dns-domain, "
+            "--auto-nets, --remote-hosts)"
+        )
     result = [s for text in includes for s in parse_subnet(text)]
     result += [s for text in excludes for s in parse_subnet(text, exclude=True)]
     if args.disable_ipv6:
@@ -206,6 +330,7 @@ def _uid(name: str | None) -> int | None:
     if name is None:
         return None
     import pwd
+
     try:
         return pwd.getpwnam(name).pw_uid
     except KeyError:
@@ -223,21 +348,33 @@ def run_spec(args: argparse.Namespace) -> TunnelSpec:
     listen, port = _listen(args)
     target = SshTarget(args.remote, ssh_command, user=LocalUser.invoking())
     return TunnelSpec(
-        name="run", target=target, subnets=_subnets(args), reconnect=False,
+        name="run",
+        target=target,
+        subnets=_subnets(args),
+        reconnect=False,
         forward=Forward(args.forward),
         dns=bool(args.dns or args.ns_hosts or args.dns_domain),
-        dns_mode="split" if args.dns_domain else "all", dns_domains=_domains(args.dns_domain),
-        auto_nets=args.auto_nets, remote_hosts=args.remote_hosts,
+        dns_mode="split" if args.dns_domain else "all",
+        dns_domains=_domains(args.dns_domain),
+        auto_nets=args.auto_nets,
+        remote_hosts=args.remote_hosts,
         dns_capture=_addresses(args.ns_hosts, "--ns-hosts"),
-        dns_upstream=_addresses(args.to_ns, "--to-ns"), listen=listen, port=port,
-        uid=_uid(args.user), keepalive=args.keepalive, auto_exclude=not args.no_auto_exclude,
+        dns_upstream=_addresses(args.to_ns, "--to-ns"),
+        listen=listen,
+        port=port,
+        uid=_uid(args.user),
+        keepalive=args.keepalive,
+        auto_exclude=not args.no_auto_exclude,
         streams=args.streams,
         pythons=(args.python,) if args.python else const.REMOTE_PYTHONS,
-        router=router_settings(args))
+        router=router_settings(args),
+    )
 
 
 def setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="shuttled: %(levelname)s %(message)s" if verbose
-                        else "shuttled: %(message)s")
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format="shuttled: %(levelname)s %(message)s" if verbose else "shuttled: %(message)s",
+    )

@@ -85,10 +85,22 @@ ROOT_KEY_NAMES = ("id_ed25519", "id_ecdsa", "id_rsa")
 DNS_MODES = ("off", "all", "split")
 # ssh options that would take the master away from us (we own its control socket
 # and its lifetime), make it prompt, or run local commands behind our back.
-FORBIDDEN_SSH_OPTIONS = frozenset(o.lower() for o in (
-    "ControlMaster", "ControlPath", "ControlPersist", "LocalCommand", "PermitLocalCommand",
-    "BatchMode", "ForkAfterAuthentication", "SessionType", "StdinNull", "RemoteCommand",
-    "RequestTTY"))
+FORBIDDEN_SSH_OPTIONS = frozenset(
+    o.lower()
+    for o in (
+        "ControlMaster",
+        "ControlPath",
+        "ControlPersist",
+        "LocalCommand",
+        "PermitLocalCommand",
+        "BatchMode",
+        "ForkAfterAuthentication",
+        "SessionType",
+        "StdinNull",
+        "RemoteCommand",
+        "RequestTTY",
+    )
+)
 _USER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\$?")
 _OPTION_RE = re.compile(r"[A-Za-z][A-Za-z0-9]{0,63}")
 _PYTHON_RE = re.compile(r"[A-Za-z0-9_./+-]{1,255}")
@@ -98,6 +110,7 @@ _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 # --- YAML with line numbers -------------------------------------------------------------
+
 
 class _Map(dict[Any, Any]):
     """A YAML mapping that remembers the line of each key (1-based)."""
@@ -113,8 +126,11 @@ class _Seq(list[Any]):
     lines: list[int]
 
 
-_UNCLOSED = {"while parsing a flow mapping": "the {", "while parsing a flow sequence": "the [",
-             "while scanning a quoted scalar": "the quote"}
+_UNCLOSED = {
+    "while parsing a flow mapping": "the {",
+    "while parsing a flow sequence": "the [",
+    "while scanning a quoted scalar": "the quote",
+}
 
 
 class _Loader(yaml.CSafeLoader):
@@ -136,7 +152,8 @@ def _construct_map(loader: _Loader, node: yaml.MappingNode) -> _Map:
         key = loader.construct_object(key_node, deep=True)
         if not isinstance(key, str | int | float | bool) and key is not None:
             raise yaml.constructor.ConstructorError(
-                None, None, "a key must be a plain value", key_node.start_mark)
+                None, None, "a key must be a plain value", key_node.start_mark
+            )
         if index >= first_explicit:
             if key in seen:  # PyYAML would silently keep the last one
                 loader.duplicates.append((key_node.start_mark.line + 1, str(key)))
@@ -158,6 +175,7 @@ _Loader.add_constructor("tag:yaml.org,2002:seq", _construct_seq)  # type: ignore
 
 
 # --- validation context -------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class _Problem:
@@ -205,8 +223,14 @@ class _Ctx:
 def _kind(value: object) -> str:
     if isinstance(value, bool):
         return "a boolean"
-    names = {dict: "a mapping", list: "a list", str: "a string", int: "an integer",
-             float: "a number", type(None): "nothing"}
+    names = {
+        dict: "a mapping",
+        list: "a list",
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        type(None): "nothing",
+    }
     return next((n for t, n in names.items() if isinstance(value, t)), type(value).__name__)
 
 
@@ -229,6 +253,7 @@ def _each(ctx: _Ctx, value: Any, parse: Callable[[_Ctx, Any], Any]) -> tuple[Any
 
 
 # --- value parsers --------------------------------------------------------------------------
+
 
 def _bool(ctx: _Ctx, value: Any) -> bool:
     if not isinstance(value, bool):
@@ -259,6 +284,7 @@ def _int_in(low: int, high: int) -> Callable[[_Ctx, Any], int]:
         if not low <= value <= high:
             ctx.fail(f"{value} is not within {low}-{high}")
         return value
+
     return parse
 
 
@@ -283,6 +309,7 @@ def _choice(choices: Sequence[str]) -> Callable[[_Ctx, Any], str]:
         if not isinstance(value, str) or value not in choices:
             ctx.fail(f"expected one of {', '.join(choices)}, got {value!r}")
         return value
+
     return parse
 
 
@@ -358,6 +385,7 @@ def _subnet(exclude: bool) -> Callable[[_Ctx, Any], str]:
         except ConfigError as exc:
             ctx.fail(str(exc))
         return text
+
     return parse
 
 
@@ -370,6 +398,7 @@ def _excludes(ctx: _Ctx, value: Any) -> tuple[str, ...]:
 
 
 # --- dns --------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class DnsSettings:
@@ -427,8 +456,9 @@ def _dns(ctx: _Ctx, value: Any) -> DnsSettings:
     return settings
 
 
-def _parse_map(ctx: _Ctx, value: Mapping[Any, Any],
-               keys: Mapping[str, Callable[[_Ctx, Any], Any]]) -> dict[str, Any]:
+def _parse_map(
+    ctx: _Ctx, value: Mapping[Any, Any], keys: Mapping[str, Callable[[_Ctx, Any], Any]]
+) -> dict[str, Any]:
     """Parse the keys of a nested mapping; unknown keys are problems too."""
     parsed: dict[str, Any] = {}
     problems: list[_Problem] = []
@@ -452,6 +482,7 @@ def _unknown_key(key: Any, known: Iterable[str]) -> str:
 
 
 # --- lan and allow -----------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class LanSettings:
@@ -485,8 +516,10 @@ def _lan(ctx: _Ctx, value: Any) -> LanSettings:
     if isinstance(value, bool):
         return LanSettings(all_interfaces=value)
     items = _each(ctx, value, _lan_item)
-    return LanSettings(interfaces=tuple(v for k, v in items if k == "interface"),
-                       sources=tuple(v for k, v in items if k == "source"))
+    return LanSettings(
+        interfaces=tuple(v for k, v in items if k == "interface"),
+        sources=tuple(v for k, v in items if k == "source"),
+    )
 
 
 def _allow_item(ctx: _Ctx, value: Any) -> str:
@@ -535,6 +568,7 @@ def is_admin(uid: int, gids: Sequence[int]) -> bool:
 
 # --- profiles ----------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Profile:
     """One tunnel as the administrator wrote it. `==` compares settings, not `source`."""
@@ -572,8 +606,7 @@ class Profile:
     def networks(self, *, resolve: bool = True) -> tuple[Subnet, ...]:
         """Includes then excludes as firewall Subnets; host names are resolved now."""
         includes = [s for t in self.subnets for s in parse_subnet(t, resolve=resolve)]
-        excludes = [s for t in self.exclude
-                    for s in parse_subnet(t, exclude=True, resolve=resolve)]
+        excludes = [s for t in self.exclude for s in parse_subnet(t, exclude=True, resolve=resolve)]
         return (*includes, *excludes)
 
     def ssh_target(self) -> SshTarget:
@@ -597,8 +630,11 @@ class Profile:
         if "userknownhostsfile" not in given:
             options.append(f"UserKnownHostsFile={ssh_dir / 'known_hosts'}")
         if self.identity is None and "identityfile" not in given:
-            options += [f"IdentityFile={ssh_dir / name}" for name in ROOT_KEY_NAMES
-                        if (ssh_dir / name).is_file()]
+            options += [
+                f"IdentityFile={ssh_dir / name}"
+                for name in ROOT_KEY_NAMES
+                if (ssh_dir / name).is_file()
+            ]
         return options
 
     def allows(self, uid: int, gids: Sequence[int]) -> bool:
@@ -616,6 +652,7 @@ class Profile:
 
 
 # --- the schema ----------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class KeySpec:
@@ -647,70 +684,172 @@ class KeySpec:
         return "none" if value is None else "[]" if value == () else str(value)
 
 
-def _spec(name: str, type_: str, help_: str, parse: Callable[[_Ctx, Any], Any],
-          **kw: Any) -> tuple[str, KeySpec]:
+def _spec(
+    name: str, type_: str, help_: str, parse: Callable[[_Ctx, Any], Any], **kw: Any
+) -> tuple[str, KeySpec]:
     return name, KeySpec(name, type_, help_, parse, **kw)
 
 
-PROFILE_KEYS: Mapping[str, KeySpec] = MappingProxyType(dict((
-    _spec("remote", "string", "ssh destination: [user@]host, a Host alias from the user's "
-          "ssh config, or ssh://user@host:port", _word, required=True),
-    _spec("user", "user name", "local account whose ssh config, keys, known_hosts and agent "
-          "are used; without it ssh runs as root with keys and known_hosts in "
-          "<config dir>/ssh/", _user, default_text="root"),
-    _spec("port", "integer 1-65535", "ssh port (ssh -p)", _int_in(1, 65535),
-          default_text="ssh's"),
-    _spec("identity", "path", "private key (ssh -i); relative to the config directory, "
-          "~ is the user's home", _identity, default_text="ssh's"),
-    _spec("jump", "string", "jump host(s) (ssh -J, ProxyJump)", _word),
-    _spec("ssh_options", "map of option: string/int/bool", "extra ssh -o options; "
-          "Control*, LocalCommand, PermitLocalCommand, BatchMode, RemoteCommand, "
-          "SessionType, StdinNull, RequestTTY and ForkAfterAuthentication are refused",
-          _ssh_options, default_text="{}"),
-    _spec("subnets", "list of subnets", "destinations to capture: 10.0.0.0/8, fd00::/8, "
-          "0/0 (all IPv4 and IPv6), 10.0.0.0/8:8000-9000, [fd00::/8]:443, host.example",
-          _subnets),
-    _spec("exclude", "list of subnets", "destinations never to capture", _excludes),
-    _spec("auto_nets", "bool", "also capture the networks the remote routes", _bool),
-    _spec("dns", "off | all | split | map", "DNS through the tunnel: all queries, or only "
-          "names under domains (split); map form {mode, domains, nameservers}", _dns,
-          default_text="off"),
-    _spec("remote_hosts", "bool", "learn host names from the remote", _bool),
-    _spec("autostart", "bool", "bring the profile up when the daemon starts", _bool),
-    _spec("lan", "bool | list", "router mode: also capture traffic forwarded from the LAN; "
-          "true for every interface, or a list of interface names and source subnets",
-          _lan, default_text="false"),
-    _spec("allow", "list", "who besides root and group shuttle may up/down the profile: "
-          "user:NAME, group:NAME or NAME (a user)", _allow),
-    _spec("kill_switch", "bool", "while the profile is wanted but its tunnel is not up "
-          "(connecting, reconnecting), reject traffic to its subnets (TCP reset, ICMP "
-          "unreachable) instead of letting it out directly", _bool),
-    _spec("udp", "bool", "carry UDP to the subnets too, through the remote helper (needs "
-          "python3 on the remote)", _bool, default_text="true with lan, else false"),
-    _spec("udp_flows", "integer 1-1000000", "most UDP flows (local source address and "
-          "port) at once; new flows beyond it are refused and counted",
-          _int_in(1, 1_000_000)),
-    _spec("udp_idle", "seconds 1-3600", "a UDP flow ends after this long without a "
-          "datagram either way", _udp_idle),
-    _spec("lan_dns", "box | all", "with lan and dns: answer the DNS LAN hosts send to this "
-          "host (box), or all their port-53 traffic (all)", _choice(("box", "all"))),
-    _spec("forward", "auto | direct | helper", "who opens the remote connections: sshd "
-          "(direct), the uploaded python helper, or sshd with the helper as fallback (auto)",
-          _forward),
-    _spec("python", "string", "python on the remote for the helper", _python,
-          default_text="python3, then others"),
-    _spec("keepalive", "seconds 1-300", "health ping interval (pings go at least every 2 s); "
-          "the link is declared dead after three misses, or 6 s without a sign of life",
-          _seconds),
-    _spec("streams", f"integer 1-{const.MAX_STREAMS}", "parallel ssh connections",
-          _int_in(1, const.MAX_STREAMS)),
-    _spec("max_connections", "integer 1-1000000", "most TCP connections captured at once; "
-          "new ones beyond it are reset and counted (refused in stats); root's are never "
-          "refused", _int_in(1, 1_000_000)),
-    _spec("max_connections_per_user", "integer 1-1000000", "the same for each local user "
-          "(the uid owning the app's socket), and never more than half of what the "
-          "daemon's file descriptors allow; root is never limited", _int_in(1, 1_000_000)),
-)))
+PROFILE_KEYS: Mapping[str, KeySpec] = MappingProxyType(
+    dict(
+        (
+            _spec(
+                "remote",
+                "string",
+                "ssh destination: [user@]host, a Host alias from the user's "
+                "ssh config, or ssh://user@host:port",
+                _word,
+                required=True,
+            ),
+            _spec(
+                "user",
+                "user name",
+                "local account whose ssh config, keys, known_hosts and agent "
+                "are used; without it ssh runs as root with keys and known_hosts in "
+                "<config dir>/ssh/",
+                _user,
+                default_text="root",
+            ),
+            _spec(
+                "port",
+                "integer 1-65535",
+                "ssh port (ssh -p)",
+                _int_in(1, 65535),
+                default_text="ssh's",
+            ),
+            _spec(
+                "identity",
+                "path",
+                "private key (ssh -i); relative to the config directory, ~ is the user's home",
+                _identity,
+                default_text="ssh's",
+            ),
+            _spec("jump", "string", "jump host(s) (ssh -J, ProxyJump)", _word),
+            _spec(
+                "ssh_options",
+                "map of option: string/int/bool",
+                "extra ssh -o options; "
+                "Control*, LocalCommand, PermitLocalCommand, BatchMode, RemoteCommand, "
+                "SessionType, StdinNull, RequestTTY and ForkAfterAuthentication are refused",
+                _ssh_options,
+                default_text="{}",
+            ),
+            _spec(
+                "subnets",
+                "list of subnets",
+                "destinations to capture: 10.0.0.0/8, fd00::/8, "
+                "0/0 (all IPv4 and IPv6), 10.0.0.0/8:8000-9000, [fd00::/8]:443, host.example",
+                _subnets,
+            ),
+            _spec("exclude", "list of subnets", "destinations never to capture", _excludes),
+            _spec("auto_nets", "bool", "also capture the networks the remote routes", _bool),
+            _spec(
+                "dns",
+                "off | all | split | map",
+                "DNS through the tunnel: all queries, or only "
+                "names under domains (split); map form {mode, domains, nameservers}",
+                _dns,
+                default_text="off",
+            ),
+            _spec("remote_hosts", "bool", "learn host names from the remote", _bool),
+            _spec("autostart", "bool", "bring the profile up when the daemon starts", _bool),
+            _spec(
+                "lan",
+                "bool | list",
+                "router mode: also capture traffic forwarded from the LAN; "
+                "true for every interface, or a list of interface names and source subnets",
+                _lan,
+                default_text="false",
+            ),
+            _spec(
+                "allow",
+                "list",
+                "who besides root and group shuttle may up/down the profile: "
+                "user:NAME, group:NAME or NAME (a user)",
+                _allow,
+            ),
+            _spec(
+                "kill_switch",
+                "bool",
+                "while the profile is wanted but its tunnel is not up "
+                "(connecting, reconnecting), reject traffic to its subnets (TCP reset, ICMP "
+                "unreachable) instead of letting it out directly",
+                _bool,
+            ),
+            _spec(
+                "udp",
+                "bool",
+                "carry UDP to the subnets too, through the remote helper (needs "
+                "python3 on the remote)",
+                _bool,
+                default_text="true with lan, else false",
+            ),
+            _spec(
+                "udp_flows",
+                "integer 1-1000000",
+                "most UDP flows (local source address and "
+                "port) at once; new flows beyond it are refused and counted",
+                _int_in(1, 1_000_000),
+            ),
+            _spec(
+                "udp_idle",
+                "seconds 1-3600",
+                "a UDP flow ends after this long without a datagram either way",
+                _udp_idle,
+            ),
+            _spec(
+                "lan_dns",
+                "box | all",
+                "with lan and dns: answer the DNS LAN hosts send to this "
+                "host (box), or all their port-53 traffic (all)",
+                _choice(("box", "all")),
+            ),
+            _spec(
+                "forward",
+                "auto | direct | helper",
+                "who opens the remote connections: sshd "
+                "(direct), the uploaded python helper, or sshd with the helper as fallback (auto)",
+                _forward,
+            ),
+            _spec(
+                "python",
+                "string",
+                "python on the remote for the helper",
+                _python,
+                default_text="python3, then others",
+            ),
+            _spec(
+                "keepalive",
+                "seconds 1-300",
+                "health ping interval (pings go at least every 2 s); "
+                "the link is declared dead after three misses, or 6 s without a sign of life",
+                _seconds,
+            ),
+            _spec(
+                "streams",
+                f"integer 1-{const.MAX_STREAMS}",
+                "parallel ssh connections",
+                _int_in(1, const.MAX_STREAMS),
+            ),
+            _spec(
+                "max_connections",
+                "integer 1-1000000",
+                "most TCP connections captured at once; "
+                "new ones beyond it are reset and counted (refused in stats); root's are never "
+                "refused",
+                _int_in(1, 1_000_000),
+            ),
+            _spec(
+                "max_connections_per_user",
+                "integer 1-1000000",
+                "the same for each local user "
+                "(the uid owning the app's socket), and never more than half of what the "
+                "daemon's file descriptors allow; root is never limited",
+                _int_in(1, 1_000_000),
+            ),
+        )
+    )
+)
 
 
 def _cell(text: str) -> str:
@@ -719,23 +858,29 @@ def _cell(text: str) -> str:
 
 def profile_reference_man() -> str:
     """The profile reference as man(7) paragraphs, for shuttled(8) / shuttled.yaml(5)."""
+
     def roff(text: str) -> str:
         return text.replace("\\", "\\e").replace("-", "\\-")
 
-    paras = [f".TP\n.B {s.name}\n({roff(s.type)}; default: {roff(s.default_doc())})\n"
-             f"{roff(s.help)}" for s in PROFILE_KEYS.values()]
+    paras = [
+        f".TP\n.B {s.name}\n({roff(s.type)}; default: {roff(s.default_doc())})\n{roff(s.help)}"
+        for s in PROFILE_KEYS.values()
+    ]
     return "\n".join(paras) + "\n"
 
 
 def profile_reference() -> str:
     """The profile reference as a Markdown table (README; the man page uses the same rows)."""
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
-    rows += [f"| `{s.name}` | {_cell(s.type)} | {_cell(s.default_doc())} | {_cell(s.help)} |"
-             for s in PROFILE_KEYS.values()]
+    rows += [
+        f"| `{s.name}` | {_cell(s.type)} | {_cell(s.default_doc())} | {_cell(s.help)} |"
+        for s in PROFILE_KEYS.values()
+    ]
     return "\n".join(rows)
 
 
 # --- the whole configuration ---------------------------------------------------------------------
+
 
 class ConfigErrors(ConfigError):
     """Every problem of a configuration: a summary line, then one `file:line: ...` each."""
@@ -776,9 +921,11 @@ def config_files(config_dir: Path) -> list[Path]:
     files: list[Path] = []
     for directory in (config_dir, config_dir / PROFILES_SUBDIR):
         if directory.is_dir():
-            files += sorted(p for p in directory.iterdir()
-                            if p.suffix in (".yaml", ".yml") and not p.name.startswith(".")
-                            and p.is_file())
+            files += sorted(
+                p
+                for p in directory.iterdir()
+                if p.suffix in (".yaml", ".yml") and not p.name.startswith(".") and p.is_file()
+            )
     return files
 
 
@@ -834,39 +981,46 @@ class _Collector:
         opened = _UNCLOSED.get(getattr(exc, "context", None) or "")
         start = getattr(exc, "context_mark", None)
         if opened and start is not None and start.line + 1 < line:
-            self._error(path, start.line + 1, f"YAML syntax error: {opened} opened here is "
-                                              f"not closed ({problem} at line {line})")
+            self._error(
+                path,
+                start.line + 1,
+                f"YAML syntax error: {opened} opened here is not closed ({problem} at line {line})",
+            )
             return
         self._error(path, line, f"YAML syntax error: {problem}")
 
     def _profiles_map(self, path: Path, data: Any) -> _Map | None:
         if not isinstance(data, _Map):
-            self._error(path, 1, "expected a mapping of profile names to profiles, "
-                                 f"got {_kind(data)}")
+            self._error(
+                path, 1, f"expected a mapping of profile names to profiles, got {_kind(data)}"
+            )
             return None
         if PROFILES_KEY not in data:
             return data
         inner = data[PROFILES_KEY]
         if len(data) > 1:
-            self._error(path, data.lines[PROFILES_KEY],
-                        f"with a top-level {PROFILES_KEY!r} map, nothing else may be "
-                        "at the top level")
+            self._error(
+                path,
+                data.lines[PROFILES_KEY],
+                f"with a top-level {PROFILES_KEY!r} map, nothing else may be at the top level",
+            )
         if inner is None:
             return None
         if not isinstance(inner, _Map):
-            self._error(path, data.lines[PROFILES_KEY],
-                        f"{PROFILES_KEY}: expected a mapping, got {_kind(inner)}")
+            self._error(
+                path,
+                data.lines[PROFILES_KEY],
+                f"{PROFILES_KEY}: expected a mapping, got {_kind(inner)}",
+            )
             return None
         return inner
 
     def _add(self, path: Path, line: int, name: Any, body: Any) -> None:
         if not isinstance(name, str) or not PROFILE_NAME_RE.fullmatch(name):
-            self._error(path, line, f"{name!r}: a profile name must match "
-                                    "[A-Za-z0-9_-]{1,32}")
+            self._error(path, line, f"{name!r}: a profile name must match [A-Za-z0-9_-]{{1,32}}")
             return
         if name in self.sources:
-            self._error(path, line, f"{name}: profile already defined at "
-                                    f"{self.sources[name]}")
+            self._error(path, line, f"{name}: profile already defined at {self.sources[name]}")
             return
         self.sources[name] = f"{path}:{line}"
         ctx = _Ctx(str(path), line, name, self.config_dir, self.warnings)
@@ -883,27 +1037,29 @@ def _profile(ctx: _Ctx, name: str, body: Any) -> Profile:
     problems: list[_Problem] = []
     for key in body:
         if key not in PROFILE_KEYS:
-            problems.append(_Problem(ctx.key(body, key).line, f"{name}.{key}",
-                                     _unknown_key(key, PROFILE_KEYS)))
+            problems.append(
+                _Problem(ctx.key(body, key).line, f"{name}.{key}", _unknown_key(key, PROFILE_KEYS))
+            )
     values = _profile_values(ctx, body, problems)
     if problems:
         raise _Invalid(*problems)
-    profile = Profile(name=name, source=f"{ctx.file}:{ctx.line}", config_dir=ctx.config_dir,
-                      **values)
+    profile = Profile(
+        name=name, source=f"{ctx.file}:{ctx.line}", config_dir=ctx.config_dir, **values
+    )
     if not (profile.subnets or profile.auto_nets or profile.dns.enabled):
         ctx.fail("nothing to capture: give subnets, auto_nets: true or dns")
     return profile
 
 
-def _profile_values(ctx: _Ctx, body: Mapping[Any, Any],
-                    problems: list[_Problem]) -> dict[str, Any]:
+def _profile_values(ctx: _Ctx, body: Mapping[Any, Any], problems: list[_Problem]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for key, spec in PROFILE_KEYS.items():
         if body.get(key) is None:  # absent, or `key:` with nothing after it
             if spec.required:
                 where = ctx.key(body, key) if key in body else ctx
-                problems.append(_Problem(where.line, f"{ctx.path}.{key}",
-                                         "required key is missing"))
+                problems.append(
+                    _Problem(where.line, f"{ctx.path}.{key}", "required key is missing")
+                )
             continue
         try:
             values[key] = spec.parse(ctx.key(body, key), body[key])
@@ -923,11 +1079,11 @@ def load_config(config_dir: Path = const.CONFIG_DIR) -> Config:
         raise ConfigErrors(collector.errors, config_dir)
     for warning in collector.warnings:
         log.warning("%s", warning)
-    return Config(MappingProxyType(dict(collector.profiles)), config_dir,
-                  tuple(collector.warnings))
+    return Config(MappingProxyType(dict(collector.profiles)), config_dir, tuple(collector.warnings))
 
 
 # --- overlaps ------------------------------------------------------------------------------------
+
 
 def _ports_meet(a: tuple[int, int] | None, b: tuple[int, int] | None) -> bool:
     if a is None or b is None:
@@ -950,10 +1106,15 @@ def overlaps(a: Iterable[Subnet], b: Iterable[Subnet]) -> list[tuple[Subnet, Sub
     For when the daemon learns subnets at run time (auto_nets) and must check
     them against the other active profiles.
     """
-    return [(x, y) for x, y in itertools.product([s for s in a if not s.exclude],
-                                                  [s for s in b if not s.exclude])
-            if x.network.version == y.network.version and x.network.overlaps(y.network)
-            and _ports_meet(x.ports, y.ports)]
+    return [
+        (x, y)
+        for x, y in itertools.product(
+            [s for s in a if not s.exclude], [s for s in b if not s.exclude]
+        )
+        if x.network.version == y.network.version
+        and x.network.overlaps(y.network)
+        and _ports_meet(x.ports, y.ports)
+    ]
 
 
 def dns_domains(profile: Profile) -> tuple[str, ...]:
@@ -995,7 +1156,21 @@ def check_overlaps(profiles: Iterable[Profile]) -> None:
         raise ConfigError("\n".join(problems))
 
 
-__all__ = ["PROFILE_KEYS", "Config", "ConfigErrors", "DnsSettings", "KeySpec", "LanSettings",
-           "Profile", "check_overlaps", "config_files", "dns_domains", "domain_overlaps",
-           "is_admin", "load_config", "overlaps", "profile_reference",
-           "profile_reference_man"]
+__all__ = [
+    "PROFILE_KEYS",
+    "Config",
+    "ConfigErrors",
+    "DnsSettings",
+    "KeySpec",
+    "LanSettings",
+    "Profile",
+    "check_overlaps",
+    "config_files",
+    "dns_domains",
+    "domain_overlaps",
+    "is_admin",
+    "load_config",
+    "overlaps",
+    "profile_reference",
+    "profile_reference_man",
+]

@@ -115,8 +115,16 @@ DNS_LINK_NET = "169.254.53.0/24"
 RESOLVED_BUS_NAME = "org.freedesktop.resolve1"
 
 # --- remote helper -------------------------------------------------------------
-REMOTE_PYTHONS = ("python3", "python3.13", "python3.12", "python3.11", "python3.10",
-                  "python3.9", "python3.8", "python")
+REMOTE_PYTHONS = (
+    "python3",
+    "python3.13",
+    "python3.12",
+    "python3.11",
+    "python3.10",
+    "python3.9",
+    "python3.8",
+    "python",
+)
 HELPER_NO_PYTHON_EXIT = 97
 
 # --- UDP through the helper (router mode and --udp) ------------------------------

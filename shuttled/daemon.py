@@ -45,15 +45,23 @@ log = logging.getLogger(__name__)
 def spec_for(profile: Profile) -> TunnelSpec:
     """A profile as the supervisor's TunnelSpec: the one place the two meet."""
     return TunnelSpec(
-        name=profile.name, target=profile.ssh_target(), subnets=profile.networks(),
-        forward=profile.forward, dns=profile.dns.enabled,
+        name=profile.name,
+        target=profile.ssh_target(),
+        subnets=profile.networks(),
+        forward=profile.forward,
+        dns=profile.dns.enabled,
         dns_mode=profile.dns.mode if profile.dns.enabled else "all",
-        dns_domains=profile.dns.domains, dns_upstream=tuple(profile.dns.nameservers),
-        auto_nets=profile.auto_nets, remote_hosts=profile.remote_hosts,
+        dns_domains=profile.dns.domains,
+        dns_upstream=tuple(profile.dns.nameservers),
+        auto_nets=profile.auto_nets,
+        remote_hosts=profile.remote_hosts,
         pythons=(profile.python,) if profile.python else const.REMOTE_PYTHONS,
-        keepalive=profile.keepalive, reconnect=True, streams=profile.streams,
+        keepalive=profile.keepalive,
+        reconnect=True,
+        streams=profile.streams,
         router=router_settings(profile),
-        limits=ConnLimits(profile.max_connections, profile.max_connections_per_user))
+        limits=ConnLimits(profile.max_connections, profile.max_connections_per_user),
+    )
 
 
 class StateFile:
@@ -170,9 +178,16 @@ class Daemon:
         return tunnel
 
     def list_profiles(self) -> list[dict[str, Any]]:
-        return [{"name": name, "state": self._state(name), "remote": p.remote,
-                 "autostart": p.autostart, "wanted": name in self.wanted}
-                for name, p in sorted(self.config.profiles.items())]
+        return [
+            {
+                "name": name,
+                "state": self._state(name),
+                "remote": p.remote,
+                "autostart": p.autostart,
+                "wanted": name in self.wanted,
+            }
+            for name, p in sorted(self.config.profiles.items())
+        ]
 
     def _state(self, name: str) -> str:
         tunnel = self.tunnels.get(name)
@@ -197,8 +212,14 @@ class Daemon:
                 continue
             if lost is not None:
                 log.warning("%s: restored", lost)
-                self._emit({"type": "rules", "lost": lost, "restored": captures.restored,
-                            "time": time.time()})
+                self._emit(
+                    {
+                        "type": "rules",
+                        "lost": lost,
+                        "restored": captures.restored,
+                        "time": time.time(),
+                    }
+                )
 
     async def guard_forever(self) -> None:
         while True:
@@ -216,16 +237,26 @@ class Daemon:
         tunnel = self.tunnels.get(name)
         stats = tunnel.stats() if tunnel else {}
         return {
-            "name": name, "state": self._state(name), "remote": profile.remote,
-            "wanted": name in self.wanted, "mode": stats.get("mode"),
-            "since": tunnel.since if tunnel else None, "uptime": stats.get("uptime", 0.0),
-            "rx": stats.get("rx", 0), "tx": stats.get("tx", 0),
-            "connections": stats.get("active", 0), "rtt": stats.get("rtt"),
+            "name": name,
+            "state": self._state(name),
+            "remote": profile.remote,
+            "wanted": name in self.wanted,
+            "mode": stats.get("mode"),
+            "since": tunnel.since if tunnel else None,
+            "uptime": stats.get("uptime", 0.0),
+            "rx": stats.get("rx", 0),
+            "tx": stats.get("tx", 0),
+            "connections": stats.get("active", 0),
+            "rtt": stats.get("rtt"),
             "last_error": tunnel.last_error if tunnel else None,
-            "subnets": [*({"subnet": t, "source": "profile"} for t in profile.subnets),
-                        *({"subnet": str(s.network), "source": "auto_nets"}
-                          for s in (tunnel.auto_nets if tunnel else ())),
-                        *({"subnet": f"!{t}", "source": "profile"} for t in profile.exclude)],
+            "subnets": [
+                *({"subnet": t, "source": "profile"} for t in profile.subnets),
+                *(
+                    {"subnet": str(s.network), "source": "auto_nets"}
+                    for s in (tunnel.auto_nets if tunnel else ())
+                ),
+                *({"subnet": f"!{t}", "source": "profile"} for t in profile.exclude),
+            ],
             "dns": tunnel.dns_status() if tunnel else None,
             "holding": tunnel.holding if tunnel else False,
             "health": tunnel.router.health if tunnel else [],
@@ -235,10 +266,17 @@ class Daemon:
         self._profile(name)
         self.guard_rules(report=True)
         tunnel = self.tunnels.get(name)
-        rules = ({"rules_restored": self.captures.restored,
-                  "rules_last_loss": self.captures.last_loss} if self.captures else {})
-        return {"name": name, "state": self._state(name), **(tunnel.stats() if tunnel else {}),
-                **rules}
+        rules = (
+            {"rules_restored": self.captures.restored, "rules_last_loss": self.captures.last_loss}
+            if self.captures
+            else {}
+        )
+        return {
+            "name": name,
+            "state": self._state(name),
+            **(tunnel.stats() if tunnel else {}),
+            **rules,
+        }
 
     def connections(self, name: str) -> list[dict[str, Any]]:
         self._profile(name)
@@ -246,19 +284,22 @@ class Daemon:
         return tunnel.connections() if tunnel else []
 
     def version(self) -> dict[str, Any]:
-        return {"version": __version__, "protocol": PROTOCOL_VERSION,
-                "firewall": self.captures.backend.name if self.captures else None,
-                "uptime": time.time() - self.started}
+        return {
+            "version": __version__,
+            "protocol": PROTOCOL_VERSION,
+            "firewall": self.captures.backend.name if self.captures else None,
+            "uptime": time.time() - self.started,
+        }
 
     # --- Core: changing ---------------------------------------------------------------
 
     def _check_overlap(self, name: str) -> None:
-        active = [self.config.profiles[n] for n in self.wanted | {name}
-                  if n in self.config.profiles]
+        active = [
+            self.config.profiles[n] for n in self.wanted | {name} if n in self.config.profiles
+        ]
         check_overlaps(active)
 
-    async def up(self, name: str, wait: bool = True, timeout: float = 30.0
-                 ) -> dict[str, Any]:
+    async def up(self, name: str, wait: bool = True, timeout: float = 30.0) -> dict[str, Any]:
         async with self._lock:
             self._profile(name)
             self._check_overlap(name)
@@ -272,8 +313,9 @@ class Daemon:
                 async with asyncio.timeout(timeout):
                     state = await tunnel.wait_settled()
             except TimeoutError:
-                raise TimeoutError_(f"{name} is not up after {timeout:g} s "
-                                    f"({tunnel.state}: {tunnel.last_error})") from None
+                raise TimeoutError_(
+                    f"{name} is not up after {timeout:g} s ({tunnel.state}: {tunnel.last_error})"
+                ) from None
             if state is not State.UP:
                 raise ShuttledError(f"{name} is {state}: {tunnel.last_error}")
         return self._status_one(name)
@@ -301,16 +343,16 @@ class Daemon:
         new = load_config(self.config_dir)
         diff = self.config.diff(new)
         added, removed, changed = diff["added"], diff["removed"], diff["changed"]
-        wanted = (self.wanted - set(removed)) | {n for n in added
-                                                  if new.profiles[n].autostart}
+        wanted = (self.wanted - set(removed)) | {n for n in added if new.profiles[n].autostart}
         check_overlaps([new.profiles[n] for n in wanted])
         for name in (*removed, *changed):
             tunnel = self.tunnels.pop(name, None)
             if tunnel is not None:
                 # A changed profile that keeps its kill switch stays held until
                 # its successor takes over: the reload opens no gap.
-                await tunnel.down(keep_hold=name in changed and name in wanted
-                                  and new.profiles[name].kill_switch)
+                await tunnel.down(
+                    keep_hold=name in changed and name in wanted and new.profiles[name].kill_switch
+                )
         self.config = new
         self.wanted = wanted
         self.state.save(self.wanted)
@@ -334,10 +376,16 @@ class Daemon:
         self._subscribers.discard(queue)
 
     def _on_state(self, name: str, state: State, error: str | None) -> None:
-        log.info("%s is %s%s", name, state, f": {error}" if error else "",
-                 extra={"PROFILE": name})
-        self._emit({"type": "state", "profile": name, "state": str(state), "error": error,
-                    "time": time.time()})
+        log.info("%s is %s%s", name, state, f": {error}" if error else "", extra={"PROFILE": name})
+        self._emit(
+            {
+                "type": "state",
+                "profile": name,
+                "state": str(state),
+                "error": error,
+                "time": time.time(),
+            }
+        )
         notify(status_line(self))
 
     def _emit(self, event: dict[str, Any]) -> None:
@@ -361,7 +409,8 @@ def status_line(daemon: Daemon) -> str:
     states = [t.state for t in daemon.tunnels.values()]
     up = sum(1 for s in states if s is State.UP)
     return f"STATUS={up} of {len(daemon.config.profiles)} profiles up" + (
-        f", {len(states) - up} connecting or failed" if len(states) > up else "")
+        f", {len(states) - up} connecting or failed" if len(states) > up else ""
+    )
 
 
 # --- systemd -----------------------------------------------------------------------
@@ -423,8 +472,9 @@ def setup_logging(verbose: int) -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_PrefixFormatter())
     handler.addFilter(_ProfileFilter())
-    logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO,
-                        handlers=[handler], force=True)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose > 1 else logging.INFO, handlers=[handler], force=True
+    )
 
 
 async def serve(args: argparse.Namespace) -> int:

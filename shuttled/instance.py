@@ -48,7 +48,8 @@ class InstanceLock:
                 raise
             raise AlreadyRunningError(
                 f"another shuttled daemon is running ({describe_owner(self.path)}); it owns "
-                f"the firewall rules in this network namespace: nothing was changed") from None
+                f"the firewall rules in this network namespace: nothing was changed"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd

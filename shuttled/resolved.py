@@ -57,8 +57,10 @@ LINK_KNOWN_TIMEOUT = 3.0  # resolved learns about a new link from rtnetlink, soo
 LINK_KINDS = ("dummy", "ifb")  # ifb where the kernel has no dummy driver
 IP_TIMEOUT = 10.0
 IFNAMSIZ = 15
-_OWNER_CHANGES = ("type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
-                  f"member='NameOwnerChanged',arg0='{const.RESOLVED_BUS_NAME}'")
+_OWNER_CHANGES = (
+    "type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
+    f"member='NameOwnerChanged',arg0='{const.RESOLVED_BUS_NAME}'"
+)
 _SHORT_RE = re.compile(r"[A-Za-z0-9_-]{1,6}")
 
 
@@ -95,8 +97,12 @@ def link_alias(profile: str, owner: str) -> str:
 async def _ip(*args: str) -> str:
     """Run `ip` (iproute2); its stdout, or ResolvedError with its stderr."""
     proc = await asyncio.create_subprocess_exec(
-        "ip", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "LC_ALL": "C", "PATH": tool_path()})
+        "ip",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "LC_ALL": "C", "PATH": tool_path()},
+    )
     try:
         async with asyncio.timeout(IP_TIMEOUT):
             out, err = await proc.communicate()
@@ -140,8 +146,13 @@ async def _add_link(name: str) -> None:
 def _free_address(addresses: Any, name: str) -> ipaddress.IPv4Address:
     """The first address of DNS_LINK_NET no interface has, starting from a spot the
     link name picks (two processes rarely race for the same one)."""
-    used = {info.get("local") for link in addresses if isinstance(link, dict)
-            for info in link.get("addr_info", []) if isinstance(info, dict)}
+    used = {
+        info.get("local")
+        for link in addresses
+        if isinstance(link, dict)
+        for info in link.get("addr_info", [])
+        if isinstance(info, dict)
+    }
     hosts = list(ipaddress.IPv4Network(const.DNS_LINK_NET).hosts())
     start = int(hashlib.sha256(name.encode()).hexdigest(), 16) % len(hosts)
     for step in range(len(hosts)):
@@ -180,16 +191,28 @@ def cleanup_links() -> list[str]:
     if shutil.which("ip", path=env["PATH"]) is None:
         return []  # no iproute2 (macOS, FreeBSD): we never made a link here
     try:
-        listed = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True,
-                                timeout=IP_TIMEOUT, env=env, check=True).stdout
+        listed = subprocess.run(
+            ["ip", "-j", "link", "show"],
+            capture_output=True,
+            text=True,
+            timeout=IP_TIMEOUT,
+            env=env,
+            check=True,
+        ).stdout
         links = json.loads(listed)
     except (OSError, subprocess.SubprocessError, ValueError) as exc:
         log.warning("cannot list links to clean up: %s", exc)
         return []
     removed = []
     for name in stale_link_names(links):
-        done = subprocess.run(["ip", "link", "del", "dev", name], capture_output=True,
-                              text=True, timeout=IP_TIMEOUT, env=env, check=False)
+        done = subprocess.run(
+            ["ip", "link", "del", "dev", name],
+            capture_output=True,
+            text=True,
+            timeout=IP_TIMEOUT,
+            env=env,
+            check=False,
+        )
         if done.returncode == 0:
             removed.append(f"link {name}")
         else:
@@ -242,42 +265,73 @@ class Resolved:
             return False
         pid = (await self._call_bus("GetConnectionUnixProcessID", "s", bus_name))[0]
         if not _same_netns(int(pid)):
-            log.info("systemd-resolved (pid %s) runs in another network namespace: "
-                     "split DNS goes through the firewall instead", pid)
+            log.info(
+                "systemd-resolved (pid %s) runs in another network namespace: "
+                "split DNS goes through the firewall instead",
+                pid,
+            )
             return False
         return True
 
     async def _call_bus(self, member: str, signature: str, *body: Any) -> list[Any]:
-        return await self._call("org.freedesktop.DBus", "/org/freedesktop/DBus",
-                                "org.freedesktop.DBus", member, signature, body)
+        return await self._call(
+            "org.freedesktop.DBus",
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus",
+            member,
+            signature,
+            body,
+        )
 
     async def _manager(self, member: str, signature: str, *body: Any) -> list[Any]:
-        return await self._call(const.RESOLVED_BUS_NAME, RESOLVE1_PATH, RESOLVE1_MANAGER,
-                                member, signature, body)
+        return await self._call(
+            const.RESOLVED_BUS_NAME, RESOLVE1_PATH, RESOLVE1_MANAGER, member, signature, body
+        )
 
-    async def _call(self, destination: str, path: str, interface: str, member: str,
-                    signature: str, body: Sequence[Any]) -> list[Any]:
+    async def _call(
+        self,
+        destination: str,
+        path: str,
+        interface: str,
+        member: str,
+        signature: str,
+        body: Sequence[Any],
+    ) -> list[Any]:
         from dbus_fast import Message, MessageType
 
-        message = Message(destination=destination, path=path, interface=interface,
-                          member=member, signature=signature, body=list(body))
+        message = Message(
+            destination=destination,
+            path=path,
+            interface=interface,
+            member=member,
+            signature=signature,
+            body=list(body),
+        )
         async with asyncio.timeout(CALL_TIMEOUT):
             reply = await self._bus.call(message)
         if reply.message_type == MessageType.ERROR:
             detail = reply.body[0] if reply.body else ""
-            raise ResolvedError(f"{member}: {reply.error_name}: {detail}",) from None
+            raise ResolvedError(
+                f"{member}: {reply.error_name}: {detail}",
+            ) from None
         return list(reply.body)
 
     async def configure(self, link: DnsLink, domains: Sequence[str]) -> None:
         """Our listener as the link's DNS server, domains routed to it, nothing else."""
-        await self._when_known(self._manager, "SetLinkDNS", "ia(iay)", link.ifindex,
-                               [[socket.AF_INET, link.address.packed]])
+        await self._when_known(
+            self._manager,
+            "SetLinkDNS",
+            "ia(iay)",
+            link.ifindex,
+            [[socket.AF_INET, link.address.packed]],
+        )
         await self.set_domains(link, domains)
         await self._manager("SetLinkDefaultRoute", "ib", link.ifindex, False)
 
     async def set_domains(self, link: DnsLink, domains: Sequence[str]) -> None:
-        await self._manager("SetLinkDomains", "ia(sb)", link.ifindex,
-                            [[domain, True] for domain in domains])
+        await self._manager(
+            "SetLinkDomains", "ia(sb)", link.ifindex, [[domain, True] for domain in domains]
+        )
 
     async def revert(self, link: DnsLink) -> None:
         try:
@@ -304,9 +358,13 @@ class Resolved:
         from dbus_fast import Message
 
         def handler(msg: Message) -> None:
-            if (msg.member == "NameOwnerChanged" and msg.path == "/org/freedesktop/DBus"
-                    and len(msg.body) == 3 and msg.body[0] == const.RESOLVED_BUS_NAME
-                    and msg.body[2]):
+            if (
+                msg.member == "NameOwnerChanged"
+                and msg.path == "/org/freedesktop/DBus"
+                and len(msg.body) == 3
+                and msg.body[0] == const.RESOLVED_BUS_NAME
+                and msg.body[2]
+            ):
                 task = asyncio.ensure_future(on_restart())
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)

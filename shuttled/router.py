@@ -33,9 +33,10 @@ log = logging.getLogger(__name__)
 
 # Where the TPROXY rules deliver (shuttled.firewall.router.LISTEN).
 TPROXY_LISTEN = ("127.0.0.1", "::1")
-FORWARDING_SYSCTLS = (("net.ipv4.ip_forward", Path("/proc/sys/net/ipv4/ip_forward")),
-                      ("net.ipv6.conf.all.forwarding",
-                       Path("/proc/sys/net/ipv6/conf/all/forwarding")))
+FORWARDING_SYSCTLS = (
+    ("net.ipv4.ip_forward", Path("/proc/sys/net/ipv4/ip_forward")),
+    ("net.ipv6.conf.all.forwarding", Path("/proc/sys/net/ipv6/conf/all/forwarding")),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,18 +67,24 @@ def forwarding_problems() -> list[str]:
         except OSError:
             continue  # no IPv6 in this kernel: nothing to forward there
         if value == "0":
-            problems.append(f"{name} is 0: LAN hosts reach the tunnel's subnets through "
-                            f"this host but nothing else; set {name}=1 "
-                            f"(sysctl -w {name}=1, and in /etc/sysctl.d/)")
+            problems.append(
+                f"{name} is 0: LAN hosts reach the tunnel's subnets through "
+                f"this host but nothing else; set {name}=1 "
+                f"(sysctl -w {name}=1, and in /etc/sysctl.d/)"
+            )
     return problems
 
 
 class RouterSide:
     """The UDP proxy and the LAN DNS front of one tunnel, and their counters."""
 
-    def __init__(self, name: str, settings: RouterSettings,
-                 udp_mux: Callable[[], Awaitable[ChannelMux]],
-                 fault_log: Faults | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        settings: RouterSettings,
+        udp_mux: Callable[[], Awaitable[ChannelMux]],
+        fault_log: Faults | None = None,
+    ) -> None:
         self.name = name
         self.faults = fault_log if fault_log is not None else Faults()
         self.settings = settings
@@ -93,8 +100,13 @@ class RouterSide:
             for problem in self.health:
                 log.warning("router mode: %s", problem)
         if self.settings.udp and self.udp is None:
-            self.udp = UdpProxy(self._udp_mux, self.faults, addresses=TPROXY_LISTEN,
-                                max_flows=self.settings.udp_flows, idle=self.settings.udp_idle)
+            self.udp = UdpProxy(
+                self._udp_mux,
+                self.faults,
+                addresses=TPROXY_LISTEN,
+                max_flows=self.settings.udp_flows,
+                idle=self.settings.udp_idle,
+            )
             await self.udp.start()
 
     async def decorate(self, capture: Capture, resolver: Resolver | None) -> Capture:
@@ -106,10 +118,12 @@ class RouterSide:
 
     def fields(self, capture: Capture) -> Capture:
         return dataclasses.replace(
-            capture, lan=self.settings.lan,
+            capture,
+            lan=self.settings.lan,
             udp_port=self.udp.port if self.udp is not None else None,
             lan_dns_port=self.lan_dns.port if self.lan_dns is not None else None,
-            lan_dns_all=self.settings.lan_dns_all)
+            lan_dns_all=self.settings.lan_dns_all,
+        )
 
     def session_lost(self) -> None:
         """The flows' channels died with the session: forget them now."""
@@ -142,24 +156,48 @@ class RouterSide:
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """Router mode, UDP and kill switch flags of `shuttled run`."""
-    p.add_argument("--lan", action="append", default=[], metavar="IFACE|SUBNET",
-                   help="router mode: also capture traffic arriving on this interface or from "
-                        "this source subnet (repeatable); implies --udp")
-    p.add_argument("--udp", action="store_true",
-                   help="carry UDP to the subnets too (through the remote helper)")
+    p.add_argument(
+        "--lan",
+        action="append",
+        default=[],
+        metavar="IFACE|SUBNET",
+        help="router mode: also capture traffic arriving on this interface or from "
+        "this source subnet (repeatable); implies --udp",
+    )
+    p.add_argument(
+        "--udp",
+        action="store_true",
+        help="carry UDP to the subnets too (through the remote helper)",
+    )
     p.add_argument("--no-udp", action="store_true", help="with --lan: TCP and DNS only")
-    p.add_argument("--lan-dns", choices=("box", "all"), default="box",
-                   help="with --lan and --dns: answer DNS the LAN sends to this host (box, "
-                        "the default) or all port-53 traffic from the LAN (all)")
-    p.add_argument("--udp-flows", type=int, default=const.UDP_MAX_FLOWS, metavar="N",
-                   help=f"most UDP flows at once (default {const.UDP_MAX_FLOWS}); "
-                        "beyond it new flows are refused and counted")
-    p.add_argument("--udp-idle", type=float, default=const.UDP_IDLE, metavar="SECONDS",
-                   help=f"a UDP flow ends after this long without traffic "
-                        f"(default {const.UDP_IDLE:g})")
-    p.add_argument("--kill-switch", action="store_true",
-                   help="until the tunnel is up, reject traffic to the subnets instead of "
-                        "letting it out directly")
+    p.add_argument(
+        "--lan-dns",
+        choices=("box", "all"),
+        default="box",
+        help="with --lan and --dns: answer DNS the LAN sends to this host (box, "
+        "the default) or all port-53 traffic from the LAN (all)",
+    )
+    p.add_argument(
+        "--udp-flows",
+        type=int,
+        default=const.UDP_MAX_FLOWS,
+        metavar="N",
+        help=f"most UDP flows at once (default {const.UDP_MAX_FLOWS}); "
+        "beyond it new flows are refused and counted",
+    )
+    p.add_argument(
+        "--udp-idle",
+        type=float,
+        default=const.UDP_IDLE,
+        metavar="SECONDS",
+        help=f"a UDP flow ends after this long without traffic (default {const.UDP_IDLE:g})",
+    )
+    p.add_argument(
+        "--kill-switch",
+        action="store_true",
+        help="until the tunnel is up, reject traffic to the subnets instead of "
+        "letting it out directly",
+    )
 
 
 def lan_match(items: Sequence[str]) -> LanMatch | None:
@@ -195,10 +233,16 @@ def settings_from_args(args: argparse.Namespace) -> RouterSettings:
         raise UsageError("--udp-flows: expected 1 to 1000000")
     if not 1.0 <= args.udp_idle <= 3600.0:
         raise UsageError("--udp-idle: expected 1 to 3600 seconds")
-    return _linux_only(RouterSettings(
-        lan=lan, udp=args.udp or (lan is not None and not args.no_udp),
-        udp_flows=args.udp_flows, udp_idle=args.udp_idle,
-        lan_dns_all=args.lan_dns == "all", kill_switch=args.kill_switch))
+    return _linux_only(
+        RouterSettings(
+            lan=lan,
+            udp=args.udp or (lan is not None and not args.no_udp),
+            udp_flows=args.udp_flows,
+            udp_idle=args.udp_idle,
+            lan_dns_all=args.lan_dns == "all",
+            kill_switch=args.kill_switch,
+        )
+    )
 
 
 def settings_from_profile(profile: Profile) -> RouterSettings:
@@ -207,10 +251,18 @@ def settings_from_profile(profile: Profile) -> RouterSettings:
     lan = profile.lan
     match = None
     if lan.enabled:
-        sources = tuple(s.network for text in lan.sources
-                        for s in parse_subnet(text, resolve=False))
+        sources = tuple(
+            s.network for text in lan.sources for s in parse_subnet(text, resolve=False)
+        )
         match = LanMatch(lan.interfaces, sources, every_interface=lan.all_interfaces)
     udp = profile.udp if profile.udp is not None else match is not None
-    return _linux_only(RouterSettings(
-        lan=match, udp=udp, udp_flows=profile.udp_flows, udp_idle=profile.udp_idle,
-        lan_dns_all=profile.lan_dns == "all", kill_switch=profile.kill_switch))
+    return _linux_only(
+        RouterSettings(
+            lan=match,
+            udp=udp,
+            udp_flows=profile.udp_flows,
+            udp_idle=profile.udp_idle,
+            lan_dns_all=profile.lan_dns == "all",
+            kill_switch=profile.kill_switch,
+        )
+    )

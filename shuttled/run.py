@@ -37,8 +37,11 @@ async def run(spec: TunnelSpec, method: str | None = None) -> int:
         if tunnel.state is not State.UP:
             raise ShuttledError(tunnel.last_error or "tunnel did not come up")
         mode = tunnel.session.mode if tunnel.session else "?"
-        print(f"shuttled: tunnel to {spec.target.remote} is up ({mode} mode, "
-              f"{captures.backend.name}); Ctrl-C to stop", flush=True)
+        print(
+            f"shuttled: tunnel to {spec.target.remote} is up ({mode} mode, "
+            f"{captures.backend.name}); Ctrl-C to stop",
+            flush=True,
+        )
         ended = asyncio.create_task(tunnel.wait_not(State.UP))
         await asyncio.wait([ended, stopper], return_when=asyncio.FIRST_COMPLETED)
         if stop.is_set():

@@ -89,8 +89,13 @@ class TunnelSpec:
         if not (self.dns or self.remote_hosts):
             return None
         mode = self.dns_mode if self.dns else "split"  # remote_hosts alone: split, no domains
-        return DnsPlan(mode, self.dns_domains if mode == "split" else (), self.dns_capture,
-                       self.dns_upstream, self.listen)
+        return DnsPlan(
+            mode,
+            self.dns_domains if mode == "split" else (),
+            self.dns_capture,
+            self.dns_upstream,
+            self.listen,
+        )
 
 
 class CaptureSet:
@@ -148,8 +153,14 @@ class CaptureSet:
         if now == self.seen:
             return None
         lost = describe_loss(self.backend, self.seen, now)
-        log.debug("our rules, then and now:\n%s", "\n".join(difflib.unified_diff(
-            self.seen.splitlines(), now.splitlines(), "ours", "kernel", lineterm="")))
+        log.debug(
+            "our rules, then and now:\n%s",
+            "\n".join(
+                difflib.unified_diff(
+                    self.seen.splitlines(), now.splitlines(), "ours", "kernel", lineterm=""
+                )
+            ),
+        )
         self.install()
         self.restored += 1
         self.last_loss = lost
@@ -157,8 +168,17 @@ class CaptureSet:
 
 
 # Programs that replace firewall rules wholesale when they start or reload.
-_RULE_REPLACERS = ("firewalld", "dockerd", "ufw", "netfilter-persistent", "iptables-restore",
-                   "nft", "kube-proxy", "podman", "shorewall")
+_RULE_REPLACERS = (
+    "firewalld",
+    "dockerd",
+    "ufw",
+    "netfilter-persistent",
+    "iptables-restore",
+    "nft",
+    "kube-proxy",
+    "podman",
+    "shorewall",
+)
 
 
 def describe_loss(backend: Backend, seen: str, now: str) -> str:
@@ -168,9 +188,12 @@ def describe_loss(backend: Backend, seen: str, now: str) -> str:
     else:
         what = f"the {backend.name} rules of {backend.table} were changed"
     suspects = _running(_RULE_REPLACERS)
-    who = (f" (running here: {', '.join(suspects)})" if suspects else
-           " (by hand, e.g. `nft flush ruleset` or `iptables -t nat -F`, or a firewall "
-           "manager's reload)")
+    who = (
+        f" (running here: {', '.join(suspects)})"
+        if suspects
+        else " (by hand, e.g. `nft flush ruleset` or `iptables -t nat -F`, or a firewall "
+        "manager's reload)"
+    )
     return what + who
 
 
@@ -186,8 +209,9 @@ def _running(names: Iterable[str]) -> list[str]:
     return sorted(found)
 
 
-async def ssh_excludes(target: SshTarget, pin: dict[str, tuple[IPAddress, ...]] | None = None
-                       ) -> tuple[Subnet, ...]:
+async def ssh_excludes(
+    target: SshTarget, pin: dict[str, tuple[IPAddress, ...]] | None = None
+) -> tuple[Subnet, ...]:
     """The ssh server's own address and port, so reconnects are never captured.
 
     A server given by name is remembered in `pin` (name -> addresses): where our
@@ -200,8 +224,7 @@ async def ssh_excludes(target: SshTarget, pin: dict[str, tuple[IPAddress, ...]] 
     addresses = await resolve_host(host) if host else []
     if pin is not None and host and addresses and not _is_address(host):
         pin[host.lower().rstrip(".")] = tuple(ipaddress.ip_address(a) for a in addresses)
-    return tuple(Subnet(ipaddress.ip_network(a), (port, port), exclude=True)
-                 for a in addresses)
+    return tuple(Subnet(ipaddress.ip_network(a), (port, port), exclude=True) for a in addresses)
 
 
 def _is_address(text: str) -> bool:
@@ -216,8 +239,10 @@ async def remote_nameservers(session: SshSession) -> list[str]:
     status, out, err = await session.run("cat /etc/resolv.conf")
     servers = parse_resolv_conf(out.decode(errors="replace")) if status == 0 else []
     if not servers:
-        raise ShuttledError(f"no nameserver in the remote's /etc/resolv.conf "
-                            f"({err.decode(errors='replace').strip() or 'empty'})")
+        raise ShuttledError(
+            f"no nameserver in the remote's /etc/resolv.conf "
+            f"({err.decode(errors='replace').strip() or 'empty'})"
+        )
     return servers
 
 
@@ -227,8 +252,9 @@ StateListener = Callable[[str, State, str | None], None]
 class Tunnel:
     """One profile's runtime: `up()` starts supervising, `down()` ends it."""
 
-    def __init__(self, spec: TunnelSpec, captures: CaptureSet,
-                 on_state: StateListener | None = None) -> None:
+    def __init__(
+        self, spec: TunnelSpec, captures: CaptureSet, on_state: StateListener | None = None
+    ) -> None:
         self.spec = spec
         self.captures = captures
         self.state = State.DOWN
@@ -257,9 +283,13 @@ class Tunnel:
 
     def _new_proxy(self) -> TransparentProxy:
         # LAN connections arrive by TPROXY: the listener needs IP_TRANSPARENT.
-        return TransparentProxy(self._mux, self.faults, addresses=self.spec.listen,
-                                transparent=self.spec.router.lan is not None,
-                                limits=self.spec.limits)
+        return TransparentProxy(
+            self._mux,
+            self.faults,
+            addresses=self.spec.listen,
+            transparent=self.spec.router.lan is not None,
+            limits=self.spec.limits,
+        )
 
     async def _udp_mux(self) -> ChannelMux:
         if self.session is None:
@@ -280,8 +310,11 @@ class Tunnel:
         current = self.captures.captures.get(self.spec.name)
         # A predecessor's held capture (a reload changed the profile) is replaced
         # by ours in one transaction: the subnets are never let out in between.
-        base = current if current is not None and self._holding_own else self.router.fields(
-            self._held_capture(self._excludes))
+        base = (
+            current
+            if current is not None and self._holding_own
+            else self.router.fields(self._held_capture(self._excludes))
+        )
         held = dataclasses.replace(base, hold=True)
         if held != current:
             self.captures.put(held)
@@ -292,10 +325,15 @@ class Tunnel:
         catch, refused until our listener exists (never let out in the clear)."""
         plan = self.spec.dns_plan()
         dns = plan.held() if plan is not None else DnsCapture()
-        return Capture(name=self.spec.name,
-                       subnets=self.spec.subnets + self.auto_nets + excludes,
-                       tcp_port=self.proxy.port, dns_servers=dns.servers,
-                       dns_all=dns.every_server, uid=self.spec.uid, hold=True)
+        return Capture(
+            name=self.spec.name,
+            subnets=self.spec.subnets + self.auto_nets + excludes,
+            tcp_port=self.proxy.port,
+            dns_servers=dns.servers,
+            dns_all=dns.every_server,
+            uid=self.spec.uid,
+            hold=True,
+        )
 
     @property
     def running(self) -> bool:
@@ -320,7 +358,8 @@ class Tunnel:
     async def wait_settled(self) -> State:
         """Until the tunnel is up, or has failed, or has stopped."""
         while self.state in (State.CONNECTING, State.RECONNECTING) or (
-                self.state is State.DOWN and self.running):
+            self.state is State.DOWN and self.running
+        ):
             await self.changed.wait()
         return self.state
 
@@ -374,8 +413,11 @@ class Tunnel:
         session = self._new_session()
         self.session = session
         try:
-            excludes = (await ssh_excludes(self.spec.target, self.server_pin)
-                        if self.spec.auto_exclude else ())
+            excludes = (
+                await ssh_excludes(self.spec.target, self.server_pin)
+                if self.spec.auto_exclude
+                else ()
+            )
             self._excludes = excludes
             self._hold()  # from the very first connect: CONNECTING holds too
             await session.start()
@@ -402,16 +444,21 @@ class Tunnel:
             await fresh.start()
         except ShuttledError as exc:
             await fresh.stop()
-            log.warning("could not replace a worn ssh connection (%s): trying again in %g s",
-                        exc, const.RECYCLE_RETRY)
+            log.warning(
+                "could not replace a worn ssh connection (%s): trying again in %g s",
+                exc,
+                const.RECYCLE_RETRY,
+            )
             await asyncio.wait([worn.closed], timeout=const.RECYCLE_RETRY)
             worn.worn.clear()
             return worn
         self.session = fresh
         self.recycled += 1
-        log.info("the ssh master kept %d failed opens: new connections use a fresh ssh "
-                 "connection; the old one ends with its last connection",
-                 const.MASTER_FAILED_OPENS_MAX)
+        log.info(
+            "the ssh master kept %d failed opens: new connections use a fresh ssh "
+            "connection; the old one ends with its last connection",
+            const.MASTER_FAILED_OPENS_MAX,
+        )
         task = asyncio.create_task(self._drain(worn))
         self._draining.add(task)
         task.add_done_callback(self._draining.discard)
@@ -421,27 +468,42 @@ class Tunnel:
         deadline = time.monotonic() + const.RECYCLE_DRAIN_MAX
         try:
             muxes = old.muxes()
-            while (time.monotonic() < deadline and not old.closed.done() and any(
-                    c.channel is not None and c.channel.mux in muxes
-                    for c in self.proxy.connections)):
+            while (
+                time.monotonic() < deadline
+                and not old.closed.done()
+                and any(
+                    c.channel is not None and c.channel.mux in muxes for c in self.proxy.connections
+                )
+            ):
                 await asyncio.sleep(1.0)
         finally:
             await old.stop()
 
     def _new_session(self) -> SshSession:
-        return SshSession(self.spec.target, self.spec.name, forward=self.spec.forward,
-                          pythons=self.spec.pythons, keepalive=self.spec.keepalive,
-                          streams=self.spec.streams, fault_log=self.faults)
+        return SshSession(
+            self.spec.target,
+            self.spec.name,
+            forward=self.spec.forward,
+            pythons=self.spec.pythons,
+            keepalive=self.spec.keepalive,
+            streams=self.spec.streams,
+            fault_log=self.faults,
+        )
 
     async def _capture(self, excludes: tuple[Subnet, ...]) -> None:
         self.auto_nets = await self._learn_routes(excludes) if self.spec.auto_nets else ()
         plan = self.spec.dns_plan()
         dns = await self._start_dns(plan) if plan is not None else DnsCapture()
-        capture = Capture(name=self.spec.name,
-                          subnets=self.spec.subnets + self.auto_nets + excludes,
-                          tcp_port=self.proxy.port, dns_port=dns.port, dns_servers=dns.servers,
-                          dns_all=dns.every_server, bypass_mark=dns.bypass_mark,
-                          uid=self.spec.uid)
+        capture = Capture(
+            name=self.spec.name,
+            subnets=self.spec.subnets + self.auto_nets + excludes,
+            tcp_port=self.proxy.port,
+            dns_port=dns.port,
+            dns_servers=dns.servers,
+            dns_all=dns.every_server,
+            bypass_mark=dns.bypass_mark,
+            uid=self.spec.uid,
+        )
         capture = await self.router.decorate(capture, self.forwarder)
         if self.captures.captures.get(self.spec.name) != capture:
             self.captures.put(capture)
@@ -449,10 +511,16 @@ class Tunnel:
     async def _learn_routes(self, excludes: tuple[Subnet, ...]) -> tuple[Subnet, ...]:
         assert self.session is not None
         learnt = await _from_remote("routes", remote_routes(self.session.run), [])
-        others = [s for name, c in self.captures.captures.items() if name != self.spec.name
-                  for s in c.subnets if not s.exclude]
-        kept = auto_subnets(learnt, self.spec.subnets, [e.network for e in excludes], others,
-                            local_addresses())
+        others = [
+            s
+            for name, c in self.captures.captures.items()
+            if name != self.spec.name
+            for s in c.subnets
+            if not s.exclude
+        ]
+        kept = auto_subnets(
+            learnt, self.spec.subnets, [e.network for e in excludes], others, local_addresses()
+        )
         log.info("auto_nets: the remote routes %s", ", ".join(map(str, kept)) or "nothing usable")
         return kept
 
@@ -462,11 +530,19 @@ class Tunnel:
         session = self.session
         assert session is not None
         if self.resolver is None:
-            self.resolver = ProfileResolver(self.spec.name, self.captures.backend.table, plan,
-                                            self._open_stream, self.captures.dns_peers,
-                                            self.faults)
-        hosts = (await _from_remote("/etc/hosts", remote_hosts(session.run), {})
-                 if self.spec.remote_hosts else None)
+            self.resolver = ProfileResolver(
+                self.spec.name,
+                self.captures.backend.table,
+                plan,
+                self._open_stream,
+                self.captures.dns_peers,
+                self.faults,
+            )
+        hosts = (
+            await _from_remote("/etc/hosts", remote_hosts(session.run), {})
+            if self.spec.remote_hosts
+            else None
+        )
         networks = [s.network for s in (*self.spec.subnets, *self.auto_nets) if not s.exclude]
         try:
             await self.resolver.refresh(networks, hosts, self.server_pin)
@@ -478,8 +554,9 @@ class Tunnel:
     def forwarder(self) -> DnsForwarder | None:
         return self.resolver.forwarder if self.resolver is not None else None
 
-    async def _open_stream(self, host: str, port: int
-                           ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _open_stream(
+        self, host: str, port: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self.session is None:
             raise ConnectionError("tunnel is not up")
         return await self.session.open_stream(host, port)
@@ -516,9 +593,12 @@ class Tunnel:
         live_down = sum(c.channel.bytes_down for c in self.proxy.connections if c.channel)
         session = self.session
         return {
-            "tx": counters.bytes_up + live_up, "rx": counters.bytes_down + live_down,
-            "active": len(self.proxy.connections), "total": counters.accepted,
-            "failed": counters.failed, "reconnects": self.reconnects,
+            "tx": counters.bytes_up + live_up,
+            "rx": counters.bytes_down + live_down,
+            "active": len(self.proxy.connections),
+            "total": counters.accepted,
+            "failed": counters.failed,
+            "reconnects": self.reconnects,
             "recycled": self.recycled,
             **self.proxy.limit_stats(),
             "aborted": self.faults.snapshot(),
@@ -534,16 +614,21 @@ class Tunnel:
 
     def _dns_stats(self) -> dict[str, Any]:
         assert self.resolver is not None and self.resolver.forwarder is not None
-        return {"mode": self.resolver.plan.mode, "path": self.resolver.path,
-                **vars(self.resolver.forwarder.stats)}
+        return {
+            "mode": self.resolver.plan.mode,
+            "path": self.resolver.path,
+            **vars(self.resolver.forwarder.stats),
+        }
 
     def dns_status(self) -> dict[str, Any] | None:
         return self.resolver.status() if self.resolver is not None else None
 
     def connections(self) -> list[dict[str, Any]]:
         now = asyncio.get_running_loop().time()
-        tcp = [connection_row("tcp", c.src, endpoint_text(c.dst), c.channel, now - c.started)
-               for c in self.proxy.connections]
+        tcp = [
+            connection_row("tcp", c.src, endpoint_text(c.dst), c.channel, now - c.started)
+            for c in self.proxy.connections
+        ]
         return tcp + self.router.flows()
 
 
@@ -581,9 +666,13 @@ def local_addresses() -> list[IPAddress]:
     return found
 
 
-def auto_subnets(learnt: Iterable[IPNetwork], profile: Iterable[Subnet],
-                 server: Iterable[IPNetwork], others: Iterable[Subnet],
-                 local: Iterable[IPAddress] = ()) -> tuple[Subnet, ...]:
+def auto_subnets(
+    learnt: Iterable[IPNetwork],
+    profile: Iterable[Subnet],
+    server: Iterable[IPNetwork],
+    others: Iterable[Subnet],
+    local: Iterable[IPAddress] = (),
+) -> tuple[Subnet, ...]:
     """The remote's routes as include subnets, less what must not be captured.
 
     Left out: a route holding the ssh server's own address (the way to the
@@ -598,15 +687,21 @@ def auto_subnets(learnt: Iterable[IPNetwork], profile: Iterable[Subnet],
     server, others = [*server, *here], list(others)
     kept = []
     for net in learnt:
-        if any(x.version == net.version and net.subnet_of(x)  # type: ignore[arg-type]
-               for x in excludes) or any(
-                x.version == net.version and x.subnet_of(net)  # type: ignore[arg-type]
-                for x in server):
+        if any(
+            x.version == net.version and net.subnet_of(x)  # type: ignore[arg-type]
+            for x in excludes
+        ) or any(
+            x.version == net.version and x.subnet_of(net)  # type: ignore[arg-type]
+            for x in server
+        ):
             continue
-        if clash := next((o for o in others if o.network.version == net.version
-                          and o.network.overlaps(net)), None):  # type: ignore[arg-type]
-            log.warning("auto_nets: %s left out, it overlaps %s of another profile", net,
-                        clash.network)
+        if clash := next(
+            (o for o in others if o.network.version == net.version and o.network.overlaps(net)),
+            None,
+        ):  # type: ignore[arg-type]
+            log.warning(
+                "auto_nets: %s left out, it overlaps %s of another profile", net, clash.network
+            )
             continue
         kept.append(Subnet(net))
     return tuple(kept)

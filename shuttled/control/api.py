@@ -51,8 +51,12 @@ class Permission(enum.Enum):
 
 
 ArgType = type[str] | type[bool] | type[int] | type[float]
-_TYPE_NAMES: Mapping[type, str] = {str: "a string", bool: "true or false",
-                                   int: "an integer", float: "a number"}
+_TYPE_NAMES: Mapping[type, str] = {
+    str: "a string",
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+}
 _DBUS_SIGNATURES: Mapping[type, str] = {str: "s", bool: "b", int: "x", float: "d"}
 
 
@@ -75,8 +79,9 @@ class Arg:
         expected = (int, float) if self.type is float else (self.type,)
         # bool is an int to Python, never to us.
         if isinstance(value, bool) != (self.type is bool) or not isinstance(value, expected):
-            raise BadRequestError(f"{verb}: argument {self.name!r} must be "
-                                  f"{_TYPE_NAMES[self.type]}")
+            raise BadRequestError(
+                f"{verb}: argument {self.name!r} must be {_TYPE_NAMES[self.type]}"
+            )
         if self.type is float:
             value = float(value)  # type: ignore[arg-type]
         if isinstance(value, int | float) and not isinstance(value, bool):
@@ -89,8 +94,9 @@ class Arg:
         low = -float("inf") if self.minimum is None else self.minimum
         high = float("inf") if self.maximum is None else self.maximum
         if not low <= value <= high:
-            raise BadRequestError(f"{verb}: argument {self.name!r} must be between "
-                                  f"{low:g} and {high:g}")
+            raise BadRequestError(
+                f"{verb}: argument {self.name!r} must be between {low:g} and {high:g}"
+            )
 
 
 @dataclass(frozen=True)
@@ -105,10 +111,22 @@ class Verb:
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able description, for D-Bus introspection and generated docs."""
-        return {"name": self.name, "permission": self.permission.value,
-                "streams": self.streams, "help": self.help,
-                "args": [{"name": a.name, "type": a.type.__name__, "required": a.required,
-                          "default": a.default, "help": a.help} for a in self.args]}
+        return {
+            "name": self.name,
+            "permission": self.permission.value,
+            "streams": self.streams,
+            "help": self.help,
+            "args": [
+                {
+                    "name": a.name,
+                    "type": a.type.__name__,
+                    "required": a.required,
+                    "default": a.default,
+                    "help": a.help,
+                }
+                for a in self.args
+            ],
+        }
 
 
 _PROFILE = Arg("profile", str, required=True, help="profile name")
@@ -120,24 +138,60 @@ def _table(*verbs: Verb) -> Mapping[str, Verb]:
 
 VERBS: Mapping[str, Verb] = _table(
     Verb("list", "list_profiles", Permission.READ, help="profiles and their states"),
-    Verb("status", "status", Permission.READ,
-         (Arg("profile", str, help="one profile (default: all)"),),
-         help="state, traffic and health of one or all profiles"),
-    Verb("up", "up", Permission.MUTATE_PROFILE,
-         (_PROFILE,
-          Arg("wait", bool, default=True, help="return once up (or failed)"),
-          Arg("timeout", float, default=DEFAULT_UP_TIMEOUT, minimum=0.0,
-              maximum=MAX_UP_TIMEOUT, help="seconds to wait")),
-         help="bring a profile up (idempotent)"),
-    Verb("down", "down", Permission.MUTATE_PROFILE, (_PROFILE,),
-         help="take a profile down (idempotent)"),
+    Verb(
+        "status",
+        "status",
+        Permission.READ,
+        (Arg("profile", str, help="one profile (default: all)"),),
+        help="state, traffic and health of one or all profiles",
+    ),
+    Verb(
+        "up",
+        "up",
+        Permission.MUTATE_PROFILE,
+        (
+            _PROFILE,
+            Arg("wait", bool, default=True, help="return once up (or failed)"),
+            Arg(
+                "timeout",
+                float,
+                default=DEFAULT_UP_TIMEOUT,
+                minimum=0.0,
+                maximum=MAX_UP_TIMEOUT,
+                help="seconds to wait",
+            ),
+        ),
+        help="bring a profile up (idempotent)",
+    ),
+    Verb(
+        "down",
+        "down",
+        Permission.MUTATE_PROFILE,
+        (_PROFILE,),
+        help="take a profile down (idempotent)",
+    ),
     Verb("stats", "stats", Permission.READ, (_PROFILE,), help="counters of one profile"),
-    Verb("connections", "connections", Permission.PRIVATE, (_PROFILE,),
-         help="live connections of one profile"),
-    Verb("reload", "reload", Permission.ADMIN,
-         help="re-read the configuration; apply only what changed"),
-    Verb("watch", "subscribe", Permission.READ, streams=True, release="unsubscribe",
-         help="stream state-change events"),
+    Verb(
+        "connections",
+        "connections",
+        Permission.PRIVATE,
+        (_PROFILE,),
+        help="live connections of one profile",
+    ),
+    Verb(
+        "reload",
+        "reload",
+        Permission.ADMIN,
+        help="re-read the configuration; apply only what changed",
+    ),
+    Verb(
+        "watch",
+        "subscribe",
+        Permission.READ,
+        streams=True,
+        release="unsubscribe",
+        help="stream state-change events",
+    ),
     Verb("version", "version", Permission.READ, help="daemon version and protocol"),
 )
 
@@ -188,8 +242,9 @@ def check_args(verb: Verb, raw: Mapping[str, Any]) -> tuple[Any, ...]:
 
 
 def _admin_denied(verb: Verb) -> PermissionDeniedError:
-    return PermissionDeniedError(f"{verb.name}: permission denied (only root and members "
-                                 f"of group {const.ADMIN_GROUP!r})")
+    return PermissionDeniedError(
+        f"{verb.name}: permission denied (only root and members of group {const.ADMIN_GROUP!r})"
+    )
 
 
 def authorize(call: Call, caller: Caller, config: Config) -> None:
@@ -204,7 +259,8 @@ def authorize(call: Call, caller: Caller, config: Config) -> None:
         if not config.profiles[name].allows(caller.uid, caller.gids):
             raise PermissionDeniedError(
                 f"{call.verb.name} {name}: permission denied (only root, group "
-                f"{const.ADMIN_GROUP!r} and the profile's allow list)")
+                f"{const.ADMIN_GROUP!r} and the profile's allow list)"
+            )
 
 
 def _check_profile(call: Call, config: Config) -> None:
@@ -219,8 +275,7 @@ def prepare(core: Core, verb_name: str, raw_args: Mapping[str, Any], caller: Cal
     """Validate, check the profile exists, then authorize: any failure is a typed error."""
     verb = VERBS.get(verb_name)
     if verb is None:
-        raise BadRequestError(f"unknown verb {verb_name[:32]!r} (known: "
-                              f"{', '.join(VERBS)})")
+        raise BadRequestError(f"unknown verb {verb_name[:32]!r} (known: {', '.join(VERBS)})")
     call = Call(verb, check_args(verb, raw_args))
     config = core.config
     _check_profile(call, config)

@@ -100,6 +100,7 @@ _DRIVER = "org.freedesktop.DBus"  # the bus daemon's name, interface, and (as a 
 
 # --- the API as data, generated from the verb table ----------------------------------------
 
+
 @dataclass(frozen=True)
 class BusMethod:
     """One D-Bus method: a verb and the arguments a caller passes, in table order."""
@@ -132,16 +133,22 @@ def member_name(verb: str) -> str:
 
 def manager_methods() -> dict[str, BusMethod]:
     """Manager1: every verb that answers once (streaming verbs become signals)."""
-    return {member_name(v.name): BusMethod(member_name(v.name), v, v.args)
-            for v in api.VERBS.values() if not v.streams}
+    return {
+        member_name(v.name): BusMethod(member_name(v.name), v, v.args)
+        for v in api.VERBS.values()
+        if not v.streams
+    }
 
 
 def profile_methods() -> dict[str, BusMethod]:
     """Profile1: every answering verb that takes a profile, which the object path gives."""
-    return {member_name(v.name): BusMethod(member_name(v.name), v,
-                                           tuple(a for a in v.args if a.name != "profile"))
-            for v in api.VERBS.values()
-            if not v.streams and any(a.name == "profile" for a in v.args)}
+    return {
+        member_name(v.name): BusMethod(
+            member_name(v.name), v, tuple(a for a in v.args if a.name != "profile")
+        )
+        for v in api.VERBS.values()
+        if not v.streams and any(a.name == "profile" for a in v.args)
+    }
 
 
 @dataclass(frozen=True)
@@ -191,26 +198,34 @@ def profile_path(name: str) -> str:
 def bus_label(name: str) -> str:
     if not name:
         return "_"
-    return "".join(f"_{b:02x}" if not (chr(b).isascii() and chr(b).isalnum())
-                   or (i == 0 and chr(b).isdigit()) else chr(b)
-                   for i, b in enumerate(name.encode()))
+    return "".join(
+        f"_{b:02x}"
+        if not (chr(b).isascii() and chr(b).isalnum()) or (i == 0 and chr(b).isdigit())
+        else chr(b)
+        for i, b in enumerate(name.encode())
+    )
 
 
 # --- ServiceInterface classes built from that data ------------------------------------------
 
-def _typed(fn: FunctionType, attr: str, params: Sequence[tuple[str, str]],
-           returns: str = "") -> FunctionType:
+
+def _typed(
+    fn: FunctionType, attr: str, params: Sequence[tuple[str, str]], returns: str = ""
+) -> FunctionType:
     """Give a generated function the D-Bus types dbus-fast reads from annotations.
 
     Quoted signature strings ("'s'") parse as such in 1.84 and 5.x alike; setting them
     here rather than writing `-> "s"` in the source keeps mypy and ruff out of it.
     """
     self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    params_ = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                 annotation=repr(sig)) for name, sig in params]
+    params_ = [
+        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=repr(sig))
+        for name, sig in params
+    ]
     vars(fn)["__signature__"] = inspect.Signature(
         [self_param, *params_],
-        return_annotation=repr(returns) if returns else inspect.Signature.empty)
+        return_annotation=repr(returns) if returns else inspect.Signature.empty,
+    )
     fn.__name__ = fn.__qualname__ = attr  # dbus-fast finds getters by __name__
     return fn
 
@@ -219,6 +234,7 @@ def _method_stub(member: str) -> FunctionType:
     def stub(self: Any, *_args: Any) -> Any:
         # Calls never get here: DbusControl's message handler takes them first.
         raise DBusError(ErrorType.FAILED, f"{member}: not dispatched")
+
     return stub  # type: ignore[return-value]
 
 
@@ -230,6 +246,7 @@ def _getter(prop: BusProperty) -> FunctionType:
             if not isinstance(exc, ShuttledError):
                 log.exception("D-Bus: reading %s failed", prop.member)
             raise _dbus_error(exc) from None
+
     return get  # type: ignore[return-value]
 
 
@@ -237,26 +254,37 @@ def _emitter() -> FunctionType:
     def emit(self: Any, *values: Any) -> Any:
         # dbus-fast wants one value bare and several as a list.
         return values[0] if len(values) == 1 else list(values)
+
     return emit  # type: ignore[return-value]
 
 
-def _members(methods: Mapping[str, BusMethod], properties: Sequence[BusProperty],
-             signals: Sequence[BusSignal]) -> dict[str, Any]:
+def _members(
+    methods: Mapping[str, BusMethod],
+    properties: Sequence[BusProperty],
+    signals: Sequence[BusSignal],
+) -> dict[str, Any]:
     """Class attributes for ServiceInterface: prefixed, so none shadows its own names."""
     members: dict[str, Any] = {"bus_properties": tuple(properties)}
     for m in methods.values():
         attr = f"_method_{m.member}"
-        members[attr] = method(name=m.member)(_typed(
-            _method_stub(m.member), attr, [(a.name, a.dbus_signature) for a in m.args],
-            RESULT_SIGNATURE))
+        members[attr] = method(name=m.member)(
+            _typed(
+                _method_stub(m.member),
+                attr,
+                [(a.name, a.dbus_signature) for a in m.args],
+                RESULT_SIGNATURE,
+            )
+        )
     for p in properties:
         attr = f"_property_{p.member}"
         members[attr] = dbus_property(access=PropertyAccess.READ, name=p.member)(
-            _typed(_getter(p), attr, [], p.signature))
+            _typed(_getter(p), attr, [], p.signature)
+        )
     for s in signals:
         attr = f"_signal_{s.member}"
-        members[attr] = signal(name=s.member)(_typed(
-            _emitter(), attr, s.args, "".join(sig for _, sig in s.args)))
+        members[attr] = signal(name=s.member)(
+            _typed(_emitter(), attr, s.args, "".join(sig for _, sig in s.args))
+        )
     return members
 
 
@@ -285,8 +313,9 @@ class _Exported(ServiceInterface):
     def introspect(self) -> intr.Interface:
         interface = super().introspect()
         emits = {p.member: p.emits for p in self.bus_properties}
-        interface.properties = [_AnnotatedProperty(p, emits.get(p.name, "true"))
-                                for p in interface.properties]
+        interface.properties = [
+            _AnnotatedProperty(p, emits.get(p.name, "true")) for p in interface.properties
+        ]
         return interface
 
     def emit(self, sig: BusSignal, *values: Any) -> None:
@@ -322,7 +351,8 @@ class _ProfileBase(_Exported):
         row = self.status()
         by_member = {p.member: p for p in PROFILE_PROPERTIES}
         self.emit_properties_changed(
-            {m: _coerce(by_member[m], row.get(by_member[m].key)) for m in STATE_PROPERTIES})
+            {m: _coerce(by_member[m], row.get(by_member[m].key)) for m in STATE_PROPERTIES}
+        )
 
 
 def _coerce(prop: BusProperty, value: Any) -> Any:
@@ -339,13 +369,17 @@ def _coerce(prop: BusProperty, value: Any) -> Any:
 
 
 ManagerInterface: type[_ManagerBase] = type(
-    "ManagerInterface", (_ManagerBase,), _members(manager_methods(), MANAGER_PROPERTIES, [EVENT]))
+    "ManagerInterface", (_ManagerBase,), _members(manager_methods(), MANAGER_PROPERTIES, [EVENT])
+)
 ProfileInterface: type[_ProfileBase] = type(
-    "ProfileInterface", (_ProfileBase,),
-    _members(profile_methods(), PROFILE_PROPERTIES, [STATE_CHANGED]))
+    "ProfileInterface",
+    (_ProfileBase,),
+    _members(profile_methods(), PROFILE_PROPERTIES, [STATE_CHANGED]),
+)
 
 
 # --- who is calling -----------------------------------------------------------------------
+
 
 def proc_ids(pid: int, uid: int, proc: Path = Path("/proc")) -> tuple[int, tuple[int, ...]] | None:
     """(effective gid, supplementary groups) of PID, if it still runs as `uid`."""
@@ -364,8 +398,9 @@ def proc_ids(pid: int, uid: int, proc: Path = Path("/proc")) -> tuple[int, tuple
         return None
 
 
-def make_caller(uid: int, pid: int | None, groups: Sequence[int] | None,
-                proc: Path = Path("/proc")) -> api.Caller:
+def make_caller(
+    uid: int, pid: int | None, groups: Sequence[int] | None, proc: Path = Path("/proc")
+) -> api.Caller:
     """api.Caller from what the bus said, completed from /proc."""
     ids = proc_ids(pid, uid, proc) if pid else None
     gid = ids[0] if ids else UNKNOWN_GID
@@ -392,11 +427,11 @@ def error_message(call: Message, exc: BaseException) -> Message:
 
 def result_json(result: Any) -> str:
     # The socket's own encoder, so both transports serialize a result identically.
-    return json.dumps(result, separators=(",", ":"), allow_nan=False,
-                      default=protocol.jsonable)
+    return json.dumps(result, separators=(",", ":"), allow_nan=False, default=protocol.jsonable)
 
 
 # --- the service ---------------------------------------------------------------------------
+
 
 class DbusControl:
     """Serves the verb table of `api` on the system bus: `await start()`, then `close()`."""
@@ -408,8 +443,7 @@ class DbusControl:
         self.bus: MessageBus | None = None
         self._manager: _ManagerBase | None = None
         self._profiles: dict[str, _ProfileBase] = {}  # by object path
-        self._methods = {MANAGER_INTERFACE: manager_methods(),
-                         PROFILE_INTERFACE: profile_methods()}
+        self._methods = {MANAGER_INTERFACE: manager_methods(), PROFILE_INTERFACE: profile_methods()}
         self._tasks: set[asyncio.Task[Any]] = set()  # the event watcher and calls in flight
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -427,8 +461,7 @@ class DbusControl:
         except BaseException:
             self.close()
             raise
-        log.debug("D-Bus API on %s as %s", self.bus_address or "the system bus",
-                  const.DBUS_NAME)
+        log.debug("D-Bus API on %s as %s", self.bus_address or "the system bus", const.DBUS_NAME)
 
     async def _connect(self) -> MessageBus:
         bus: MessageBus | None = None
@@ -449,10 +482,12 @@ class DbusControl:
         except DBusError as exc:
             raise ShuttledError(
                 f"may not own the D-Bus name {const.DBUS_NAME}: {exc.text} (is "
-                f"io.github.shuttled.conf installed in /usr/share/dbus-1/system.d?)") from None
+                f"io.github.shuttled.conf installed in /usr/share/dbus-1/system.d?)"
+            ) from None
         if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
-            raise ShuttledError(f"the D-Bus name {const.DBUS_NAME} is already taken "
-                                "(is another shuttled running?)")
+            raise ShuttledError(
+                f"the D-Bus name {const.DBUS_NAME} is already taken (is another shuttled running?)"
+            )
 
     def close(self) -> None:
         """Stop answering and disconnect; calls in flight get no reply."""
@@ -532,11 +567,14 @@ class DbusControl:
         bus_method, profile = target
         if msg.signature != bus_method.in_signature:
             return Message.new_error(
-                msg, ErrorType.INVALID_ARGS, f"{bus_method.member} takes "
-                f"({bus_method.in_signature}), not ({msg.signature})")
+                msg,
+                ErrorType.INVALID_ARGS,
+                f"{bus_method.member} takes ({bus_method.in_signature}), not ({msg.signature})",
+            )
         if len(self._tasks) >= MAX_PENDING_CALLS:
-            return error_message(msg, BusyError(
-                f"too many calls in flight ({MAX_PENDING_CALLS}); try again"))
+            return error_message(
+                msg, BusyError(f"too many calls in flight ({MAX_PENDING_CALLS}); try again")
+            )
         self._spawn(self._answer(msg, bus_method, profile))
         return True
 
@@ -563,8 +601,9 @@ class DbusControl:
         try:
             caller = await self._caller(msg.sender)
             uid = caller.uid
-            call = api.prepare(self.core, bus_method.verb.name,
-                               bus_method.raw_args(msg.body, profile), caller)
+            call = api.prepare(
+                self.core, bus_method.verb.name, bus_method.raw_args(msg.body, profile), caller
+            )
             result = await api.invoke(self.core, call)
             reply = Message.new_method_return(msg, RESULT_SIGNATURE, [result_json(result)])
         except ShuttledError as exc:
@@ -594,8 +633,11 @@ class DbusControl:
             creds = {key: variant.value for key, variant in reply.body[0].items()}
             if "UnixUserID" in creds:
                 groups = creds.get("UnixGroupIDs")
-                return (int(creds["UnixUserID"]), creds.get("ProcessID"),
-                        tuple(groups) if groups is not None else None)
+                return (
+                    int(creds["UnixUserID"]),
+                    creds.get("ProcessID"),
+                    tuple(groups) if groups is not None else None,
+                )
         elif reply.error_name != ErrorType.UNKNOWN_METHOD.value:
             raise DBusError(reply.error_name or ErrorType.FAILED, _reply_text(reply))
         # Buses older than GetConnectionCredentials (dbus < 1.7): the two older calls.
@@ -609,9 +651,16 @@ class DbusControl:
     async def _driver(self, member: str, sender: str) -> Message:
         """Ask the bus daemon about a connection; its error replies are returned, not raised."""
         assert self.bus is not None
-        reply = await self.bus.call(Message(
-            destination=_DRIVER, path="/" + _DRIVER.replace(".", "/"), interface=_DRIVER,
-            member=member, signature="s", body=[sender]))
+        reply = await self.bus.call(
+            Message(
+                destination=_DRIVER,
+                path="/" + _DRIVER.replace(".", "/"),
+                interface=_DRIVER,
+                member=member,
+                signature="s",
+                body=[sender],
+            )
+        )
         assert reply is not None
         return reply
 
@@ -620,8 +669,11 @@ def _ours(path: str | None) -> bool:
     """Our objects and their ancestors (introspecting those lists the profiles)."""
     if path is None:
         return False
-    return (path == const.DBUS_PATH or path.startswith(const.DBUS_PATH + "/")
-            or const.DBUS_PATH.startswith(path.rstrip("/") + "/"))
+    return (
+        path == const.DBUS_PATH
+        or path.startswith(const.DBUS_PATH + "/")
+        or const.DBUS_PATH.startswith(path.rstrip("/") + "/")
+    )
 
 
 def _reply_text(reply: Message) -> str:

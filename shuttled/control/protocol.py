@@ -103,6 +103,7 @@ class Event:
 
 # --- errors <-> codes ----------------------------------------------------------------------
 
+
 def _subclasses(cls: type[ShuttledError]) -> list[type[ShuttledError]]:
     found = [cls]
     for sub in cls.__subclasses__():
@@ -143,6 +144,7 @@ def error_info(exc: BaseException) -> ErrorInfo:
 
 # --- encoding ------------------------------------------------------------------------------
 
+
 def jsonable(obj: object) -> Any:
     """json.dumps fallback for what a daemon core naturally returns."""
     if isinstance(obj, enum.Enum):
@@ -153,8 +155,14 @@ def jsonable(obj: object) -> Any:
         return dataclasses.asdict(obj)
     if isinstance(obj, Mapping):
         return dict(obj)
-    if isinstance(obj, os.PathLike | ipaddress.IPv4Network | ipaddress.IPv6Network |
-                  ipaddress.IPv4Address | ipaddress.IPv6Address):
+    if isinstance(
+        obj,
+        os.PathLike
+        | ipaddress.IPv4Network
+        | ipaddress.IPv6Network
+        | ipaddress.IPv4Address
+        | ipaddress.IPv6Address,
+    ):
         return str(obj)
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
@@ -165,8 +173,9 @@ def _dump(obj: Mapping[str, Any]) -> bytes:
 
 
 def encode_request(request: Request) -> bytes:
-    return _dump({"v": PROTOCOL_VERSION, "id": request.id, "verb": request.verb,
-                  "args": dict(request.args)})
+    return _dump(
+        {"v": PROTOCOL_VERSION, "id": request.id, "verb": request.verb, "args": dict(request.args)}
+    )
 
 
 def encode_reply(reply: Reply) -> bytes:
@@ -193,6 +202,7 @@ def encode_event(event: Mapping[str, Any]) -> bytes:
 
 # --- decoding ------------------------------------------------------------------------------
 
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -217,16 +227,24 @@ def _load_object(line: bytes | str, limit: int) -> dict[str, Any]:
 
 
 def _kind(value: object) -> str:
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
-             int: "a number", float: "a number", type(None): "null"}
+    names = {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        type(None): "null",
+    }
     return names.get(type(value), type(value).__name__)
 
 
 def _check_version(obj: Mapping[str, Any]) -> None:
     version = obj.get("v")
     if version != PROTOCOL_VERSION or isinstance(version, bool):
-        raise ValueError(f"protocol version {version!r} is not supported "
-                         f"(this side speaks {PROTOCOL_VERSION})")
+        raise ValueError(
+            f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})"
+        )
 
 
 def _check_id(value: object, *, optional: bool) -> int | None:

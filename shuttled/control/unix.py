@@ -178,10 +178,16 @@ class UnixControlServer:
     up on every client, remove the socket) and optionally `await wait_closed()`.
     """
 
-    def __init__(self, core: api.Core, *, credentials: Credentials = peer_credentials,
-                 max_clients: int = MAX_CLIENTS, max_per_uid: int = MAX_CLIENTS_PER_UID,
-                 idle_timeout: float = IDLE_TIMEOUT,
-                 write_timeout: float = WRITE_TIMEOUT) -> None:
+    def __init__(
+        self,
+        core: api.Core,
+        *,
+        credentials: Credentials = peer_credentials,
+        max_clients: int = MAX_CLIENTS,
+        max_per_uid: int = MAX_CLIENTS_PER_UID,
+        idle_timeout: float = IDLE_TIMEOUT,
+        write_timeout: float = WRITE_TIMEOUT,
+    ) -> None:
         self.core = core
         self.credentials = credentials
         self.max_clients = max_clients
@@ -229,8 +235,9 @@ class UnixControlServer:
             with contextlib.suppress(OSError):
                 path.unlink()
             raise
-        acceptor = Acceptor(sock, self._on_accept, what=f"the control socket {path}",
-                            spares=self._spares)
+        acceptor = Acceptor(
+            sock, self._on_accept, what=f"the control socket {path}", spares=self._spares
+        )
         self._doors.append((path, path.stat().st_ino, acceptor))
         acceptor.start()
 
@@ -261,8 +268,10 @@ class UnixControlServer:
         try:
             caller = self.credentials(sock)
         except OSError as exc:
-            self._turn_away(sock, error_reply(None, ShuttledError(
-                f"cannot read peer credentials: {exc.strerror}")))
+            self._turn_away(
+                sock,
+                error_reply(None, ShuttledError(f"cannot read peer credentials: {exc.strerror}")),
+            )
             return
         busy = self._over_limit(caller)
         if busy is not None:
@@ -278,8 +287,10 @@ class UnixControlServer:
         """Why `caller` is told busy, if it is. Limits apply to unprivileged callers
         only: an administrator is never turned away because others hold connections."""
         if self._per_uid[caller.uid] >= self.max_per_uid:
-            busy = (f"too many control connections from uid {caller.uid} "
-                    f"({self.max_per_uid}); try again")
+            busy = (
+                f"too many control connections from uid {caller.uid} "
+                f"({self.max_per_uid}); try again"
+            )
         elif len(self._clients) >= self.max_clients:
             busy = f"too many control clients ({self.max_clients}); try again"
         else:
@@ -315,8 +326,7 @@ class UnixControlServer:
 
     async def _on_client(self, sock: socket.socket, caller: api.Caller) -> None:
         try:
-            reader, writer = await asyncio.open_unix_connection(sock=sock,
-                                                                limit=MAX_REQUEST_BYTES)
+            reader, writer = await asyncio.open_unix_connection(sock=sock, limit=MAX_REQUEST_BYTES)
         except OSError as exc:
             log.debug("control client dropped: %s", exc)
             sock.close()
@@ -334,13 +344,15 @@ class UnixControlServer:
         finally:
             writer.close()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     caller: api.Caller) -> None:
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, caller: api.Caller
+    ) -> None:
         share = None if caller.uid == 0 or self._is_admin(caller) else self._share(caller.uid)
         for count in itertools.count(1):
             line = await self._read_request(reader, writer)
-            if line is None or (line.strip() and
-                                not await self._handle(line, caller, share, reader, writer)):
+            if line is None or (
+                line.strip() and not await self._handle(line, caller, share, reader, writer)
+            ):
                 return
             wait = share.owed() if share is not None else 0.0
             # Lines already buffered are read, answered and written without a pause: one
@@ -357,25 +369,40 @@ class UnixControlServer:
             share = self._shares[uid] = _Share()
         return share
 
-    async def _read_request(self, reader: asyncio.StreamReader,
-                            writer: asyncio.StreamWriter) -> bytes | None:
+    async def _read_request(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bytes | None:
         """The next request line; None (after an error reply, if due) to hang up."""
         try:
             # asyncio.timeout, not wait_for: no task per request (Python 3.11)
             async with asyncio.timeout(self.idle_timeout):
                 line = await reader.readline()
         except TimeoutError:
-            await self._send(writer, error_reply(None, BadRequestError(
-                f"no complete request within {self.idle_timeout:g} s")))
+            await self._send(
+                writer,
+                error_reply(
+                    None, BadRequestError(f"no complete request within {self.idle_timeout:g} s")
+                ),
+            )
             return None
         except ValueError:  # StreamReader's "separator not found, limit exceeded"
-            await self._send(writer, error_reply(None, BadRequestError(
-                f"request longer than {MAX_REQUEST_BYTES} bytes")))
+            await self._send(
+                writer,
+                error_reply(
+                    None, BadRequestError(f"request longer than {MAX_REQUEST_BYTES} bytes")
+                ),
+            )
             return None
         return line or None
 
-    async def _handle(self, line: bytes, caller: api.Caller, share: _Share | None,
-                      reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    async def _handle(
+        self,
+        line: bytes,
+        caller: api.Caller,
+        share: _Share | None,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> bool:
         """Answer one request; False when the connection is done (after a stream)."""
         request_id: int | None = None
         try:
@@ -412,8 +439,9 @@ class UnixControlServer:
             if share is not None:
                 share.charge(time.monotonic() - started)
 
-    async def _stream(self, call: api.Call, reader: asyncio.StreamReader,
-                      writer: asyncio.StreamWriter) -> None:
+    async def _stream(
+        self, call: api.Call, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         """Send events until the client hangs up (or stops reading them)."""
 
         async def pump() -> None:

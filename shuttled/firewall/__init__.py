@@ -53,12 +53,15 @@ log = logging.getLogger(__name__)
 # pf (macOS, FreeBSD) first where it is the platform's firewall.
 _LINUX: dict[str, type[Backend]] = {"nft": NftBackend, "iptables": IptablesBackend}
 BACKENDS: dict[str, type[Backend]] = (
-    {"pf": PfBackend, **_LINUX} if sys.platform == "darwin" or sys.platform.startswith("freebsd")
-    else {**_LINUX, "pf": PfBackend})
+    {"pf": PfBackend, **_LINUX}
+    if sys.platform == "darwin" or sys.platform.startswith("freebsd")
+    else {**_LINUX, "pf": PfBackend}
+)
 
 
-def detect(method: str | None = None, table: str = NFT_TABLE, *,
-           persistent: bool = False) -> Backend:
+def detect(
+    method: str | None = None, table: str = NFT_TABLE, *, persistent: bool = False
+) -> Backend:
     """The backend for `method` ("auto"/None: the first usable one) or FirewallError why not."""
     if method in (None, "auto"):
         reasons = []
@@ -89,9 +92,11 @@ def live_owners() -> list[str]:
         if not cls.present():
             continue
         with contextlib.suppress(FirewallError):
-            found += [f"shuttled run (pid {t.removeprefix(RUN_TABLE_PREFIX)}, {cls.name})"
-                      for t in cls.instances()
-                      if t.startswith(RUN_TABLE_PREFIX) and not is_cleanup_target(t)]
+            found += [
+                f"shuttled run (pid {t.removeprefix(RUN_TABLE_PREFIX)}, {cls.name})"
+                for t in cls.instances()
+                if t.startswith(RUN_TABLE_PREFIX) and not is_cleanup_target(t)
+            ]
     return found
 
 
@@ -109,8 +114,9 @@ def cleanup_all(*, live: bool = False, lockdown: bool = False) -> list[str]:
         if not cls.present():
             continue
         try:
-            stale = [t for t in cls.instances()
-                     if is_cleanup_target(t, live=live, lockdown=lockdown)]
+            stale = [
+                t for t in cls.instances() if is_cleanup_target(t, live=live, lockdown=lockdown)
+            ]
         except FirewallError as e:
             errors.append(f"{cls.name}: {e}")
             continue

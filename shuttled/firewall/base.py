@@ -69,8 +69,14 @@ class Subnet:
         # sshuttle's subnet_weight: narrower port range, then longer prefix, then
         # excludes before includes; the rest only makes the order total.
         first, last = self.ports or (0, 65535)
-        return (last - first, -self.network.prefixlen, not self.exclude, self.family,
-                int(self.network.network_address), self.ports or (0, 0))
+        return (
+            last - first,
+            -self.network.prefixlen,
+            not self.exclude,
+            self.family,
+            int(self.network.network_address),
+            self.ports or (0, 0),
+        )
 
     def __lt__(self, other: object) -> bool:
         if not isinstance(other, Subnet):
@@ -255,8 +261,7 @@ class CaptureRules:
         def of(rules: tuple[Rule, ...]) -> tuple[Rule, ...]:
             return tuple(r for r in rules if r.family == family)
 
-        return CaptureRules(of(self.dns), of(self.subnets), self.bypass_mark,
-                            of(self.refused_dns))
+        return CaptureRules(of(self.dns), of(self.subnets), self.bypass_mark, of(self.refused_dns))
 
 
 def capture_rules(capture: Capture) -> CaptureRules:
@@ -268,8 +273,10 @@ def capture_rules(capture: Capture) -> CaptureRules:
     return CaptureRules(dns, subnets, capture.bypass_mark)
 
 
-_ANY: dict[int, IPNetwork] = {4: ipaddress.IPv4Network("0.0.0.0/0"),
-                             6: ipaddress.IPv6Network("::/0")}
+_ANY: dict[int, IPNetwork] = {
+    4: ipaddress.IPv4Network("0.0.0.0/0"),
+    6: ipaddress.IPv6Network("::/0"),
+}
 
 
 def _servers(capture: Capture, family: int) -> tuple[IPNetwork, ...]:
@@ -281,8 +288,14 @@ def _servers(capture: Capture, family: int) -> tuple[IPNetwork, ...]:
 
 def _dns_rule(capture: Capture, family: int) -> Rule:
     # No port only while held before the listener exists: then it is refused_dns.
-    return Rule(family, _servers(capture, family), "redirect", capture.dns_port or 0,
-                protos=("tcp", "udp"), ports=(DNS_PORT, DNS_PORT))
+    return Rule(
+        family,
+        _servers(capture, family),
+        "redirect",
+        capture.dns_port or 0,
+        protos=("tcp", "udp"),
+        ports=(DNS_PORT, DNS_PORT),
+    )
 
 
 def _subnet_rules(capture: Capture, family: int) -> list[Rule]:
@@ -297,8 +310,9 @@ def _subnet_rules(capture: Capture, family: int) -> list[Rule]:
         to_port = 0 if subnet.exclude else capture.tcp_port
         last = rules[-1] if rules else None
         if last and (last.verdict, last.ports) == (verdict, subnet.ports):
-            rules[-1] = Rule(family, _merge(last.daddrs, subnet.network), verdict, to_port,
-                             ports=subnet.ports)
+            rules[-1] = Rule(
+                family, _merge(last.daddrs, subnet.network), verdict, to_port, ports=subnet.ports
+            )
         else:
             rules.append(Rule(family, (subnet.network,), verdict, to_port, ports=subnet.ports))
     return rules
@@ -405,8 +419,15 @@ def run_tool(argv: Sequence[str], stdin: str | None = None) -> str:
     log.debug("running %s%s", " ".join(argv), f" with input:\n{stdin}" if stdin else "")
     env = {**os.environ, "LC_ALL": "C", "PATH": tool_path()}
     try:
-        proc = subprocess.run(list(argv), input=stdin, capture_output=True, text=True,
-                              timeout=TOOL_TIMEOUT, env=env, check=False)
+        proc = subprocess.run(
+            list(argv),
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=TOOL_TIMEOUT,
+            env=env,
+            check=False,
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         raise FirewallError(f"{argv[0]}: {e}") from None
     if proc.returncode != 0:
@@ -416,8 +437,11 @@ def run_tool(argv: Sequence[str], stdin: str | None = None) -> str:
 
 def one_line(text: str, limit: int = 400) -> str:
     """A tool's error output on one line, without nft's ^^^ markers or usage hints."""
-    lines = [ln.strip() for ln in text.splitlines()
-             if ln.strip().strip("^~") and not ln.startswith("Try `")]
+    lines = [
+        ln.strip()
+        for ln in text.splitlines()
+        if ln.strip().strip("^~") and not ln.startswith("Try `")
+    ]
     summary = " | ".join(lines) or "no error output"
     return summary if len(summary) <= limit else summary[: limit - 3] + "..."
 
@@ -430,8 +454,7 @@ def is_cleanup_target(table: str, *, live: bool = False, lockdown: bool = False)
     if table == LOCKDOWN_TABLE:
         return lockdown
     pid = table.removeprefix(RUN_TABLE_PREFIX)
-    return table.startswith(RUN_TABLE_PREFIX) and pid.isdigit() and (
-        live or not _alive(int(pid)))
+    return table.startswith(RUN_TABLE_PREFIX) and pid.isdigit() and (live or not _alive(int(pid)))
 
 
 def _alive(pid: int) -> bool:

@@ -71,13 +71,17 @@ def chain_name(top: str, name: str) -> str:
 
 def wanted(top: str, family: int, table: str, rules: RouterRules) -> TableSet:
     if table == "mangle":
-        parts = [_part(top, top, "PREROUTING", rules.pre_jumps, family, rules.tproxy, ""),
-                 _part(top, chain_name(top, ".out"), "OUTPUT", rules.out_jumps, family,
-                       rules.marks, ".m.")]
+        parts = [
+            _part(top, top, "PREROUTING", rules.pre_jumps, family, rules.tproxy, ""),
+            _part(
+                top, chain_name(top, ".out"), "OUTPUT", rules.out_jumps, family, rules.marks, ".m."
+            ),
+        ]
     else:
-        parts = [_part(top, top, "OUTPUT", rules.hold_out_jumps, family, rules.holds, ""),
-                 _part(top, chain_name(top, ".fwd"), "FORWARD", rules.hold_fwd_jumps, family,
-                       {}, "")]
+        parts = [
+            _part(top, top, "OUTPUT", rules.hold_out_jumps, family, rules.holds, ""),
+            _part(top, chain_name(top, ".fwd"), "FORWARD", rules.hold_fwd_jumps, family, {}, ""),
+        ]
     chains: list[str] = []
     body: list[str] = []
     jumps: list[BuiltinJump] = []
@@ -88,9 +92,15 @@ def wanted(top: str, family: int, table: str, rules: RouterRules) -> TableSet:
     return TableSet(tuple(chains), tuple(body), tuple(jumps))
 
 
-def _part(top: str, base: str, builtin: str, jumps: Sequence[Jump], family: int,
-          bodies: dict[str, tuple[RRule, ...]], infix: str
-          ) -> tuple[list[str], list[str], list[BuiltinJump]]:
+def _part(
+    top: str,
+    base: str,
+    builtin: str,
+    jumps: Sequence[Jump],
+    family: int,
+    bodies: dict[str, tuple[RRule, ...]],
+    infix: str,
+) -> tuple[list[str], list[str], list[BuiltinJump]]:
     """One base chain (jumped to from `builtin`) and the per-capture chains it jumps to."""
     if not jumps:
         return [], [], []
@@ -102,8 +112,12 @@ def _part(top: str, base: str, builtin: str, jumps: Sequence[Jump], family: int,
     for name, body in bodies.items():
         chain = chain_name(top, infix + name)
         chains.append(chain)
-        rules += [f"-A {chain} {spec}" for rule in body if rule.family == family
-                  for spec in ipt_rules(rule)]
+        rules += [
+            f"-A {chain} {spec}"
+            for rule in body
+            if rule.family == family
+            for spec in ipt_rules(rule)
+        ]
     return chains, rules, [(builtin, base)]
 
 
@@ -272,10 +286,13 @@ def _record_path(top: str) -> Path:
 def _nft_tables() -> set[str]:
     wanted_names = {f"{_NFT_FAMILY[f]} {t}" for f in (4, 6) for t in ALL_TABLES}
     if not which_tool("nft") or _is_legacy(
-            shutil.which(_TOOLS[4][0], path=tool_path()) or _TOOLS[4][0]):
+        shutil.which(_TOOLS[4][0], path=tool_path()) or _TOOLS[4][0]
+    ):
         return wanted_names  # nothing to manage: report all present
-    listed = {line.removeprefix("table ").strip()
-              for line in run_tool(["nft", "list", "tables"]).splitlines()}
+    listed = {
+        line.removeprefix("table ").strip()
+        for line in run_tool(["nft", "list", "tables"]).splitlines()
+    }
     return listed & wanted_names
 
 

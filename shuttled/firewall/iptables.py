@@ -89,8 +89,10 @@ class IptablesBackend(Backend):
             for chain in _chain_names(_save(family))
             if chain.startswith(IPT_CHAIN_PREFIX)
         }
-        tables |= {NFT_TABLE + top.removeprefix(IPT_CHAIN_PREFIX)
-                   for top in ipt_router.instances(families())}
+        tables |= {
+            NFT_TABLE + top.removeprefix(IPT_CHAIN_PREFIX)
+            for top in ipt_router.instances(families())
+        }
         return sorted(t for t in tables if is_instance_table(t))
 
     def render(self, captures: Sequence[Capture]) -> str:
@@ -288,8 +290,10 @@ def _nft_nat_tables() -> set[str]:
         return set(_NFT_NAT_TABLES.values())  # nothing to manage: report all present
     if not which_tool("nft"):
         return set(_NFT_NAT_TABLES.values())
-    listed = {line.removeprefix("table ").strip()
-              for line in run_tool(["nft", "list", "tables"]).splitlines()}
+    listed = {
+        line.removeprefix("table ").strip()
+        for line in run_tool(["nft", "list", "tables"]).splitlines()
+    }
     return listed & set(_NFT_NAT_TABLES.values())
 
 
@@ -342,12 +346,17 @@ def _probe_input(family: int) -> str:
     """
     chain = f"shuttled-probe-{os.getpid()}"
     dest = "127.0.0.1/32" if family == 4 else "::1/128"
-    return "\n".join([
-        "*nat",
-        f":{chain} - [0:0]",
-        f"-A {chain} -m owner --uid-owner 0 {_LOCAL_RETURN}",
-        f"-A {chain} -d {dest} -p udp -m udp --dport 1:2 -j REDIRECT --to-ports 1",
-        f"-F {chain}",
-        f"-X {chain}",
-        "COMMIT",
-    ]) + "\n"
+    return (
+        "\n".join(
+            [
+                "*nat",
+                f":{chain} - [0:0]",
+                f"-A {chain} -m owner --uid-owner 0 {_LOCAL_RETURN}",
+                f"-A {chain} -d {dest} -p udp -m udp --dport 1:2 -j REDIRECT --to-ports 1",
+                f"-F {chain}",
+                f"-X {chain}",
+                "COMMIT",
+            ]
+        )
+        + "\n"
+    )

@@ -35,9 +35,18 @@ VERSION = 1
 
 def locked(capture: Capture) -> Capture:
     """A capture's lockdown form: the same destinations, DNS and LAN, refused only."""
-    return Capture(name=capture.name, subnets=capture.subnets, tcp_port=capture.tcp_port,
-                   dns_servers=capture.dns_servers, dns_all=capture.dns_all, uid=capture.uid,
-                   bypass_mark=capture.bypass_mark, lan=capture.lan, hold=True, lockdown=True)
+    return Capture(
+        name=capture.name,
+        subnets=capture.subnets,
+        tcp_port=capture.tcp_port,
+        dns_servers=capture.dns_servers,
+        dns_all=capture.dns_all,
+        uid=capture.uid,
+        bypass_mark=capture.bypass_mark,
+        lan=capture.lan,
+        hold=True,
+        lockdown=True,
+    )
 
 
 # --- on disk ----------------------------------------------------------------------------
@@ -46,14 +55,22 @@ def locked(capture: Capture) -> Capture:
 def to_json(capture: Capture) -> dict[str, Any]:
     lan = capture.lan
     return {
-        "name": capture.name, "tcp_port": capture.tcp_port, "uid": capture.uid,
-        "subnets": [[str(s.network), list(s.ports) if s.ports else None, s.exclude]
-                    for s in capture.subnets],
-        "dns_servers": [str(a) for a in capture.dns_servers], "dns_all": capture.dns_all,
+        "name": capture.name,
+        "tcp_port": capture.tcp_port,
+        "uid": capture.uid,
+        "subnets": [
+            [str(s.network), list(s.ports) if s.ports else None, s.exclude] for s in capture.subnets
+        ],
+        "dns_servers": [str(a) for a in capture.dns_servers],
+        "dns_all": capture.dns_all,
         "bypass_mark": capture.bypass_mark,
-        "lan": None if lan is None else {"interfaces": list(lan.interfaces),
-                                         "sources": [str(n) for n in lan.sources],
-                                         "every_interface": lan.every_interface},
+        "lan": None
+        if lan is None
+        else {
+            "interfaces": list(lan.interfaces),
+            "sources": [str(n) for n in lan.sources],
+            "every_interface": lan.every_interface,
+        },
     }
 
 
@@ -61,16 +78,30 @@ def from_json(data: Mapping[str, Any]) -> Capture:
     """Raises ConfigError (a one-line reason) for anything that is not what to_json wrote."""
     try:
         lan = data.get("lan")
-        return locked(Capture(
-            name=str(data["name"]), tcp_port=int(data["tcp_port"]),
-            uid=None if data.get("uid") is None else int(data["uid"]),
-            subnets=tuple(Subnet(ipaddress.ip_network(net), tuple(ports) if ports else None,
-                                 bool(exclude)) for net, ports, exclude in data["subnets"]),
-            dns_servers=tuple(ipaddress.ip_address(a) for a in data.get("dns_servers", ())),
-            dns_all=bool(data.get("dns_all")), bypass_mark=data.get("bypass_mark"),
-            lan=None if lan is None else LanMatch(
-                tuple(lan["interfaces"]), tuple(ipaddress.ip_network(n) for n in lan["sources"]),
-                bool(lan["every_interface"])), hold=True))
+        return locked(
+            Capture(
+                name=str(data["name"]),
+                tcp_port=int(data["tcp_port"]),
+                uid=None if data.get("uid") is None else int(data["uid"]),
+                subnets=tuple(
+                    Subnet(
+                        ipaddress.ip_network(net), tuple(ports) if ports else None, bool(exclude)
+                    )
+                    for net, ports, exclude in data["subnets"]
+                ),
+                dns_servers=tuple(ipaddress.ip_address(a) for a in data.get("dns_servers", ())),
+                dns_all=bool(data.get("dns_all")),
+                bypass_mark=data.get("bypass_mark"),
+                lan=None
+                if lan is None
+                else LanMatch(
+                    tuple(lan["interfaces"]),
+                    tuple(ipaddress.ip_network(n) for n in lan["sources"]),
+                    bool(lan["every_interface"]),
+                ),
+                hold=True,
+            )
+        )
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"{FILE_NAME}: a capture is not readable ({exc})") from None
 
@@ -98,8 +129,11 @@ class LockdownFile:
         if not captures:
             self.path.unlink(missing_ok=True)
             return
-        body = {"version": VERSION, "method": method,
-                "captures": [to_json(c) for c in captures.values()]}
+        body = {
+            "version": VERSION,
+            "method": method,
+            "captures": [to_json(c) for c in captures.values()],
+        }
         write_durably(self.path, json.dumps(body, indent=1))
 
 

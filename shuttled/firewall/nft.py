@@ -70,8 +70,7 @@ class NftBackend(Backend):
         # The lockdown's refusals come after our nat redirect (what the tunnel carries
         # is on its way to our listener by then); a held capture's come before it.
         hold = NFT_LOCKDOWN_PRIORITY if self.table == LOCKDOWN_TABLE else NFT_HOLD_PRIORITY
-        chains += nft_chains(router_rules(captures),
-                             NftHooks(_chain, NFT_MANGLE_PRIORITY, hold))
+        chains += nft_chains(router_rules(captures), NftHooks(_chain, NFT_MANGLE_PRIORITY, hold))
         return script + f"table inet {self.table} {{\n" + "\n".join(chains) + "}\n"
 
     def _delete_script(self) -> str:
@@ -141,8 +140,13 @@ def _capture_chain(capture: Capture) -> str:
 
 def _rule(rule: Rule) -> str:
     verdict = "return" if rule.verdict == "return" else f"redirect to :{rule.to_port}"
-    return " ".join([f"{nft_family(rule.family)} daddr {address_set(rule.daddrs)}",
-                     *nft_l4(rule.protos, rule.ports), verdict])
+    return " ".join(
+        [
+            f"{nft_family(rule.family)} daddr {address_set(rule.daddrs)}",
+            *nft_l4(rule.protos, rule.ports),
+            verdict,
+        ]
+    )
 
 
 def _probe_script() -> str:
@@ -154,8 +158,16 @@ def _probe_script() -> str:
     """
     table = f"shuttled-probe-{os.getpid()}"
     rules = [
-        _rule(Rule(4, (ipaddress.IPv4Network("127.0.0.1/32"),), "redirect", 1,
-                   protos=("tcp", "udp"), ports=(53, 53))),
+        _rule(
+            Rule(
+                4,
+                (ipaddress.IPv4Network("127.0.0.1/32"),),
+                "redirect",
+                1,
+                protos=("tcp", "udp"),
+                ports=(53, 53),
+            )
+        ),
         "meta skuid 0 fib daddr type local return",
         _rule(Rule(6, (ipaddress.IPv6Network("::1/128"),), "redirect", 1, ports=(1, 2))),
     ]

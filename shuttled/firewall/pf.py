@@ -142,18 +142,27 @@ def _port(layout: NatlookLayout, port: int) -> bytes:
     return port.to_bytes(2, "big").ljust(layout.port_slot, b"\0")
 
 
-def pack_natlook(layout: NatlookLayout, version: int, src: tuple[str, int],
-                 dst: tuple[str, int]) -> bytes:
+def pack_natlook(
+    layout: NatlookLayout, version: int, src: tuple[str, int], dst: tuple[str, int]
+) -> bytes:
     """The request: which state has this (peer -> our listener) TCP connection?
 
     src is the accepted socket's peer, dst its local address (the listener);
     the direction is PF_OUT, as for a connection this host made.
     """
     zero = b"\0" * 16
-    fields: list[object] = [_addr(version, src[0]), _addr(version, dst[0]), zero, zero,
-                            _port(layout, src[1]), _port(layout, dst[1]),
-                            _port(layout, 0), _port(layout, 0),
-                            layout.af(version), IPPROTO_TCP]
+    fields: list[object] = [
+        _addr(version, src[0]),
+        _addr(version, dst[0]),
+        zero,
+        zero,
+        _port(layout, src[1]),
+        _port(layout, dst[1]),
+        _port(layout, 0),
+        _port(layout, 0),
+        layout.af(version),
+        IPPROTO_TCP,
+    ]
     fields += [0, PF_OUT] if layout.proto_variant else [PF_OUT]
     return layout.struct.pack(*fields)
 
@@ -169,6 +178,7 @@ def unpack_natlook(layout: NatlookLayout, version: int, raw: bytes) -> tuple[str
 
 
 # --- platforms ------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class PfPlatform:
@@ -207,13 +217,13 @@ def original_dst(sock: socket.socket) -> tuple[str, int]:
         raise OSError(95, f"DIOCNATLOOK is for macOS and FreeBSD, not {sys.platform}")
     version = 4 if sock.family == socket.AF_INET else 6
     layout = platform.natlook
-    buf = bytearray(pack_natlook(layout, version, sock.getpeername()[:2],
-                                 sock.getsockname()[:2]))
+    buf = bytearray(pack_natlook(layout, version, sock.getpeername()[:2], sock.getsockname()[:2]))
     fcntl.ioctl(_pf_fd(), layout.ioctl, buf, True)
     return unpack_natlook(layout, version, bytes(buf))
 
 
 # --- rules as text ------------------------------------------------------------------------------
+
 
 def _proto(rule: Rule) -> str:
     return rule.protos[0] if len(rule.protos) == 1 else "{ " + ", ".join(rule.protos) + " }"
@@ -264,9 +274,12 @@ def _nets_overlap(a: IPNetwork, b: IPNetwork) -> bool:
 def _needed(rules: Sequence[Rule]) -> list[Rule]:
     """Drop excludes that no later include overlaps: they would only pass traffic
     we never capture, overriding the administrator's own rules for nothing."""
-    return [r for i, r in enumerate(rules)
-            if r.verdict == "redirect" or any(later.verdict == "redirect" and _overlaps(r, later)
-                                              for later in rules[i + 1:])]
+    return [
+        r
+        for i, r in enumerate(rules)
+        if r.verdict == "redirect"
+        or any(later.verdict == "redirect" and _overlaps(r, later) for later in rules[i + 1 :])
+    ]
 
 
 @dataclass(frozen=True)
@@ -285,8 +298,9 @@ def _capture_section(capture: Capture) -> _Section:
         subnets = _needed(fam.subnets)
         if not subnets:
             continue
-        section.rdr.extend(f"no rdr on {LOOPBACK} {_AF[family]} proto tcp to {host}"
-                           for host in _LOCAL[family])
+        section.rdr.extend(
+            f"no rdr on {LOOPBACK} {_AF[family]} proto tcp to {host}" for host in _LOCAL[family]
+        )
         section.rdr.extend(_rdr(r) for r in subnets)
         section.filter.extend(_pass(r, capture.uid) for r in subnets)
     return section
@@ -297,12 +311,14 @@ def render_anchor(anchor: str, captures: Sequence[Capture]) -> str:
     check_captures(captures)
     sections = [_capture_section(c) for c in captures]
     head = [f"# shuttled: anchor {anchor}, replaced as a whole by pfctl -a {anchor} -f -"]
-    lines = head + [ln for s in sections for ln in s.rdr] + [ln for s in sections
-                                                             for ln in s.filter]
+    lines = (
+        head + [ln for s in sections for ln in s.rdr] + [ln for s in sections for ln in s.filter]
+    )
     return "\n".join(lines) + "\n"
 
 
 # --- pfctl ---------------------------------------------------------------------------------------
+
 
 def run_pfctl(args: Sequence[str], stdin: str | None = None) -> tuple[str, str]:
     """pfctl's stdout and stderr (pfctl -E prints its token on stderr), or FirewallError."""
@@ -310,8 +326,15 @@ def run_pfctl(args: Sequence[str], stdin: str | None = None) -> tuple[str, str]:
     log.debug("running %s%s", " ".join(argv), f" with input:\n{stdin}" if stdin else "")
     env = {**os.environ, "LC_ALL": "C", "PATH": tool_path()}
     try:
-        proc = subprocess.run(argv, input=stdin, capture_output=True, text=True,
-                              timeout=TOOL_TIMEOUT, env=env, check=False)
+        proc = subprocess.run(
+            argv,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=TOOL_TIMEOUT,
+            env=env,
+            check=False,
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         raise FirewallError(f"{PFCTL}: {e}") from None
     if proc.returncode != 0:
@@ -329,22 +352,28 @@ def parse_token(output: str) -> str:
 
 def parse_anchors(output: str, root: str) -> list[str]:
     """Instance tables from `pfctl -a ROOT -s Anchors` (one `ROOT/child` a line)."""
-    names = [ln.strip().removeprefix(f"{root}/") for ln in output.splitlines()
-             if ln.strip().startswith(f"{root}/")]
+    names = [
+        ln.strip().removeprefix(f"{root}/")
+        for ln in output.splitlines()
+        if ln.strip().startswith(f"{root}/")
+    ]
     return sorted(n for n in names if "/" not in n and is_instance_table(n))
 
 
-def anchor_problems(platform: PfPlatform, nat: str, rules: str, lo0: str,
-                    info: str) -> str | None:
+def anchor_problems(platform: PfPlatform, nat: str, rules: str, lo0: str, info: str) -> str | None:
     """Why our anchors would not be evaluated here, from pfctl's own listings."""
     root = platform.anchor_root
-    missing = [text for text, listing in ((f'rdr-anchor "{root}/*"', nat),
-                                          (f'anchor "{root}/*"', rules))
-               if text not in listing]
+    missing = [
+        text
+        for text, listing in ((f'rdr-anchor "{root}/*"', nat), (f'anchor "{root}/*"', rules))
+        if text not in listing
+    ]
     if missing:
-        return (f"the main pf ruleset has no {' and no '.join(missing)}: add "
-                f"'rdr-anchor \"{root}/*\"' and 'anchor \"{root}/*\"' to /etc/pf.conf and "
-                f"load it (pfctl -f /etc/pf.conf)")
+        return (
+            f"the main pf ruleset has no {' and no '.join(missing)}: add "
+            f"'rdr-anchor \"{root}/*\"' and 'anchor \"{root}/*\"' to /etc/pf.conf and "
+            f"load it (pfctl -f /etc/pf.conf)"
+        )
     if "(skip)" in lo0:
         return f"pf skips {LOOPBACK} ('set skip on {LOOPBACK}' in /etc/pf.conf): remove that"
     if not platform.references and "Status: Enabled" not in info:
@@ -357,8 +386,13 @@ class PfBackend(Backend):
     tools = (PFCTL,)
     token_dir: Path = const.RUN_DIR
 
-    def __init__(self, table: str = NFT_TABLE, *, persistent: bool = False,
-                 platform: PfPlatform | None = None) -> None:
+    def __init__(
+        self,
+        table: str = NFT_TABLE,
+        *,
+        persistent: bool = False,
+        platform: PfPlatform | None = None,
+    ) -> None:
         super().__init__(table, persistent=persistent)
         self.platform = platform or current_platform() or DARWIN
         self.anchor = self.platform.anchor(table)
@@ -377,9 +411,15 @@ class PfBackend(Backend):
         if not os.path.exists(PF_DEVICE):
             return f"no {PF_DEVICE} (FreeBSD: kldload pf)"
         try:
-            nat, rules, lo0, info = (run_pfctl(args)[0] for args in (
-                ["-s", "nat"], ["-s", "rules"], ["-s", "Interfaces", "-i", LOOPBACK, "-v"],
-                ["-s", "info"]))
+            nat, rules, lo0, info = (
+                run_pfctl(args)[0]
+                for args in (
+                    ["-s", "nat"],
+                    ["-s", "rules"],
+                    ["-s", "Interfaces", "-i", LOOPBACK, "-v"],
+                    ["-s", "info"],
+                )
+            )
         except FirewallError as e:
             return str(e)
         return anchor_problems(platform, nat, rules, lo0, info)
@@ -388,9 +428,11 @@ class PfBackend(Backend):
     def instances(cls) -> list[str]:
         platform = current_platform() or DARWIN
         out, _ = run_pfctl(["-a", platform.anchor_root, "-s", "Anchors"])
-        tokens = [p.name[len("pf-"):-len(".token")] for p in cls._token_files()]
-        return sorted(set(parse_anchors(out, platform.anchor_root))
-                      | {t for t in tokens if is_instance_table(t)})
+        tokens = [p.name[len("pf-") : -len(".token")] for p in cls._token_files()]
+        return sorted(
+            set(parse_anchors(out, platform.anchor_root))
+            | {t for t in tokens if is_instance_table(t)}
+        )
 
     def render(self, captures: Sequence[Capture]) -> str:
         return render_anchor(self.anchor, captures)

@@ -68,27 +68,62 @@ def route_present(family: int) -> bool:
 
 def describe() -> str:
     """Our rule and route, per family, as present or not (for change detection)."""
-    return "".join(f"# policy ipv{f}: rule {rule_present(f)}, route {route_present(f)}\n"
-                   for f in families())
+    return "".join(
+        f"# policy ipv{f}: rule {rule_present(f)}, route {route_present(f)}\n" for f in families()
+    )
 
 
 def ensure(owner: str) -> None:
     """Make the rule and route for every family (idempotent), for `owner` (a table)."""
     _made.add(owner)
     for family in families():
-        run_tool([IP, f"-{family}", "route", "replace", "local", _DEFAULT[family], "dev", "lo",
-                  "table", str(POLICY_TABLE)])
+        run_tool(
+            [
+                IP,
+                f"-{family}",
+                "route",
+                "replace",
+                "local",
+                _DEFAULT[family],
+                "dev",
+                "lo",
+                "table",
+                str(POLICY_TABLE),
+            ]
+        )
         if not rule_present(family):
-            run_tool([IP, f"-{family}", "rule", "add", "fwmark", _MARK, "lookup",
-                      str(POLICY_TABLE), "priority", str(POLICY_PRIORITY)])
+            run_tool(
+                [
+                    IP,
+                    f"-{family}",
+                    "rule",
+                    "add",
+                    "fwmark",
+                    _MARK,
+                    "lookup",
+                    str(POLICY_TABLE),
+                    "priority",
+                    str(POLICY_PRIORITY),
+                ]
+            )
 
 
 def remove() -> None:
     """Delete our rules (however many) and flush our table, in every family."""
     for family in families():
         for _ in range(sum(1 for r in _rules(family) if _ours(r))):
-            run_tool([IP, f"-{family}", "rule", "del", "priority", str(POLICY_PRIORITY),
-                      "table", str(POLICY_TABLE)])
+            run_tool(
+                [
+                    IP,
+                    f"-{family}",
+                    "rule",
+                    "del",
+                    "priority",
+                    str(POLICY_PRIORITY),
+                    "table",
+                    str(POLICY_TABLE),
+                ]
+            )
         if route_present(family):
             run_tool([IP, f"-{family}", "route", "flush", "table", str(POLICY_TABLE)])
 
@@ -140,8 +175,12 @@ def ipt_users(save: str) -> set[str]:
     users = set()
     for line in save.splitlines():
         parts = line.split()
-        if len(parts) > 1 and parts[0] == "-A" and parts[1].startswith(IPT_CHAIN_PREFIX) \
-                and "-j TPROXY" in line:
+        if (
+            len(parts) > 1
+            and parts[0] == "-A"
+            and parts[1].startswith(IPT_CHAIN_PREFIX)
+            and "-j TPROXY" in line
+        ):
             top = parts[1].split("-", 1)[0]
             users.add(NFT_TABLE + top.removeprefix(IPT_CHAIN_PREFIX))
     return users

@@ -53,8 +53,10 @@ from shuttled.firewall.base import (
 
 Verdict = Literal["return", "tproxy", "mark", "reset", "reject"]
 LISTEN = {4: "127.0.0.1", 6: "::1"}
-_MULTICAST: dict[int, IPNetwork] = {4: ipaddress.IPv4Network("224.0.0.0/4"),
-                                    6: ipaddress.IPv6Network("ff00::/8")}
+_MULTICAST: dict[int, IPNetwork] = {
+    4: ipaddress.IPv4Network("224.0.0.0/4"),
+    6: ipaddress.IPv6Network("ff00::/8"),
+}
 
 
 @dataclass(frozen=True)
@@ -140,8 +142,9 @@ def router_rules(captures: Sequence[Capture]) -> RouterRules:
             holds[name] = tuple(hold_chain(capture))
             hold_out.append(Jump(0, name, uid=capture.uid))
             hold_fwd += lan_jumps(capture.lan, name)
-    return RouterRules(tuple(pre), tuple(out), tuple(hold_out), tuple(hold_fwd),
-                       tproxy, marks, holds)
+    return RouterRules(
+        tuple(pre), tuple(out), tuple(hold_out), tuple(hold_fwd), tproxy, marks, holds
+    )
 
 
 def lan_jumps(lan: LanMatch | None, chain: str) -> list[Jump]:
@@ -173,18 +176,30 @@ def tproxy_chain(capture: Capture) -> list[RRule]:
 def never_captured() -> list[RRule]:
     """This host's own addresses, broadcasts and multicast: never the tunnel's, whatever
     the subnets say (0/0 would otherwise take DHCP, mDNS and the router's own services)."""
-    return [RRule(4, "return", local_dst=True), RRule(6, "return", local_dst=True),
-            RRule(4, "return", broadcast_dst=True),
-            RRule(4, "return", daddrs=(_MULTICAST[4],)),
-            RRule(6, "return", daddrs=(_MULTICAST[6],))]
+    return [
+        RRule(4, "return", local_dst=True),
+        RRule(6, "return", local_dst=True),
+        RRule(4, "return", broadcast_dst=True),
+        RRule(4, "return", daddrs=(_MULTICAST[4],)),
+        RRule(6, "return", daddrs=(_MULTICAST[6],)),
+    ]
 
 
 def _lan_dns(capture: Capture) -> list[RRule]:
     if capture.lan is None or capture.lan_dns_port is None:
         return []
-    return [RRule(family, "tproxy", capture.lan_dns_port, protos=("tcp", "udp"),
-                  ports=(DNS_PORT, DNS_PORT), local_dst=not capture.lan_dns_all, not_lo=True)
-            for family in (4, 6)]
+    return [
+        RRule(
+            family,
+            "tproxy",
+            capture.lan_dns_port,
+            protos=("tcp", "udp"),
+            ports=(DNS_PORT, DNS_PORT),
+            local_dst=not capture.lan_dns_all,
+            not_lo=True,
+        )
+        for family in (4, 6)
+    ]
 
 
 def _subnet_rules(capture: Capture, sub: Rule) -> list[RRule]:
@@ -193,11 +208,13 @@ def _subnet_rules(capture: Capture, sub: Rule) -> list[RRule]:
     out = []
     if capture.lan is not None:
         # Local TCP is the nat chain's; only forwarded TCP comes here.
-        out.append(RRule(sub.family, "tproxy", capture.tcp_port, sub.daddrs, ("tcp",),
-                         sub.ports, not_lo=True))
+        out.append(
+            RRule(
+                sub.family, "tproxy", capture.tcp_port, sub.daddrs, ("tcp",), sub.ports, not_lo=True
+            )
+        )
     if capture.udp_port is not None:
-        out.append(RRule(sub.family, "tproxy", capture.udp_port, sub.daddrs, ("udp",),
-                         sub.ports))
+        out.append(RRule(sub.family, "tproxy", capture.udp_port, sub.daddrs, ("udp",), sub.ports))
     return out
 
 
@@ -221,14 +238,17 @@ def mark_chain(capture: Capture) -> list[RRule]:
         if sub.verdict == "return":
             body.append(_exclude(sub))
         else:
-            body.append(RRule(sub.family, "mark", daddrs=sub.daddrs, protos=("udp",),
-                              ports=sub.ports))
+            body.append(
+                RRule(sub.family, "mark", daddrs=sub.daddrs, protos=("udp",), ports=sub.ports)
+            )
     return body
 
 
 def _refused_dns(dns: Rule) -> list[RRule]:
-    return [RRule(dns.family, "reset", daddrs=dns.daddrs, protos=("tcp",), ports=dns.ports),
-            RRule(dns.family, "reject", daddrs=dns.daddrs, protos=("udp",), ports=dns.ports)]
+    return [
+        RRule(dns.family, "reset", daddrs=dns.daddrs, protos=("tcp",), ports=dns.ports),
+        RRule(dns.family, "reject", daddrs=dns.daddrs, protos=("udp",), ports=dns.ports),
+    ]
 
 
 def hold_chain(capture: Capture) -> list[RRule]:
@@ -241,19 +261,19 @@ def hold_chain(capture: Capture) -> list[RRule]:
         body += [RRule(family, "return", mark=capture.bypass_mark) for family in (4, 6)]
     # DNS still reaches our listener while held (it answers SERVFAIL meanwhile); before
     # the listener exists it is refused here, so no query ever leaves in the clear.
-    body += [RRule(r.family, "return", daddrs=r.daddrs, protos=("udp", "tcp"), ports=r.ports)
-             for r in rules.dns]
+    body += [
+        RRule(r.family, "return", daddrs=r.daddrs, protos=("udp", "tcp"), ports=r.ports)
+        for r in rules.dns
+    ]
     body += [rule for r in rules.refused_dns for rule in _refused_dns(r)]
     body += never_captured()
     for sub in rules.subnets:
         if sub.verdict == "return":
             body.append(_exclude(sub))
             continue
-        body.append(RRule(sub.family, "reset", daddrs=sub.daddrs, protos=("tcp",),
-                          ports=sub.ports))
+        body.append(RRule(sub.family, "reset", daddrs=sub.daddrs, protos=("tcp",), ports=sub.ports))
         protos = ("udp",) if sub.ports else ()
-        body.append(RRule(sub.family, "reject", daddrs=sub.daddrs, protos=protos,
-                          ports=sub.ports))
+        body.append(RRule(sub.family, "reject", daddrs=sub.daddrs, protos=protos, ports=sub.ports))
     return body
 
 
@@ -264,13 +284,15 @@ def nft_chains(rules: RouterRules, hooks: NftHooks) -> list[str]:
     """Chain blocks (as nft.py's _chain formats them) for our table; [] when unused."""
     chains: list[str] = []
     for name, kind, hook, priority, jumps, prefix in (
-            ("prerouting", "filter", "prerouting", hooks.mangle, rules.pre_jumps, "tp_"),
-            ("mark_out", "route", "output", hooks.mangle, rules.out_jumps, "mk_"),
-            ("hold_out", "filter", "output", hooks.hold, rules.hold_out_jumps, "ks_"),
-            ("hold_fwd", "filter", "forward", hooks.hold, rules.hold_fwd_jumps, "ks_")):
+        ("prerouting", "filter", "prerouting", hooks.mangle, rules.pre_jumps, "tp_"),
+        ("mark_out", "route", "output", hooks.mangle, rules.out_jumps, "mk_"),
+        ("hold_out", "filter", "output", hooks.hold, rules.hold_out_jumps, "ks_"),
+        ("hold_fwd", "filter", "forward", hooks.hold, rules.hold_fwd_jumps, "ks_"),
+    ):
         if jumps:
-            chains.append(hooks.base(name, kind, hook, priority,
-                                     [nft_jump(j, prefix) for j in jumps]))
+            chains.append(
+                hooks.base(name, kind, hook, priority, [nft_jump(j, prefix) for j in jumps])
+            )
     for prefix, bodies in (("tp_", rules.tproxy), ("mk_", rules.marks), ("ks_", rules.holds)):
         for name, body in bodies.items():
             chains.append(hooks.chain(prefix + name, [nft_rule(r) for r in body]))
@@ -285,8 +307,7 @@ class NftHooks:
     mangle: int
     hold: int
 
-    def base(self, name: str, kind: str, hook: str, priority: int,
-             lines: Iterable[str]) -> str:
+    def base(self, name: str, kind: str, hook: str, priority: int, lines: Iterable[str]) -> str:
         head = f"type {kind} hook {hook} priority {priority}; policy accept;"
         return self.chain(name, [head, *lines])
 
@@ -425,8 +446,12 @@ class _NftSpelling(_Spelling):
     local_dst = "fib daddr type local"
     broadcast_dst = "fib daddr type broadcast"
     foreign_src = "fib saddr type != local"
-    verdicts = {"mark": _NFT_MARK, "reset": "reject with tcp reset",
-                "reject": "reject", "return": "return"}
+    verdicts = {
+        "mark": _NFT_MARK,
+        "reset": "reject with tcp reset",
+        "reject": "reject",
+        "return": "return",
+    }
 
     def source(self, net: IPNetwork) -> str:
         return f"{nft_family(net.version)} saddr {address_set((net,))}"
@@ -456,9 +481,12 @@ class _IptSpelling(_Spelling):
     local_dst = "-m addrtype --dst-type LOCAL"
     broadcast_dst = "-m addrtype --dst-type BROADCAST"
     foreign_src = "-m addrtype ! --src-type LOCAL"
-    verdicts = {"mark": f"-j MARK --set-xmark {_IPT_MARK}",
-                "reset": "-j REJECT --reject-with tcp-reset",
-                "reject": "-j REJECT", "return": "-j RETURN"}
+    verdicts = {
+        "mark": f"-j MARK --set-xmark {_IPT_MARK}",
+        "reset": "-j REJECT --reject-with tcp-reset",
+        "reject": "-j REJECT",
+        "return": "-j RETURN",
+    }
 
     def source(self, net: IPNetwork) -> str:
         return f"-s {net}"

@@ -40,10 +40,10 @@ _HELPER_FILE = _HERE / "helper.py"
 _LOADER = (
     "import os,sys;"
     "n={size};b=bytearray();"
-    "[b.extend(os.read(0,n-len(b))or(os.write(2,(\"shuttled: helper source truncated"
-    " at %d of %d bytes\"%(len(b),n)+chr(10)).encode()),os._exit({truncated})))"
+    '[b.extend(os.read(0,n-len(b))or(os.write(2,("shuttled: helper source truncated'
+    ' at %d of %d bytes"%(len(b),n)+chr(10)).encode()),os._exit({truncated})))'
     "for _ in iter(lambda:len(b)<n,False)];"
-    "exec(compile(bytes(b),\"<shuttled-helper>\",\"exec\"),{{\"__name__\":\"__main__\"}})"
+    'exec(compile(bytes(b),"<shuttled-helper>","exec"),{{"__name__":"__main__"}})'
 )
 # Exits 0 only on a Python new enough; parses on Python 2 as well.
 _PROBE = "import sys;sys.exit(sys.version_info<(%d,%d))" % MIN_PYTHON
@@ -78,16 +78,23 @@ def loader_command(source_len: int, pythons: Sequence[str] = REMOTE_PYTHONS) -> 
         if not _PYTHON_NAME.match(name):
             raise ValueError("unusable python name %r" % name)
     loader = _LOADER.format(size=source_len, truncated=HELPER_TRUNCATED_EXIT)
-    message = ("shuttled: no python found on the remote (tried %s): "
-               "need Python %d.%d or newer" % (", ".join(pythons), *MIN_PYTHON))
+    message = "shuttled: no python found on the remote (tried %s): need Python %d.%d or newer" % (
+        ", ".join(pythons),
+        *MIN_PYTHON,
+    )
     script = (
         "for p in %s; do "
-        "if command -v \"$p\" >/dev/null 2>&1 && \"$p\" -E -S -c %s >/dev/null 2>&1; then "
-        "exec \"$p\" -B -E -s -c %s; "
+        'if command -v "$p" >/dev/null 2>&1 && "$p" -E -S -c %s >/dev/null 2>&1; then '
+        'exec "$p" -B -E -s -c %s; '
         "fi; done; "
         "echo %s >&2; exit %d"
-        % (" ".join(shlex.quote(p) for p in pythons), shlex.quote(_PROBE),
-           shlex.quote(loader), shlex.quote(message), HELPER_NO_PYTHON_EXIT)
+        % (
+            " ".join(shlex.quote(p) for p in pythons),
+            shlex.quote(_PROBE),
+            shlex.quote(loader),
+            shlex.quote(message),
+            HELPER_NO_PYTHON_EXIT,
+        )
     )
     return "exec /bin/sh -c " + shlex.quote(script)
 

@@ -83,8 +83,7 @@ def _load_wire() -> Any:
     """The wire module: our own globals when embedded, else the package's sshmsg."""
     names = globals()
     if "split_packets" in names and "pack_datagram" in names:
-        return types.SimpleNamespace(
-            **{k: v for k, v in names.items() if not k.startswith("__")})
+        return types.SimpleNamespace(**{k: v for k, v in names.items() if not k.startswith("__")})
     import importlib  # not `from shuttled...`: keeps mypy out of the untyped module
 
     return importlib.import_module("shuttled.tunnel.sshmsg")
@@ -195,8 +194,17 @@ class Channel:
     kind = "channel"
     fault_kind = "channel"  # what the fault counters call it
 
-    def __init__(self, helper: "Helper", lid: int, rid: int, rwin: int, rmax: int,
-                 lwin: int, lmax: int, sock: socket.socket) -> None:
+    def __init__(
+        self,
+        helper: "Helper",
+        lid: int,
+        rid: int,
+        rwin: int,
+        rmax: int,
+        lwin: int,
+        lmax: int,
+        sock: socket.socket,
+    ) -> None:
         self.h = helper
         self.sock: Optional[socket.socket] = sock
         self.fd = sock.fileno()
@@ -245,8 +253,7 @@ class Channel:
         self.close_socket()
         if not self.confirmed:
             self.sent_close = True  # nothing more is ever sent for it
-            self.h.queue(wire.open_failure(self.rid, wire.OPEN_CONNECT_FAILED,
-                                           "helper: " + why))
+            self.h.queue(wire.open_failure(self.rid, wire.OPEN_CONNECT_FAILED, "helper: " + why))
             self.h.release(self)
             return
         self.send_close()
@@ -262,11 +269,15 @@ class Channel:
         if self.got_eof:
             raise ProtocolError("channel %d: data after EOF" % self.lid)
         if size > self.lmax:
-            raise ProtocolError("channel %d: %d bytes of data exceed the max packet %d"
-                                % (self.lid, size, self.lmax))
+            raise ProtocolError(
+                "channel %d: %d bytes of data exceed the max packet %d"
+                % (self.lid, size, self.lmax)
+            )
         if size > self.lwin:
-            raise ProtocolError("channel %d: %d bytes of data exceed the window (%d left)"
-                                % (self.lid, size, self.lwin))
+            raise ProtocolError(
+                "channel %d: %d bytes of data exceed the window (%d left)"
+                % (self.lid, size, self.lwin)
+            )
         self.lwin -= size
 
     def grant(self, size: int) -> None:
@@ -320,10 +331,10 @@ class TcpChannel(Channel):
     kind = "direct-tcpip"
     fault_kind = "tcp"
 
-    def __init__(self, helper: "Helper", lid: int, rid: int, rwin: int, rmax: int,
-                 sock: socket.socket) -> None:
-        Channel.__init__(self, helper, lid, rid, rwin, rmax, TCP_WINDOW, TCP_MAX_PACKET,
-                         sock)
+    def __init__(
+        self, helper: "Helper", lid: int, rid: int, rwin: int, rmax: int, sock: socket.socket
+    ) -> None:
+        Channel.__init__(self, helper, lid, rid, rwin, rmax, TCP_WINDOW, TCP_MAX_PACKET, sock)
         self.wq: List[Buf] = []  # client data not yet accepted by the socket
         self.reading = False
         self.writing = False
@@ -340,8 +351,11 @@ class TcpChannel(Channel):
     # --- socket -> client ---------------------------------------------------------
 
     def update_reading(self) -> None:
-        want = self.sock is not None and not self.rd_eof and (
-            self.draining or (not self.sent_close and self.rwin > 0))
+        want = (
+            self.sock is not None
+            and not self.rd_eof
+            and (self.draining or (not self.sent_close and self.rwin > 0))
+        )
         if want != self.reading:
             if want:
                 self.h.loop.add_reader(self.fd, self.contain, self.on_readable)
@@ -383,7 +397,7 @@ class TcpChannel(Channel):
             view = memoryview(data)
             parts: List[Buf] = []
             for offset in range(0, size, step):
-                chunk = view[offset:offset + step]
+                chunk = view[offset : offset + step]
                 parts.append(_data_header(rid, len(chunk)))
                 parts.append(chunk)
             helper.queue_parts(parts, size + _DATA_OVERHEAD * (len(parts) >> 1))
@@ -454,8 +468,9 @@ class TcpChannel(Channel):
 
     def keep_unsent(self, inbuf: bytearray) -> None:
         """Copy what still points into the input buffer before it is reused."""
-        self.wq[:] = [bytes(p) if isinstance(p, memoryview) and p.obj is inbuf else p
-                      for p in self.wq]
+        self.wq[:] = [
+            bytes(p) if isinstance(p, memoryview) and p.obj is inbuf else p for p in self.wq
+        ]
 
     def shut_write(self) -> None:
         if self.sock is None or self.wr_shut:
@@ -503,8 +518,9 @@ class TcpChannel(Channel):
         # input would make the kernel reset the connection and lose that data.
         self.draining = True
         self.h.draining.add(self)
-        self.drain_timer = self.h.loop.call_later(DRAIN_TIMEOUT, self.contain,
-                                                  self.on_drain_timeout)
+        self.drain_timer = self.h.loop.call_later(
+            DRAIN_TIMEOUT, self.contain, self.on_drain_timeout
+        )
         self.update_reading()
         self.finish_drain()
 
@@ -536,10 +552,10 @@ class UdpChannel(Channel):
     kind = wire.UDP_CHANNEL_TYPE
     fault_kind = "udp"
 
-    def __init__(self, helper: "Helper", lid: int, rid: int, rwin: int, rmax: int,
-                 sock: socket.socket) -> None:
-        Channel.__init__(self, helper, lid, rid, rwin, rmax, UDP_WINDOW, UDP_MAX_PACKET,
-                         sock)
+    def __init__(
+        self, helper: "Helper", lid: int, rid: int, rwin: int, rmax: int, sock: socket.socket
+    ) -> None:
+        Channel.__init__(self, helper, lid, rid, rwin, rmax, UDP_WINDOW, UDP_MAX_PACKET, sock)
         self.family = sock.family
         self.last = helper.loop.time()
         self.idle = helper.udp_idle
@@ -591,9 +607,14 @@ class UdpChannel(Channel):
 class Helper:
     """One helper session: channels multiplexed over a read fd and a write fd."""
 
-    def __init__(self, rfd: int = 0, wfd: int = 1, max_channels: int = MAX_CHANNELS,
-                 connect_timeout: float = CONNECT_TIMEOUT,
-                 udp_idle: float = UDP_IDLE_TIMEOUT) -> None:
+    def __init__(
+        self,
+        rfd: int = 0,
+        wfd: int = 1,
+        max_channels: int = MAX_CHANNELS,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        udp_idle: float = UDP_IDLE_TIMEOUT,
+    ) -> None:
         self.rfd = rfd
         self.wfd = wfd
         self.max_channels = max_channels
@@ -659,8 +680,11 @@ class Helper:
                 _grow_pipe(fd)
             loop.add_reader(self.rfd, self._on_input)
             version = "%d.%d.%d" % sys.version_info[:3]
-            self.queue(wire.packet(wire.MSG_REQUEST_SUCCESS, wire.sstring(HELPER_PROTOCOL)
-                                   + wire.sstring(version)))
+            self.queue(
+                wire.packet(
+                    wire.MSG_REQUEST_SUCCESS, wire.sstring(HELPER_PROTOCOL) + wire.sstring(version)
+                )
+            )
             self.sweep_timer = loop.call_later(self._sweep_interval(), self._sweep)
             code = await self.done
             if code == EXIT_OK:
@@ -719,8 +743,9 @@ class Helper:
 
     def _internal_error(self, exc: BaseException) -> None:
         """A failure outside any one channel's boundary: a bug in the helper itself."""
-        self.finish(EXIT_INTERNAL, "internal error: %s: %s%s"
-                    % (type(exc).__name__, exc, _where(exc)))
+        self.finish(
+            EXIT_INTERNAL, "internal error: %s: %s%s" % (type(exc).__name__, exc, _where(exc))
+        )
 
     def fault(self, kind: str, exc: BaseException, where: str) -> None:
         """Count a fault that ended one channel (the boundary ends it)."""
@@ -744,17 +769,23 @@ class Helper:
         (the client logs them); then nothing more for a minute."""
         counts = (self.udp_dropped_reply, self.udp_dropped_send)
         drops = counts != self.udp_reported
-        faults = ["%d %s" % (count - self.faults_reported.get(kind, 0), kind)
-                  for kind, count in sorted(self.faults.items())
-                  if count != self.faults_reported.get(kind, 0)]
+        faults = [
+            "%d %s" % (count - self.faults_reported.get(kind, 0), kind)
+            for kind, count in sorted(self.faults.items())
+            if count != self.faults_reported.get(kind, 0)
+        ]
         if drops:
-            log("udp: dropped %d replies (client window or max packet, or stdout backed up) "
+            log(
+                "udp: dropped %d replies (client window or max packet, or stdout backed up) "
                 "and %d datagrams towards targets (send failed or not an address)"
-                % (counts[0] - self.udp_reported[0], counts[1] - self.udp_reported[1]))
+                % (counts[0] - self.udp_reported[0], counts[1] - self.udp_reported[1])
+            )
             self.udp_reported = counts
         if faults:
-            log("faults: %s channels ended by a fault of their own (the helper went on); "
-                "last: %s" % (", ".join(faults), self.last_fault))
+            log(
+                "faults: %s channels ended by a fault of their own (the helper went on); "
+                "last: %s" % (", ".join(faults), self.last_fault)
+            )
             self.faults_reported = dict(self.faults)
         if drops or faults:
             self.report_after = self.loop.time() + 60.0
@@ -810,7 +841,7 @@ class Helper:
 
     def _on_input(self) -> None:
         try:
-            size = os.readv(self.rfd, [self.inview[self.in_end:]])
+            size = os.readv(self.rfd, [self.inview[self.in_end :]])
         except (BlockingIOError, InterruptedError):
             return
         except OSError:  # e.g. ECONNRESET on a socketpair: the client is gone
@@ -820,8 +851,9 @@ class Helper:
             return
         self.in_end += size
         try:
-            messages, used = _split_packets(self.inview[self.in_start:self.in_end],
-                                            MAX_INBOUND_PACKET)
+            messages, used = _split_packets(
+                self.inview[self.in_start : self.in_end], MAX_INBOUND_PACKET
+            )
             handlers = self.handlers
             for msg_type, payload in messages:
                 handler = handlers.get(msg_type)
@@ -838,7 +870,7 @@ class Helper:
         if start == end:
             self.in_start = self.in_end = 0
         elif len(self.inbuf) - end < INPUT_MIN_READ:
-            self.inbuf[0:end - start] = self.inbuf[start:end]
+            self.inbuf[0 : end - start] = self.inbuf[start:end]
             self.in_start, self.in_end = 0, end - start
 
     def _flush_dirty(self) -> None:
@@ -865,8 +897,7 @@ class Helper:
             raise ProtocolError("CHANNEL_DATA of %d bytes" % len(payload))
         lid, size = _U32X2_unpack(payload, 0)
         if size != len(payload) - 8:
-            raise ProtocolError("CHANNEL_DATA string of %d bytes in %d"
-                                % (size, len(payload) - 8))
+            raise ProtocolError("CHANNEL_DATA string of %d bytes in %d" % (size, len(payload) - 8))
         channel = self._channel(lid)
         channel.take_window(size)
         if channel.sent_close:
@@ -946,18 +977,19 @@ class Helper:
             idle = reader.u32() if reader.pos < len(reader.buf) else 0
             self._end(reader, "CHANNEL_OPEN " + kind)
         else:
-            self._open_failed(rid, wire.OPEN_UNKNOWN_CHANNEL_TYPE,
-                              "unknown channel type %r" % kind)
+            self._open_failed(rid, wire.OPEN_UNKNOWN_CHANNEL_TYPE, "unknown channel type %r" % kind)
             return
         if rmax == 0:
             raise ProtocolError("CHANNEL_OPEN %s with max packet 0" % kind)
         if len(self.channels) + len(self.draining) + self.pending_opens >= self.max_channels:
-            self._open_failed(rid, wire.OPEN_RESOURCE_SHORTAGE,
-                              "too many channels (%d)" % self.max_channels)
+            self._open_failed(
+                rid, wire.OPEN_RESOURCE_SHORTAGE, "too many channels (%d)" % self.max_channels
+            )
         elif kind == "direct-tcpip":
             if not host or port > 0xFFFF:
-                self._open_failed(rid, wire.OPEN_CONNECT_FAILED,
-                                  "bad target %r port %d" % (host, port))
+                self._open_failed(
+                    rid, wire.OPEN_CONNECT_FAILED, "bad target %r port %d" % (host, port)
+                )
                 return
             self.pending_opens += 1
             task = self.loop.create_task(self._open_tcp(rid, rwin, rmax, host, port))
@@ -990,8 +1022,11 @@ class Helper:
             # other exception is a fault.
             if not isinstance(exc, (OSError, asyncio.TimeoutError, ValueError)):
                 self.fault("tcp", exc, "connect")
-            self._open_failed(rid, wire.OPEN_CONNECT_FAILED, "connect to %s port %d: %s"
-                              % (host, port, _error_text(exc)))
+            self._open_failed(
+                rid,
+                wire.OPEN_CONNECT_FAILED,
+                "connect to %s port %d: %s" % (host, port, _error_text(exc)),
+            )
             return
         finally:
             self.pending_opens -= 1
@@ -1005,11 +1040,13 @@ class Helper:
         deadline = loop.time() + self.connect_timeout
         kind, proto = socket.SOCK_STREAM, socket.IPPROTO_TCP
         try:  # an address: no resolver, no thread
-            infos = socket.getaddrinfo(host, port, 0, kind, proto,
-                                       socket.AI_NUMERICHOST | socket.AI_NUMERICSERV)
+            infos = socket.getaddrinfo(
+                host, port, 0, kind, proto, socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
+            )
         except socket.gaierror:
             infos = await asyncio.wait_for(
-                loop.getaddrinfo(host, port, type=kind, proto=proto), self.connect_timeout)
+                loop.getaddrinfo(host, port, type=kind, proto=proto), self.connect_timeout
+            )
         error: BaseException = OSError("no address for %s" % host)
         for family, type_, proto_, _, address in infos:
             sock = socket.socket(family, type_, proto_)
@@ -1018,8 +1055,9 @@ class Helper:
                 # Before connecting: once connected, a target that reset at once
                 # makes it fail on BSDs and macOS (EINVAL).
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                await asyncio.wait_for(loop.sock_connect(sock, address),
-                                       max(0.0, deadline - loop.time()))
+                await asyncio.wait_for(
+                    loop.sock_connect(sock, address), max(0.0, deadline - loop.time())
+                )
             except (OSError, asyncio.TimeoutError) as exc:
                 sock.close()
                 error = exc
@@ -1030,27 +1068,31 @@ class Helper:
             return sock
         raise error
 
-    def _open_udp(self, rid: int, rwin: int, rmax: int, family_name: str,
-                  idle: int = 0) -> None:
+    def _open_udp(self, rid: int, rwin: int, rmax: int, family_name: str, idle: int = 0) -> None:
         families = {"inet": (socket.AF_INET, "0.0.0.0"), "inet6": (socket.AF_INET6, "::")}
         if family_name not in families:
-            self._open_failed(rid, wire.OPEN_CONNECT_FAILED,
-                              "unknown address family %r" % family_name)
+            self._open_failed(
+                rid, wire.OPEN_CONNECT_FAILED, "unknown address family %r" % family_name
+            )
             return
         family, anywhere = families[family_name]
         try:
             sock = socket.socket(family, socket.SOCK_DGRAM)
         except OSError as exc:
-            self._open_failed(rid, wire.OPEN_CONNECT_FAILED,
-                              "udp socket (%s): %s" % (family_name, _error_text(exc)))
+            self._open_failed(
+                rid,
+                wire.OPEN_CONNECT_FAILED,
+                "udp socket (%s): %s" % (family_name, _error_text(exc)),
+            )
             return
         try:
             sock.setblocking(False)
             sock.bind((anywhere, 0))
         except OSError as exc:
             sock.close()
-            self._open_failed(rid, wire.OPEN_CONNECT_FAILED,
-                              "udp bind (%s): %s" % (family_name, _error_text(exc)))
+            self._open_failed(
+                rid, wire.OPEN_CONNECT_FAILED, "udp bind (%s): %s" % (family_name, _error_text(exc))
+            )
             return
         channel = UdpChannel(self, self._new_id(), rid, rwin, rmax, sock)
         channel.idle = float(idle) or self.udp_idle

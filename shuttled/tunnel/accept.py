@@ -46,8 +46,12 @@ class Throttled:
     many times it happened since the last line. Counts also go to stats, so the
     lines are only the hint to look there."""
 
-    def __init__(self, logger: logging.Logger, level: int = logging.WARNING,
-                 interval: float = const.LIMIT_LOG_INTERVAL) -> None:
+    def __init__(
+        self,
+        logger: logging.Logger,
+        level: int = logging.WARNING,
+        interval: float = const.LIMIT_LOG_INTERVAL,
+    ) -> None:
         self.logger = logger
         self.level = level
         self.interval = interval
@@ -60,8 +64,9 @@ class Throttled:
         if now - self._last < self.interval:
             return
         since = "" if self._last == -math.inf else f" in {now - self._last:.0f} s"
-        self.logger.log(self.level, f"{message} ({self.pending} times{since})", *args,
-                        exc_info=exc_info)
+        self.logger.log(
+            self.level, f"{message} ({self.pending} times{since})", *args, exc_info=exc_info
+        )
         self.pending, self._last = 0, now
 
 
@@ -161,10 +166,14 @@ def raise_nofile() -> int:
     if soft != before:
         log.debug("file descriptor limit raised from %d to %d", before, soft)
     if soft - const.FD_RESERVE < const.MAX_CONNECTIONS:
-        log.warning("only %d file descriptors (hard limit %s): captured connections are "
-                    "refused beyond about %d; raise the hard limit (LimitNOFILE=, "
-                    "ulimit -Hn)", soft, "unlimited" if hard == resource.RLIM_INFINITY else hard,
-                    max(soft - const.FD_RESERVE, 0))
+        log.warning(
+            "only %d file descriptors (hard limit %s): captured connections are "
+            "refused beyond about %d; raise the hard limit (LimitNOFILE=, "
+            "ulimit -Hn)",
+            soft,
+            "unlimited" if hard == resource.RLIM_INFINITY else hard,
+            max(soft - const.FD_RESERVE, 0),
+        )
     return soft
 
 
@@ -176,8 +185,9 @@ class Acceptor:
     again; without (or when none is left) the listener pauses for ACCEPT_PAUSE and
     the connections wait in the kernel's queue."""
 
-    def __init__(self, sock: socket.socket, on_accept: OnAccept, *, what: str,
-                 spares: SpareFds | None = None) -> None:
+    def __init__(
+        self, sock: socket.socket, on_accept: OnAccept, *, what: str, spares: SpareFds | None = None
+    ) -> None:
         self.sock = sock
         self.on_accept = on_accept
         self.what = what
@@ -229,8 +239,11 @@ class Acceptor:
         try:
             return self.sock.accept()
         except OSError as exc:
-            if (exc.errno not in (errno.EMFILE, errno.ENFILE) or self.spares is None
-                    or not self.spares.release()):
+            if (
+                exc.errno not in (errno.EMFILE, errno.ENFILE)
+                or self.spares is None
+                or not self.spares.release()
+            ):
                 raise
         return self.sock.accept()  # a spare given up: this connection gets its place
 
@@ -241,9 +254,13 @@ class Acceptor:
             self._stop_reading()
             assert self._loop is not None
             self._timer = self._loop.call_later(const.ACCEPT_PAUSE, self._resume)
-            self._warn("cannot accept on %s: %s; pausing %g s each time, %s waiting",
-                       self.what, os.strerror(exc.errno or 0), const.ACCEPT_PAUSE,
-                       _queued(self.sock))
+            self._warn(
+                "cannot accept on %s: %s; pausing %g s each time, %s waiting",
+                self.what,
+                os.strerror(exc.errno or 0),
+                const.ACCEPT_PAUSE,
+                _queued(self.sock),
+            )
             return False
         if exc.errno in _LISTENER_GONE:
             self._stop_reading()

@@ -210,7 +210,7 @@ class Channel:
         step = self.remote_max_packet
         write = self.mux.write_data
         for start in range(0, total, step):
-            write(self.remote_id, view[start:min(start + step, total)])
+            write(self.remote_id, view[start : min(start + step, total)])
         self.remote_window -= total
         self.bytes_up += total
         self.mux.push()
@@ -236,8 +236,12 @@ class Channel:
         as a full socket buffer would drop it.
         """
         size = len(data)
-        if (not self.can_send or self._pending_size or size > self.remote_window
-                or size > self.remote_max_packet):
+        if (
+            not self.can_send
+            or self._pending_size
+            or size > self.remote_window
+            or size > self.remote_max_packet
+        ):
             return False
         self.mux.write_data(self.remote_id, memoryview(data))
         self.remote_window -= size
@@ -261,8 +265,9 @@ class Channel:
         self.mux.write(sshmsg.eof(self.remote_id))
         self._maybe_close()
 
-    def request(self, name: str, extra: bytes = b"", want_reply: bool = True
-                ) -> asyncio.Future[bool] | None:
+    def request(
+        self, name: str, extra: bytes = b"", want_reply: bool = True
+    ) -> asyncio.Future[bool] | None:
         """Send a CHANNEL_REQUEST; with want_reply, a future of success/failure."""
         if self.state is not State.OPEN or self.close_sent:
             raise ProtocolError(f"request {name!r} on channel {self.local_id} that is not open")
@@ -314,8 +319,11 @@ class Channel:
         self.remote_window = window
         # Cap stream channels at our own bound (a huge max packet only costs
         # latency); a datagram channel needs whole datagrams in one message.
-        cap = (const.MAX_INBOUND_PACKET if self.kind == sshmsg.UDP_CHANNEL_TYPE
-               else const.CHANNEL_MAX_PACKET)
+        cap = (
+            const.MAX_INBOUND_PACKET
+            if self.kind == sshmsg.UDP_CHANNEL_TYPE
+            else const.CHANNEL_MAX_PACKET
+        )
         self.remote_max_packet = max(1, min(max_packet, cap))
         if self.close_sent:  # closed by our side while the open was in flight
             self.mux.write(sshmsg.close(self.remote_id))
@@ -328,8 +336,8 @@ class Channel:
         size = len(data)
         if size > self.window:
             raise ProtocolError(
-                f"channel {self.local_id}: {size} bytes of data exceed the window of "
-                f"{self.window}")
+                f"channel {self.local_id}: {size} bytes of data exceed the window of {self.window}"
+            )
         self.window -= size
         self.bytes_down += size
         if self.close_sent or self.eof_received:
@@ -400,10 +408,15 @@ Handler = Callable[[Channel, Reader], None]
 class ChannelMux:
     """All channels over one pipe: ids, dispatch, batched writes, global pause."""
 
-    def __init__(self, pipe: Pipe, *, name: str = "mux",
-                 on_lost: Callable[[BaseException | None], None] | None = None,
-                 on_global: Callable[[int, memoryview], None] | None = None,
-                 fault_log: faults.Faults | None = None) -> None:
+    def __init__(
+        self,
+        pipe: Pipe,
+        *,
+        name: str = "mux",
+        on_lost: Callable[[BaseException | None], None] | None = None,
+        on_global: Callable[[int, memoryview], None] | None = None,
+        fault_log: faults.Faults | None = None,
+    ) -> None:
         self.pipe = pipe
         self.name = name
         self.counters = Counters()
@@ -414,8 +427,7 @@ class ChannelMux:
         self._out: list[Buffer] = []
         self._flushing = False
         self._feeding = False
-        self._write_batch = (pipe.writev if isinstance(pipe, TransportPipe)
-                             else self._join_and_write)
+        self._write_batch = pipe.writev if isinstance(pipe, TransportPipe) else self._join_and_write
         self._leftover = b""
         self._paused = False
         self._blocked: set[Channel] = set()  # channels whose endpoint we paused
@@ -444,16 +456,20 @@ class ChannelMux:
         channel = Channel(self, local_id, kind, endpoint)
         self.channels[local_id] = channel
         self.counters.active += 1
-        self.write(sshmsg.channel_open(kind, local_id, const.CHANNEL_WINDOW,
-                                       const.CHANNEL_MAX_PACKET, extra))
+        self.write(
+            sshmsg.channel_open(
+                kind, local_id, const.CHANNEL_WINDOW, const.CHANNEL_MAX_PACKET, extra
+            )
+        )
         return channel
 
     def _allocate_id(self) -> int:
         self._next_id += 1
         return self._next_id - 1
 
-    def open_direct_tcpip(self, host: str, port: int, orig_host: str, orig_port: int,
-                          endpoint: Endpoint) -> Channel:
+    def open_direct_tcpip(
+        self, host: str, port: int, orig_host: str, orig_port: int, endpoint: Endpoint
+    ) -> Channel:
         extra = sshmsg.direct_tcpip_extra(host, port, orig_host, orig_port)
         return self.open("direct-tcpip", endpoint, extra)
 
@@ -546,8 +562,12 @@ class ChannelMux:
         if not channel.close_sent and channel.state is not State.CLOSED:
             channel.close()
         endpoint = channel.endpoint
-        self.faults.end(getattr(endpoint, "fault_kind", faults.CHANNEL), exc, where,
-                        getattr(endpoint, "abort_connection", None))
+        self.faults.end(
+            getattr(endpoint, "fault_kind", faults.CHANNEL),
+            exc,
+            where,
+            getattr(endpoint, "abort_connection", None),
+        )
 
     # --- reading ----------------------------------------------------------------
 
@@ -606,17 +626,22 @@ class ChannelMux:
             return
         handler = self._dispatch.get(msg_type)
         if handler is None:
-            if self._on_global is not None and msg_type in (sshmsg.MSG_REQUEST_SUCCESS,
-                                                              sshmsg.MSG_REQUEST_FAILURE):
+            if self._on_global is not None and msg_type in (
+                sshmsg.MSG_REQUEST_SUCCESS,
+                sshmsg.MSG_REQUEST_FAILURE,
+            ):
                 self._on_global(msg_type, payload)
                 return
             raise ProtocolError(f"unexpected message type {msg_type}")
         reader = Reader(payload)
         handler(reader)
-        if reader.pos != len(payload) and msg_type not in (sshmsg.MSG_CHANNEL_REQUEST,
-                                                              sshmsg.MSG_CHANNEL_OPEN_FAILURE):
-            raise ProtocolError(f"{len(payload) - reader.pos} trailing bytes in message "
-                                f"type {msg_type}")
+        if reader.pos != len(payload) and msg_type not in (
+            sshmsg.MSG_CHANNEL_REQUEST,
+            sshmsg.MSG_CHANNEL_OPEN_FAILURE,
+        ):
+            raise ProtocolError(
+                f"{len(payload) - reader.pos} trailing bytes in message type {msg_type}"
+            )
 
     def _channel(self, reader: Reader, opening_ok: bool = False) -> Channel:
         local_id = reader.u32()
@@ -684,8 +709,11 @@ class ChannelMux:
         kind = reader.text()
         sender = reader.u32()
         reader.rest()
-        self.write(sshmsg.open_failure(sender, sshmsg.OPEN_ADMINISTRATIVELY_PROHIBITED,
-                                       f"{kind} channels are not accepted"))
+        self.write(
+            sshmsg.open_failure(
+                sender, sshmsg.OPEN_ADMINISTRATIVELY_PROHIBITED, f"{kind} channels are not accepted"
+            )
+        )
 
     # --- teardown ---------------------------------------------------------------
 
@@ -703,8 +731,12 @@ class ChannelMux:
             if channel.state is State.OPENING:
                 self.release(channel)
                 channel.state = State.CLOSED
-                channel.notify("open failure", channel.endpoint.on_open_failed,
-                               sshmsg.OPEN_CONNECT_FAILED, "tunnel closed")
+                channel.notify(
+                    "open failure",
+                    channel.endpoint.on_open_failed,
+                    sshmsg.OPEN_CONNECT_FAILED,
+                    "tunnel closed",
+                )
             else:
                 channel._finish()
         if self._on_lost is not None:
@@ -732,9 +764,12 @@ def grow_send_buffer(transport: asyncio.BaseTransport, size: int) -> None:
 class MuxProtocol(asyncio.Protocol):
     """asyncio glue: the control socket's bytes into a ChannelMux, and back-pressure."""
 
-    def __init__(self, name: str,
-                 on_lost: Callable[[BaseException | None], None] | None = None,
-                 fault_log: faults.Faults | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        on_lost: Callable[[BaseException | None], None] | None = None,
+        fault_log: faults.Faults | None = None,
+    ) -> None:
         self.name = name
         self.mux: ChannelMux | None = None
         self._on_lost = on_lost
@@ -744,12 +779,10 @@ class MuxProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A cast, not an isinstance check: uvloop's transports are not subclasses.
         self.transport = cast(asyncio.Transport, transport)
-        self.transport.set_write_buffer_limits(high=const.MUX_WRITE_HIGH,
-                                               low=const.MUX_WRITE_LOW)
+        self.transport.set_write_buffer_limits(high=const.MUX_WRITE_HIGH, low=const.MUX_WRITE_LOW)
         pipe = TransportPipe(self.transport)
         grow_send_buffer(transport, const.MUX_WRITE_SNDBUF)
-        self.mux = ChannelMux(pipe, name=self.name, on_lost=self._on_lost,
-                              fault_log=self._faults)
+        self.mux = ChannelMux(pipe, name=self.name, on_lost=self._on_lost, fault_log=self._faults)
 
     def data_received(self, data: bytes) -> None:
         assert self.mux is not None
@@ -760,8 +793,13 @@ class MuxProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.mux is not None:
-            self.mux.fail(exc if exc is not None else ConnectionResetError(
-                f"{self.name}: the ssh master closed the control connection"))
+            self.mux.fail(
+                exc
+                if exc is not None
+                else ConnectionResetError(
+                    f"{self.name}: the ssh master closed the control connection"
+                )
+            )
 
     def pause_writing(self) -> None:
         if self.mux is not None:

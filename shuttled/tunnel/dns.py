@@ -605,9 +605,14 @@ class DnsPeers:
             del self._members[name]
 
     def claimant(self, qname: str, asking: DnsForwarder) -> DnsForwarder | None:
-        return next((f for f in self._members.values()
-                     if f is not asking and f.routes is not None and f.routes.claims(qname)),
-                    None)
+        return next(
+            (
+                f
+                for f in self._members.values()
+                if f is not asking and f.routes is not None and f.routes.claims(qname)
+            ),
+            None,
+        )
 
 
 class DnsForwarder:
@@ -691,8 +696,9 @@ class DnsForwarder:
             return reply
         return None
 
-    def _route(self, questions: list[Question], consult_peers: bool
-               ) -> Upstream | DnsForwarder | None:
+    def _route(
+        self, questions: list[Question], consult_peers: bool
+    ) -> Upstream | DnsForwarder | None:
         """Where a query goes: our tunnel, a peer forwarder, the local upstream or nowhere."""
         name = questions[0].name if questions else "."
         if self.routes is None or self.routes.claims(name):
@@ -814,8 +820,11 @@ class DnsListener:
             port = int(transport.get_extra_info("sockname")[1])
             # asyncio's default backlog (100) lost connects in a burst of 300 (issue 19's
             # storm): the same queue as the TCP listeners'.
-            self._servers.append(await asyncio.start_server(
-                self._serve_tcp, address, port, backlog=const.LISTEN_BACKLOG))
+            self._servers.append(
+                await asyncio.start_server(
+                    self._serve_tcp, address, port, backlog=const.LISTEN_BACKLOG
+                )
+            )
         if not self._transports:
             raise OSError(errno.EADDRNOTAVAIL, f"cannot listen for DNS on {', '.join(addresses)}")
         self.port = port

@@ -132,9 +132,14 @@ class _Entry:
 class DnsCache:
     """Bounded in entries and bytes; the least recently used entry goes first."""
 
-    def __init__(self, *, entries: int = DNS_CACHE_ENTRIES, max_bytes: int = DNS_CACHE_BYTES,
-                 max_ttl: int = DNS_CACHE_MAX_TTL,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        entries: int = DNS_CACHE_ENTRIES,
+        max_bytes: int = DNS_CACHE_BYTES,
+        max_ttl: int = DNS_CACHE_MAX_TTL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.max_entries = entries
         self.max_bytes = max_bytes
         self.max_ttl = max_ttl

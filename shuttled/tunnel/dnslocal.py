@@ -128,5 +128,8 @@ def _matches(data: bytes, ident: int, query: bytes) -> bool:
         keys = question_keys(data)
     except DnsMessageError:
         return False
-    return bool(header.flags & FLAG_QR) and header.ident == ident and (
-        not keys or keys == question_keys(query))
+    return (
+        bool(header.flags & FLAG_QR)
+        and header.ident == ident
+        and (not keys or keys == question_keys(query))
+    )

@@ -79,8 +79,13 @@ def _v4_reverse(labels_text: str) -> IPNetwork | None:
 
 
 def _octet(label: str) -> bool:
-    return label.isascii() and label.isdigit() and len(label) <= 3 and int(label) <= 255 and (
-        label == "0" or not label.startswith("0"))
+    return (
+        label.isascii()
+        and label.isdigit()
+        and len(label) <= 3
+        and int(label) <= 255
+        and (label == "0" or not label.startswith("0"))
+    )
 
 
 def _v6_reverse(labels_text: str) -> IPNetwork | None:
@@ -143,7 +148,8 @@ class SplitRoutes:
         reverse = reverse_network(name)
         return reverse is not None and any(
             reverse.version == net.version and reverse.subnet_of(net)  # type: ignore[arg-type]
-            for net in self.networks)
+            for net in self.networks
+        )
 
     def routing_domains(self) -> list[str]:
         """Everything claimed, as routing domains for systemd-resolved (~domain)."""
@@ -159,8 +165,9 @@ class SplitRoutes:
 class HostsTable:
     """Names read from the remote's /etc/hosts (validated by remote_info.parse_hosts)."""
 
-    def __init__(self, entries: Mapping[str, Sequence[IPAddress]] | None = None,
-                 ttl: int = DNS_HOSTS_TTL) -> None:
+    def __init__(
+        self, entries: Mapping[str, Sequence[IPAddress]] | None = None, ttl: int = DNS_HOSTS_TTL
+    ) -> None:
         self.ttl = ttl
         self._addresses = {normalize(n): tuple(a) for n, a in (entries or {}).items() if a}
         self._ptr: dict[str, str] = {}
@@ -205,8 +212,11 @@ def build_reply(query: bytes, rtype: int, rdatas: Iterable[bytes], ttl: int) -> 
     then one record per rdata, each naming the question by a compression pointer."""
     header = parse_header(query)
     _, end = read_questions(query)
-    records = [_RECORD.pack(_POINTER_TO_QUESTION, rtype, CLASS_IN, ttl, len(rdata)) + rdata
-               for rdata in rdatas]
+    records = [
+        _RECORD.pack(_POINTER_TO_QUESTION, rtype, CLASS_IN, ttl, len(rdata)) + rdata
+        for rdata in rdatas
+    ]
     flags = FLAG_QR | FLAG_AA | FLAG_RA | (header.flags & FLAG_RD)
-    return HEADER.pack(header.ident, flags, 1, len(records), 0, 0) + query[12:end] + b"".join(
-        records)
+    return (
+        HEADER.pack(header.ident, flags, 1, len(records), 0, 0) + query[12:end] + b"".join(records)
+    )

@@ -31,8 +31,9 @@ class _BaseEndpoint:
 
     def on_open_failed(self, reason: int, description: str) -> None:
         if not self.opened.done():
-            self.opened.set_exception(RemoteError(f"channel open refused: {description} "
-                                                  f"(reason {reason})"))
+            self.opened.set_exception(
+                RemoteError(f"channel open refused: {description} (reason {reason})")
+            )
 
     def on_extended_data(self, code: int, data: bytes) -> None:
         pass
@@ -80,8 +81,9 @@ class CommandEndpoint(_BaseEndpoint):
             self.done.set_result(None)
 
 
-async def run_command(mux: ChannelMux, command: str, timeout: float = 30.0
-                      ) -> tuple[int | None, bytes, bytes]:
+async def run_command(
+    mux: ChannelMux, command: str, timeout: float = 30.0
+) -> tuple[int | None, bytes, bytes]:
     """Run `command` on the remote (an exec channel): (status, stdout, stderr)."""
     endpoint = CommandEndpoint()
     mux.open("session", endpoint)
@@ -171,8 +173,9 @@ class ChannelTransport(_BaseEndpoint, asyncio.Transport):
         return 0
 
 
-async def open_stream(mux: ChannelMux, host: str, port: int, limit: int = 1 << 18
-                      ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def open_stream(
+    mux: ChannelMux, host: str, port: int, limit: int = 1 << 18
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A (reader, writer) pair over a direct-tcpip channel to host:port."""
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=limit)
@@ -230,8 +233,9 @@ class HelperPipe(_BaseEndpoint):
         if not self.ended.done():
             self.ended.set_result(None)
         if self.inner is not None:
-            self.inner.fail(ProtocolError(f"remote helper ended (status {self.status}): "
-                                          f"{self.last_error()}"))
+            self.inner.fail(
+                ProtocolError(f"remote helper ended (status {self.status}): {self.last_error()}")
+            )
 
     def last_error(self) -> str:
         return self.stderr_tail[-1] if self.stderr_tail else "no message"

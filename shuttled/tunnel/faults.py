@@ -35,11 +35,17 @@ class Faults:
     def record(self, kind: str, exc: BaseException, where: str) -> None:
         self.counts[kind] = self.counts.get(kind, 0) + 1
         # Debug, not warning: an app that resets is ordinary. Bugs show their traceback.
-        log.debug("%s connection aborted in %s: %s", kind, where, describe(exc),
-                  exc_info=not isinstance(exc, OSError))
+        log.debug(
+            "%s connection aborted in %s: %s",
+            kind,
+            where,
+            describe(exc),
+            exc_info=not isinstance(exc, OSError),
+        )
 
-    def end(self, kind: str, exc: BaseException, where: str,
-            abort: Callable[[], None] | None) -> None:
+    def end(
+        self, kind: str, exc: BaseException, where: str, abort: Callable[[], None] | None
+    ) -> None:
         """Count and log `exc`, then end the connection with `abort`; a failure while
         ending it is logged, not raised (nothing leaves the boundary)."""
         self.record(kind, exc, where)
@@ -74,8 +80,7 @@ P = ParamSpec("P")
 T = TypeVar("T", bound=Abortable)
 
 
-def contained(method: Callable[Concatenate[T, P], object]
-              ) -> Callable[Concatenate[T, P], None]:
+def contained(method: Callable[Concatenate[T, P], object]) -> Callable[Concatenate[T, P], None]:
     """Run a per-connection callback inside the boundary: whatever it raises ends
     that connection (abort_connection), is counted and logged once, and goes no
     further. For asyncio protocol callbacks and socket reader callbacks, whose

@@ -43,9 +43,12 @@ PORT_ATTEMPTS = 8
 class LanDns:
     """Transparent UDP and TCP DNS listeners (one port) answering with `resolver`."""
 
-    def __init__(self, resolver: Resolver,
-                 addresses: tuple[str, ...] = ("127.0.0.1", "::1"),
-                 fault_log: Faults | None = None) -> None:
+    def __init__(
+        self,
+        resolver: Resolver,
+        addresses: tuple[str, ...] = ("127.0.0.1", "::1"),
+        fault_log: Faults | None = None,
+    ) -> None:
         self.resolver = resolver
         self.faults = fault_log if fault_log is not None else Faults()
         self.addresses = addresses
@@ -75,11 +78,11 @@ class LanDns:
             recv_original_dst(sock)
             loop.add_reader(sock.fileno(), self._readable, sock)
         # TCP on the same port number: TPROXY rules name one port for both.
-        for sock in bind_listeners(self.addresses, self.port, socket.SOCK_STREAM,
-                                   transparent=True):
+        for sock in bind_listeners(self.addresses, self.port, socket.SOCK_STREAM, transparent=True):
             sock.listen(const.LISTEN_BACKLOG)
-            self._servers.append(await asyncio.start_server(self._serve_tcp, sock=sock,
-                                                            backlog=const.LISTEN_BACKLOG))
+            self._servers.append(
+                await asyncio.start_server(self._serve_tcp, sock=sock, backlog=const.LISTEN_BACKLOG)
+            )
         return self.port
 
     def close(self) -> None:
@@ -134,8 +137,7 @@ class LanDns:
 
     # --- TCP ------------------------------------------------------------------------
 
-    async def _serve_tcp(self, reader: asyncio.StreamReader,
-                         writer: asyncio.StreamWriter) -> None:
+    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         slots = asyncio.Semaphore(TCP_PIPELINE)
         answers: set[asyncio.Task[None]] = set()
         try:
@@ -164,8 +166,9 @@ class LanDns:
         except (OSError, EOFError, asyncio.IncompleteReadError):
             return None
 
-    async def _answer_tcp(self, query: bytes, writer: asyncio.StreamWriter,
-                          slots: asyncio.Semaphore) -> None:
+    async def _answer_tcp(
+        self, query: bytes, writer: asyncio.StreamWriter, slots: asyncio.Semaphore
+    ) -> None:
         try:
             answer = await self._resolve(query)
             if answer is not None and not writer.is_closing():

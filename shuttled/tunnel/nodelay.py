@@ -45,9 +45,11 @@ SYS_PIDFD_GETFD = 438  # the same number on every Linux architecture
 # The ProxyCommand: take one descriptor from the unix socket argv[1], pass it to
 # ssh on stdout (its end of a socketpair). One line: ssh's config parser takes
 # the option's value up to the end of the line. No "%": ssh expands those.
-FD_RELAY = ("import socket,sys;s=socket.socket(socket.AF_UNIX);s.connect(sys.argv[1]);"
-            "f=socket.recv_fds(s,1,1)[1];f or sys.exit('shuttled: no connection passed');"
-            "socket.send_fds(socket.socket(fileno=1),[bytes(1)],f)")
+FD_RELAY = (
+    "import socket,sys;s=socket.socket(socket.AF_UNIX);s.connect(sys.argv[1]);"
+    "f=socket.recv_fds(s,1,1)[1];f or sys.exit('shuttled: no connection passed');"
+    "socket.send_fds(socket.socket(fileno=1),[bytes(1)],f)"
+)
 
 # struct tcp_info (linux/tcp.h) up to tcpi_total_retrans: 8 bytes, 24 u32.
 _TCP_INFO = struct.Struct("=8B24I")
@@ -72,18 +74,24 @@ def server_route(options: dict[str, str], default_timeout: float) -> ServerRoute
         if options.get(key, "none") not in ("none", ""):
             return f"the ssh config sets {key}"
     family = {"inet": socket.AF_INET, "inet6": socket.AF_INET6}.get(
-        options.get("addressfamily", "any"), socket.AF_UNSPEC)
+        options.get("addressfamily", "any"), socket.AF_UNSPEC
+    )
     timeout = options.get("connecttimeout", "none")
-    return ServerRoute(options.get("hostname", ""), int(options.get("port", "22")), family,
-                       float(timeout) if timeout.isdigit() else default_timeout,
-                       options.get("tcpkeepalive", "yes") == "yes")
+    return ServerRoute(
+        options.get("hostname", ""),
+        int(options.get("port", "22")),
+        family,
+        float(timeout) if timeout.isdigit() else default_timeout,
+        options.get("tcpkeepalive", "yes") == "yes",
+    )
 
 
 async def connect_server(route: ServerRoute) -> socket.socket:
     """A TCP connection to the server with TCP_NODELAY, trying each address in turn."""
     loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(route.host, route.port, family=route.family,
-                                   type=socket.SOCK_STREAM)
+    infos = await loop.getaddrinfo(
+        route.host, route.port, family=route.family, type=socket.SOCK_STREAM
+    )
     errors = []
     for family, kind, proto, _, address in infos:
         sock = socket.socket(family, kind, proto)
@@ -102,8 +110,9 @@ async def connect_server(route: ServerRoute) -> socket.socket:
         if route.keepalive:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         return sock
-    raise OSError(f"cannot connect to {route.host} port {route.port}: "
-                  f"{'; '.join(errors) or 'no address'}")
+    raise OSError(
+        f"cannot connect to {route.host} port {route.port}: {'; '.join(errors) or 'no address'}"
+    )
 
 
 @dataclass(frozen=True)
@@ -129,8 +138,14 @@ class TcpInfo:
         # f[8:] are the u32s: rto ato snd_mss rcv_mss unacked sacked lost retrans
         # fackets last_data_sent last_ack_sent last_data_recv last_ack_recv pmtu
         # rcv_ssthresh rtt rttvar ... total_retrans.
-        return cls(state=f[0], heard=min(f[19], f[20]) / 1000.0, unacked=f[12],
-                   backoff=f[4], rtt=f[23] / 1e6, retrans=f[31])
+        return cls(
+            state=f[0],
+            heard=min(f[19], f[20]) / 1000.0,
+            unacked=f[12],
+            backoff=f[4],
+            rtt=f[23] / 1e6,
+            retrans=f[31],
+        )
 
 
 class FdOffer:
@@ -193,6 +208,7 @@ def runnable_by_all(path: str) -> bool:
 
 # --- the fallback: borrow the master's own socket (needs ptrace rights) ---------------
 
+
 def _pidfd_getfd(pidfd: int, target_fd: int) -> int:
     libc = ctypes.CDLL(None, use_errno=True)
     fd = int(libc.syscall(SYS_PIDFD_GETFD, pidfd, target_fd, 0))
@@ -232,8 +248,10 @@ def set_nodelay(pid: int) -> int:
         for fd in fds:
             try:
                 with socket.socket(fileno=_pidfd_getfd(pidfd, fd)) as sock:
-                    if sock.family not in (socket.AF_INET, socket.AF_INET6) or \
-                            sock.type != socket.SOCK_STREAM:
+                    if (
+                        sock.family not in (socket.AF_INET, socket.AF_INET6)
+                        or sock.type != socket.SOCK_STREAM
+                    ):
                         continue  # the control socket and other unix sockets
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 changed += 1

@@ -84,8 +84,13 @@ class LocalConnection(asyncio.Protocol):
 
     fault_kind = faults.TCP
 
-    def __init__(self, proxy: TransparentProxy, src: tuple[str, int] = ("", 0),
-                 dst: tuple[str, int] = ("", 0), uid: int | None = None) -> None:
+    def __init__(
+        self,
+        proxy: TransparentProxy,
+        src: tuple[str, int] = ("", 0),
+        dst: tuple[str, int] = ("", 0),
+        uid: int | None = None,
+    ) -> None:
         self.proxy = proxy
         self.faults = proxy.faults
         self.transport: asyncio.Transport | None = None
@@ -110,13 +115,15 @@ class LocalConnection(asyncio.Protocol):
 
     def open_channel(self, mux: ChannelMux) -> None:
         assert self.transport is not None
-        self.transport.set_write_buffer_limits(high=const.LOCAL_WRITE_HIGH,
-                                               low=const.LOCAL_WRITE_LOW)
+        self.transport.set_write_buffer_limits(
+            high=const.LOCAL_WRITE_HIGH, low=const.LOCAL_WRITE_LOW
+        )
         sock: socket.socket = self.transport.get_extra_info("socket")
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.channel = mux.open_direct_tcpip(self.dst[0], self.dst[1], self.src[0],
-                                             self.src[1], self)
+        self.channel = mux.open_direct_tcpip(
+            self.dst[0], self.dst[1], self.src[0], self.src[1], self
+        )
 
     @contained
     def data_received(self, data: bytes) -> None:
@@ -177,8 +184,13 @@ class LocalConnection(asyncio.Protocol):
     def on_open_failed(self, reason: int, description: str) -> None:
         self.channel = None
         self.proxy.counters.failed += 1
-        log.info("%s:%d -> %s:%d refused: %s (%s)", *self.src, *self.dst,
-                 _REASONS.get(reason, f"reason {reason}"), description)
+        log.info(
+            "%s:%d -> %s:%d refused: %s (%s)",
+            *self.src,
+            *self.dst,
+            _REASONS.get(reason, f"reason {reason}"),
+            description,
+        )
         self.proxy.open_failed(self, reason)
         self.reset()
 
@@ -238,10 +250,16 @@ class LocalConnection(asyncio.Protocol):
 class TransparentProxy:
     """Listeners on 127.0.0.1 and ::1 (one port for both) for one tunnel."""
 
-    def __init__(self, mux_source: MuxSource, fault_log: Faults | None = None, *,
-                 addresses: tuple[str, ...] = ("127.0.0.1", "::1"),
-                 on_prohibited: Callable[[LocalConnection], bool] | None = None,
-                 transparent: bool = False, limits: ConnLimits | None = None) -> None:
+    def __init__(
+        self,
+        mux_source: MuxSource,
+        fault_log: Faults | None = None,
+        *,
+        addresses: tuple[str, ...] = ("127.0.0.1", "::1"),
+        on_prohibited: Callable[[LocalConnection], bool] | None = None,
+        transparent: bool = False,
+        limits: ConnLimits | None = None,
+    ) -> None:
         self.mux_source = mux_source
         self.addresses = addresses
         # Router mode: LAN connections arrive by TPROXY, so the listener needs
@@ -261,12 +279,16 @@ class TransparentProxy:
         self._refusals = Throttled(log)
 
     async def start(self, port: int = 0) -> int:
-        for sock in bind_listeners(self.addresses, port, socket.SOCK_STREAM,
-                                   transparent=self.transparent):
+        for sock in bind_listeners(
+            self.addresses, port, socket.SOCK_STREAM, transparent=self.transparent
+        ):
             sock.listen(const.LISTEN_BACKLOG)
             self.port = sock.getsockname()[1]
-            acceptor = Acceptor(sock, self._on_accept,
-                                what=f"the proxy listener {sock.getsockname()[0]}:{self.port}")
+            acceptor = Acceptor(
+                sock,
+                self._on_accept,
+                what=f"the proxy listener {sock.getsockname()[0]}:{self.port}",
+            )
             acceptor.start()
             self._acceptors.append(acceptor)
         return self.port
@@ -302,8 +324,13 @@ class TransparentProxy:
         refusal = self._refusal(uid)
         if refusal is not None:
             self.counters.refused += 1
-            self._refusals("refused connections over %s (the last: uid %s, %s:%d -> %s:%d)",
-                           refusal, "unknown" if uid is None else uid, *src, *dst)
+            self._refusals(
+                "refused connections over %s (the last: uid %s, %s:%d -> %s:%d)",
+                refusal,
+                "unknown" if uid is None else uid,
+                *src,
+                *dst,
+            )
             _reset_socket(sock)
             return
         conn = LocalConnection(self, src, dst, uid)
@@ -374,8 +401,10 @@ class TransparentProxy:
 
     def limit_stats(self) -> dict[str, int]:
         """For stats: connections refused by a limit, and listener pauses at EMFILE."""
-        return {"refused": self.counters.refused,
-                "deferred": sum(a.deferred for a in self._acceptors)}
+        return {
+            "refused": self.counters.refused,
+            "deferred": sum(a.deferred for a in self._acceptors),
+        }
 
     def close(self) -> None:
         self._closed = True
@@ -397,8 +426,9 @@ def _reset_socket(sock: socket.socket) -> None:
     sock.close()
 
 
-def bind_listeners(addresses: tuple[str, ...], port: int, kind: int, *,
-                   transparent: bool = False) -> list[socket.socket]:
+def bind_listeners(
+    addresses: tuple[str, ...], port: int, kind: int, *, transparent: bool = False
+) -> list[socket.socket]:
     """Bind every address on one port number; skip a family the host lacks.
 
     `transparent`: IP_TRANSPARENT, so TPROXY rules may deliver here (router mode, UDP).

@@ -42,8 +42,10 @@ HOSTS_COMMAND = "cat /etc/hosts"
 
 # Ranges whose presence inside a route makes it a default route in disguise.
 _NOT_NETWORKS: dict[int, tuple[IPNetwork, ...]] = {
-    4: tuple(ipaddress.IPv4Network(n) for n in ("127.0.0.0/8", "169.254.0.0/16",
-                                                "224.0.0.0/4", "0.0.0.0/8", "240.0.0.0/4")),
+    4: tuple(
+        ipaddress.IPv4Network(n)
+        for n in ("127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "0.0.0.0/8", "240.0.0.0/4")
+    ),
     6: tuple(ipaddress.IPv6Network(n) for n in ("::1/128", "fe80::/10", "ff00::/8", "::/128")),
 }
 RTF_UP = 0x0001
@@ -72,8 +74,9 @@ class _Ignored:
 
     def report(self) -> None:
         if self.count:
-            log.warning("ignored %d %s from the remote (first: %s)", self.count, self.what,
-                        self.first)
+            log.warning(
+                "ignored %d %s from the remote (first: %s)", self.count, self.what, self.first
+            )
 
 
 # --- routes ---------------------------------------------------------------------------
@@ -148,9 +151,12 @@ def parse_proc_route(data: bytes | str) -> list[IPNetwork]:
     rows = []
     for line in (text or "").splitlines()[1:]:  # the first line is the header
         fields = line.split()
-        if (len(fields) < 8 or not _IFNAME.fullmatch(fields[0])
-                or not all(_HEX8.fullmatch(f) for f in (fields[1], fields[7]))
-                or not re.fullmatch(r"[0-9A-Fa-f]{1,8}", fields[3])):
+        if (
+            len(fields) < 8
+            or not _IFNAME.fullmatch(fields[0])
+            or not all(_HEX8.fullmatch(f) for f in (fields[1], fields[7]))
+            or not re.fullmatch(r"[0-9A-Fa-f]{1,8}", fields[3])
+        ):
             ignored.add(line, "not a route line")
             continue
         rows.append((fields[0], int(fields[1], 16), int(fields[3], 16), int(fields[7], 16)))
@@ -174,8 +180,7 @@ def _byte_order(masks: Iterable[int]) -> str:
     return "big" if votes["big"] > votes["little"] else "little"
 
 
-def _proc_v4(row: tuple[str, int, int, int], order: str, ignored: _Ignored
-             ) -> IPNetwork | None:
+def _proc_v4(row: tuple[str, int, int, int], order: str, ignored: _Ignored) -> IPNetwork | None:
     dev, dst, flags, mask = row
     if dev == "lo" or not flags & RTF_UP or flags & RTF_REJECT:
         return None
@@ -198,14 +203,23 @@ def parse_proc_ipv6_route(data: bytes | str) -> list[IPNetwork]:
 
 def _proc_v6(line: str, ignored: _Ignored) -> IPNetwork | None:
     fields = line.split()
-    if (len(fields) != 10 or not _HEX32.fullmatch(fields[0]) or not _HEX2.fullmatch(fields[1])
-            or not _HEX2.fullmatch(fields[3]) or not _HEX8.fullmatch(fields[8])
-            or not _IFNAME.fullmatch(fields[9])):
+    if (
+        len(fields) != 10
+        or not _HEX32.fullmatch(fields[0])
+        or not _HEX2.fullmatch(fields[1])
+        or not _HEX2.fullmatch(fields[3])
+        or not _HEX8.fullmatch(fields[8])
+        or not _IFNAME.fullmatch(fields[9])
+    ):
         ignored.add(line, "not a route line")
         return None
     flags, prefix = int(fields[8], 16), int(fields[1], 16)
-    if fields[9] == "lo" or int(fields[3], 16) or not flags & RTF_UP or flags & (
-            RTF_REJECT | RTF_CACHE | RTF_LOCAL):
+    if (
+        fields[9] == "lo"
+        or int(fields[3], 16)
+        or not flags & RTF_UP
+        or flags & (RTF_REJECT | RTF_CACHE | RTF_LOCAL)
+    ):
         return None
     if prefix > 128:
         ignored.add(line, "prefix longer than 128")
@@ -227,8 +241,11 @@ async def _family_routes(run: Runner, family: int) -> list[IPNetwork]:
             return nets
     status, out, err = await run(proc_command)
     if status != 0:
-        log.warning("cannot read the remote's IPv%d routes: %s", family,
-                    err.decode(errors="replace").strip()[:200] or f"status {status}")
+        log.warning(
+            "cannot read the remote's IPv%d routes: %s",
+            family,
+            err.decode(errors="replace").strip()[:200] or f"status {status}",
+        )
         return []
     return parse_proc_route(out) if family == 4 else parse_proc_ipv6_route(out)
 
@@ -249,8 +266,13 @@ def _host_address(text: str) -> IPAddress | None:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     # The remote's own loopback, link-local or multicast names mean nothing here.
-    if (address.is_loopback or address.is_link_local or address.is_multicast
-            or address.is_unspecified or address.is_reserved):
+    if (
+        address.is_loopback
+        or address.is_link_local
+        or address.is_multicast
+        or address.is_unspecified
+        or address.is_reserved
+    ):
         return None
     return address
 
@@ -268,8 +290,7 @@ def parse_hosts(data: bytes | str) -> dict[str, tuple[IPAddress, ...]]:
     return {name: tuple(addresses) for name, addresses in table.items()}
 
 
-def _hosts_line(fields: list[str], table: dict[str, list[IPAddress]],
-                ignored: _Ignored) -> None:
+def _hosts_line(fields: list[str], table: dict[str, list[IPAddress]], ignored: _Ignored) -> None:
     if "%" in fields[0] or not fields[0].isascii():
         ignored.add(fields[0], "not an address")
         return
@@ -285,8 +306,10 @@ def _hosts_line(fields: list[str], table: dict[str, list[IPAddress]],
             ignored.add(raw, "not a host name")
         elif name not in table and len(table) >= MAX_HOST_NAMES:
             ignored.add(raw, f"more than {MAX_HOST_NAMES} names")
-        elif address not in (known := table.setdefault(name, [])) and len(
-                known) < MAX_ADDRESSES_PER_NAME:
+        elif (
+            address not in (known := table.setdefault(name, []))
+            and len(known) < MAX_ADDRESSES_PER_NAME
+        ):
             known.append(address)
 
 
@@ -301,7 +324,9 @@ def _looks_unusable(text: str) -> bool:
 async def remote_hosts(run: Runner) -> dict[str, tuple[IPAddress, ...]]:
     status, out, err = await run(HOSTS_COMMAND)
     if status != 0:
-        log.warning("cannot read the remote's /etc/hosts: %s",
-                    err.decode(errors="replace").strip()[:200] or f"status {status}")
+        log.warning(
+            "cannot read the remote's /etc/hosts: %s",
+            err.decode(errors="replace").strip()[:200] or f"status {status}",
+        )
         return {}
     return parse_hosts(out)

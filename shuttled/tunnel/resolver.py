@@ -78,8 +78,15 @@ class DnsCapture:
 
 
 class ProfileResolver:
-    def __init__(self, name: str, owner: str, plan: DnsPlan, opener: Opener,
-                 peers: DnsPeers | None = None, fault_log: Faults | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        owner: str,
+        plan: DnsPlan,
+        opener: Opener,
+        peers: DnsPeers | None = None,
+        fault_log: Faults | None = None,
+    ) -> None:
         self.name = name
         self.faults = fault_log if fault_log is not None else Faults()
         self.owner = owner  # the firewall table: names our link, decides its cleanup
@@ -120,8 +127,11 @@ class ProfileResolver:
             capture = await self._start_resolved(resolved, upstream)
             await resolved.watch_restarts(self._resolved_restarted)
         except (ResolvedError, OSError, TimeoutError) as exc:
-            log.warning("split DNS through systemd-resolved failed (%s): catching DNS in the "
-                        "firewall instead", exc)
+            log.warning(
+                "split DNS through systemd-resolved failed (%s): catching DNS in the "
+                "firewall instead",
+                exc,
+            )
             resolved.close()
             await self.close()
             return None
@@ -138,8 +148,9 @@ class ProfileResolver:
             log.warning("%s", exc)
 
     def _forwarder(self, upstream: Sequence[str], local: LocalUpstream | None) -> DnsForwarder:
-        forwarder = DnsForwarder(self._opener, upstream, local=local, cache=DnsCache(),
-                                 peers=self._peers)
+        forwarder = DnsForwarder(
+            self._opener, upstream, local=local, cache=DnsCache(), peers=self._peers
+        )
         forwarder.set_routes(self._forwarder_routes(), self._hosts)
         if self._peers is not None:
             self._peers.add(self.name, forwarder)
@@ -156,12 +167,19 @@ class ProfileResolver:
         self._listener = DnsListener(self._forwarder(upstream, local), self.faults)
         port = await self._listener.start(self.plan.listen)
         every = self.plan.mode == "all" and not self.plan.capture
-        log.info("DNS (%s): %s answered %s", self.plan.mode,
-                 "every port-53 query" if every else "queries to " + ", ".join(self._local),
-                 f"by {', '.join(upstream)} through the tunnel" + (
-                     ", other names by the same resolvers" if split else ""))
-        return DnsCapture(port, tuple(ipaddress.ip_address(a) for a in self._local),
-                          every, const.DNS_BYPASS_MARK if split else None)
+        log.info(
+            "DNS (%s): %s answered %s",
+            self.plan.mode,
+            "every port-53 query" if every else "queries to " + ", ".join(self._local),
+            f"by {', '.join(upstream)} through the tunnel"
+            + (", other names by the same resolvers" if split else ""),
+        )
+        return DnsCapture(
+            port,
+            tuple(ipaddress.ip_address(a) for a in self._local),
+            every,
+            const.DNS_BYPASS_MARK if split else None,
+        )
 
     async def _start_resolved(self, resolved: Resolved, upstream: Sequence[str]) -> DnsCapture:
         self.path = "resolved"
@@ -169,14 +187,22 @@ class ProfileResolver:
         self._listener = DnsListener(self._forwarder(upstream, None), self.faults)
         await self._listener.start([str(self._link.address)], const.DNS_PORT)
         await resolved.configure(self._link, self._routes.routing_domains())
-        log.info("DNS (split): systemd-resolved sends %s to link %s (%s), answered by %s "
-                 "through the tunnel", ", ".join(self._routes.routing_domains()) or "nothing",
-                 self._link.name, self._link.address, ", ".join(upstream))
+        log.info(
+            "DNS (split): systemd-resolved sends %s to link %s (%s), answered by %s "
+            "through the tunnel",
+            ", ".join(self._routes.routing_domains()) or "nothing",
+            self._link.name,
+            self._link.address,
+            ", ".join(upstream),
+        )
         return DnsCapture()
 
-    async def refresh(self, networks: Sequence[IPNetwork],
-                      hosts: Mapping[str, Sequence[IPAddress]] | None,
-                      pinned: Mapping[str, Sequence[IPAddress]] | None = None) -> None:
+    async def refresh(
+        self,
+        networks: Sequence[IPNetwork],
+        hosts: Mapping[str, Sequence[IPAddress]] | None,
+        pinned: Mapping[str, Sequence[IPAddress]] | None = None,
+    ) -> None:
         """The names of this connection: domains, reverse zones of networks, host names.
 
         `pinned` names (the ssh server's) are answered here when they are the tunnel's:
@@ -186,9 +212,12 @@ class ProfileResolver:
         table = {n: a for n, a in (pinned or {}).items() if claimed.claims(n)}
         table |= dict(hosts or {})
         self._hosts = HostsTable(table) if table else None
-        routes = SplitRoutes(everything=self.plan.mode == "all", domains=self.plan.domains,
-                             networks=tuple(networks),
-                             names=self._hosts.names() if self._hosts else frozenset())
+        routes = SplitRoutes(
+            everything=self.plan.mode == "all",
+            domains=self.plan.domains,
+            networks=tuple(networks),
+            names=self._hosts.names() if self._hosts else frozenset(),
+        )
         self._routes = routes
         if self.forwarder is not None:
             self.forwarder.set_routes(self._forwarder_routes(), self._hosts)
@@ -236,8 +265,11 @@ class ProfileResolver:
             self.forwarder = None
 
     def status(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"mode": self.plan.mode, "path": self.path or None,
-                                "domains": self._routes.routing_domains()}
+        info: dict[str, Any] = {
+            "mode": self.plan.mode,
+            "path": self.path or None,
+            "domains": self._routes.routing_domains(),
+        }
         if self._link is not None:
             info |= {"link": self._link.name, "server": str(self._link.address)}
         elif self.path == "firewall":

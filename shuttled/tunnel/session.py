@@ -33,8 +33,12 @@ HELPER_START_TIMEOUT = 30.0
 # `worn`, and the supervisor replaces it with a fresh one (make before break).
 
 # pty-req: TERM, 80x24 characters, no pixel size, no terminal modes (RFC 4254 6.2).
-_PTY_REQUEST = (sshmsg.sstring("dumb") + sshmsg.U32X2.pack(80, 24) + sshmsg.U32X2.pack(0, 0)
-                + sshmsg.sstring(b"\x00"))
+_PTY_REQUEST = (
+    sshmsg.sstring("dumb")
+    + sshmsg.U32X2.pack(80, 24)
+    + sshmsg.U32X2.pack(0, 0)
+    + sshmsg.sstring(b"\x00")
+)
 
 # A lost extra ssh connection is replaced after this long, doubling while it fails.
 REPLACE_BACKOFF_MIN = 1.0
@@ -66,8 +70,7 @@ class _HeardProtocol(MuxProtocol):
     """A mux connection whose every packet from the master is a sign of life: a
     ping's answer may queue behind bulk data in the master, the data itself not."""
 
-    def __init__(self, link: SshLink, name: str, on_lost: LostHandler,
-                 fault_log: Faults) -> None:
+    def __init__(self, link: SshLink, name: str, on_lost: LostHandler, fault_log: Faults) -> None:
         super().__init__(name, on_lost, fault_log)
         self._link = link
 
@@ -100,8 +103,11 @@ class SshLink:
     async def connect(self) -> None:
         await self.master.start()
         # Where ssh made the server connection itself (nodelay.py): borrow it, if we may.
-        if self.master.server is None and self.master.pid is not None and \
-                set_nodelay(self.master.pid):
+        if (
+            self.master.server is None
+            and self.master.pid is not None
+            and set_nodelay(self.master.pid)
+        ):
             log.debug("TCP_NODELAY set on the ssh master's connection")
         self.control = await self.connect_mux(self.lost)
         self.interactive = await self._open_session()
@@ -111,8 +117,11 @@ class SshLink:
         sock = await self.master.connect_proxy()
         loop = asyncio.get_running_loop()
         _, protocol = await loop.create_unix_connection(
-            lambda: _HeardProtocol(self, f"ssh {self.session.target.remote}", on_lost,
-                                   self.session.faults), sock=sock)
+            lambda: _HeardProtocol(
+                self, f"ssh {self.session.target.remote}", on_lost, self.session.faults
+            ),
+            sock=sock,
+        )
         assert isinstance(protocol, MuxProtocol) and protocol.mux is not None
         return protocol.mux
 
@@ -143,8 +152,11 @@ class SshLink:
 
     async def start_data(self, mode: Forward) -> None:
         assert self.control is not None
-        self.data = (self.control if mode is Forward.DIRECT
-                     else await self.session.start_helper(self.control, self.lost))
+        self.data = (
+            self.control
+            if mode is Forward.DIRECT
+            else await self.session.start_helper(self.control, self.lost)
+        )
 
     async def _watch_master(self) -> None:
         status = await self.master.wait()
@@ -171,8 +183,11 @@ class SshLink:
     def failed_opens(self) -> int:
         """Failed opens the master keeps (direct mode; the helper frees its own)."""
         control = self.control
-        return 0 if control is None or self.session.mode is not Forward.DIRECT else (
-            control.counters.open_failed)
+        return (
+            0
+            if control is None or self.session.mode is not Forward.DIRECT
+            else (control.counters.open_failed)
+        )
 
     async def stop(self) -> None:
         self.fail()  # close our side first, so the master's exit is no surprise
@@ -191,10 +206,17 @@ class SshSession:
     in the background; losing the first ends the session.
     """
 
-    def __init__(self, target: SshTarget, name: str, *, forward: Forward = Forward.AUTO,
-                 pythons: tuple[str, ...] = const.REMOTE_PYTHONS,
-                 keepalive: float = const.KEEPALIVE_INTERVAL, streams: int = 1,
-                 fault_log: Faults | None = None) -> None:
+    def __init__(
+        self,
+        target: SshTarget,
+        name: str,
+        *,
+        forward: Forward = Forward.AUTO,
+        pythons: tuple[str, ...] = const.REMOTE_PYTHONS,
+        keepalive: float = const.KEEPALIVE_INTERVAL,
+        streams: int = 1,
+        fault_log: Faults | None = None,
+    ) -> None:
         self.target = target
         # Faults of single connections, contained by every mux of this session.
         self.faults = fault_log if fault_log is not None else Faults()
@@ -263,15 +285,15 @@ class SshSession:
         self._tasks.append(asyncio.create_task(self._keepalive()))
         self.started_at = time.time()
         extra = f", {len(self.links)} ssh connections" if self.streams > 1 else ""
-        log.info("tunnel %s up via %s (%s mode%s)", self.name, self.target.remote, self.mode,
-                 extra)
+        log.info("tunnel %s up via %s (%s mode%s)", self.name, self.target.remote, self.mode, extra)
 
     async def _start_extras(self, mode: Forward) -> None:
         # Side by side; one that fails leaves the tunnel up on fewer connections
         # (and is tried again) rather than refusing what would still work.
         extras = self.links[1:]
-        results = await asyncio.gather(*(self._start_link(link, mode) for link in extras),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            *(self._start_link(link, mode) for link in extras), return_exceptions=True
+        )
         for link, result in zip(extras, results, strict=True):
             if isinstance(result, BaseException):
                 if not isinstance(result, (ShuttledError, OSError, TimeoutError)):
@@ -314,12 +336,18 @@ class SshSession:
             if not hello.done():
                 hello.set_result(bytes(payload))
 
-        pipe.inner = ChannelMux(pipe, name=f"helper on {self.target.remote}",
-                                on_lost=on_lost, on_global=on_hello, fault_log=self.faults)
+        pipe.inner = ChannelMux(
+            pipe,
+            name=f"helper on {self.target.remote}",
+            on_lost=on_lost,
+            on_global=on_hello,
+            fault_log=self.faults,
+        )
         async with asyncio.timeout(HELPER_START_TIMEOUT):
             channel = await pipe.opened
-            reply = channel.request("exec", sshmsg.sstring(
-                loader_command(len(source), self.pythons)))
+            reply = channel.request(
+                "exec", sshmsg.sstring(loader_command(len(source), self.pythons))
+            )
             assert reply is not None
             if not await reply:
                 raise RemoteError(f"{self.target.remote} refused to run the helper")
@@ -333,8 +361,10 @@ class SshSession:
 
     def _helper_failure(self, pipe: HelperPipe) -> str:
         if pipe.status == const.HELPER_NO_PYTHON_EXIT:
-            return (f"no python on {self.target.remote} for the helper "
-                    f"(tried {', '.join(self.pythons)})")
+            return (
+                f"no python on {self.target.remote} for the helper "
+                f"(tried {', '.join(self.pythons)})"
+            )
         return f"the remote helper did not start (status {pipe.status}): {pipe.last_error()}"
 
     async def _keepalive(self) -> None:
@@ -403,8 +433,12 @@ class SshSession:
             return
         if not link.dead and not self.closed.done():
             link.dead = True
-            log.warning("%s lost (%s): the connections it carried were reset, %d left",
-                        link.label, exc, len(self.live_links()))
+            log.warning(
+                "%s lost (%s): the connections it carried were reset, %d left",
+                link.label,
+                exc,
+                len(self.live_links()),
+            )
             self._tasks.append(asyncio.create_task(self._replace(link)))
 
     async def _replace(self, link: SshLink) -> None:
@@ -440,14 +474,14 @@ class SshSession:
 
     # --- services for the layers above --------------------------------------------
 
-    async def open_stream(self, host: str, port: int
-                          ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def open_stream(
+        self, host: str, port: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self.data is None or self.data.closed:
             raise SshError("tunnel is not up")
         return await open_stream(self.data, host, port)
 
-    async def run(self, command: str, timeout: float = 30.0
-                  ) -> tuple[int | None, bytes, bytes]:
+    async def run(self, command: str, timeout: float = 30.0) -> tuple[int | None, bytes, bytes]:
         if self.control is None or self.control.closed:
             raise SshError("tunnel is not up")
         return await run_command(self.control, command, timeout)
@@ -470,8 +504,7 @@ class SshSession:
                 raise RemoteError(f"UDP unavailable: {self._udp_error}")
             self._udp_starting = asyncio.ensure_future(self._start_udp_helper())
             # Retrieved here too, so a start nobody waits for any more logs no warning.
-            self._udp_starting.add_done_callback(
-                lambda f: None if f.cancelled() else f.exception())
+            self._udp_starting.add_done_callback(lambda f: None if f.cancelled() else f.exception())
         return await asyncio.shield(self._udp_starting)
 
     async def _start_udp_helper(self) -> ChannelMux:
@@ -499,16 +532,19 @@ class SshSession:
             return None
         live = self.live_links()
         if not self.worn.is_set() and any(
-                link.failed_opens >= const.MASTER_FAILED_OPENS_MAX for link in live):
-            log.debug("tunnel %s: a master holds %d failed opens", self.name,
-                      const.MASTER_FAILED_OPENS_MAX)
+            link.failed_opens >= const.MASTER_FAILED_OPENS_MAX for link in live
+        ):
+            log.debug(
+                "tunnel %s: a master holds %d failed opens",
+                self.name,
+                const.MASTER_FAILED_OPENS_MAX,
+            )
             self.worn.set()
         return min(live, key=_by_load).current_mux() if live else None
 
     def muxes(self) -> set[ChannelMux]:
         """Every mux of this session: a connection on one of them is this session's."""
-        return {mux for link in self.links for mux in (link.control, link.data)
-                if mux is not None}
+        return {mux for link in self.links for mux in (link.control, link.data) if mux is not None}
 
     async def stop(self) -> None:
         self._lost(None)  # close our side first, so the masters' exits are no surprise

@@ -85,13 +85,14 @@ class SockDiag:
 
 
 def _request(family: int, local: Address, remote: Address, seq: int) -> bytes:
-    sockid = (_PORTS.pack(local[1], remote[1])
-              + socket.inet_pton(family, local[0]).ljust(16, b"\0")
-              + socket.inet_pton(family, remote[0]).ljust(16, b"\0")
-              + _IF_COOKIE.pack(0, _NO_COOKIE))
+    sockid = (
+        _PORTS.pack(local[1], remote[1])
+        + socket.inet_pton(family, local[0]).ljust(16, b"\0")
+        + socket.inet_pton(family, remote[0]).ljust(16, b"\0")
+        + _IF_COOKIE.pack(0, _NO_COOKIE)
+    )
     body = _REQUEST.pack(family, socket.IPPROTO_TCP, 0, 0, _ALL_STATES) + sockid
-    return _HEADER.pack(_HEADER.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST,
-                        seq, 0) + body
+    return _HEADER.pack(_HEADER.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, seq, 0) + body
 
 
 def _answer(sock: socket.socket, seq: int, ports: tuple[int, int]) -> int | None:

@@ -29,6 +29,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypedDict
 
 from shuttled import const
 from shuttled.errors import SshError
@@ -115,9 +116,22 @@ class _ChildOutput:
 
 
 def _child_env(user: LocalUser | None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k in ("PATH", "LANG", "LC_ALL", "TERM", "SSH_AUTH_SOCK", "DISPLAY",
-                    "SSH_ASKPASS", "SSH_ASKPASS_REQUIRE", "XAUTHORITY")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        in (
+            "PATH",
+            "LANG",
+            "LC_ALL",
+            "TERM",
+            "SSH_AUTH_SOCK",
+            "DISPLAY",
+            "SSH_ASKPASS",
+            "SSH_ASKPASS_REQUIRE",
+            "XAUTHORITY",
+        )
+    }
     env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
     if user is not None:
         env.update(HOME=user.home, USER=user.name, LOGNAME=user.name)
@@ -126,7 +140,15 @@ def _child_env(user: LocalUser | None) -> dict[str, str]:
     return env
 
 
-def _spawn_kwargs(user: LocalUser | None) -> dict[str, object]:
+class _Identity(TypedDict, total=False):
+    """The child's uid, gid and groups, as create_subprocess_exec takes them."""
+
+    user: int
+    group: int
+    extra_groups: list[int]
+
+
+def _spawn_kwargs(user: LocalUser | None) -> _Identity:
     if user is None or os.geteuid() != 0:
         return {}
     return {"user": user.uid, "group": user.gid, "extra_groups": list(user.groups)}
@@ -183,11 +205,18 @@ def grant_dir(path: str, uid: int) -> None:
     directory. A POSIX ACL entry (user:UID:rwx) lets it without chown, which needs
     CAP_CHOWN: the owner may set a file's ACL with no capability at all.
     """
-    entries = [(_ACL_USER_OBJ, 7, _ACL_UNDEFINED_ID), (_ACL_USER, 7, uid),
-               (_ACL_GROUP_OBJ, 0, _ACL_UNDEFINED_ID), (_ACL_MASK, 7, _ACL_UNDEFINED_ID),
-               (_ACL_OTHER, 0, _ACL_UNDEFINED_ID)]
-    os.setxattr(path, "system.posix_acl_access",
-                _ACL_HEADER.pack(2) + b"".join(_ACL_ENTRY.pack(*e) for e in entries))
+    entries = [
+        (_ACL_USER_OBJ, 7, _ACL_UNDEFINED_ID),
+        (_ACL_USER, 7, uid),
+        (_ACL_GROUP_OBJ, 0, _ACL_UNDEFINED_ID),
+        (_ACL_MASK, 7, _ACL_UNDEFINED_ID),
+        (_ACL_OTHER, 0, _ACL_UNDEFINED_ID),
+    ]
+    os.setxattr(
+        path,
+        "system.posix_acl_access",
+        _ACL_HEADER.pack(2) + b"".join(_ACL_ENTRY.pack(*e) for e in entries),
+    )
 
 
 def remove_private_dir(path: str, uid: int, gid: int) -> None:
@@ -208,9 +237,15 @@ def remove_private_dir(path: str, uid: int, gid: int) -> None:
 async def ssh_config(target: SshTarget) -> dict[str, str]:
     """`ssh -G`: the effective options for the destination, as the user sees them."""
     proc = await asyncio.create_subprocess_exec(
-        *target.base_argv(), "-G", target.remote, stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env=_child_env(target.user), **_spawn_kwargs(target.user))  # type: ignore[arg-type]
+        *target.base_argv(),
+        "-G",
+        target.remote,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=_child_env(target.user),
+        **_spawn_kwargs(target.user),
+    )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), 10)
     except TimeoutError:
@@ -249,8 +284,9 @@ async def server_host(target: SshTarget) -> tuple[str | None, int, str | None]:
     jump = options.get("proxyjump", "none")
     if jump != "none":
         first = jump.split(",")[0]
-        options = await ssh_config(SshTarget(first, target.ssh_command, target.options,
-                                             target.user))
+        options = await ssh_config(
+            SshTarget(first, target.ssh_command, target.options, target.user)
+        )
     return options.get("hostname", target.remote), int(options.get("port", "22")), None
 
 
@@ -299,8 +335,9 @@ class SshMaster:
         base = const.RUN_DIR if os.geteuid() == 0 and const.RUN_DIR.parent.exists() else None
         if base is not None:
             base.mkdir(mode=0o755, parents=True, exist_ok=True)
-        self._dir = tempfile.mkdtemp(prefix=f"ssh-{self.name[:16]}-",
-                                     dir=str(base) if base else None)
+        self._dir = tempfile.mkdtemp(
+            prefix=f"ssh-{self.name[:16]}-", dir=str(base) if base else None
+        )
         user = self.target.user
         if user is not None and os.geteuid() == 0:
             try:
@@ -309,11 +346,25 @@ class SshMaster:
                 os.chown(self._dir, user.uid, user.gid)
 
     def argv(self) -> list[str]:
-        return [*self.target.base_argv(), "-M", "-S", self.control_path, "-N",
-                "-o", "ControlMaster=yes", "-o", "ControlPersist=no",
-                "-o", f"ServerAliveInterval={const.SSH_SERVER_ALIVE_INTERVAL}",
-                "-o", f"ServerAliveCountMax={const.SSH_SERVER_ALIVE_COUNT}",
-                "-o", "ExitOnForwardFailure=yes", *self._relay, self.target.remote]
+        return [
+            *self.target.base_argv(),
+            "-M",
+            "-S",
+            self.control_path,
+            "-N",
+            "-o",
+            "ControlMaster=yes",
+            "-o",
+            "ControlPersist=no",
+            "-o",
+            f"ServerAliveInterval={const.SSH_SERVER_ALIVE_INTERVAL}",
+            "-o",
+            f"ServerAliveCountMax={const.SSH_SERVER_ALIVE_COUNT}",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            *self._relay,
+            self.target.remote,
+        ]
 
     def tcp_info(self) -> TcpInfo | None:
         """The kernel's view of the server connection; None where ssh made it."""
@@ -353,10 +404,14 @@ class SshMaster:
         log.info("starting ssh master: %s", shlex.join(argv))
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE, env=_child_env(self.target.user),
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                env=_child_env(self.target.user),
                 start_new_session=self.target.batch,
-                **_spawn_kwargs(self.target.user))  # type: ignore[arg-type]
+                **_spawn_kwargs(self.target.user),
+            )
         except OSError as exc:
             raise SshError(f"cannot run {argv[0]!r}: {exc.strerror}") from None
         if self._offer is not None and self.server is not None:
@@ -383,11 +438,15 @@ class SshMaster:
             if self.proc.returncode is not None:
                 if self._reader is not None:
                     await asyncio.wait([self._reader], timeout=1)
-                raise SshError(f"ssh to {self.target.remote} exited with status "
-                               f"{self.proc.returncode}: {self.last_error()}")
+                raise SshError(
+                    f"ssh to {self.target.remote} exited with status "
+                    f"{self.proc.returncode}: {self.last_error()}"
+                )
             if loop.time() > deadline:
-                raise SshError(f"ssh to {self.target.remote} did not authenticate within "
-                               f"{const.MASTER_START_TIMEOUT:.0f} s")
+                raise SshError(
+                    f"ssh to {self.target.remote} did not authenticate within "
+                    f"{const.MASTER_START_TIMEOUT:.0f} s"
+                )
             await asyncio.sleep(0.05)
 
     def _socket_exists(self) -> bool:
@@ -479,10 +538,19 @@ class SshMaster:
             return
         try:
             kill = await asyncio.create_subprocess_exec(
-                python, "-I", "-S", "-c", "import os,sys;os.kill(*map(int,sys.argv[1:]))",
-                str(self.proc.pid), str(int(sig)), stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-                env=_child_env(user), **_spawn_kwargs(user))  # type: ignore[arg-type]
+                python,
+                "-I",
+                "-S",
+                "-c",
+                "import os,sys;os.kill(*map(int,sys.argv[1:]))",
+                str(self.proc.pid),
+                str(int(sig)),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+                env=_child_env(user),
+                **_spawn_kwargs(user),
+            )
             await asyncio.wait_for(kill.wait(), 5)
         except (OSError, TimeoutError) as exc:
             log.warning("cannot signal ssh pid %d as %s: %s", self.proc.pid, user.name, exc)
@@ -543,7 +611,7 @@ def _mux_reason(body: bytes) -> str:
     # MUX_S_FAILURE / PERMISSION_DENIED: uint32 request id, string reason.
     if len(body) >= 8:
         (size,) = _U32.unpack_from(body, 4)
-        return body[8:8 + size].decode(errors="replace")
+        return body[8 : 8 + size].decode(errors="replace")
     return "no reason given"
 
 

@@ -98,9 +98,10 @@ class Reader:
         size = self.u32()
         end = self.pos + size
         if end > len(self.buf):
-            raise WireError("string of %d bytes overruns the message at offset %d"
-                            % (size, self.pos))
-        value = self.buf[self.pos:end]
+            raise WireError(
+                "string of %d bytes overruns the message at offset %d" % (size, self.pos)
+            )
+        value = self.buf[self.pos : end]
         self.pos = end
         return bytes(value)
 
@@ -111,13 +112,12 @@ class Reader:
             raise WireError("string at offset %d is not UTF-8" % self.pos) from None
 
     def rest(self) -> BytesLike:
-        value = self.buf[self.pos:]
+        value = self.buf[self.pos :]
         self.pos = len(self.buf)
         return value
 
 
-def split_packets(buf: BytesLike, max_packet: int
-                  ) -> Tuple[List[Tuple[int, memoryview]], int]:
+def split_packets(buf: BytesLike, max_packet: int) -> Tuple[List[Tuple[int, memoryview]], int]:
     """Parse whole packets from the front of bytearray `buf`.
 
     Returns (messages, consumed): a list of (msg_type, payload memoryview) and
@@ -136,17 +136,16 @@ def split_packets(buf: BytesLike, max_packet: int
         end = pos + 4 + length
         if end > size:
             break
-        out.append((msg_type, view[pos + 6:end]))
+        out.append((msg_type, view[pos + 6 : end]))
         pos = end
     return out, pos
 
 
 # --- builders ------------------------------------------------------------------
 
-def channel_open(kind: str, sender: int, window: int, max_packet: int,
-                 extra: bytes = b"") -> bytes:
-    return packet(MSG_CHANNEL_OPEN,
-                  sstring(kind) + U32X3.pack(sender, window, max_packet) + extra)
+
+def channel_open(kind: str, sender: int, window: int, max_packet: int, extra: bytes = b"") -> bytes:
+    return packet(MSG_CHANNEL_OPEN, sstring(kind) + U32X3.pack(sender, window, max_packet) + extra)
 
 
 def direct_tcpip_extra(host: str, port: int, orig_host: str, orig_port: int) -> bytes:
@@ -154,13 +153,16 @@ def direct_tcpip_extra(host: str, port: int, orig_host: str, orig_port: int) -> 
 
 
 def open_confirmation(recipient: int, sender: int, window: int, max_packet: int) -> bytes:
-    return packet(MSG_CHANNEL_OPEN_CONFIRMATION,
-                  U32X2.pack(recipient, sender) + U32X2.pack(window, max_packet))
+    return packet(
+        MSG_CHANNEL_OPEN_CONFIRMATION,
+        U32X2.pack(recipient, sender) + U32X2.pack(window, max_packet),
+    )
 
 
 def open_failure(recipient: int, reason: int, description: str) -> bytes:
-    return packet(MSG_CHANNEL_OPEN_FAILURE,
-                  U32X2.pack(recipient, reason) + sstring(description) + sstring(""))
+    return packet(
+        MSG_CHANNEL_OPEN_FAILURE, U32X2.pack(recipient, reason) + sstring(description) + sstring("")
+    )
 
 
 def window_adjust(recipient: int, amount: int) -> bytes:
@@ -184,10 +186,10 @@ def close(recipient: int) -> bytes:
     return packet(MSG_CHANNEL_CLOSE, U32.pack(recipient))
 
 
-def channel_request(recipient: int, name: str, want_reply: bool,
-                    extra: bytes = b"") -> bytes:
-    return packet(MSG_CHANNEL_REQUEST,
-                  U32.pack(recipient) + sstring(name) + sbool(want_reply) + extra)
+def channel_request(recipient: int, name: str, want_reply: bool, extra: bytes = b"") -> bytes:
+    return packet(
+        MSG_CHANNEL_REQUEST, U32.pack(recipient) + sstring(name) + sbool(want_reply) + extra
+    )
 
 
 def channel_reply(recipient: int, ok: bool) -> bytes:
@@ -195,6 +197,7 @@ def channel_reply(recipient: int, ok: bool) -> bytes:
 
 
 # --- UDP datagram framing inside a udp@shuttled channel ----------------------------
+
 
 def pack_datagram(host: str, port: int, payload: BytesLike) -> bytes:
     """One datagram with its peer address: string host, uint32 port, string data."""

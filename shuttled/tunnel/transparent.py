@@ -24,8 +24,10 @@ IP_RECVORIGDSTADDR = 20  # the cmsg type of the answer is the same number (IP_OR
 IPV6_RECVORIGDSTADDR = 74
 _SOL: dict[int, int] = {socket.AF_INET: socket.SOL_IP, socket.AF_INET6: socket.IPPROTO_IPV6}
 _TRANSPARENT: dict[int, int] = {socket.AF_INET: IP_TRANSPARENT, socket.AF_INET6: IPV6_TRANSPARENT}
-_ORIGDST: dict[int, int] = {socket.AF_INET: IP_RECVORIGDSTADDR,
-                            socket.AF_INET6: IPV6_RECVORIGDSTADDR}
+_ORIGDST: dict[int, int] = {
+    socket.AF_INET: IP_RECVORIGDSTADDR,
+    socket.AF_INET6: IPV6_RECVORIGDSTADDR,
+}
 CMSG_SIZE = socket.CMSG_SPACE(28)  # room for a sockaddr_in6
 MAX_DATAGRAM = 65535
 
@@ -38,12 +40,18 @@ def endpoint_text(address: Address) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def connection_row(proto: str, src: Address, dst: str, channel: Channel | None,
-                   age: float) -> dict[str, Any]:
+def connection_row(
+    proto: str, src: Address, dst: str, channel: Channel | None, age: float
+) -> dict[str, Any]:
     """One TCP connection or UDP flow as a `connections` row."""
-    return {"proto": proto, "src": endpoint_text(src), "dst": dst,
-            "tx": channel.bytes_up if channel else 0,
-            "rx": channel.bytes_down if channel else 0, "age": round(age, 3)}
+    return {
+        "proto": proto,
+        "src": endpoint_text(src),
+        "dst": dst,
+        "tx": channel.bytes_up if channel else 0,
+        "rx": channel.bytes_down if channel else 0,
+        "age": round(age, 3),
+    }
 
 
 def set_transparent(sock: socket.socket) -> None:

@@ -88,9 +88,13 @@ class Flow:
 
     def describe(self, now: float) -> dict[str, Any]:
         """This flow as a `connections` row: the destinations it has sent to."""
-        return connection_row("udp", self.src,
-                              ", ".join(endpoint_text(d) for d in self.replies) or "-",
-                              self.channel, now - self.started)
+        return connection_row(
+            "udp",
+            self.src,
+            ", ".join(endpoint_text(d) for d in self.replies) or "-",
+            self.channel,
+            now - self.started,
+        )
 
     # --- towards the remote ---------------------------------------------------------
 
@@ -229,9 +233,15 @@ class Flow:
 class UdpProxy:
     """Transparent UDP listeners on 127.0.0.1 and ::1 (one port) for one tunnel."""
 
-    def __init__(self, mux_getter: MuxGetter, fault_log: Faults | None = None, *,
-                 addresses: tuple[str, ...] = ("127.0.0.1", "::1"),
-                 max_flows: int = const.UDP_MAX_FLOWS, idle: float = const.UDP_IDLE) -> None:
+    def __init__(
+        self,
+        mux_getter: MuxGetter,
+        fault_log: Faults | None = None,
+        *,
+        addresses: tuple[str, ...] = ("127.0.0.1", "::1"),
+        max_flows: int = const.UDP_MAX_FLOWS,
+        idle: float = const.UDP_IDLE,
+    ) -> None:
         self.mux_getter = mux_getter
         self.addresses = addresses
         self.max_flows = max_flows
@@ -291,8 +301,7 @@ class UdpProxy:
         now = asyncio.get_running_loop().time()
         for flow in [f for f in self.flows.values() if now - f.last >= self.idle]:
             flow.close()
-        self._sweeper = asyncio.get_running_loop().call_later(self._sweep_interval(),
-                                                              self._sweep)
+        self._sweeper = asyncio.get_running_loop().call_later(self._sweep_interval(), self._sweep)
 
     def describe(self) -> list[dict[str, Any]]:
         now = asyncio.get_running_loop().time()

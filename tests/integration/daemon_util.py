@@ -53,8 +53,13 @@ UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 T = TypeVar("T")
 
 
-def wait_for(what: str, probe: Callable[[], T], timeout: float, interval: float = 0.1,
-             detail: Callable[[], str] | None = None) -> T:
+def wait_for(
+    what: str,
+    probe: Callable[[], T],
+    timeout: float,
+    interval: float = 0.1,
+    detail: Callable[[], str] | None = None,
+) -> T:
     """Poll ``probe`` until it returns something truthy; AssertionError after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
@@ -95,10 +100,19 @@ def user_python() -> str:
 
 def root_profile(lab: Lab, subnets: Sequence[str], **keys: Any) -> dict[str, Any]:
     """A profile whose ssh runs as root with the lab's key and known_hosts."""
-    options = {"UserKnownHostsFile": lab.known_hosts, "User": "root", "ConnectTimeout": 5,
-               **keys.pop("ssh_options", {})}
-    return {"remote": lab.srv_v4, "identity": lab.identity, "ssh_options": options,
-            "subnets": list(subnets), **keys}
+    options = {
+        "UserKnownHostsFile": lab.known_hosts,
+        "User": "root",
+        "ConnectTimeout": 5,
+        **keys.pop("ssh_options", {}),
+    }
+    return {
+        "remote": lab.srv_v4,
+        "identity": lab.identity,
+        "ssh_options": options,
+        "subnets": list(subnets),
+        **keys,
+    }
 
 
 def split_profile(lab: Lab, subnets: Sequence[str], *domains: str) -> dict[str, Any]:
@@ -160,14 +174,13 @@ class NotifyListener:
     def receive(self, timeout: float) -> tuple[float, int | None, list[str]] | None:
         self.sock.settimeout(max(timeout, 0.001))
         try:
-            data, ancdata, _flags, _addr = self.sock.recvmsg(
-                4096, socket.CMSG_SPACE(UCRED.size))
+            data, ancdata, _flags, _addr = self.sock.recvmsg(4096, socket.CMSG_SPACE(UCRED.size))
         except TimeoutError:
             return None
         pid = None
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                pid = UCRED.unpack(payload[:UCRED.size])[0]
+                pid = UCRED.unpack(payload[: UCRED.size])[0]
         message = (time.monotonic(), pid, data.decode().splitlines())
         self.messages.append(message)
         return message
@@ -263,21 +276,39 @@ class Daemon:
         return self.proc is not None and self.proc.poll() is None
 
     def argv(self, dbus: bool = False) -> list[str]:
-        return [sys.executable, "-m", "shuttled", "-v", "--config-dir", str(self.config_dir),
-                "--socket", str(self.socket), "--state-dir", str(self.state_dir),
-                "--method", self.method, *([] if dbus else ["--no-dbus"]), "daemon"]
+        return [
+            sys.executable,
+            "-m",
+            "shuttled",
+            "-v",
+            "--config-dir",
+            str(self.config_dir),
+            "--socket",
+            str(self.socket),
+            "--state-dir",
+            str(self.state_dir),
+            "--method",
+            self.method,
+            *([] if dbus else ["--no-dbus"]),
+            "daemon",
+        ]
 
-    def start(self, env: Mapping[str, str] | None = None, *, dbus: bool = False,
-              wait: bool = True) -> subprocess.Popen[bytes]:
+    def start(
+        self, env: Mapping[str, str] | None = None, *, dbus: bool = False, wait: bool = True
+    ) -> subprocess.Popen[bytes]:
         """Start the daemon; with ``wait``, until `shuttlectl version` answers (bounded)."""
         assert not self.alive, "daemon already running"
         self.starts += 1
         self.killed = self.exit_seen = False
-        full_env = {k: v for k, v in os.environ.items()
-                    if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+        full_env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+        }
         full_env.update(env or {})
-        self.proc = self.lab.popen("cli", self.argv(dbus), name=self.log_name, env=full_env,
-                                   cwd=str(REPO_ROOT))
+        self.proc = self.lab.popen(
+            "cli", self.argv(dbus), name=self.log_name, env=full_env, cwd=str(REPO_ROOT)
+        )
         if wait:
             self.wait_ready()
         return self.proc
@@ -289,8 +320,9 @@ class Daemon:
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
         def answering() -> bool:
             if not self.alive:
-                raise AssertionError(f"daemon exited with {self.proc and self.proc.returncode}"
-                                     f":\n{self.log()}")
+                raise AssertionError(
+                    f"daemon exited with {self.proc and self.proc.returncode}:\n{self.log()}"
+                )
             return self.socket.exists() and self.ctl("version").returncode == 0
 
         wait_for("the daemon's control socket", answering, timeout, detail=self.log)
@@ -312,8 +344,9 @@ class Daemon:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.lab.stop(self.proc)
-                raise AssertionError(f"daemon ignored SIGTERM for {timeout:g} s:\n"
-                                     f"{self.log()}") from None
+                raise AssertionError(
+                    f"daemon ignored SIGTERM for {timeout:g} s:\n{self.log()}"
+                ) from None
         return self.proc.returncode
 
     def kill(self) -> list[psutil.Process]:
@@ -323,8 +356,7 @@ class Daemon:
             children = psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.Error:
             children = []
-        self.stale_dirs += [os.path.dirname(path) for path in map(_control_path, children)
-                            if path]
+        self.stale_dirs += [os.path.dirname(path) for path in map(_control_path, children) if path]
         self.proc.kill()
         self.proc.wait(10)
         self.killed = True
@@ -351,21 +383,37 @@ class Daemon:
     def ctl_argv(self, *args: str, user: LabUser | None = None) -> list[str]:
         if user is None:
             return [sys.executable, "-m", "shuttlectl", "--socket", str(self.socket), *args]
-        return ["env", f"PYTHONPATH={REPO_ROOT}", user_python(), "-m", "shuttlectl",
-                "--socket", str(self.socket), *args]
+        return [
+            "env",
+            f"PYTHONPATH={REPO_ROOT}",
+            user_python(),
+            "-m",
+            "shuttlectl",
+            "--socket",
+            str(self.socket),
+            *args,
+        ]
 
-    def ctl(self, *args: str, user: LabUser | None = None,
-            timeout: float = CTL_TIMEOUT) -> subprocess.CompletedProcess[str]:
+    def ctl(
+        self, *args: str, user: LabUser | None = None, timeout: float = CTL_TIMEOUT
+    ) -> subprocess.CompletedProcess[str]:
         """Run shuttlectl in cli (as root or ``user``); never raises on a non-zero exit."""
-        return self.lab.run("cli", self.ctl_argv(*args, user=user), check=False,
-                            timeout=timeout, user=user, cwd=str(REPO_ROOT))
+        return self.lab.run(
+            "cli",
+            self.ctl_argv(*args, user=user),
+            check=False,
+            timeout=timeout,
+            user=user,
+            cwd=str(REPO_ROOT),
+        )
 
-    def ctl_json(self, *args: str, user: LabUser | None = None,
-                 ok: Sequence[int] = (0,)) -> dict[str, Any]:
+    def ctl_json(
+        self, *args: str, user: LabUser | None = None, ok: Sequence[int] = (0,)
+    ) -> dict[str, Any]:
         result = self.ctl("--json", *args, user=user)
         assert result.returncode in ok, (
-            f"shuttlectl {' '.join(args)} exited {result.returncode}: {result.stderr}\n"
-            f"{self.log()}")
+            f"shuttlectl {' '.join(args)} exited {result.returncode}: {result.stderr}\n{self.log()}"
+        )
         document: dict[str, Any] = json.loads(result.stdout)
         return document
 
@@ -389,8 +437,8 @@ class Daemon:
     def up(self, profile: str, user: LabUser | None = None) -> None:
         result = self.ctl("up", profile, "--timeout", str(UP_TIMEOUT), user=user)
         assert result.returncode == 0, (
-            f"up {profile} exited {result.returncode}: {result.stdout}{result.stderr}\n"
-            f"{self.log()}")
+            f"up {profile} exited {result.returncode}: {result.stdout}{result.stderr}\n{self.log()}"
+        )
 
     def wait_state(self, profile: str, *states: str, timeout: float = UP_TIMEOUT) -> str:
         """Poll `status --json PROFILE` until its state is one of ``states``; that state."""
@@ -402,8 +450,12 @@ class Daemon:
                 seen.append(state)
             return state if state in states else None
 
-        return wait_for(f"{profile} to be {'/'.join(states)}", probe, timeout,
-                        detail=lambda: f"states seen: {seen}\n{self.log()}")
+        return wait_for(
+            f"{profile} to be {'/'.join(states)}",
+            probe,
+            timeout,
+            detail=lambda: f"states seen: {seen}\n{self.log()}",
+        )
 
 
 class Watch:
@@ -419,8 +471,9 @@ class Watch:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(10)
         self.sock.connect(str(daemon.socket))
-        self.sock.sendall(json.dumps({"v": 1, "id": 1, "verb": "watch", "args": {}})
-                          .encode() + b"\n")
+        self.sock.sendall(
+            json.dumps({"v": 1, "id": 1, "verb": "watch", "args": {}}).encode() + b"\n"
+        )
         self._stream = self.sock.makefile("rb")
         reply = json.loads(self._stream.readline())
         assert reply.get("ok") is True, f"watch refused: {reply}"
@@ -451,8 +504,12 @@ class Watch:
             it = iter(states)
             return states if all(s in it for s in sequence) else None
 
-        return wait_for(f"{profile} states {list(sequence)}", probe, timeout,
-                        detail=lambda: f"events: {self.states(profile)}\n{self.daemon.log()}")
+        return wait_for(
+            f"{profile} states {list(sequence)}",
+            probe,
+            timeout,
+            detail=lambda: f"events: {self.states(profile)}\n{self.daemon.log()}",
+        )
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -519,14 +576,29 @@ class DaemonSet:
             # A kill-switched profile still wanted when its daemon stopped keeps its
             # lockdown (by design): lift it as its user would, before comparing.
             if (daemon.state_dir / "lockdown.json").exists():
-                self.lab.run("cli", [sys.executable, "-m", "shuttled", "--state-dir",
-                                     str(daemon.state_dir), "cleanup", "--all"], check=False,
-                             cwd=str(REPO_ROOT))
+                self.lab.run(
+                    "cli",
+                    [
+                        sys.executable,
+                        "-m",
+                        "shuttled",
+                        "--state-dir",
+                        str(daemon.state_dir),
+                        "cleanup",
+                        "--all",
+                    ],
+                    check=False,
+                    cwd=str(REPO_ROOT),
+                )
         leftover = nft_table(self.lab)
         if leftover is not None:
             # Leave the next test a clean namespace whatever happened here.
-            self.lab.run("cli", [sys.executable, "-m", "shuttled", "cleanup"], check=False,
-                         cwd=str(REPO_ROOT))
+            self.lab.run(
+                "cli",
+                [sys.executable, "-m", "shuttled", "cleanup"],
+                check=False,
+                cwd=str(REPO_ROOT),
+            )
             problems.append(f"table inet shuttled left behind after SIGTERM:\n{leftover}")
         after = self.lab.firewall_snapshot()
         if after != self.before:

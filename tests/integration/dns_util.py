@@ -54,9 +54,11 @@ class DnsLab(Lab):
     def _write_resolv_confs(self) -> None:
         super()._write_resolv_confs()
         base = Path("/etc/hosts").read_text()
-        extra = (f"\n# shuttled lab {self.prefix}: only the remote knows these\n"
-                 f"{self.tgt_v4}\t{REMOTE_ONLY_NAME} {REMOTE_ONLY_SHORT}\n"
-                 f"{self.tgt_v6}\t{REMOTE_ONLY_NAME}\n")
+        extra = (
+            f"\n# shuttled lab {self.prefix}: only the remote knows these\n"
+            f"{self.tgt_v4}\t{REMOTE_ONLY_NAME} {REMOTE_ONLY_SHORT}\n"
+            f"{self.tgt_v6}\t{REMOTE_ONLY_NAME}\n"
+        )
         (ETC_NETNS / self.ns_srv / "hosts").write_text(base + extra)
 
 
@@ -66,13 +68,15 @@ class DnsLab(Lab):
 class LocalResolver:
     """UDP and TCP DNS on one address inside cli, served by a thread; stopped by stop()."""
 
-    def __init__(self, lab: Lab, address: str,
-                 records: dict[str, dict[str, list[str]]] | None = None) -> None:
+    def __init__(
+        self, lab: Lab, address: str, records: dict[str, dict[str, list[str]]] | None = None
+    ) -> None:
         self.lab = lab
         self.address = address
         self.queries: list[tuple[str, str, str]] = []
-        self._zone = DnsZone(PUBLIC_ZONE, {PUBLIC_NAME: {"A": [PUBLIC_ADDRESS]},
-                                           PUBLIC_ZONE: {}, **(records or {})})
+        self._zone = DnsZone(
+            PUBLIC_ZONE, {PUBLIC_NAME: {"A": [PUBLIC_ADDRESS]}, PUBLIC_ZONE: {}, **(records or {})}
+        )
         self._stop = threading.Event()
         lab._ip(lab.ns_cli, ["addr", "add", f"{address}/32", "dev", "lo"])
         try:
@@ -125,8 +129,9 @@ class LocalResolver:
 
 
 @contextlib.contextmanager
-def local_resolver(lab: Lab, records: dict[str, dict[str, list[str]]] | None = None
-                   ) -> Iterator[LocalResolver]:
+def local_resolver(
+    lab: Lab, records: dict[str, dict[str, list[str]]] | None = None
+) -> Iterator[LocalResolver]:
     resolver = LocalResolver(lab, lab.fake_dns_v4, records)
     try:
         yield resolver
@@ -146,20 +151,30 @@ class LeakCounter:
     def __init__(self, lab: Lab, nets: Sequence[str] = ()) -> None:
         self.lab = lab
         link = lab.if_cli
-        rules = [f'oifname "{link}" udp dport 53 counter', f'oifname "{link}" tcp dport 53 counter',
-                 *(f'oifname "{link}" {"ip6" if ":" in n else "ip"} daddr {n} counter'
-                   for n in nets)]
+        rules = [
+            f'oifname "{link}" udp dport 53 counter',
+            f'oifname "{link}" tcp dport 53 counter',
+            *(f'oifname "{link}" {"ip6" if ":" in n else "ip"} daddr {n} counter' for n in nets),
+        ]
         body = "".join(f"  {rule}\n" for rule in rules)
         # Postrouting: only what really leaves, after every output hook of ours.
-        lab.run("cli", ["nft", "-f", "-"], input=(
-            "table inet leakcheck {\n chain out {\n"
-            f"  type filter hook postrouting priority 100; policy accept;\n{body} }}\n}}\n"))
+        lab.run(
+            "cli",
+            ["nft", "-f", "-"],
+            input=(
+                "table inet leakcheck {\n chain out {\n"
+                f"  type filter hook postrouting priority 100; policy accept;\n{body} }}\n}}\n"
+            ),
+        )
 
     def packets(self) -> int:
-        listed = json.loads(self.lab.run("cli", ["nft", "-j", "list", "table",
-                                                 *self.TABLE]).stdout)
-        return sum(expr["counter"]["packets"] for item in listed["nftables"]
-                   for expr in item.get("rule", {}).get("expr", []) if "counter" in expr)
+        listed = json.loads(self.lab.run("cli", ["nft", "-j", "list", "table", *self.TABLE]).stdout)
+        return sum(
+            expr["counter"]["packets"]
+            for item in listed["nftables"]
+            for expr in item.get("rule", {}).get("expr", [])
+            if "counter" in expr
+        )
 
     def remove(self) -> None:
         self.lab.run("cli", ["nft", "delete", "table", *self.TABLE], check=False)
@@ -193,8 +208,14 @@ def resolved_package() -> Path | None:
     work = Path(tempfile.mkdtemp(prefix="shuttled-resolved-dl-"))
     try:
         os.chmod(work, 0o755)  # apt's _apt user downloads into it
-        got = subprocess.run(["apt-get", "download", "systemd-resolved"], cwd=work,
-                             capture_output=True, text=True, timeout=120, check=False)
+        got = subprocess.run(
+            ["apt-get", "download", "systemd-resolved"],
+            cwd=work,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         debs = list(work.glob("systemd-resolved_*.deb"))
         if got.returncode != 0 or not debs:
             return None
@@ -226,13 +247,23 @@ class RealResolved:
             "mkdir /run/systemd/resolve; chown 65534:65534 /run/systemd/resolve; "
             "exec setpriv --reuid=65534 --regid=65534 --clear-groups "
             f"--inh-caps={self.CAPS} --ambient-caps={self.CAPS} "
-            f"{package}/lib/systemd/systemd-resolved")
-        env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": self.bus_address,
-               "SYSTEMD_LOG_LEVEL": "debug", "SYSTEMD_LOG_TARGET": "console"}
-        self.proc = lab.popen("cli", ["unshare", "--mount", "sh", "-c", script],
-                              name="systemd-resolved", env=env)
-        wait_for("systemd-resolved on the private bus", self._answering, 20,
-                 detail=lambda: lab.log_tail("systemd-resolved"))
+            f"{package}/lib/systemd/systemd-resolved"
+        )
+        env = {
+            **os.environ,
+            "DBUS_SYSTEM_BUS_ADDRESS": self.bus_address,
+            "SYSTEMD_LOG_LEVEL": "debug",
+            "SYSTEMD_LOG_TARGET": "console",
+        }
+        self.proc = lab.popen(
+            "cli", ["unshare", "--mount", "sh", "-c", script], name="systemd-resolved", env=env
+        )
+        wait_for(
+            "systemd-resolved on the private bus",
+            self._answering,
+            20,
+            detail=lambda: lab.log_tail("systemd-resolved"),
+        )
         return self.proc
 
     def restart(self) -> None:
@@ -242,16 +273,24 @@ class RealResolved:
 
     def _answering(self) -> bool:
         if self.proc.poll() is not None:
-            raise AssertionError("systemd-resolved exited:\n"
-                                 + self.lab.log_tail("systemd-resolved"))
+            raise AssertionError(
+                "systemd-resolved exited:\n" + self.lab.log_tail("systemd-resolved")
+            )
         return self.resolvectl("status", check=False).returncode == 0
 
     def resolvectl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": self.bus_address, "SYSTEMD_COLORS": "0",
-               "SYSTEMD_PAGER": ""}
+        env = {
+            **os.environ,
+            "DBUS_SYSTEM_BUS_ADDRESS": self.bus_address,
+            "SYSTEMD_COLORS": "0",
+            "SYSTEMD_PAGER": "",
+        }
         result: subprocess.CompletedProcess[str] = self.lab.run(
-            "cli", [str(self.package / "usr" / "bin" / "resolvectl"), "--no-pager", *args],
-            check=check, env=env)
+            "cli",
+            [str(self.package / "usr" / "bin" / "resolvectl"), "--no-pager", *args],
+            check=check,
+            env=env,
+        )
         return result
 
     def links(self) -> dict[str, str]:
@@ -278,8 +317,10 @@ def real_resolved(lab: Lab) -> Iterator[tuple[RealResolved, str]]:
             pytest.skip(f"{tool} is not installed")
     package = resolved_package()
     if package is None:
-        pytest.skip("cannot download systemd-resolved (apt-get download failed): the D-Bus "
-                    "calls are covered against a recorder (tests/unit/test_resolved.py)")
+        pytest.skip(
+            "cannot download systemd-resolved (apt-get download failed): the D-Bus "
+            "calls are covered against a recorder (tests/unit/test_resolved.py)"
+        )
     with private_bus() as address:
         resolved = RealResolved(lab, package, address)
         try:
@@ -288,8 +329,9 @@ def real_resolved(lab: Lab) -> Iterator[tuple[RealResolved, str]]:
             resolved.stop()
 
 
-def ask(lab: Lab, server: str, name: str, qtype: str = "A", *, tcp: bool = False,
-        timeout: float = 3.0) -> Any:
+def ask(
+    lab: Lab, server: str, name: str, qtype: str = "A", *, tcp: bool = False, timeout: float = 3.0
+) -> Any:
     from tests.lab import clients
 
     with lab.netns("cli"):

@@ -28,17 +28,24 @@ def kernel_state(lab: Lab) -> dict[str, str]:
     state = lab.firewall_snapshot()
     for family in ("-4", "-6"):
         state[f"rule{family}"] = lab.run("cli", ["ip", family, "rule", "show"]).stdout
-        state[f"route{family}"] = lab.run("cli", ["ip", family, "route", "show", "table",
-                                                  "all"]).stdout
+        state[f"route{family}"] = lab.run(
+            "cli", ["ip", family, "route", "show", "table", "all"]
+        ).stdout
     return state
 
 
 def block_ssh(lab: Lab, on: bool) -> None:
     """Make srv drop (or accept again) the router's ssh connections: reconnect blocked."""
     if on:
-        lab.run("srv", ["nft", "add table inet labblock; add chain inet labblock in "
-                        "{ type filter hook input priority -300; policy accept; }; "
-                        "add rule inet labblock in tcp dport 22 drop"])
+        lab.run(
+            "srv",
+            [
+                "nft",
+                "add table inet labblock; add chain inet labblock in "
+                "{ type filter hook input priority -300; policy accept; }; "
+                "add rule inet labblock in tcp dport 22 drop",
+            ],
+        )
     else:
         lab.run("srv", ["nft", "delete", "table", "inet", "labblock"], check=False)
 
@@ -64,8 +71,9 @@ def http_from(lab: Lab, host: str, source: str | None = None, timeout: float = 5
     return "ok" if lab.http_marker.encode() in reply else f"bad reply {reply[:80]!r}"
 
 
-def udp_from(lab: Lab, host: str, source: str | None = None, timeout: float = 2.0,
-             size: int = 16) -> str:
+def udp_from(
+    lab: Lab, host: str, source: str | None = None, timeout: float = 2.0, size: int = 16
+) -> str:
     """One datagram to tgt's UDP echo from the LAN host: "ok" or why not."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     payload = os.urandom(size)
@@ -110,8 +118,9 @@ def udp_flows(lab: Lab, count: int, timeout: float = 15.0) -> int:
         try:
             for i in range(count):
                 host = targets[i % 2]
-                sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
-                                     socket.SOCK_DGRAM)
+                sock = socket.socket(
+                    socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM
+                )
                 sock.setblocking(False)
                 sock.connect((host, lab.ports.udp_echo))
                 socks[sock.fileno()] = (sock, hashlib.sha256(str(i).encode()).digest())
@@ -124,8 +133,9 @@ def udp_flows(lab: Lab, count: int, timeout: float = 15.0) -> int:
                             with _quiet():
                                 sock.send(payload)
                     next_send = time.monotonic() + 2.0
-                ready, _, _ = select.select([s for fd, (s, _) in socks.items()
-                                             if fd not in answered], [], [], 0.2)
+                ready, _, _ = select.select(
+                    [s for fd, (s, _) in socks.items() if fd not in answered], [], [], 0.2
+                )
                 for sock in ready:
                     with _quiet():
                         if sock.recv(65535) == socks[sock.fileno()][1]:
@@ -148,15 +158,22 @@ def tcp_connections(lab: Lab, count: int) -> None:
     """`count` echo connections from the LAN host, all open before any data moves."""
 
     async def many() -> None:
-        opened = await asyncio.wait_for(asyncio.gather(*(
-            asyncio.open_connection(lab.tgt_v4 if i % 2 else lab.tgt_v6, lab.ports.echo)
-            for i in range(count))), 60)
+        opened = await asyncio.wait_for(
+            asyncio.gather(
+                *(
+                    asyncio.open_connection(lab.tgt_v4 if i % 2 else lab.tgt_v6, lab.ports.echo)
+                    for i in range(count)
+                )
+            ),
+            60,
+        )
         payloads = [hashlib.sha256(str(i).encode()).digest() * 8 for i in range(count)]
         for (_reader, writer), payload in zip(opened, payloads, strict=True):
             writer.write(payload)
             writer.write_eof()
-        replies = await asyncio.wait_for(asyncio.gather(*(
-            reader.read() for reader, _writer in opened)), 60)
+        replies = await asyncio.wait_for(
+            asyncio.gather(*(reader.read() for reader, _writer in opened)), 60
+        )
         for _reader, writer in opened:
             writer.close()
         assert replies == payloads
@@ -170,8 +187,14 @@ def tcp_connections(lab: Lab, count: int) -> None:
 
 def router_profile(lab: Lab, **keys: Any) -> dict[str, Any]:
     """Subnets = the target networks; the LAN is the host's first address of each family."""
-    body = root_profile(lab, lab.target_nets, dns={"mode": "all"},
-                        lan=[f"{lab.lan_v4}/32", f"{lab.lan_v6}/128"], keepalive=2, **keys)
+    body = root_profile(
+        lab,
+        lab.target_nets,
+        dns={"mode": "all"},
+        lan=[f"{lab.lan_v4}/32", f"{lab.lan_v6}/128"],
+        keepalive=2,
+        **keys,
+    )
     return body
 
 
@@ -188,5 +211,3 @@ def start_daemon(daemons: DaemonSet, method: str, body: dict[str, Any]) -> Daemo
     d.write_profile(PROFILE, body)
     d.start()
     return d
-
-

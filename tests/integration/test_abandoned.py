@@ -79,8 +79,15 @@ async def _read(sock: socket.socket, wait: float) -> str:
     return "answered" if data else "eof"
 
 
-async def tcp_probe(host: str, port: int, *, reset: bool, payload: bytes = b"",
-                    wait: float = 0.0, pause: float = 0.0) -> str:
+async def tcp_probe(
+    host: str,
+    port: int,
+    *,
+    reset: bool,
+    payload: bytes = b"",
+    wait: float = 0.0,
+    pause: float = 0.0,
+) -> str:
     """Connect, maybe send ``payload``, wait ``pause`` or for a reply, then close
     (FIN) or reset (SO_LINGER 0)."""
     loop = asyncio.get_running_loop()
@@ -137,9 +144,14 @@ class Aim:
     def of(cls, lab: Lab, udp: bool) -> Aim:
         p = lab.ports
         prefix4, prefix6 = lab.tgt_v4.rsplit(".", 1)[0], lab.tgt_v6.rsplit(":", 1)[0]
-        return cls((lab.tgt_v4, lab.tgt_v6), (f"{prefix4}.99", f"{prefix6}:99"),
-                   (p.http, p.fast_http, p.echo, p.close_first, p.bulk, p.dns),
-                   (p.closed, 1, 13, 25, 443, 3306, 8443, 9999), lab.fake_dns_v4, udp)
+        return cls(
+            (lab.tgt_v4, lab.tgt_v6),
+            (f"{prefix4}.99", f"{prefix6}:99"),
+            (p.http, p.fast_http, p.echo, p.close_first, p.bulk, p.dns),
+            (p.closed, 1, 13, 25, 443, 3306, 8443, 9999),
+            lab.fake_dns_v4,
+            udp,
+        )
 
     def spread(self, i: int) -> tuple[str, int]:
         """The i-th (host, port): both families, open and closed ports, all mixed."""
@@ -161,15 +173,26 @@ def connection_probes(aim: Aim) -> list[Probe]:
         host, port = aim.spread(i)
         if i % 2:  # nobody is there: the remote's connect is still trying when we leave
             blackhole = aim.blackhole[i // 2 % 2]
-            probes.append(("opening", partial(tcp_probe, blackhole, port, reset=i % 4 == 1,
-                                              pause=0.02)))
+            probes.append(
+                ("opening", partial(tcp_probe, blackhole, port, reset=i % 4 == 1, pause=0.02))
+            )
         else:
             probes.append(("opening", partial(opening_probe, host, port)))
     for i in range(SEND_RESET_PROBES):
         host, port = aim.spread(i)
-        probes.append(("send-reset", partial(tcp_probe, host, port, reset=True,
-                                             payload=b"GET / HTTP/1.0\r\n" * (1 + i % 3),
-                                             pause=i % 3 * 0.01)))
+        probes.append(
+            (
+                "send-reset",
+                partial(
+                    tcp_probe,
+                    host,
+                    port,
+                    reset=True,
+                    payload=b"GET / HTTP/1.0\r\n" * (1 + i % 3),
+                    pause=i % 3 * 0.01,
+                ),
+            )
+        )
     return probes
 
 
@@ -185,9 +208,12 @@ def dns_payloads(name: str) -> dict[str, list[bytes]]:
     response = query[:2] + bytes([query[2] | 0x80]) + query[3:]
     return {
         "tcp-truncated": [framed[:n] for n in (1, 2, 7, len(framed) - 1)],
-        "tcp-garbage": [struct.pack(">H", 40) + rng.randbytes(40),
-                        struct.pack(">H", 5) + rng.randbytes(5), struct.pack(">H", 0),
-                        rng.randbytes(300)],
+        "tcp-garbage": [
+            struct.pack(">H", 40) + rng.randbytes(40),
+            struct.pack(">H", 5) + rng.randbytes(5),
+            struct.pack(">H", 0),
+            rng.randbytes(300),
+        ],
         "udp-bad": [query[:7], query[:12], rng.randbytes(64), response],
     }
 
@@ -207,8 +233,10 @@ def dns_probes(aim: Aim, name: str) -> list[Probe]:
             ("dns-tcp-truncated", partial(tcp, payload=bad["tcp-truncated"][pick])),
             ("dns-tcp-garbage", partial(tcp, payload=bad["tcp-garbage"][pick], wait=REPLY_WAIT)),
             ("dns-tcp-gone", partial(tcp, payload=framed)),
-            ("dns-udp-bad", partial(udp_probe, aim.dns, DNS_PORT, bad["udp-bad"][pick],
-                                    wait=REPLY_WAIT)),
+            (
+                "dns-udp-bad",
+                partial(udp_probe, aim.dns, DNS_PORT, bad["udp-bad"][pick], wait=REPLY_WAIT),
+            ),
             ("dns-udp-gone", partial(udp_probe, aim.dns, DNS_PORT, query)),
         ]
     return probes
@@ -251,10 +279,16 @@ def app_sockets(lab: Lab, pid: int) -> list[str]:
     but its ssh servers' (the daemon keeps each master's socket, for TCP_INFO; and a
     master replaced after many failed opens lives on while it carries a connection)."""
     lines = lab.run("cli", ["ss", "-Htnp", "state", "connected"]).stdout.splitlines()
-    servers = tuple(f"{addr}:{port}" for addr in (lab.srv_v4, f"[{lab.srv_v6}]")
-                    for port in (lab.ports.ssh, lab.ports.ssh_nofwd))
-    return [line for line in lines
-            if f"pid={pid}," in line and not any(f" {s} " in f" {line} " for s in servers)]
+    servers = tuple(
+        f"{addr}:{port}"
+        for addr in (lab.srv_v4, f"[{lab.srv_v6}]")
+        for port in (lab.ports.ssh, lab.ports.ssh_nofwd)
+    )
+    return [
+        line
+        for line in lines
+        if f"pid={pid}," in line and not any(f" {s} " in f" {line} " for s in servers)
+    ]
 
 
 async def settled(lab: Lab, pid: int, keep: int) -> None:
@@ -264,20 +298,23 @@ async def settled(lab: Lab, pid: int, keep: int) -> None:
         if len(held) <= keep:
             return
         await asyncio.sleep(0.2)
-    raise AssertionError(f"shuttled still holds {len(held)} connections "
-                         f"{SETTLE_TIMEOUT:g} s after the storm:\n" + "\n".join(held[:20]))
+    raise AssertionError(
+        f"shuttled still holds {len(held)} connections "
+        f"{SETTLE_TIMEOUT:g} s after the storm:\n" + "\n".join(held[:20])
+    )
 
 
-async def _storm(lab: Lab, pid: int, aim: Aim,
-                 upload: bool) -> dict[str, collections.Counter[str]]:
-    reader, writer = await asyncio.wait_for(
-        asyncio.open_connection(lab.tgt_v4, lab.ports.echo), 10)
+async def _storm(lab: Lab, pid: int, aim: Aim, upload: bool) -> dict[str, collections.Counter[str]]:
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(lab.tgt_v4, lab.ports.echo), 10)
     try:
         assert await _echoes(reader, writer), "the long-lived connection does not echo"
         bulk = clients.abulk_upload if upload else clients.abulk_download
         transfer = asyncio.create_task(bulk(lab.tgt_v6, BIG, seed=19, timeout=STORM_TIMEOUT))
-        waves = [connection_probes(aim), scan_probes(aim),
-                 dns_probes(aim, lab.dns_name) + udp_probes(aim)]
+        waves = [
+            connection_probes(aim),
+            scan_probes(aim),
+            dns_probes(aim, lab.dns_name) + udp_probes(aim),
+        ]
         counts = await asyncio.wait_for(run_waves(waves), STORM_TIMEOUT)
         (await asyncio.wait_for(transfer, STORM_TIMEOUT)).check()
         await settled(lab, pid, keep=1)  # the long-lived connection, nothing else
@@ -287,8 +324,9 @@ async def _storm(lab: Lab, pid: int, aim: Aim,
     return counts
 
 
-def storm(lab: Lab, pid: int, *, udp: bool,
-          upload: bool = False) -> dict[str, collections.Counter[str]]:
+def storm(
+    lab: Lab, pid: int, *, udp: bool, upload: bool = False
+) -> dict[str, collections.Counter[str]]:
     """The whole storm from cli against shuttled process ``pid``, with a long-lived echo
     connection opened before it and a 100 MB transfer running through it; once shuttled
     has closed every connection of the storm, both are checked. Then the tunnel must
@@ -299,8 +337,7 @@ def storm(lab: Lab, pid: int, *, udp: bool,
         except OSError as exc:  # the transfer or the long-lived connection
             raise AssertionError(f"an unrelated connection broke in the storm: {exc!r}") from exc
         assert lab.tgt_v4 in clients.dns_query(lab.fake_dns_v4, lab.dns_name).addresses
-        assert lab.tgt_v4 in clients.dns_query(lab.fake_dns_v4, lab.dns_name,
-                                               tcp=True).addresses
+        assert lab.tgt_v4 in clients.dns_query(lab.fake_dns_v4, lab.dns_name, tcp=True).addresses
         if udp:
             assert clients.udp_echo(lab.tgt_v4, b"ping") == b"ping"
     assert http_ok(lab, lab.tgt_v4) and http_ok(lab, lab.tgt_v6)
@@ -334,8 +371,15 @@ def run(request: pytest.FixtureRequest, lab: Lab) -> Iterator[Run]:
     method, helper = request.param
     before = lab.firewall_snapshot()
     name = f"shuttled-abandoned-{method}-{'helper' if helper else 'direct'}"
-    proc = start_run(lab, "--dns", "--udp", *lab.target_nets, method=method, name=name,
-                     remote=lab.remote_nofwd if helper else lab.remote)
+    proc = start_run(
+        lab,
+        "--dns",
+        "--udp",
+        *lab.target_nets,
+        method=method,
+        name=name,
+        remote=lab.remote_nofwd if helper else lab.remote,
+    )
     try:
         yield Run(lab, proc, name)
     finally:
@@ -354,7 +398,8 @@ def test_run_survives_abandoned_connections(run: Run) -> None:
 
 @pytest.mark.parametrize("forward", ["direct", "helper"])
 def test_daemon_survives_abandoned_connections_and_counts_them(
-        lab: Lab, daemons: DaemonSet, forward: str) -> None:
+    lab: Lab, daemons: DaemonSet, forward: str
+) -> None:
     d = daemons.work_up(dns="all", udp=True, forward=forward)
     storm(lab, d.pid, udp=True, upload=True)
     stats = d.stats("work")
@@ -363,5 +408,9 @@ def test_daemon_survives_abandoned_connections_and_counts_them(
     assert isinstance(aborted, dict) and set(aborted) >= ABORT_KINDS, stats
     assert all(isinstance(n, int) and n >= 0 for n in aborted.values()), aborted
     # Nothing abandoned is kept (the long-lived connection was closed last).
-    wait_for("no connection left", lambda: d.stats("work")["active"] == 0, 5,
-             detail=lambda: f"{d.stats('work')}\n{d.log()}")
+    wait_for(
+        "no connection left",
+        lambda: d.stats("work")["active"] == 0,
+        5,
+        detail=lambda: f"{d.stats('work')}\n{d.log()}",
+    )

@@ -29,9 +29,24 @@ def test_quick_bench_produces_every_figure(tmp_path: Path) -> None:
 
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--runs", "1", "--only",
-         ",".join(CONTENDERS), "--json", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT, check=False)
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--quick",
+            "--runs",
+            "1",
+            "--only",
+            ",".join(CONTENDERS),
+            "--json",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
     doc = json.loads(out.read_text())
     assert doc["mode"] == "quick" and doc["missing"] == []

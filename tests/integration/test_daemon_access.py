@@ -20,7 +20,8 @@ DENIED = 5
 
 
 def test_unprivileged_user_reads_status_and_may_up_only_once_allowed(
-        lab: Lab, lab_user: LabUser, daemons: DaemonSet) -> None:
+    lab: Lab, lab_user: LabUser, daemons: DaemonSet
+) -> None:
     d = daemons.new()
     d.write_profile("work", root_profile(lab, [lab.target_net_v4]))
     d.start()
@@ -58,7 +59,8 @@ def test_unprivileged_user_reads_status_and_may_up_only_once_allowed(
 
 
 def test_profile_user_runs_the_ssh_master_as_that_user(
-        lab: Lab, lab_user: LabUser, daemons: DaemonSet) -> None:
+    lab: Lab, lab_user: LabUser, daemons: DaemonSet
+) -> None:
     d = daemons.new()
     d.write_profile("mine", user_profile(lab_user, [lab.target_net_v4]))
     d.start()
@@ -75,7 +77,8 @@ def test_profile_user_runs_the_ssh_master_as_that_user(
 
 
 def test_two_profiles_carry_their_own_networks_and_an_overlapping_third_is_refused(
-        lab: Lab, daemons: DaemonSet) -> None:
+    lab: Lab, daemons: DaemonSet
+) -> None:
     n = lab.net
     low, high = f"10.{n}.2.0/25", f"10.{n}.2.128/25"  # tgt_v4 is in low, tgt_v4_alt in high
     d = daemons.new()

@@ -32,12 +32,24 @@ IDLE = 3  # connections that never send a line: the daemon's idle timeout (10 s)
 REPLY_TIMEOUT = 15.0
 
 BAD_JSON = [
-    b"{", b"}", b"[]", b"null", b"42", b'"status"', b"{}", b'{"v":1}',
-    b'{"v":2,"id":1,"verb":"status"}', b'{"v":true,"id":1,"verb":"status"}',
-    b'{"v":1,"id":"7","verb":"status"}', b'{"v":1,"id":-1,"verb":"status"}',
-    b'{"v":1,"id":1e400,"verb":"status"}', b'{"v":1,"id":NaN,"verb":"status"}',
-    b'{"v":1,"id":1,"verb":"STATUS"}', b'{"v":1,"id":1,"verb":"nope"}',
-    b'{"v":1,"id":1,"verb":"status","args":[]}', b'{"v":1,"id":1,"verb":"status","x":1}',
+    b"{",
+    b"}",
+    b"[]",
+    b"null",
+    b"42",
+    b'"status"',
+    b"{}",
+    b'{"v":1}',
+    b'{"v":2,"id":1,"verb":"status"}',
+    b'{"v":true,"id":1,"verb":"status"}',
+    b'{"v":1,"id":"7","verb":"status"}',
+    b'{"v":1,"id":-1,"verb":"status"}',
+    b'{"v":1,"id":1e400,"verb":"status"}',
+    b'{"v":1,"id":NaN,"verb":"status"}',
+    b'{"v":1,"id":1,"verb":"STATUS"}',
+    b'{"v":1,"id":1,"verb":"nope"}',
+    b'{"v":1,"id":1,"verb":"status","args":[]}',
+    b'{"v":1,"id":1,"verb":"status","x":1}',
     b'{"v":1,"id":1,"verb":"up","args":{"profile":5}}',
     b'{"v":1,"id":1,"verb":"up","args":{"profile":"work","timeout":-1}}',
     b'{"v":1,"id":1,"verb":"up","args":{"profile":"work","wait":"yes"}}',
@@ -46,7 +58,7 @@ BAD_JSON = [
     b'{"v":1,"id":1,"verb":"status","args":{"profile":"\\u0000"}}',
     b"[" * 30000 + b"]" * 30000,  # nested past the recursion limit, under 64 KiB
     b'{"v":1,"id":1,"verb":"status"' + b',"verb":"no such"' * 3000 + b"}",  # last wins
-    b"\xff\xfe{\x00\"v\x00\"",  # not UTF-8
+    b'\xff\xfe{\x00"v\x00"',  # not UTF-8
     b"\x00" * 100,
 ]
 
@@ -78,8 +90,9 @@ def _send_then_read(path: Path, payload: bytes) -> list[dict[str, object]]:
 
 
 def _all_errors(replies: list[dict[str, object]]) -> bool:
-    return bool(replies) and all(r.get("ok") is False and isinstance(r.get("error"), dict)
-                                 for r in replies)
+    return bool(replies) and all(
+        r.get("ok") is False and isinstance(r.get("error"), dict) for r in replies
+    )
 
 
 def random_bytes(path: Path, rng: random.Random) -> None:
@@ -112,11 +125,14 @@ def half_line(path: Path, rng: random.Random) -> None:
 
 
 KINDS: list[Callable[[Path, random.Random], None]] = [
-    random_bytes, wrong_json, huge_line, half_line]
+    random_bytes,
+    wrong_json,
+    huge_line,
+    half_line,
+]
 
 
-def test_1000_malformed_requests_leave_the_daemon_answering(
-        lab: Lab, daemons: DaemonSet) -> None:
+def test_1000_malformed_requests_leave_the_daemon_answering(lab: Lab, daemons: DaemonSet) -> None:
     d = daemons.work_up(autostart=True)
     ssh_pid = d.ssh_pid("work")
     proc = psutil.Process(d.pid)
@@ -129,7 +145,7 @@ def test_1000_malformed_requests_leave_the_daemon_answering(
     jobs = [(KINDS[i % len(KINDS)], random.Random(rng.random())) for i in range(TOTAL)]
     with ThreadPoolExecutor(WORKERS) as pool:
         for batch in range(0, TOTAL, 100):
-            futures = [pool.submit(kind, d.socket, r) for kind, r in jobs[batch:batch + 100]]
+            futures = [pool.submit(kind, d.socket, r) for kind, r in jobs[batch : batch + 100]]
             for future in futures:
                 future.result(timeout=60)
             assert d.alive, d.log()
@@ -146,9 +162,12 @@ def test_1000_malformed_requests_leave_the_daemon_answering(
     assert d.state("work") == "up" and d.ssh_pid("work") == ssh_pid
     assert http_ok(lab, lab.tgt_v4)
     assert d.ctl("up", "work").returncode == 0  # mutating verbs still work too
-    wait_for("the daemon's descriptors back to where they were",
-             lambda: proc.num_fds() <= fds_before + 2, 10.0,
-             detail=lambda: f"{fds_before} -> {proc.num_fds()}")
+    wait_for(
+        "the daemon's descriptors back to where they were",
+        lambda: proc.num_fds() <= fds_before + 2,
+        10.0,
+        detail=lambda: f"{fds_before} -> {proc.num_fds()}",
+    )
     assert proc.memory_info().rss < rss_before + (64 << 20)
     log = lab.log_tail(d.log_name, 100000)
     assert "Traceback" not in log and "failed" not in log, log[-3000:]
@@ -171,15 +190,20 @@ time.sleep(float(sys.argv[3]))
 
 
 def test_unprivileged_client_flood_does_not_lock_root_out(
-        lab: Lab, lab_user: LabUser, daemons: DaemonSet) -> None:
+    lab: Lab, lab_user: LabUser, daemons: DaemonSet
+) -> None:
     d = daemons.new()
     d.write_profile("work", root_profile(lab, lab.target_nets))
     d.start()
-    flood = lab.popen("cli", [user_python(), "-c", FLOOD, str(d.socket), "80", "60"],
-                      user=lab_user, name="flood")
+    flood = lab.popen(
+        "cli", [user_python(), "-c", FLOOD, str(d.socket), "80", "60"], user=lab_user, name="flood"
+    )
     try:
-        wait_for("the flood to hold its connections",
-                 lambda: "holding" in lab.log_tail("flood") or flood.poll() is not None, 20.0)
+        wait_for(
+            "the flood to hold its connections",
+            lambda: "holding" in lab.log_tail("flood") or flood.poll() is not None,
+            20.0,
+        )
         assert flood.poll() is None, lab.log_tail("flood")
         status = d.ctl("status")
         assert status.returncode == 0, status.stderr

@@ -85,11 +85,17 @@ def system_bus(lab: Lab) -> Iterator[str]:
     sock = Path(lab.tmpdir) / "system_bus_socket"
     config = Path(lab.tmpdir) / "system-bus.conf"
     config.write_text(bus_config(sock, SYSTEM_LIKE_POLICY, POLICY))
-    proc = lab.popen("cli", [tool, f"--config-file={config}", "--nofork", "--nopidfile"],
-                     name="dbus-daemon")
+    proc = lab.popen(
+        "cli", [tool, f"--config-file={config}", "--nofork", "--nopidfile"], name="dbus-daemon"
+    )
     try:
-        wait_for("the private dbus-daemon's socket", lambda: sock.exists() or (
-            proc.poll() is not None and _fail(lab.log_tail("dbus-daemon"))), 10.0)
+        wait_for(
+            "the private dbus-daemon's socket",
+            lambda: (
+                sock.exists() or (proc.poll() is not None and _fail(lab.log_tail("dbus-daemon")))
+            ),
+            10.0,
+        )
         yield f"unix:path={sock}"
     finally:
         lab.stop(proc)
@@ -99,15 +105,30 @@ def _fail(text: str) -> bool:
     raise AssertionError(f"dbus-daemon exited:\n{text}")
 
 
-def busctl(lab: Lab, address: str, *args: str,
-           user: LabUser | None = None) -> subprocess.CompletedProcess[str]:
-    return lab.run("cli", ["busctl", f"--address={address}", "--timeout=40", *args],
-                   check=False, user=user, timeout=60)
+def busctl(
+    lab: Lab, address: str, *args: str, user: LabUser | None = None
+) -> subprocess.CompletedProcess[str]:
+    return lab.run(
+        "cli",
+        ["busctl", f"--address={address}", "--timeout=40", *args],
+        check=False,
+        user=user,
+        timeout=60,
+    )
 
 
 def name_has_owner(lab: Lab, address: str) -> bool:
-    result = busctl(lab, address, "call", "org.freedesktop.DBus", "/org/freedesktop/DBus",
-                    "org.freedesktop.DBus", "NameHasOwner", "s", BUS_NAME)
+    result = busctl(
+        lab,
+        address,
+        "call",
+        "org.freedesktop.DBus",
+        "/org/freedesktop/DBus",
+        "org.freedesktop.DBus",
+        "NameHasOwner",
+        "s",
+        BUS_NAME,
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout.strip() == "b true"
 
@@ -119,8 +140,9 @@ def start_on_bus(d: Daemon, address: str, listener: NotifyListener | None = None
     d.start(env=env, dbus=True, wait=listener is None)
 
 
-def test_ready_only_once_the_bus_name_is_owned(lab: Lab, daemons: DaemonSet,
-                                               system_bus: str) -> None:
+def test_ready_only_once_the_bus_name_is_owned(
+    lab: Lab, daemons: DaemonSet, system_bus: str
+) -> None:
     d = daemons.new()
     d.write_profile("work", root_profile(lab, lab.target_nets))
     listener = NotifyListener(Path(lab.tmpdir) / "notify-dbus.sock")
@@ -143,7 +165,8 @@ def test_ready_only_once_the_bus_name_is_owned(lab: Lab, daemons: DaemonSet,
 
 
 def test_dbus_client_in_another_process_calls_status_and_up_and_gets_state_changed(
-        lab: Lab, daemons: DaemonSet, system_bus: str) -> None:
+    lab: Lab, daemons: DaemonSet, system_bus: str
+) -> None:
     d = daemons.new()
     d.write_profile("work", root_profile(lab, lab.target_nets))
     start_on_bus(d, system_bus)
@@ -151,8 +174,12 @@ def test_dbus_client_in_another_process_calls_status_and_up_and_gets_state_chang
 
     script = Path(lab.tmpdir) / "dbus_client.py"
     script.write_text(CLIENT)
-    result = lab.run("cli", [sys.executable, str(script), system_bus, BUS_NAME, MANAGER_PATH,
-                             PROFILE_PATH], check=False, timeout=90)
+    result = lab.run(
+        "cli",
+        [sys.executable, str(script), system_bus, BUS_NAME, MANAGER_PATH, PROFILE_PATH],
+        check=False,
+        timeout=90,
+    )
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n{d.log()}"
     out: dict[str, object] = {}
     signals = []
@@ -176,24 +203,52 @@ def test_dbus_client_in_another_process_calls_status_and_up_and_gets_state_chang
 
 
 def test_dbus_refuses_an_unprivileged_up_and_names_errors(
-        lab: Lab, lab_user: LabUser, daemons: DaemonSet, system_bus: str) -> None:
+    lab: Lab, lab_user: LabUser, daemons: DaemonSet, system_bus: str
+) -> None:
     d = daemons.new()
     d.write_profile("work", root_profile(lab, lab.target_nets))
     start_on_bus(d, system_bus)
     wait_for("the daemon to own its bus name", lambda: name_has_owner(lab, system_bus), 10.0)
 
-    status = busctl(lab, system_bus, "call", BUS_NAME, PROFILE_PATH,
-                    f"{BUS_NAME}.Profile1", "Status", user=lab_user)
+    status = busctl(
+        lab,
+        system_bus,
+        "call",
+        BUS_NAME,
+        PROFILE_PATH,
+        f"{BUS_NAME}.Profile1",
+        "Status",
+        user=lab_user,
+    )
     assert status.returncode == 0, status.stderr
     assert '\\"state\\":\\"down\\"' in status.stdout, status.stdout
 
-    denied = busctl(lab, system_bus, "call", BUS_NAME, PROFILE_PATH, f"{BUS_NAME}.Profile1",
-                    "Up", "bd", "true", "30", user=lab_user)
+    denied = busctl(
+        lab,
+        system_bus,
+        "call",
+        BUS_NAME,
+        PROFILE_PATH,
+        f"{BUS_NAME}.Profile1",
+        "Up",
+        "bd",
+        "true",
+        "30",
+        user=lab_user,
+    )
     assert denied.returncode != 0
     assert "permission denied" in denied.stderr, denied.stderr
     assert d.state("work") == "down"
 
-    missing = busctl(lab, system_bus, "call", BUS_NAME, MANAGER_PATH, f"{BUS_NAME}.Manager1",
-                     "Status", "s", "nope")
-    assert missing.returncode != 0 and "no profile named 'nope'" in missing.stderr, (
-        missing.stderr)
+    missing = busctl(
+        lab,
+        system_bus,
+        "call",
+        BUS_NAME,
+        MANAGER_PATH,
+        f"{BUS_NAME}.Manager1",
+        "Status",
+        "s",
+        "nope",
+    )
+    assert missing.returncode != 0 and "no profile named 'nope'" in missing.stderr, missing.stderr

@@ -43,7 +43,8 @@ def redirect_ports(table: str) -> set[int]:
 
 
 def test_killed_ssh_child_reconnects_and_new_connections_work_within_5_s(
-        lab: Lab, daemons: DaemonSet) -> None:
+    lab: Lab, daemons: DaemonSet
+) -> None:
     d = daemons.work_up()
     watch = daemons.watch(d)
     old = d.ssh_pid("work")
@@ -62,7 +63,8 @@ def test_killed_ssh_child_reconnects_and_new_connections_work_within_5_s(
 
 
 def test_link_cut_is_detected_within_10_s_and_the_tunnel_recovers(
-        lab: Lab, daemons: DaemonSet) -> None:
+    lab: Lab, daemons: DaemonSet
+) -> None:
     d = daemons.work_up()
     watch = daemons.watch(d)
     assert http_ok(lab, lab.tgt_v4)
@@ -92,7 +94,8 @@ def test_link_cut_is_detected_within_10_s_and_the_tunnel_recovers(
 
 
 def test_sigkilled_daemon_restarts_replacing_stale_rules_and_restoring_wanted_profiles(
-        lab: Lab, daemons: DaemonSet) -> None:
+    lab: Lab, daemons: DaemonSet
+) -> None:
     n = lab.net
     d = daemons.new()
     d.write_profile("auto", root_profile(lab, [f"10.{n}.2.0/25"], autostart=True))
@@ -108,9 +111,11 @@ def test_sigkilled_daemon_restarts_replacing_stale_rules_and_restoring_wanted_pr
 
     orphans = d.kill()
     # Its ssh masters do not outlive it (they would hold sessions on the server).
-    wait_for("the killed daemon's ssh masters to exit",
-             lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-                             for p in orphans), 10.0)
+    wait_for(
+        "the killed daemon's ssh masters to exit",
+        lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in orphans),
+        10.0,
+    )
     stale = nft_table(lab)
     assert stale is not None and redirect_ports(stale) == old_ports  # the rules were left
     assert http_fails(lab, lab.tgt_v4)  # ... and fail closed: nothing listens there
@@ -135,20 +140,23 @@ def test_sigkilled_daemon_restarts_replacing_stale_rules_and_restoring_wanted_pr
 
 
 def test_cleanup_after_sigkill_removes_our_table_and_restores_the_ruleset(
-        lab: Lab, daemons: DaemonSet) -> None:
+    lab: Lab, daemons: DaemonSet
+) -> None:
     d = daemons.work_up(autostart=True)
     d.kill()
     assert nft_table(lab) is not None
 
-    result = lab.run("cli", [sys.executable, "-m", "shuttled", "cleanup"], check=False,
-                     cwd=str(REPO_ROOT))
+    result = lab.run(
+        "cli", [sys.executable, "-m", "shuttled", "cleanup"], check=False, cwd=str(REPO_ROOT)
+    )
     assert result.returncode == 0, result.stderr
     assert "nft shuttled" in result.stdout
     assert nft_table(lab) is None
     assert lab.firewall_snapshot() == daemons.before
     # A second cleanup has nothing to do and still succeeds.
-    again = lab.run("cli", [sys.executable, "-m", "shuttled", "cleanup"], check=False,
-                    cwd=str(REPO_ROOT))
+    again = lab.run(
+        "cli", [sys.executable, "-m", "shuttled", "cleanup"], check=False, cwd=str(REPO_ROOT)
+    )
     assert again.returncode == 0 and again.stdout == "", (again.stdout, again.stderr)
 
 
@@ -158,8 +166,24 @@ def shaped_link(lab: Lab, rate: str, queue: str) -> Iterator[None]:
     saturated link where a ping's answer waits behind that much bulk data."""
     shaped = [("srv", lab.if_srv_cli), ("cli", lab.if_cli)]
     for ns, dev in shaped:
-        lab.run(ns, ["tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate,
-                     "burst", "64kb", "latency", queue])
+        lab.run(
+            ns,
+            [
+                "tc",
+                "qdisc",
+                "replace",
+                "dev",
+                dev,
+                "root",
+                "tbf",
+                "rate",
+                rate,
+                "burst",
+                "64kb",
+                "latency",
+                queue,
+            ],
+        )
     try:
         yield
     finally:
@@ -175,6 +199,7 @@ def test_a_saturated_link_is_not_declared_dead(lab: Lab, daemons: DaemonSet) -> 
     size = 6 << 20
     results: list[clients.TransferResult] = []
     with shaped_link(lab, RATE, "2s"):
+
         def upload() -> None:
             with lab.netns("cli"):
                 results.append(clients.bulk_upload(lab.tgt_v4, size, timeout=120))

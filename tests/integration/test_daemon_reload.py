@@ -62,8 +62,7 @@ class PausedDownload:
         assert self.digest.hexdigest() == stream_sha256(SEED, SIZE)
 
 
-def test_connection_opened_before_reload_keeps_transferring(
-        lab: Lab, daemons: DaemonSet) -> None:
+def test_connection_opened_before_reload_keeps_transferring(lab: Lab, daemons: DaemonSet) -> None:
     d = daemons.work_up(autostart=True)
     ssh_pid = d.ssh_pid("work")
 
@@ -84,7 +83,8 @@ def test_connection_opened_before_reload_keeps_transferring(
 
 
 def test_broken_yaml_on_reload_is_refused_and_running_profiles_are_untouched(
-        lab: Lab, daemons: DaemonSet) -> None:
+    lab: Lab, daemons: DaemonSet
+) -> None:
     d = daemons.work_up()
     ssh_pid = d.ssh_pid("work")
     rules = d.lab.run("cli", ["nft", "list", "table", "inet", "shuttled"]).stdout
@@ -93,7 +93,8 @@ def test_broken_yaml_on_reload_is_refused_and_running_profiles_are_untouched(
     refused = d.ctl("reload")
     assert refused.returncode != 0
     assert re.search(rf"{re.escape(str(broken))}:\d+: YAML syntax error", refused.stderr), (
-        refused.stderr)
+        refused.stderr
+    )
 
     # A profile that changed in the same edit is not applied either.
     d.write_profile("work", root_profile(lab, [lab.target_net_v4]))
@@ -105,8 +106,9 @@ def test_broken_yaml_on_reload_is_refused_and_running_profiles_are_untouched(
 
     # An unknown key is refused the same way, naming file:line and the key.
     d.remove_file("broken.yaml")
-    bad = d.write_file("bad.yaml", "other:\n  remote: srv\n  subnets: [10.1.0.0/16]\n"
-                                   "  sunbets: [10.2.0.0/16]\n")
+    bad = d.write_file(
+        "bad.yaml", "other:\n  remote: srv\n  subnets: [10.1.0.0/16]\n  sunbets: [10.2.0.0/16]\n"
+    )
     refused = d.ctl("reload")
     assert refused.returncode != 0
     assert f"{bad}:4" in refused.stderr and "sunbets" in refused.stderr, refused.stderr
@@ -121,19 +123,24 @@ def test_broken_yaml_on_reload_is_refused_and_running_profiles_are_untouched(
 
 
 def test_sighup_reloads_and_a_broken_config_on_sighup_keeps_the_daemon_running(
-        lab: Lab, daemons: DaemonSet) -> None:
+    lab: Lab, daemons: DaemonSet
+) -> None:
     d = daemons.work_up()
     ssh_pid = d.ssh_pid("work")
 
     d.write_profile("extra", root_profile(lab, [f"10.{lab.net}.9.0/24"]))
     os.kill(d.pid, signal.SIGHUP)
-    wait_for("SIGHUP to load the new profile",
-             lambda: "extra" in {p["name"] for p in d.ctl_json("list")["profiles"]}, 10.0)
+    wait_for(
+        "SIGHUP to load the new profile",
+        lambda: "extra" in {p["name"] for p in d.ctl_json("list")["profiles"]},
+        10.0,
+    )
 
     d.write_file("broken.yaml", "other: [\n")
     os.kill(d.pid, signal.SIGHUP)
-    wait_for("the refused reload to be logged", lambda: "reload refused" in d.log(), 10.0,
-             detail=d.log)
+    wait_for(
+        "the refused reload to be logged", lambda: "reload refused" in d.log(), 10.0, detail=d.log
+    )
     assert d.alive
     assert d.state("work") == "up" and d.ssh_pid("work") == ssh_pid
     assert http_ok(lab, lab.tgt_v4)

@@ -35,13 +35,13 @@ LAUNCHD = REPO_ROOT / "launchd"
 
 
 def test_ready_status_and_watchdog_arrive_on_the_notify_socket(
-        lab: Lab, daemons: DaemonSet) -> None:
+    lab: Lab, daemons: DaemonSet
+) -> None:
     d = daemons.new()
     d.write_profile("work", root_profile(lab, lab.target_nets, autostart=True))
     listener = NotifyListener(Path(lab.tmpdir) / "notify.sock")
     try:
-        d.start(env={"NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": "1000000"},
-                wait=False)
+        d.start(env={"NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": "1000000"}, wait=False)
         _, sender, ready = listener.until("READY=1", timeout=30.0)
         # Freeze the daemon the moment READY arrives: what it promised must exist already.
         os.kill(d.pid, signal.SIGSTOP)
@@ -73,15 +73,13 @@ def test_ready_status_and_watchdog_arrive_on_the_notify_socket(
         listener.close()
 
 
-def test_daemon_carries_on_when_its_notify_socket_goes_away(
-        lab: Lab, daemons: DaemonSet) -> None:
+def test_daemon_carries_on_when_its_notify_socket_goes_away(lab: Lab, daemons: DaemonSet) -> None:
     """sd_notify failing (systemd gone, a stale NOTIFY_SOCKET) must not matter."""
     d = daemons.new()
     d.write_profile("work", root_profile(lab, lab.target_nets))
     listener = NotifyListener(Path(lab.tmpdir) / "notify-gone.sock")
     try:
-        d.start(env={"NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": "1000000"},
-                wait=False)
+        d.start(env={"NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": "1000000"}, wait=False)
         listener.until("READY=1", timeout=30.0)
     finally:
         listener.close()
@@ -97,7 +95,8 @@ def test_daemon_carries_on_when_its_notify_socket_goes_away(
 
 
 def test_no_notify_socket_means_no_notifications_and_a_normal_start(
-        lab: Lab, daemons: DaemonSet) -> None:
+    lab: Lab, daemons: DaemonSet
+) -> None:
     d = daemons.new()
     d.write_profile("work", root_profile(lab, lab.target_nets))
     d.start()  # NOTIFY_SOCKET is removed from its environment
@@ -106,6 +105,7 @@ def test_no_notify_socket_means_no_notifications_and_a_normal_start(
 
 
 # --- unit and plist: static checks ---------------------------------------------------------------
+
 
 def _shuttled_executable() -> str:
     """The installed `shuttled` entry point (next to this python first: pyenv shims are
@@ -134,8 +134,13 @@ def test_systemd_analyze_verify_prints_nothing_for_the_unit(tmp_path: Path) -> N
         pytest.skip("systemd-analyze is not installed")
     unit = tmp_path / UNIT.name
     unit.write_text(UNIT.read_text().replace("/usr/bin/shuttled", _shuttled_executable()))
-    result = subprocess.run([tool, "verify", "--man=no", str(unit)], capture_output=True,
-                            text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [tool, "verify", "--man=no", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
 
 

@@ -154,18 +154,35 @@ class Service:
 def service(bus: Bus) -> Iterator[Service]:
     # work allows a user, lab a group: both must reach the decision as on the socket.
     allow = {"work": (f"user:{MEMBER}",), "lab": (f"group:{TEAM}",)}
-    config = Config.of(*(dataclasses.replace(p, allow=allow.get(p.name, ()))
-                         for p in fake_config().profiles.values()))
+    config = Config.of(
+        *(
+            dataclasses.replace(p, allow=allow.get(p.name, ()))
+            for p in fake_config().profiles.values()
+        )
+    )
     core = FakeCore(config)
     with Service(core, bus.address) as running:
         yield running
 
 
-def dbus_send(bus: Bus, path: str, member: str, *args: str, as_user: list[str] | None = None,
-              dest: str = const.DBUS_NAME) -> subprocess.CompletedProcess[str]:
+def dbus_send(
+    bus: Bus,
+    path: str,
+    member: str,
+    *args: str,
+    as_user: list[str] | None = None,
+    dest: str = const.DBUS_NAME,
+) -> subprocess.CompletedProcess[str]:
     """dbus-send, optionally through `setpriv` as another uid/gid/groups."""
-    argv = [str(which("dbus-send")), f"--bus={bus.address}", "--print-reply",
-            f"--dest={dest}", path, member, *args]
+    argv = [
+        str(which("dbus-send")),
+        f"--bus={bus.address}",
+        "--print-reply",
+        f"--dest={dest}",
+        path,
+        member,
+        *args,
+    ]
     if as_user is not None:
         argv = [str(which("setpriv")), *as_user, "--", *argv]
     return subprocess.run(argv, capture_output=True, text=True, timeout=30)
@@ -181,18 +198,18 @@ NOBODY = ["--reuid=nobody", "--regid=nogroup", "--clear-groups"]
 UP = f"{MANAGER_INTERFACE}.Up"
 
 
-def test_client_process_calls_status_and_up_and_gets_state_changed(service: Service,
-                                                                    bus: Bus) -> None:
-    result = subprocess.run([sys.executable, "-c", CLIENT, bus.address], capture_output=True,
-                            text=True, timeout=90)
+def test_client_process_calls_status_and_up_and_gets_state_changed(
+    service: Service, bus: Bus
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", CLIENT, bus.address], capture_output=True, text=True, timeout=90
+    )
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     # Introspection shows exactly the methods generated from the verb table.
-    assert out["manager_methods"] == {m.member: m.in_signature
-                                      for m in manager_methods().values()}
+    assert out["manager_methods"] == {m.member: m.in_signature for m in manager_methods().values()}
     assert out["manager_methods"]["Up"] == "sbd"
-    assert out["profile_methods"] == {m.member: m.in_signature
-                                      for m in profile_methods().values()}
+    assert out["profile_methods"] == {m.member: m.in_signature for m in profile_methods().values()}
     assert out["profile_methods"]["Up"] == "bd" and out["profile_methods"]["Down"] == ""
     assert sorted(out["paths"]) == sorted(profile_path(n) for n in service.core.config.profiles)
 
@@ -217,13 +234,15 @@ def test_client_process_calls_status_and_up_and_gets_state_changed(service: Serv
 
 
 def test_unprivileged_caller_reads_but_is_denied_changes(service: Service, bus: Bus) -> None:
-    status = dbus_send(bus, const.DBUS_PATH, f"{MANAGER_INTERFACE}.Status", "string:work",
-                       as_user=NOBODY)
+    status = dbus_send(
+        bus, const.DBUS_PATH, f"{MANAGER_INTERFACE}.Status", "string:work", as_user=NOBODY
+    )
     assert status.returncode == 0, status.stderr
     assert '\\"state\\":\\"down\\"' in status.stdout or '"state":"down"' in status.stdout
 
-    denied = dbus_send(bus, const.DBUS_PATH, UP, "string:work", "boolean:true", "double:5",
-                       as_user=NOBODY)
+    denied = dbus_send(
+        bus, const.DBUS_PATH, UP, "string:work", "boolean:true", "double:5", as_user=NOBODY
+    )
     assert error_name(denied) == ERR + "Denied"
     assert "permission denied" in denied.stderr
     down = dbus_send(bus, profile_path("work"), f"{PROFILE_INTERFACE}.Down", as_user=NOBODY)
@@ -235,22 +254,31 @@ def test_unprivileged_caller_reads_but_is_denied_changes(service: Service, bus: 
 
 def test_allow_lists_decide_by_uid_and_groups(service: Service, bus: Bus) -> None:
     member = ["--reuid", MEMBER, "--regid", MEMBER, "--clear-groups"]
-    ok = dbus_send(bus, const.DBUS_PATH, UP, "string:work", "boolean:true", "double:5",
-                   as_user=member)
+    ok = dbus_send(
+        bus, const.DBUS_PATH, UP, "string:work", "boolean:true", "double:5", as_user=member
+    )
     assert ok.returncode == 0, ok.stderr
-    other = dbus_send(bus, const.DBUS_PATH, UP, "string:lab", "boolean:true", "double:5",
-                      as_user=member)
+    other = dbus_send(
+        bus, const.DBUS_PATH, UP, "string:lab", "boolean:true", "double:5", as_user=member
+    )
     assert error_name(other) == ERR + "Denied"
 
     # The group as a supplementary group (from the bus), then as the effective gid (/proc).
-    for ids in (["--regid", STRANGER, "--groups", str(grp.getgrnam(TEAM).gr_gid)],
-                ["--regid", TEAM, "--clear-groups"]):
+    for ids in (
+        ["--regid", STRANGER, "--groups", str(grp.getgrnam(TEAM).gr_gid)],
+        ["--regid", TEAM, "--clear-groups"],
+    ):
         as_user = ["--reuid", STRANGER, *ids]
-        lab = dbus_send(bus, profile_path("lab"), f"{PROFILE_INTERFACE}.Up", "boolean:false",
-                        "double:1", as_user=as_user)
+        lab = dbus_send(
+            bus,
+            profile_path("lab"),
+            f"{PROFILE_INTERFACE}.Up",
+            "boolean:false",
+            "double:1",
+            as_user=as_user,
+        )
         assert lab.returncode == 0, (ids, lab.stderr)
-        work = dbus_send(bus, profile_path("work"), f"{PROFILE_INTERFACE}.Down",
-                         as_user=as_user)
+        work = dbus_send(bus, profile_path("work"), f"{PROFILE_INTERFACE}.Down", as_user=as_user)
         assert error_name(work) == ERR + "Denied"
 
 
@@ -261,16 +289,18 @@ def test_wrong_signature_and_unknown_objects(service: Service, bus: Bus) -> None
     assert error_name(unknown) == "org.freedesktop.DBus.Error.UnknownMethod"
     gone = dbus_send(bus, profile_path("nope"), f"{PROFILE_INTERFACE}.Down")
     assert error_name(gone).startswith("org.freedesktop.DBus.Error.Unknown")
-    failed = dbus_send(bus, profile_path("broken"), f"{PROFILE_INTERFACE}.Up", "boolean:true",
-                       "double:1")
+    failed = dbus_send(
+        bus, profile_path("broken"), f"{PROFILE_INTERFACE}.Up", "boolean:true", "double:1"
+    )
     assert error_name(failed) == ERR + "Failed"
     assert "Permission denied (publickey)" in failed.stderr
 
 
 def test_profile_objects_follow_the_configuration(service: Service, bus: Bus) -> None:
     def tree() -> str:
-        result = dbus_send(bus, const.DBUS_PATH + "/profile",
-                           "org.freedesktop.DBus.Introspectable.Introspect")
+        result = dbus_send(
+            bus, const.DBUS_PATH + "/profile", "org.freedesktop.DBus.Introspectable.Introspect"
+        )
         assert result.returncode == 0, result.stderr
         return result.stdout
 
@@ -278,8 +308,9 @@ def test_profile_objects_follow_the_configuration(service: Service, bus: Bus) ->
 
     async def reload() -> None:  # as a reload through the socket would, behind our back
         core = service.core
-        core.config = Config.of(core.config.profiles["work"],
-                                Profile("new-one", "x@y", auto_nets=True))
+        core.config = Config.of(
+            core.config.profiles["work"], Profile("new-one", "x@y", auto_nets=True)
+        )
         core.states["new-one"] = "down"
 
     service.run(reload)
@@ -304,9 +335,15 @@ def test_a_second_service_cannot_take_the_name(service: Service, bus: Bus) -> No
 
 def test_only_root_may_own_the_name(bus: Bus) -> None:
     """The shipped policy file: an unprivileged process cannot pose as the daemon."""
-    result = dbus_send(bus, "/org/freedesktop/DBus", "org.freedesktop.DBus.RequestName",
-                       f"string:{const.DBUS_NAME}", "uint32:4", as_user=NOBODY,
-                       dest="org.freedesktop.DBus")
+    result = dbus_send(
+        bus,
+        "/org/freedesktop/DBus",
+        "org.freedesktop.DBus.RequestName",
+        f"string:{const.DBUS_NAME}",
+        "uint32:4",
+        as_user=NOBODY,
+        dest="org.freedesktop.DBus",
+    )
     assert error_name(result) == "org.freedesktop.DBus.Error.AccessDenied"
 
 
@@ -317,4 +354,3 @@ def test_unreachable_bus_is_a_clear_error(tmp_path: Path) -> None:
 
     with pytest.raises(ShuttledError, match="cannot connect to the D-Bus system bus"):
         asyncio.run(start())
-

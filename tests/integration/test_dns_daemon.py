@@ -75,18 +75,27 @@ def learnt(status: dict[str, Any]) -> set[str]:
 
 
 def test_auto_nets_capture_what_the_remote_routes_and_never_its_default(
-        lab: Lab, daemons: DaemonSet) -> None:
+    lab: Lab, daemons: DaemonSet
+) -> None:
     n = lab.net
     site_v4, site_v6 = f"10.{n}.5.0/24", f"fd00:{n}:5::/64"
     host_v4, host_v6 = f"10.{n}.5.5", f"fd00:{n}:5::5"
     later_v4, later_host = f"10.{n}.7.0/24", f"10.{n}.7.7"
-    with (addresses(lab, "tgt", f"{host_v4}/32", f"{host_v6}/128", f"{later_host}/32"),
-          # Known only to srv: a site behind tgt, and default routes (never to be taken).
-          routes(lab, "srv", [site_v4, "via", lab.tgt_v4], [site_v6, "via", lab.tgt_v6],
-                 ["default", "via", lab.tgt_v4], ["default", "via", lab.tgt_v6]),
-          # cli gets a default route too: an uncaptured connection then leaves (and dies
-          # at srv) instead of failing at once for want of a route.
-          routes(lab, "cli", ["default", "via", lab.srv_v4], ["default", "via", lab.srv_v6])):
+    with (
+        addresses(lab, "tgt", f"{host_v4}/32", f"{host_v6}/128", f"{later_host}/32"),
+        # Known only to srv: a site behind tgt, and default routes (never to be taken).
+        routes(
+            lab,
+            "srv",
+            [site_v4, "via", lab.tgt_v4],
+            [site_v6, "via", lab.tgt_v6],
+            ["default", "via", lab.tgt_v4],
+            ["default", "via", lab.tgt_v6],
+        ),
+        # cli gets a default route too: an uncaptured connection then leaves (and dies
+        # at srv) instead of failing at once for want of a route.
+        routes(lab, "cli", ["default", "via", lab.srv_v4], ["default", "via", lab.srv_v6]),
+    ):
         d = daemons.new()
         d.write_profile("auto", root_profile(lab, [], auto_nets=True))
         d.start()
@@ -106,8 +115,12 @@ def test_auto_nets_capture_what_the_remote_routes_and_never_its_default(
         # Refreshed on reconnect: a route srv learns meanwhile is captured after it.
         with routes(lab, "srv", [later_v4, "via", lab.tgt_v4]):
             psutil.Process(d.ssh_pid("auto")).kill()
-            wait_for("the new route after the reconnect",
-                     lambda: later_v4 in learnt(d.status("auto")), 30, detail=d.log)
+            wait_for(
+                "the new route after the reconnect",
+                lambda: later_v4 in learnt(d.status("auto")),
+                30,
+                detail=d.log,
+            )
             d.wait_state("auto", "up")
             assert http_ok(lab, later_host)
     assert outcome_before in ("timeout", "unreachable")
@@ -143,7 +156,8 @@ def test_two_split_profiles_each_get_their_own_names(lab: Lab, daemons: DaemonSe
 
 
 def test_down_exit_and_cleanup_after_sigkill_leave_the_firewall_as_before(
-        lab: Lab, daemons: DaemonSet) -> None:
+    lab: Lab, daemons: DaemonSet
+) -> None:
     before = lab.firewall_snapshot()
     with local_resolver(lab):
         d = daemons.new()
@@ -157,30 +171,37 @@ def test_down_exit_and_cleanup_after_sigkill_leave_the_firewall_as_before(
         assert ask(lab, lab.fake_dns_v4, lab.dns_name).addresses == [lab.tgt_v4]
         d.kill()
         assert "0x5d1e0053" in (nft_table(lab) or "")  # SIGKILL leaves the rules...
-        cleanup = lab.run("cli", [sys.executable, "-m", "shuttled", "cleanup"],
-                          cwd=str(REPO_ROOT), check=False)
+        cleanup = lab.run(
+            "cli", [sys.executable, "-m", "shuttled", "cleanup"], cwd=str(REPO_ROOT), check=False
+        )
         assert cleanup.returncode == 0, cleanup.stderr
     assert lab.firewall_snapshot() == before  # ...and `shuttled cleanup` removes them
     assert links_in(lab) == []
 
 
-def test_all_mode_reconnects_to_a_server_known_only_by_name(lab: Lab,
-                                                           daemons: DaemonSet) -> None:
+def test_all_mode_reconnects_to_a_server_known_only_by_name(lab: Lab, daemons: DaemonSet) -> None:
     """With every query caught, a reconnect still resolves the ssh server's name: the
     profile's resolver answers it from the first connect, and nothing leaks."""
     bastion = f"bastion.{PUBLIC_ZONE}"
     with local_resolver(lab, {bastion: {"A": [lab.srv_v4]}}) as local:
         d = daemons.new()
-        profile = root_profile(lab, [lab.target_net_v4], dns="all",
-                               ssh_options={"HostKeyAlias": lab.srv_v4})
+        profile = root_profile(
+            lab, [lab.target_net_v4], dns="all", ssh_options={"HostKeyAlias": lab.srv_v4}
+        )
         d.write_profile("all", {**profile, "remote": bastion})
         d.start()
         d.up("all")
         first_ssh = d.ssh_pid("all")
         asked_before = local.names().count(bastion)
         psutil.Process(first_ssh).kill()
-        wait_for("a new ssh master", lambda: d.state("all") == "up"
-                 and d.stats("all").get("ssh_pid") not in (None, first_ssh), 30, detail=d.log)
+        wait_for(
+            "a new ssh master",
+            lambda: (
+                d.state("all") == "up" and d.stats("all").get("ssh_pid") not in (None, first_ssh)
+            ),
+            30,
+            detail=d.log,
+        )
         assert http_ok(lab, lab.tgt_v4)
         hosts_answers = d.stats("all")["dns"]["hosts"]
     assert asked_before >= 1 and local.names().count(bastion) == asked_before

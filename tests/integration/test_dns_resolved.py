@@ -43,13 +43,16 @@ def lab() -> Iterator[Lab]:
 
 
 def test_split_dns_through_systemd_resolved_one_link_per_profile(
-        lab: Lab, daemons: DaemonSet) -> None:
+    lab: Lab, daemons: DaemonSet
+) -> None:
     www, alt = lab.dns_name, f"alt.{lab.dns_zone}"
     with local_resolver(lab) as local, real_resolved(lab) as (resolved, bus):
         links_before = resolved.links()
         d = daemons.new()
-        for name, subnet, domain in (("corp", lab.target_net_v4, www),
-                                     ("alt", lab.target_net_v6, alt)):
+        for name, subnet, domain in (
+            ("corp", lab.target_net_v4, www),
+            ("alt", lab.target_net_v6, alt),
+        ):
             d.write_profile(name, split_profile(lab, [subnet], domain))
         d.start(env={"DBUS_SYSTEM_BUS_ADDRESS": bus})
         d.up("corp")
@@ -66,8 +69,9 @@ def test_split_dns_through_systemd_resolved_one_link_per_profile(
         after_down = resolved.links()
         d.kill()  # corp's link and its resolved settings stay behind...
         left_by_kill = our_links(lab)
-        cleanup = lab.run("cli", [sys.executable, "-m", "shuttled", "cleanup"],
-                          cwd=str(REPO_ROOT), check=False)
+        cleanup = lab.run(
+            "cli", [sys.executable, "-m", "shuttled", "cleanup"], cwd=str(REPO_ROOT), check=False
+        )
         links_after = resolved.links()
 
     assert status["path"] == "resolved" and status["link"] == "shuttled-corp"
@@ -90,7 +94,8 @@ def test_split_dns_through_systemd_resolved_one_link_per_profile(
 
 
 def test_a_restarted_resolved_is_given_the_link_settings_again(
-        lab: Lab, daemons: DaemonSet) -> None:
+    lab: Lab, daemons: DaemonSet
+) -> None:
     www = lab.dns_name
     with local_resolver(lab), real_resolved(lab) as (resolved, bus):
         d = daemons.new()

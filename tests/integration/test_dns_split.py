@@ -46,13 +46,20 @@ def remote_names(lab: Lab) -> list[str]:
 
 @pytest.mark.parametrize("method", ["nft", "iptables"])
 def test_split_private_name_through_the_tunnel_public_name_stays_local(
-        lab: Lab, method: str) -> None:
+    lab: Lab, method: str
+) -> None:
     before = lab.firewall_snapshot()
     reverse = ipaddress.ip_address(lab.tgt_v4).reverse_pointer
     with local_resolver(lab) as local:
         lab.clear_dns_queries()
-        proc = start_run(lab, "--dns-domain", lab.dns_zone, *lab.target_nets, method=method,
-                         name=f"split-{method}")
+        proc = start_run(
+            lab,
+            "--dns-domain",
+            lab.dns_zone,
+            *lab.target_nets,
+            method=method,
+            name=f"split-{method}",
+        )
         try:
             private = ask(lab, lab.fake_dns_v4, lab.dns_name)
             private6 = ask(lab, lab.fake_dns_v4, lab.dns_name, "AAAA", tcp=True)
@@ -130,8 +137,14 @@ def test_remote_hosts_names_resolve_and_the_local_hosts_file_stays(lab: Lab) -> 
     reverse = ipaddress.ip_address(lab.tgt_v4).reverse_pointer
     with local_resolver(lab) as local:
         lab.clear_dns_queries()
-        proc = start_run(lab, "--dns-domain", lab.dns_zone, "--remote-hosts",
-                         lab.target_net_v4, name="remote-hosts")
+        proc = start_run(
+            lab,
+            "--dns-domain",
+            lab.dns_zone,
+            "--remote-hosts",
+            lab.target_net_v4,
+            name="remote-hosts",
+        )
         try:
             full = ask(lab, lab.fake_dns_v4, REMOTE_ONLY_NAME)
             six = ask(lab, lab.fake_dns_v4, REMOTE_ONLY_NAME, "AAAA", tcp=True)

@@ -29,8 +29,9 @@ METHODS = ["nft", "iptables"]
 
 
 def shuttled(lab: Lab, *args: str) -> subprocess.CompletedProcess[str]:
-    return lab.run("cli", [sys.executable, "-m", "shuttled", *args], check=False,
-                   cwd=str(REPO_ROOT))
+    return lab.run(
+        "cli", [sys.executable, "-m", "shuttled", *args], check=False, cwd=str(REPO_ROOT)
+    )
 
 
 def try_leaks(lab: Lab, seconds: float) -> None:
@@ -39,8 +40,11 @@ def try_leaks(lab: Lab, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     with lab.netns("cli"):
         while time.monotonic() < deadline:
-            for server, tcp in ((lab.fake_dns_v4, False), (lab.dns_v4, False),
-                                (lab.fake_dns_v4, True)):
+            for server, tcp in (
+                (lab.fake_dns_v4, False),
+                (lab.dns_v4, False),
+                (lab.fake_dns_v4, True),
+            ):
                 with contextlib.suppress(OSError, clients.TransferError):
                     clients.dns_query(server, "leaktest.example", tcp=tcp, timeout=0.2)
             clients.probe_tcp(lab.tgt_v4, lab.ports.http, timeout=0.2)
@@ -50,7 +54,8 @@ def try_leaks(lab: Lab, seconds: float) -> None:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_a_second_daemon_changes_nothing_and_names_the_first(
-        lab: Lab, daemons: DaemonSet, method: str) -> None:
+    lab: Lab, daemons: DaemonSet, method: str
+) -> None:
     first = daemons.new(method=method)
     first.write_profile("work", root_profile(lab, lab.target_nets))
     first.start()
@@ -68,7 +73,8 @@ def test_a_second_daemon_changes_nothing_and_names_the_first(
 
 
 def test_hand_run_cleanup_refuses_while_a_daemon_runs_unless_forced(
-        lab: Lab, daemons: DaemonSet) -> None:
+    lab: Lab, daemons: DaemonSet
+) -> None:
     d = daemons.work_up()
     rules = lab.firewall_snapshot()
     refused = shuttled(lab, "cleanup")
@@ -87,7 +93,8 @@ def test_cleanup_leaves_a_running_shuttled_run_alone(lab: Lab) -> None:
     try:
         refused = shuttled(lab, "cleanup")
         assert refused.returncode != 0 and f"shuttled run (pid {proc.pid}" in refused.stderr, (
-            refused.stderr)
+            refused.stderr
+        )
         with lab.netns("cli"):
             assert clients.http_get(lab.tgt_v4).status == 200
     finally:
@@ -96,10 +103,12 @@ def test_cleanup_leaves_a_running_shuttled_run_alone(lab: Lab) -> None:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_kill_switch_lets_no_dns_or_subnet_traffic_out_on_the_first_connect(
-        lab: Lab, daemons: DaemonSet, method: str) -> None:
+    lab: Lab, daemons: DaemonSet, method: str
+) -> None:
     d = daemons.new(method=method)
-    d.write_profile("work", root_profile(lab, lab.target_nets, kill_switch=True,
-                                         dns={"mode": "all"}))
+    d.write_profile(
+        "work", root_profile(lab, lab.target_nets, kill_switch=True, dns={"mode": "all"})
+    )
     block_ssh(lab, True)
     try:
         d.start()
@@ -119,16 +128,24 @@ def test_kill_switch_lets_no_dns_or_subnet_traffic_out_on_the_first_connect(
 
 
 def test_reload_racing_up_and_down_leaves_state_rules_and_wanted_in_agreement(
-        lab: Lab, daemons: DaemonSet) -> None:
+    lab: Lab, daemons: DaemonSet
+) -> None:
     d = daemons.work_up(kill_switch=True)
     for round_ in range(6):
         # A changed profile: each reload replaces the running tunnel.
-        d.write_profile("work", root_profile(lab, lab.target_nets, kill_switch=True,
-                                             keepalive=11 + round_))
+        d.write_profile(
+            "work", root_profile(lab, lab.target_nets, kill_switch=True, keepalive=11 + round_)
+        )
         verb = ("down",) if round_ % 2 == 0 else ("up", "--no-wait")
-        racers = [subprocess.Popen(d.ctl_argv(*argv), cwd=str(REPO_ROOT),
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                  for argv in (("reload",), (verb[0], "work", *verb[1:]), ("reload",))]
+        racers = [
+            subprocess.Popen(
+                d.ctl_argv(*argv),
+                cwd=str(REPO_ROOT),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for argv in (("reload",), (verb[0], "work", *verb[1:]), ("reload",))
+        ]
         for racer in racers:
             racer.wait(60)
         wanted = d.status("work")["wanted"]
@@ -159,7 +176,8 @@ def captured(lab: Lab) -> bool:
 
 @pytest.mark.parametrize(("method", "commands"), DISRUPTIONS)
 def test_rules_someone_else_removes_are_restored_within_two_seconds_and_counted(
-        lab: Lab, daemons: DaemonSet, method: str, commands: list[str]) -> None:
+    lab: Lab, daemons: DaemonSet, method: str, commands: list[str]
+) -> None:
     d = daemons.new(method=method)
     d.write_profile("work", root_profile(lab, lab.target_nets))
     d.start()
@@ -184,22 +202,26 @@ def test_rules_someone_else_removes_are_restored_within_two_seconds_and_counted(
         download.close()
     stats = d.stats("work")
     assert stats["rules_restored"] >= 1, stats
-    assert " were deleted " in stats["rules_last_loss"] or " were changed " in stats[
-        "rules_last_loss"], stats
+    assert (
+        " were deleted " in stats["rules_last_loss"] or " were changed " in stats["rules_last_loss"]
+    ), stats
     assert "restored" in d.log(200)
     assert any(e.get("type") == "rules" for e in watch.events()), watch.events()
     assert d.state("work") == "up"
 
 
 def lockdown_table(lab: Lab) -> bool:
-    return lab.run("cli", ["nft", "list", "tables"]).stdout.count("shuttled_lockdown") > 0 or \
-        "SHUTTLED_lockdown" in lab.run("cli", ["iptables-save"], check=False).stdout
+    return (
+        lab.run("cli", ["nft", "list", "tables"]).stdout.count("shuttled_lockdown") > 0
+        or "SHUTTLED_lockdown" in lab.run("cli", ["iptables-save"], check=False).stdout
+    )
 
 
 def kill_switched(daemons: DaemonSet, lab: Lab, method: str) -> Daemon:
     d = daemons.new(method=method)
-    d.write_profile("work", root_profile(lab, lab.target_nets, kill_switch=True,
-                                         dns={"mode": "all"}))
+    d.write_profile(
+        "work", root_profile(lab, lab.target_nets, kill_switch=True, dns={"mode": "all"})
+    )
     d.start()
     d.up("work")
     return d
@@ -207,7 +229,8 @@ def kill_switched(daemons: DaemonSet, lab: Lab, method: str) -> Daemon:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_lockdown_outlives_sigkill_and_sigterm_and_only_down_lifts_it(
-        lab: Lab, daemons: DaemonSet, method: str) -> None:
+    lab: Lab, daemons: DaemonSet, method: str
+) -> None:
     d = kill_switched(daemons, lab, method)
     with leak_counter(lab, list(lab.target_nets)) as leaks:
         try_leaks(lab, 1.0)  # up: UDP and ICMP the tunnel does not carry are refused too
@@ -235,7 +258,8 @@ def test_lockdown_outlives_sigkill_and_sigterm_and_only_down_lifts_it(
 
 @pytest.mark.parametrize("method", METHODS)
 def test_boot_loads_the_lockdown_before_anything_else(
-        lab: Lab, daemons: DaemonSet, method: str) -> None:
+    lab: Lab, daemons: DaemonSet, method: str
+) -> None:
     d = kill_switched(daemons, lab, method)
     d.kill()
     # A reboot: the kernel forgets every rule; the state directory stays.

@@ -27,8 +27,12 @@ from tests.lab.faulty import FLOW_POINTS, TCP_POINTS
 pytestmark = pytest.mark.integration
 
 EXCEPTIONS = ("ENOTCONN", "ECONNRESET", "EPIPE", "EBADF", "Exception")
-POINTS = ([f"LocalConnection.{m}" for m in TCP_POINTS] + ["TransparentProxy.destination"]
-          + [f"Flow.{m}" for m in FLOW_POINTS] + ["DnsForwarder.resolve"])
+POINTS = (
+    [f"LocalConnection.{m}" for m in TCP_POINTS]
+    + ["TransparentProxy.destination"]
+    + [f"Flow.{m}" for m in FLOW_POINTS]
+    + ["DnsForwarder.resolve"]
+)
 ABORTED = "connection aborted in"
 CHUNK = 16 * 1024
 
@@ -100,15 +104,23 @@ def _http_half_close(host: str) -> None:
 
 
 @pytest.fixture(scope="module", params=["direct", "helper"])
-def faulty_run(request: pytest.FixtureRequest, lab: Lab, tmp_path_factory: pytest.TempPathFactory
-               ) -> Iterator[tuple[str, Path]]:
+def faulty_run(
+    request: pytest.FixtureRequest, lab: Lab, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, Path]]:
     fault_file = tmp_path_factory.mktemp("faults") / "fault"
     fault_file.write_text("")
     name = f"faulty-{request.param}"
-    proc = start_run(lab, "-v", "--dns", "--udp", *lab.target_nets, name=name,
-                     module="tests.lab.faulty", remote=lab.remote_nofwd
-                     if request.param == "helper" else None,
-                     env={"SHUTTLED_FAULT_FILE": str(fault_file)})
+    proc = start_run(
+        lab,
+        "-v",
+        "--dns",
+        "--udp",
+        *lab.target_nets,
+        name=name,
+        module="tests.lab.faulty",
+        remote=lab.remote_nofwd if request.param == "helper" else None,
+        env={"SHUTTLED_FAULT_FILE": str(fault_file)},
+    )
     try:
         yield name, fault_file
     finally:
@@ -128,7 +140,8 @@ def wait_for_count(lab: Lab, name: str, above: int, timeout: float = 3.0) -> int
 
 
 def test_a_fault_in_any_callback_ends_only_its_connection(
-        lab: Lab, faulty_run: tuple[str, Path]) -> None:
+    lab: Lab, faulty_run: tuple[str, Path]
+) -> None:
     name, fault_file = faulty_run
     stream = EchoStream(lab)
     stream.start()
@@ -161,14 +174,23 @@ RECYCLED = "use a fresh ssh connection"
 
 
 def test_a_master_full_of_failed_opens_is_replaced_and_its_connections_go_on(
-        lab: Lab, tmp_path: Path) -> None:
+    lab: Lab, tmp_path: Path
+) -> None:
     """The master keeps every failed open and dies at 16,384 channels: past the limit
     (300 here, 1,000 by default) a fresh session takes new connections, make before
     break, and the old one keeps what it carries."""
     name = "recycle"
-    proc = start_run(lab, "-v", *lab.target_nets, name=name, module="tests.lab.faulty",
-                     env={"SHUTTLED_FAULT_FILE": str(tmp_path / "none"),
-                          "SHUTTLED_TEST_CONST": "MASTER_FAILED_OPENS_MAX=300"})
+    proc = start_run(
+        lab,
+        "-v",
+        *lab.target_nets,
+        name=name,
+        module="tests.lab.faulty",
+        env={
+            "SHUTTLED_FAULT_FILE": str(tmp_path / "none"),
+            "SHUTTLED_TEST_CONST": "MASTER_FAILED_OPENS_MAX=300",
+        },
+    )
     stream = EchoStream(lab)
     stream.start()
     try:
@@ -186,8 +208,11 @@ def test_a_master_full_of_failed_opens_is_replaced_and_its_connections_go_on(
         stream.stop.set()
         stream.join(15)
         code = stop_run(lab, proc)
-    log = "\n".join(line for line in lab.log_tail(name, 100_000).splitlines()
-                     if "refused: connect failed" not in line)
+    log = "\n".join(
+        line
+        for line in lab.log_tail(name, 100_000).splitlines()
+        if "refused: connect failed" not in line
+    )
     assert code == 0 and log.count(RECYCLED) == 2, log
     assert "tunnel run lost" not in log and "tunnel lost" not in log, log
     assert stream.error is None and stream.echoed > 0

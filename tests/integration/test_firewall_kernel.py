@@ -66,8 +66,9 @@ def require_backend(cls: type[Backend]) -> None:
 
 
 @pytest.fixture(params=["nft", "iptables", "iptables-legacy"])
-def backend(request: pytest.FixtureRequest, netns: None, tmp_path: Path,
-            monkeypatch: pytest.MonkeyPatch) -> type[Backend]:
+def backend(
+    request: pytest.FixtureRequest, netns: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> type[Backend]:
     """Each backend; iptables twice: as installed (nft on Debian) and legacy."""
     if request.param == "iptables-legacy":
         _use_legacy_iptables(tmp_path, monkeypatch)
@@ -132,10 +133,16 @@ def ruleset() -> str:
 def add_foreign_rules() -> None:
     """Someone else's rules, which every test expects to find untouched."""
     if which_tool("nft"):
-        subprocess.run(["nft", "-f", "-"], check=True, text=True, input=(
-            "table inet foreign {\n chain out {\n"
-            "  type filter hook output priority 0; policy accept;\n"
-            "  ip daddr 192.0.2.99 tcp dport 9 accept\n }\n}\n"))
+        subprocess.run(
+            ["nft", "-f", "-"],
+            check=True,
+            text=True,
+            input=(
+                "table inet foreign {\n chain out {\n"
+                "  type filter hook output priority 0; policy accept;\n"
+                "  ip daddr 192.0.2.99 tcp dport 9 accept\n }\n}\n"
+            ),
+        )
     if which_tool("iptables"):
         sh("iptables", "-w", "-t", "nat", "-A", "OUTPUT", "-d", "192.0.2.99/32", "-j", "RETURN")
     if which_tool("ip6tables"):
@@ -154,8 +161,9 @@ WORK = Capture(
     dns_port=12301,
     dns_servers=tuple(ipaddress.ip_address(a) for a in ("127.0.0.53", "10.0.0.53", "fd00::53")),
 )
-HOME = Capture("home", subnets("0/0") + subnets("192.168.0.0/16", exclude=True),
-               tcp_port=12400, uid=1000)
+HOME = Capture(
+    "home", subnets("0/0") + subnets("192.168.0.0/16", exclude=True), tcp_port=12400, uid=1000
+)
 
 
 def assert_kernel_holds_render(fw: Backend, captures: Sequence[Capture]) -> None:
@@ -166,8 +174,11 @@ def assert_kernel_holds_render(fw: Backend, captures: Sequence[Capture]) -> None
         assert _lines(listed) == _lines(rendered)
     else:
         rendered_rules = [ln for ln in _lines(fw.render(captures)) if ln.startswith("-A ")]
-        listed_rules = [ln for ln in _lines(fw.snapshot())
-                        if ln.startswith("-A ") and not ln.startswith("-A OUTPUT")]
+        listed_rules = [
+            ln
+            for ln in _lines(fw.snapshot())
+            if ln.startswith("-A ") and not ln.startswith("-A OUTPUT")
+        ]
         assert sorted(listed_rules) == sorted(rendered_rules)
 
 
@@ -202,7 +213,8 @@ def test_apply_reapply_remove(backend: type[Backend]) -> None:
 def _break_nft(monkeypatch: pytest.MonkeyPatch, fw: NftBackend) -> None:
     def render(captures: Sequence[Capture]) -> str:
         return NftBackend.render(fw, captures).replace(
-            "fib daddr type local return", "jump cap_no_such_chain", 1)
+            "fib daddr type local return", "jump cap_no_such_chain", 1
+        )
 
     monkeypatch.setattr(fw, "render", render)
 
@@ -253,8 +265,11 @@ def test_cleanup_all_takes_daemon_and_dead_runs_only(netns: None) -> None:
 
     removed = cleanup_all()
 
-    assert sorted(removed) == sorted(f"{cls.name} {table}" for cls in (NftBackend, IptablesBackend)
-                                     for table in (NFT_TABLE, dead))
+    assert sorted(removed) == sorted(
+        f"{cls.name} {table}"
+        for cls in (NftBackend, IptablesBackend)
+        for table in (NFT_TABLE, dead)
+    )
     for cls in (NftBackend, IptablesBackend):
         assert cls.instances() == sorted([live, other])
     assert cleanup_all() == []
@@ -293,8 +308,9 @@ def _lab_network() -> None:
     sh("ip", "-6", "route", "add", "2001:db8:1::/48", "dev", "shf0")
 
 
-def _listen(family: socket.AddressFamily, addr: str, port: int,
-            kind: socket.SocketKind = socket.SOCK_STREAM) -> socket.socket:
+def _listen(
+    family: socket.AddressFamily, addr: str, port: int, kind: socket.SocketKind = socket.SOCK_STREAM
+) -> socket.socket:
     sock = socket.socket(family, kind)
     if family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)

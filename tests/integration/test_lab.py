@@ -22,8 +22,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def netns_list() -> str:
-    return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
-                          check=True, timeout=10).stdout
+    return subprocess.run(
+        ["ip", "netns", "list"], capture_output=True, text=True, check=True, timeout=10
+    ).stdout
 
 
 def assert_gone(prefix: str, namespaces: list[str], pids: list[int], tmpdir: str) -> None:
@@ -41,8 +42,11 @@ def assert_gone(prefix: str, namespaces: list[str], pids: list[int], tmpdir: str
 # --- the negative: no tunnel, no route through srv -----------------------------------------------
 def test_client_cannot_reach_target_without_tunnel(lab: Lab) -> None:
     t0 = time.monotonic()
-    r = lab.run("cli", ["curl", "-sS", "--connect-timeout", "1", "--max-time", "2",
-                        lab.http_url_v4], check=False)
+    r = lab.run(
+        "cli",
+        ["curl", "-sS", "--connect-timeout", "1", "--max-time", "2", lab.http_url_v4],
+        check=False,
+    )
     assert r.returncode in (7, 28), (r.returncode, r.stdout, r.stderr)
     assert lab.http_marker not in r.stdout
     assert time.monotonic() - t0 < 5
@@ -54,15 +58,19 @@ def test_client_cannot_reach_target_without_tunnel(lab: Lab) -> None:
 
 
 def test_server_does_not_forward(lab: Lab) -> None:
-    out = lab.run("srv", ["sysctl", "-n", "net.ipv4.ip_forward",
-                          "net.ipv6.conf.all.forwarding"]).stdout.split()
+    out = lab.run(
+        "srv", ["sysctl", "-n", "net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"]
+    ).stdout.split()
     assert out == ["0", "0"]
 
 
 def test_client_routes_target_via_server(lab: Lab) -> None:
     """The negative above is a drop at srv, not a missing route at cli."""
-    for addr, via in ((lab.tgt_v4, lab.srv_v4), (lab.tgt_v6, lab.srv_v6),
-                      (lab.fake_dns_v4, lab.srv_v4)):
+    for addr, via in (
+        (lab.tgt_v4, lab.srv_v4),
+        (lab.tgt_v6, lab.srv_v6),
+        (lab.fake_dns_v4, lab.srv_v4),
+    ):
         route = lab.run("cli", ["ip", "route", "get", addr]).stdout
         assert f"via {via}" in route, route
 
@@ -77,8 +85,10 @@ def test_server_reaches_target_http(lab: Lab) -> None:
         blob = clients.http_get(lab.tgt_v4, lab.blob_path)
         assert len(blob.body) == lab.blob_size
         import hashlib
+
         assert hashlib.sha256(blob.body).hexdigest() == services.stream_sha256(
-            lab.blob_seed, lab.blob_size)
+            lab.blob_seed, lab.blob_size
+        )
         assert lab.http_marker in clients.http_get(lab.tgt_v4, port=lab.ports.fast_http).text
     # The HTTP server logs who connected: srv's target-side address.
     assert any(line.startswith(lab.srv_tgt_v4) for line in lab.http_requests())
@@ -95,14 +105,21 @@ def test_ssh_with_generated_keys(lab: Lab) -> None:
 
 def test_ssh_forwarding_allowed_on_22_refused_on_2222(lab: Lab) -> None:
     request = "GET / HTTP/1.0\r\n\r\n"
-    ok = lab.run("cli", [*lab.ssh_argv, "-W", f"{lab.tgt_v4}:80", lab.remote], input=request,
-                 timeout=30)
+    ok = lab.run(
+        "cli", [*lab.ssh_argv, "-W", f"{lab.tgt_v4}:80", lab.remote], input=request, timeout=30
+    )
     assert lab.http_marker in ok.stdout
-    ok6 = lab.run("cli", [*lab.ssh_argv, "-W", f"[{lab.tgt_v6}]:80", lab.remote6],
-                  input=request, timeout=30)
+    ok6 = lab.run(
+        "cli", [*lab.ssh_argv, "-W", f"[{lab.tgt_v6}]:80", lab.remote6], input=request, timeout=30
+    )
     assert lab.http_marker in ok6.stdout
-    refused = lab.run("cli", [*lab.ssh_argv, "-W", f"{lab.tgt_v4}:80", lab.remote_nofwd],
-                      input=request, timeout=30, check=False)
+    refused = lab.run(
+        "cli",
+        [*lab.ssh_argv, "-W", f"{lab.tgt_v4}:80", lab.remote_nofwd],
+        input=request,
+        timeout=30,
+        check=False,
+    )
     assert refused.returncode != 0
     assert lab.http_marker not in refused.stdout
     assert "refused local port forward" in lab.log_tail("sshd-2222")
@@ -156,10 +173,16 @@ def test_many_concurrent_connections_from_server(lab: Lab) -> None:
 
     with lab.netns("srv"):
         replies = asyncio.run(main())
-        ups = asyncio.run(clients.gather_limited(
-            [clients.abulk_upload(lab.tgt_v6, 256 << 10, seed=i) for i in range(8)]))
-        downs = asyncio.run(clients.gather_limited(
-            [clients.abulk_download(lab.tgt_v4, 256 << 10, seed=i) for i in range(8)]))
+        ups = asyncio.run(
+            clients.gather_limited(
+                [clients.abulk_upload(lab.tgt_v6, 256 << 10, seed=i) for i in range(8)]
+            )
+        )
+        downs = asyncio.run(
+            clients.gather_limited(
+                [clients.abulk_download(lab.tgt_v4, 256 << 10, seed=i) for i in range(8)]
+            )
+        )
     assert replies == [f"conn {i}\n".encode() * 10 for i in range(500)]
     assert all(r.ok for r in ups + downs)
 
@@ -168,8 +191,9 @@ def test_stream_is_deterministic_and_not_periodic() -> None:
     a = b"".join(bytes(c) for c in services.stream_chunks(1, 3 << 20))
     b = b"".join(bytes(c) for c in services.stream_chunks(1, 3 << 20))
     assert a == b and len(a) == 3 << 20
-    chunks = {a[i:i + services.STREAM_MARK_EVERY] for i in range(0, len(a),
-                                                                  services.STREAM_MARK_EVERY)}
+    chunks = {
+        a[i : i + services.STREAM_MARK_EVERY] for i in range(0, len(a), services.STREAM_MARK_EVERY)
+    }
     assert len(chunks) == len(a) // services.STREAM_MARK_EVERY
     assert services.stream_sha256(1, 1000) != services.stream_sha256(2, 1000)
 
@@ -188,8 +212,7 @@ def test_dns_responder_answers_from_server(lab: Lab) -> None:
         assert ans.rcode == 3
         ans = clients.dns_query(lab.dns_v4, f"many.{lab.dns_zone}")
         assert ans.truncated and len(ans.addresses) < 40
-        assert len(clients.dns_query(lab.dns_v4, f"many.{lab.dns_zone}",
-                                     tcp=True).addresses) == 40
+        assert len(clients.dns_query(lab.dns_v4, f"many.{lab.dns_zone}", tcp=True).addresses) == 40
     seen = lab.dns_queries()
     assert ("udp", lab.dns_name, "A") in seen
     assert ("tcp", f"alt.{lab.dns_zone}", "AAAA") in seen
@@ -236,6 +259,7 @@ def test_set_link_down_and_up(lab: Lab) -> None:
 # --- teardown -----------------------------------------------------------------------------------
 def test_teardown_leaves_nothing() -> None:
     from tests.lab import require_root_tools
+
     require_root_tools("ip", "sshd", "ssh", "ssh-keygen", "useradd")
     with Lab() as lab:
         user = lab.add_user()
@@ -268,6 +292,7 @@ def test_teardown_leaves_nothing() -> None:
 
 def test_teardown_after_exception_in_block() -> None:
     from tests.lab import require_root_tools
+
     require_root_tools("ip", "sshd", "ssh", "ssh-keygen")
     with pytest.raises(RuntimeError, match="boom"), Lab() as lab:
         namespaces = list(lab.namespaces.values())
@@ -279,12 +304,20 @@ def test_teardown_after_exception_in_block() -> None:
 
 def test_stale_lab_of_a_killed_owner_is_cleaned() -> None:
     from tests.lab import cleanup_stale, require_root_tools
+
     require_root_tools("ip", "sshd", "ssh", "ssh-keygen")
-    code = ("import sys, time\nfrom tests.lab import Lab\nlab = Lab().open()\n"
-            "print(lab.prefix, lab.tmpdir, *lab.namespaces.values(), flush=True)\n"
-            "time.sleep(120)\n")
-    owner = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
-                             text=True, start_new_session=True)
+    code = (
+        "import sys, time\nfrom tests.lab import Lab\nlab = Lab().open()\n"
+        "print(lab.prefix, lab.tmpdir, *lab.namespaces.values(), flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    owner = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         assert owner.stdout is not None
         line = owner.stdout.readline().split()
@@ -305,6 +338,7 @@ def test_stale_lab_of_a_killed_owner_is_cleaned() -> None:
 
 def test_open_failure_tears_down() -> None:
     from tests.lab import LabError, require_root_tools
+
     require_root_tools("ip", "sshd", "ssh", "ssh-keygen")
     lab = Lab(sshd_extra=["ThisIsNotAnSshdOption yes"])
     with pytest.raises(LabError, match="sshd -t"):

@@ -38,14 +38,22 @@ DEB_TOOLS = ("dpkg-buildpackage", "dh", "lintian", "apt-get")
 RPM_TOOLS = ("rpmbuild", "rpm")
 
 
-def _run(argv: list[str], *, timeout: float = 300, check: bool = True,
-         env: dict[str, str] | None = None, cwd: Path | None = None
-         ) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=cwd, check=False)
+def _run(
+    argv: list[str],
+    *,
+    timeout: float = 300,
+    check: bool = True,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        argv, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd, check=False
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{shlex.join(argv)} exited {proc.returncode}:\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"{shlex.join(argv)} exited {proc.returncode}:\n"
+            f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return proc
 
 
@@ -64,19 +72,29 @@ def deb(dist: Path) -> Path:
 @pytest.fixture(scope="module")
 def rpm(dist: Path) -> Path:
     require_root_tools(*RPM_TOOLS)
-    out = _run([str(REPO / "packaging" / "build-rpm.sh"), str(dist / "rpm")],
-               env={**os.environ, "PYTHON": sys.executable})
+    out = _run(
+        [str(REPO / "packaging" / "build-rpm.sh"), str(dist / "rpm")],
+        env={**os.environ, "PYTHON": sys.executable},
+    )
     return Path(out.stdout.strip().splitlines()[-1])
 
 
 # --- wheel and sdist ----------------------------------------------------------------------------
 
-SDIST_MUST_HAVE = ("systemd/shuttled.service", "systemd/io.github.shuttled.conf",
-                   "launchd/io.github.shuttled.plist", "packaging/completion/shuttlectl.bash",
-                   "packaging/completion/_shuttlectl", "packaging/man/shuttled.8",
-                   "packaging/man/shuttlectl.1", "packaging/man/shuttled-profile.5",
-                   "packaging/rpm/shuttled.spec", "packaging/example.yaml",
-                   "packaging/sysusers.d/shuttled.conf", "packaging/debian/control")
+SDIST_MUST_HAVE = (
+    "systemd/shuttled.service",
+    "systemd/io.github.shuttled.conf",
+    "launchd/io.github.shuttled.plist",
+    "packaging/completion/shuttlectl.bash",
+    "packaging/completion/_shuttlectl",
+    "packaging/man/shuttled.8",
+    "packaging/man/shuttlectl.1",
+    "packaging/man/shuttled-profile.5",
+    "packaging/rpm/shuttled.spec",
+    "packaging/example.yaml",
+    "packaging/sysusers.d/shuttled.conf",
+    "packaging/debian/control",
+)
 
 
 def test_wheel_and_sdist_install_into_a_fresh_venv(dist: Path) -> None:
@@ -90,28 +108,46 @@ def test_wheel_and_sdist_install_into_a_fresh_venv(dist: Path) -> None:
     with zipfile.ZipFile(wheel) as whl:
         metadata = whl.read(next(n for n in whl.namelist() if n.endswith("/METADATA")))
     # Linux-only dependencies carry their environment marker: pip on macOS skips them.
-    assert b"Requires-Dist: systemd-python>=234; sys_platform == \"linux\"" in metadata
+    assert b'Requires-Dist: systemd-python>=234; sys_platform == "linux"' in metadata
     # The dependencies come from the interpreter's own site-packages (no download);
     # the venv's copy of shuttled is the wheel's, not the repository's.
     venv = dist / "venv"
     _run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)])
-    _run([str(venv / "bin" / "pip"), "install", "-q", "--no-index",
-          "--disable-pip-version-check", str(wheel)])
+    _run(
+        [
+            str(venv / "bin" / "pip"),
+            "install",
+            "-q",
+            "--no-index",
+            "--disable-pip-version-check",
+            str(wheel),
+        ]
+    )
     version = _run([str(venv / "bin" / "shuttled"), "--version"], cwd=dist)
     assert re.fullmatch(r"shuttled \d+\.\d+\.\d+\S*\n", version.stdout)
     helptext = _run([str(venv / "bin" / "shuttlectl"), "--help"], cwd=dist)
     assert "up" in helptext.stdout and "completion" in helptext.stdout
-    where = _run([str(venv / "bin" / "python"), "-c", "import shuttled; print(shuttled.__file__)"],
-                 cwd=dist)
+    where = _run(
+        [str(venv / "bin" / "python"), "-c", "import shuttled; print(shuttled.__file__)"], cwd=dist
+    )
     assert where.stdout.startswith(str(venv)), where.stdout
 
 
 # --- the .deb ------------------------------------------------------------------------------------
 
+
 def test_deb_passes_lintian(deb: Path) -> None:
-    result = _run(["lintian", "--fail-on", "error", "--suppress-tags",
-                   "package-supports-alternative-init-but-no-init.d-script", str(deb)],
-                  check=False)
+    result = _run(
+        [
+            "lintian",
+            "--fail-on",
+            "error",
+            "--suppress-tags",
+            "package-supports-alternative-init-but-no-init.d-script",
+            str(deb),
+        ],
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert not [ln for ln in result.stdout.splitlines() if ln.startswith("E:")]
 
@@ -144,8 +180,11 @@ def installed(deb: Path) -> Iterator[list[str]]:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive", "PATH": SYSTEM_PATH}
     try:
         with no_service_starts():
-            _run(["apt-get", "install", "-y", "-q", "--no-install-recommends", str(deb)],
-                 env=env, timeout=600)
+            _run(
+                ["apt-get", "install", "-y", "-q", "--no-install-recommends", str(deb)],
+                env=env,
+                timeout=600,
+            )
         yield _dpkg_list()
     finally:
         PROFILE.unlink(missing_ok=True)
@@ -161,43 +200,71 @@ def _unit_exec(key: str) -> list[str]:
 
 
 def _installed_ctl(lab: Lab, *args: str) -> subprocess.CompletedProcess[str]:
-    return lab.run("cli", ["/usr/bin/shuttlectl", *args], check=False, timeout=90,
-                   env={"PATH": SYSTEM_PATH, "LANG": "C.UTF-8"}, cwd="/")
+    return lab.run(
+        "cli",
+        ["/usr/bin/shuttlectl", *args],
+        check=False,
+        timeout=90,
+        env={"PATH": SYSTEM_PATH, "LANG": "C.UTF-8"},
+        cwd="/",
+    )
 
 
 def test_deb_installs_a_working_service_and_purges_clean(installed: list[str], lab: Lab) -> None:
     files = set(installed)
-    for path in ("/usr/bin/shuttled", "/usr/bin/shuttlectl", UNIT,
-                 "/usr/share/dbus-1/system.d/io.github.shuttled.conf",
-                 "/usr/share/bash-completion/completions/shuttlectl",
-                 "/usr/share/zsh/vendor-completions/_shuttlectl",
-                 "/usr/share/man/man8/shuttled.8.gz", "/usr/share/man/man1/shuttlectl.1.gz",
-                 "/usr/share/man/man5/shuttled-profile.5.gz", "/etc/shuttled/example.yaml"):
+    for path in (
+        "/usr/bin/shuttled",
+        "/usr/bin/shuttlectl",
+        UNIT,
+        "/usr/share/dbus-1/system.d/io.github.shuttled.conf",
+        "/usr/share/bash-completion/completions/shuttlectl",
+        "/usr/share/zsh/vendor-completions/_shuttlectl",
+        "/usr/share/man/man8/shuttled.8.gz",
+        "/usr/share/man/man1/shuttlectl.1.gz",
+        "/usr/share/man/man5/shuttled-profile.5.gz",
+        "/etc/shuttled/example.yaml",
+    ):
         assert path in files, path
-    assert "/etc/shuttled/example.yaml" in Path("/var/lib/dpkg/info/shuttled.conffiles") \
-        .read_text().split()
+    assert (
+        "/etc/shuttled/example.yaml"
+        in Path("/var/lib/dpkg/info/shuttled.conffiles").read_text().split()
+    )
     assert _run(["getent", "group", "shuttle"], check=False).returncode == 0
     # Enabled the Debian way (dh_installsystemd), even without systemd running here.
     assert Path("/etc/systemd/system/multi-user.target.wants/shuttled.service").is_symlink()
     # Debian's own python3 and dbus-fast (1.84 on bookworm) import the whole daemon.
-    _run(["/usr/bin/python3", "-c", "import shuttled.daemon, shuttled.control.dbus, "
-          "shuttled.firewall.pf, shuttled.manpages"], env={"PATH": SYSTEM_PATH}, cwd=Path("/"))
+    _run(
+        [
+            "/usr/bin/python3",
+            "-c",
+            "import shuttled.daemon, shuttled.control.dbus, "
+            "shuttled.firewall.pf, shuttled.manpages",
+        ],
+        env={"PATH": SYSTEM_PATH},
+        cwd=Path("/"),
+    )
 
     _bring_a_profile_up_with_the_installed_programs(lab)
 
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive", "PATH": SYSTEM_PATH}
     with no_service_starts():
         _run(["apt-get", "purge", "-y", "-q", "shuttled"], env=env, timeout=600)
-    assert _run(["dpkg-query", "-W", "-f", "${Status}", "shuttled"],
-                check=False).stdout.strip() in ("", "unknown ok not-installed")
+    assert _run(
+        ["dpkg-query", "-W", "-f", "${Status}", "shuttled"], check=False
+    ).stdout.strip() in ("", "unknown ok not-installed")
     # Every file dpkg listed is gone, and every directory of ours (shared ones like
     # /usr/share/man stay).
-    left = [p for p in sorted(files) if os.path.lexists(p)
-            and (not os.path.isdir(p) or "shuttl" in p)]
+    left = [
+        p for p in sorted(files) if os.path.lexists(p) and (not os.path.isdir(p) or "shuttl" in p)
+    ]
     assert not left, left
     # (/run/shuttled itself may hold other daemons' ssh directories: only our socket.)
-    for path in ("/etc/shuttled", "/var/lib/shuttled", str(SOCKET),
-                 "/etc/systemd/system/multi-user.target.wants/shuttled.service"):
+    for path in (
+        "/etc/shuttled",
+        "/var/lib/shuttled",
+        str(SOCKET),
+        "/etc/systemd/system/multi-user.target.wants/shuttled.service",
+    ):
         assert not os.path.lexists(path), path
     assert "shuttled" not in lab.run("cli", ["nft", "list", "tables"]).stdout
 
@@ -209,12 +276,16 @@ def _bring_a_profile_up_with_the_installed_programs(lab: Lab) -> None:
     PROFILE.write_text(yaml.safe_dump({"pkgtest": root_profile(lab, [lab.target_net_v4])}))
     argv = _unit_exec("ExecStart")
     assert argv[0] == "/usr/bin/shuttled"
-    daemon = lab.popen("cli", argv, name="pkg-daemon", cwd="/",
-                       env={"PATH": SYSTEM_PATH, "LANG": "C.UTF-8"})
+    daemon = lab.popen(
+        "cli", argv, name="pkg-daemon", cwd="/", env={"PATH": SYSTEM_PATH, "LANG": "C.UTF-8"}
+    )
     try:
-        wait_for("the installed daemon's socket", lambda: daemon.poll() is not None
-                 or _installed_ctl(lab, "version").returncode == 0, 30,
-                 detail=lambda: lab.log_tail("pkg-daemon"))
+        wait_for(
+            "the installed daemon's socket",
+            lambda: daemon.poll() is not None or _installed_ctl(lab, "version").returncode == 0,
+            30,
+            detail=lambda: lab.log_tail("pkg-daemon"),
+        )
         assert daemon.poll() is None, lab.log_tail("pkg-daemon")
         up = _installed_ctl(lab, "up", "pkgtest", "--timeout", "40")
         assert up.returncode == 0, up.stdout + up.stderr + lab.log_tail("pkg-daemon")
@@ -281,6 +352,7 @@ def test_rpmlint_finds_no_errors(rpm: Path) -> None:
     if shutil.which("rpmlint") is None:
         pytest.skip("rpmlint is not installed")
     rc = REPO / "packaging" / "rpm" / "shuttled.rpmlintrc"
-    result = _run(["rpmlint", "-r", str(rc), str(rpm), str(REPO / "packaging/rpm/shuttled.spec")],
-                  check=False)
+    result = _run(
+        ["rpmlint", "-r", str(rc), str(rpm), str(REPO / "packaging/rpm/shuttled.spec")], check=False
+    )
     assert " 0 errors" in result.stdout, result.stdout

@@ -48,7 +48,8 @@ def router(request: pytest.FixtureRequest, rlab: Lab) -> Iterator[Daemon]:
 
 
 def test_lan_host_fetches_http_and_gets_udp_echo_over_ipv4_and_ipv6(
-        router: Daemon, rlab: Lab) -> None:
+    router: Daemon, rlab: Lab
+) -> None:
     for host in (rlab.tgt_v4, rlab.tgt_v6):
         assert http_from(rlab, host) == "ok", router.log()
         assert udp_from(rlab, host) == "ok", router.log()
@@ -60,15 +61,17 @@ def test_lan_host_resolves_a_name_only_the_remote_knows(router: Daemon, rlab: La
     with rlab.netns("lan"):
         for server in (rlab.router_lan_v4, rlab.router_lan_v6):
             assert rlab.tgt_v4 in clients.dns_query(server, rlab.dns_name, "A").addresses
-            assert rlab.tgt_v6 in clients.dns_query(server, rlab.dns_name, "AAAA",
-                                                    tcp=True).addresses
+            assert (
+                rlab.tgt_v6 in clients.dns_query(server, rlab.dns_name, "AAAA", tcp=True).addresses
+            )
     # The LAN host's own resolver library, told only "nameserver <router>".
     resolved = rlab.run("lan", ["getent", "ahosts", rlab.dns_name]).stdout
     assert rlab.tgt_v4 in resolved and rlab.tgt_v6 in resolved
 
 
 def test_quic_sized_datagrams_and_dns_to_any_server_travel_as_udp_flows(
-        router: Daemon, rlab: Lab) -> None:
+    router: Daemon, rlab: Lab
+) -> None:
     before = router.stats(PROFILE)["udp"]["opened"]
     for host in (rlab.tgt_v4, rlab.tgt_v6):
         assert udp_from(rlab, host, size=1350) == "ok"  # a QUIC Initial is >= 1200 bytes
@@ -94,14 +97,14 @@ def test_200_tcp_connections_and_500_udp_flows_at_once(router: Daemon, rlab: Lab
     assert udp["refused"] == 0 and udp["flows"] >= FLOWS, udp
     # Flows of the module's earlier tests (DNS, other echoes) may still be listed.
     rows = router.ctl_json("connections", PROFILE)["connections"]
-    echoes = [r for r in rows if r["proto"] == "udp"
-              and r["dst"].endswith(f":{rlab.ports.udp_echo}")]
+    echoes = [
+        r for r in rows if r["proto"] == "udp" and r["dst"].endswith(f":{rlab.ports.udp_echo}")
+    ]
     assert len(echoes) >= FLOWS, rows[:3]
 
 
 def test_udp_flow_limit_holds_and_refusals_are_counted(router: Daemon, rlab: Lab) -> None:
-    router.write_profile(PROFILE, router_profile(rlab, kill_switch=True,
-                                                 udp_flows=LOW_FLOW_LIMIT))
+    router.write_profile(PROFILE, router_profile(rlab, kill_switch=True, udp_flows=LOW_FLOW_LIMIT))
     try:
         assert router.ctl("reload").returncode == 0, router.log()
         router.wait_state(PROFILE, "up")
@@ -117,7 +120,8 @@ def test_udp_flow_limit_holds_and_refusals_are_counted(router: Daemon, rlab: Lab
 
 
 def test_kill_switch_refuses_promptly_while_reconnecting_then_recovers(
-        router: Daemon, rlab: Lab) -> None:
+    router: Daemon, rlab: Lab
+) -> None:
     assert http_from(rlab, rlab.tgt_v4) == "ok"
     block_ssh(rlab, True)
     try:
@@ -142,10 +146,9 @@ def test_kill_switch_refuses_promptly_while_reconnecting_then_recovers(
     assert udp_from(rlab, rlab.tgt_v6) == "ok"
 
 
-
-
 def test_policy_routing_flushed_by_someone_else_is_restored_within_two_seconds(
-        router: Daemon, rlab: Lab) -> None:
+    router: Daemon, rlab: Lab
+) -> None:
     restored = router.stats(PROFILE).get("rules_restored", 0)
     for family in ("-4", "-6"):
         # `ip rule flush`, then the main and default lookups put back (as a network
@@ -153,11 +156,14 @@ def test_policy_routing_flushed_by_someone_else_is_restored_within_two_seconds(
         rlab.run("cli", ["ip", family, "rule", "flush"])
         rlab.run("cli", ["ip", family, "rule", "add", "priority", "32766", "lookup", "main"])
         if family == "-4":
-            rlab.run("cli", ["ip", family, "rule", "add", "priority", "32767",
-                             "lookup", "default"])
+            rlab.run("cli", ["ip", family, "rule", "add", "priority", "32767", "lookup", "default"])
     t0 = time.monotonic()
-    wait_for("UDP from the LAN again", lambda: udp_from(rlab, rlab.tgt_v4, timeout=0.5) == "ok",
-             10, interval=0.05)
+    wait_for(
+        "UDP from the LAN again",
+        lambda: udp_from(rlab, rlab.tgt_v4, timeout=0.5) == "ok",
+        10,
+        interval=0.05,
+    )
     assert time.monotonic() - t0 < 2.5
     stats = router.stats(PROFILE)
     assert stats["rules_restored"] > restored and "changed" in stats["rules_last_loss"], stats

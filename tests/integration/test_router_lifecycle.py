@@ -35,16 +35,19 @@ def test_lan_host_reaches_nothing_without_a_tunnel(rlab: Lab) -> None:
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_kill_switch_holds_from_the_first_connect_and_down_lifts_it(
-        rlab: Lab, method: str) -> None:
+def test_kill_switch_holds_from_the_first_connect_and_down_lifts_it(rlab: Lab, method: str) -> None:
     before = kernel_state(rlab)
     block_ssh(rlab, True)
     try:
         with DaemonSet(rlab) as daemons:
             d = start_daemon(daemons, method, router_profile(rlab, kill_switch=True))
             assert d.ctl("up", PROFILE, "--no-wait").returncode == 0
-            wait_for("the kill switch while connecting",
-                     lambda: d.status(PROFILE).get("holding"), 15, detail=d.log)
+            wait_for(
+                "the kill switch while connecting",
+                lambda: d.status(PROFILE).get("holding"),
+                15,
+                detail=d.log,
+            )
             assert d.state(PROFILE) in ("connecting", "reconnecting")
             outcome, seconds = timed(http_from, rlab, rlab.tgt_v4, timeout=5.0)
             assert outcome in ("refused", "reset") and seconds < 1.5, outcome
@@ -70,14 +73,17 @@ def only_the_empty_daemon_table(lab: Lab, method: str) -> bool:
     if method == "nft":
         table = lab.run("cli", ["nft", "list", "table", "inet", "shuttled"]).stdout
         return re.findall(r"chain (\S+)", table) == ["output"] and "jump" not in table
-    ours = [ln for key in ("iptables-save", "ip6tables-save")
-            for ln in fw.get(key, "").splitlines() if "SHUTTLED" in ln]
+    ours = [
+        ln
+        for key in ("iptables-save", "ip6tables-save")
+        for ln in fw.get(key, "").splitlines()
+        if "SHUTTLED" in ln
+    ]
     return all(ln in (":SHUTTLED - [0:0]", "-A OUTPUT -j SHUTTLED") for ln in ours)
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_exit_and_cleanup_after_sigkill_leave_the_kernel_as_before(
-        rlab: Lab, method: str) -> None:
+def test_exit_and_cleanup_after_sigkill_leave_the_kernel_as_before(rlab: Lab, method: str) -> None:
     before = kernel_state(rlab)
     with DaemonSet(rlab) as daemons:
         d = start_daemon(daemons, method, router_profile(rlab))
@@ -92,8 +98,9 @@ def test_exit_and_cleanup_after_sigkill_leave_the_kernel_as_before(
         assert udp_from(rlab, rlab.tgt_v4) == "ok"
         d.kill()
         assert kernel_state(rlab) != before  # SIGKILL leaves rules and policy routing
-        cleanup = rlab.run("cli", [sys.executable, "-m", "shuttled", "cleanup"],
-                           cwd=str(REPO_ROOT), check=False)
+        cleanup = rlab.run(
+            "cli", [sys.executable, "-m", "shuttled", "cleanup"], cwd=str(REPO_ROOT), check=False
+        )
         assert cleanup.returncode == 0, cleanup.stderr
         assert kernel_state(rlab) == before
 
@@ -104,15 +111,28 @@ def test_exit_and_cleanup_after_sigkill_leave_the_kernel_as_before(
 @pytest.mark.parametrize("method", METHODS)
 def test_run_with_lan_interface_carries_tcp_udp_and_dns(rlab: Lab, method: str) -> None:
     before = kernel_state(rlab)
-    proc = start_run(rlab, "--dns", "--lan", rlab.if_cli_lan, "--lan-dns", "all",
-                     *rlab.target_nets, method=method, name=f"run-lan-{method}")
+    proc = start_run(
+        rlab,
+        "--dns",
+        "--lan",
+        rlab.if_cli_lan,
+        "--lan-dns",
+        "all",
+        *rlab.target_nets,
+        method=method,
+        name=f"run-lan-{method}",
+    )
     try:
         for host in (rlab.tgt_v4, rlab.tgt_v6):
             assert http_from(rlab, host) == "ok"
             assert udp_from(rlab, host) == "ok"
             # Every address of the LAN interface is captured (its second one too).
-            assert udp_from(rlab, host, source=rlab.lan_v4_other
-                            if ":" not in host else rlab.lan_v6_other) == "ok"
+            assert (
+                udp_from(
+                    rlab, host, source=rlab.lan_v4_other if ":" not in host else rlab.lan_v6_other
+                )
+                == "ok"
+            )
         with rlab.netns("lan"):  # --lan-dns all: a resolver that exists nowhere answers
             answer = clients.dns_query(rlab.fake_dns_v4, rlab.dns_name, "A")
         assert rlab.tgt_v4 in answer.addresses
@@ -126,8 +146,7 @@ def test_run_with_lan_interface_carries_tcp_udp_and_dns(rlab: Lab, method: str) 
 def test_forwarding_off_is_said_plainly(rlab: Lab) -> None:
     rlab.set_router_forwarding(False)
     try:
-        proc = start_run(rlab, "--lan", rlab.if_cli_lan, *rlab.target_nets,
-                         name="run-noforward")
+        proc = start_run(rlab, "--lan", rlab.if_cli_lan, *rlab.target_nets, name="run-noforward")
         try:
             log = rlab.log_tail("run-noforward", 100)
             assert "net.ipv4.ip_forward is 0" in log, log

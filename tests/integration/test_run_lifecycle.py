@@ -35,17 +35,35 @@ def test_sigint_exit_restores_the_ruleset(lab: Lab, method: str) -> None:
 
 def test_bad_subnet_is_one_line_error_and_leaves_rules(lab: Lab) -> None:
     before = lab.firewall_snapshot()
-    result = lab.run("cli", [sys.executable, "-m", "shuttled", "run", "-r", lab.remote,
-                             "10.0.0.0/33"], check=False)
+    result = lab.run(
+        "cli",
+        [sys.executable, "-m", "shuttled", "run", "-r", lab.remote, "10.0.0.0/33"],
+        check=False,
+    )
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "10.0.0.0/33" in result.stderr
     assert lab.firewall_snapshot() == before
 
 
 def test_missing_remote_python_names_what_was_tried(lab: Lab) -> None:
-    result = lab.run("cli", [sys.executable, "-m", "shuttled", "run", "-e", lab.ssh_cmd,
-                             "-r", lab.remote_nofwd, "--python", "python-nowhere-3",
-                             lab.target_net_v4], check=False, timeout=60)
+    result = lab.run(
+        "cli",
+        [
+            sys.executable,
+            "-m",
+            "shuttled",
+            "run",
+            "-e",
+            lab.ssh_cmd,
+            "-r",
+            lab.remote_nofwd,
+            "--python",
+            "python-nowhere-3",
+            lab.target_net_v4,
+        ],
+        check=False,
+        timeout=60,
+    )
     assert result.returncode == 1
     assert "no python" in result.stderr and "python-nowhere-3" in result.stderr
 
@@ -54,15 +72,20 @@ def test_master_runs_as_the_sudo_user_with_their_ssh_config(lab: Lab, lab_user: 
     """Under sudo the master uses the invoking user's identity, never root's."""
     before = lab.firewall_snapshot()
     env = {**os.environ, "SUDO_UID": str(lab_user.uid), "SUDO_GID": str(lab_user.gid)}
-    proc = lab.popen("cli", [sys.executable, "-m", "shuttled", "run", "-r", lab_user.remote,
-                             lab.target_net_v4], name="sudo-run", env=env)
+    proc = lab.popen(
+        "cli",
+        [sys.executable, "-m", "shuttled", "run", "-r", lab_user.remote, lab.target_net_v4],
+        name="sudo-run",
+        env=env,
+    )
     try:
         deadline = time.monotonic() + 30
         while "is up" not in lab.log_tail("sudo-run", 100):
             assert proc.poll() is None and time.monotonic() < deadline, lab.log_tail("sudo-run")
             time.sleep(0.05)
-        masters = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                   if p.name() == "ssh"]
+        masters = [
+            p for p in psutil.Process(proc.pid).children(recursive=True) if p.name() == "ssh"
+        ]
         assert masters and all(p.uids().real == lab_user.uid for p in masters)
         with lab.netns("cli"):
             assert clients.http_get(lab.tgt_v4).status == 200

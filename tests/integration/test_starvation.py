@@ -263,17 +263,27 @@ def limited_daemon(daemons: DaemonSet, nofile: int) -> Daemon:
     return d
 
 
-def user_script(lab: Lab, user: LabUser, script: str, *args: object, name: str
-                ) -> subprocess.Popen[str]:
-    return lab.popen("cli", [user_python(), "-c", script, *map(str, args)], user=user,
-                     name=name, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+def user_script(
+    lab: Lab, user: LabUser, script: str, *args: object, name: str
+) -> subprocess.Popen[str]:
+    return lab.popen(
+        "cli",
+        [user_python(), "-c", script, *map(str, args)],
+        user=user,
+        name=name,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
 
 
 def json_line(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
     """The next line the script prints, as JSON (AssertionError after `timeout`)."""
     result: list[str] = []
-    reader = threading.Thread(target=lambda: result.append(proc.stdout.readline()),  # type: ignore[union-attr]
-                              daemon=True)
+    reader = threading.Thread(
+        target=lambda: result.append(proc.stdout.readline()),  # type: ignore[union-attr]
+        daemon=True,
+    )
     reader.start()
     reader.join(timeout)
     assert result and result[0], f"no output from the flooder within {timeout:g} s"
@@ -293,19 +303,23 @@ def timed_status(d: Daemon, public: bool = False) -> float:
 
 
 def test_floods_from_users_starve_neither_root_nor_the_tunnel(
-        lab: Lab, lab_user: LabUser, second_user: LabUser, daemons: DaemonSet) -> None:
+    lab: Lab, lab_user: LabUser, second_user: LabUser, daemons: DaemonSet
+) -> None:
     d = limited_daemon(daemons, NOFILE)
     d.write_profile("work", root_profile(lab, lab.target_nets))
     d.start()
     d.up("work")
     daemon = psutil.Process(d.pid)
 
-    tcp = user_script(lab, lab_user, TCP_FLOODER, lab.tgt_v4, lab.ports.echo, TCP_FLOOD, 60,
-                      name="tcp-flooder")
+    tcp = user_script(
+        lab, lab_user, TCP_FLOODER, lab.tgt_v4, lab.ports.echo, TCP_FLOOD, 60, name="tcp-flooder"
+    )
     opened = json_line(tcp, 40)
     assert opened["opened"] + opened["failed"] == TCP_FLOOD, opened
-    control = [user_script(lab, second_user, CONTROL_FLOODER, d.socket, 8,
-                           name=f"control-flooder-{i}") for i in range(CONTROL_FLOODERS)]
+    control = [
+        user_script(lab, second_user, CONTROL_FLOODER, d.socket, 8, name=f"control-flooder-{i}")
+        for i in range(CONTROL_FLOODERS)
+    ]
     time.sleep(0.5)  # the control floods are under way
 
     cpu0 = sum(daemon.cpu_times()[:2])
@@ -325,12 +339,14 @@ def test_floods_from_users_starve_neither_root_nor_the_tunnel(
     floods = [json_line(p, 30) for p in control]
     tcp.stdin.close()  # type: ignore[union-attr]
     held = json_line(tcp, 30)
-    print(f"\nflood: {opened} then {held}; control floods {floods}\n"
-          f"root status latency max {max(latencies):.3f} s, median "
-          f"{sorted(latencies)[len(latencies) // 2]:.3f} s; shuttlectl runs {ctl_runs}; "
-          f"through the public socket max {max(public):.3f} s\n"
-          f"daemon fds {fds} of {NOFILE}, cpu {cpu:.1f} s during the checks; stats "
-          f"active {stats['active']} refused {stats['refused']} deferred {stats['deferred']}")
+    print(
+        f"\nflood: {opened} then {held}; control floods {floods}\n"
+        f"root status latency max {max(latencies):.3f} s, median "
+        f"{sorted(latencies)[len(latencies) // 2]:.3f} s; shuttlectl runs {ctl_runs}; "
+        f"through the public socket max {max(public):.3f} s\n"
+        f"daemon fds {fds} of {NOFILE}, cpu {cpu:.1f} s during the checks; stats "
+        f"active {stats['active']} refused {stats['refused']} deferred {stats['deferred']}"
+    )
 
     assert max(latencies) < STATUS_WITHIN, latencies
     assert all(code == 0 for code, _ in ctl_runs), (ctl_runs, d.log())
@@ -377,7 +393,8 @@ class RssSampler:
 
 
 def test_a_hundred_thousand_fuzzed_requests_from_several_users(
-        lab: Lab, fuzz_users: list[LabUser], daemons: DaemonSet) -> None:
+    lab: Lab, fuzz_users: list[LabUser], daemons: DaemonSet
+) -> None:
     d = daemons.work_up()
     daemon = psutil.Process(d.pid)
     for _ in range(3):  # warm up: the first replies allocate what every later one reuses
@@ -386,9 +403,20 @@ def test_a_hundred_thousand_fuzzed_requests_from_several_users(
     sampler = RssSampler(daemon)
     cpu0 = sum(daemon.cpu_times()[:2])
     t0 = time.monotonic()
-    fuzzers = [user_script(lab, user, FUZZER, d.socket, FUZZ_REQUESTS // FUZZ_USERS, seed,
-                           FUZZ_WORKERS, 45, name=f"fuzzer-{seed}")
-               for seed, user in enumerate(fuzz_users)]
+    fuzzers = [
+        user_script(
+            lab,
+            user,
+            FUZZER,
+            d.socket,
+            FUZZ_REQUESTS // FUZZ_USERS,
+            seed,
+            FUZZ_WORKERS,
+            45,
+            name=f"fuzzer-{seed}",
+        )
+        for seed, user in enumerate(fuzz_users)
+    ]
     during = [timed_status(d) for _ in range(5)]
     results = [json_line(p, 55) for p in fuzzers]
     seconds = time.monotonic() - t0
@@ -397,10 +425,12 @@ def test_a_hundred_thousand_fuzzed_requests_from_several_users(
     time.sleep(0.5)
     rss_after = daemon.memory_info().rss
     mib = 1 << 20
-    print(f"\nfuzz: {sum(r['sent'] for r in results)} requests in {seconds:.1f} s: "
-          f"{results}\nroot status during it: max {max(during):.3f} s; daemon cpu {cpu:.1f} s\n"
-          f"daemon RSS {rss_before / mib:.1f} MiB before, peak {peak / mib:.1f} MiB, "
-          f"{rss_after / mib:.1f} MiB after; fds {fds_before} -> {daemon.num_fds()}")
+    print(
+        f"\nfuzz: {sum(r['sent'] for r in results)} requests in {seconds:.1f} s: "
+        f"{results}\nroot status during it: max {max(during):.3f} s; daemon cpu {cpu:.1f} s\n"
+        f"daemon RSS {rss_before / mib:.1f} MiB before, peak {peak / mib:.1f} MiB, "
+        f"{rss_after / mib:.1f} MiB after; fds {fds_before} -> {daemon.num_fds()}"
+    )
 
     assert sum(r["sent"] for r in results) >= FUZZ_REQUESTS - FUZZ_USERS, results
     assert all(r["busy"] > 0 for r in results), results  # the per-uid limit held
@@ -409,15 +439,19 @@ def test_a_hundred_thousand_fuzzed_requests_from_several_users(
     assert peak < rss_before + 64 * mib and rss_after < rss_before + 32 * mib
     assert d.state("work") == "up" and d.stats("work")["reconnects"] == 0
     assert http_ok(lab, lab.tgt_v4)
-    wait_for("the daemon's descriptors back to where they were",
-             lambda: daemon.num_fds() <= fds_before + 2, 15.0,
-             detail=lambda: f"{fds_before} -> {daemon.num_fds()}")
+    wait_for(
+        "the daemon's descriptors back to where they were",
+        lambda: daemon.num_fds() <= fds_before + 2,
+        15.0,
+        detail=lambda: f"{fds_before} -> {daemon.num_fds()}",
+    )
     log = d.log(lines=100000)
     assert "Traceback" not in log and "failed" not in log, log[-3000:]
 
 
 def test_a_user_asking_status_in_a_loop_gets_a_share_of_the_daemon_not_all_of_it(
-        lab: Lab, lab_user: LabUser, daemons: DaemonSet) -> None:
+    lab: Lab, lab_user: LabUser, daemons: DaemonSet
+) -> None:
     d = daemons.work_up()
     loop = user_script(lab, lab_user, STATUS_LOOP, d.socket, 8, name="status-loop")
     time.sleep(1.5)  # its burst is spent
@@ -426,8 +460,10 @@ def test_a_user_asking_status_in_a_loop_gets_a_share_of_the_daemon_not_all_of_it
     with lab.netns("cli"):
         rtts = clients.echo_rtt(lab.tgt_v4, 200)
     answered = json_line(loop, 30)
-    print(f"\nstatus loop: {answered}; root status max {max(latencies):.3f} s, through the "
-          f"public socket max {max(public):.3f} s; echo rtt max {max(rtts) * 1e3:.1f} ms")
+    print(
+        f"\nstatus loop: {answered}; root status max {max(latencies):.3f} s, through the "
+        f"public socket max {max(public):.3f} s; echo rtt max {max(rtts) * 1e3:.1f} ms"
+    )
     # Without the share: 1.6-2.2 s (each status runs nft twice, ~13 ms, in the loop).
     assert max(latencies) < STATUS_WITHIN and max(public) < STATUS_WITHIN
     assert answered["answers"] >= 8  # slowed to its share, not shut out

@@ -27,8 +27,11 @@ BIG = 20 * 1024 * 1024
 
 def ssh_masters(daemon_pid: int) -> list[int]:
     """The daemon's ssh ControlMaster children, oldest first."""
-    found = [p for p in psutil.Process(daemon_pid).children()
-             if p.name() == "ssh" and "-M" in p.cmdline()]
+    found = [
+        p
+        for p in psutil.Process(daemon_pid).children()
+        if p.name() == "ssh" and "-M" in p.cmdline()
+    ]
     return [p.pid for p in sorted(found, key=lambda p: p.create_time())]
 
 
@@ -45,12 +48,14 @@ def held_connections(lab: Lab) -> Iterator[list[socket.socket]]:
 
 
 def test_streams_spread_connections_over_that_many_ssh_connections(
-        lab: Lab, daemons: DaemonSet) -> None:
+    lab: Lab, daemons: DaemonSet
+) -> None:
     d = daemons.work_up(streams=STREAMS)
     assert len(ssh_masters(d.pid)) == STREAMS
     with held_connections(lab):
-        stats = wait_for("every app connection open", lambda: (
-            s := d.stats("work"))["active"] == HELD and s, 10)
+        stats = wait_for(
+            "every app connection open", lambda: (s := d.stats("work"))["active"] == HELD and s, 10
+        )
         assert stats["streams"] == STREAMS, stats
         # Each ssh connection carries its share (the first also has our own session).
         assert min(stats["stream_channels"]) >= HELD // STREAMS, stats
@@ -59,8 +64,7 @@ def test_streams_spread_connections_over_that_many_ssh_connections(
         assert {r["dst"] for r in rows} == {f"{lab.tgt_v4}:{clients.BULK_PORT}"}, rows
 
 
-def test_transfers_over_several_ssh_connections_arrive_intact(
-        lab: Lab, daemons: DaemonSet) -> None:
+def test_transfers_over_several_ssh_connections_arrive_intact(lab: Lab, daemons: DaemonSet) -> None:
     d = daemons.work_up(streams=STREAMS)
 
     async def both() -> list[clients.TransferResult]:
@@ -76,22 +80,28 @@ def test_transfers_over_several_ssh_connections_arrive_intact(
 
 
 def test_losing_an_extra_ssh_connection_resets_only_its_share_and_it_comes_back(
-        lab: Lab, daemons: DaemonSet) -> None:
+    lab: Lab, daemons: DaemonSet
+) -> None:
     d = daemons.work_up(streams=STREAMS)
     primary = d.ssh_pid("work")
     with held_connections(lab):
         wait_for("every app connection open", lambda: d.stats("work")["active"] == HELD, 10)
         extra = next(pid for pid in ssh_masters(d.pid) if pid != primary)
         os.kill(extra, signal.SIGKILL)
-        stats = wait_for("one ssh connection fewer", lambda: (
-            s := d.stats("work"))["streams"] == STREAMS - 1 and s, 10)
+        stats = wait_for(
+            "one ssh connection fewer",
+            lambda: (s := d.stats("work"))["streams"] == STREAMS - 1 and s,
+            10,
+        )
         assert d.state("work") == "up" and stats["reconnects"] == 0, stats
-        alive = wait_for("the lost share reset", lambda: (
-            n := d.stats("work")["active"]) < HELD and n, 10)
+        alive = wait_for(
+            "the lost share reset", lambda: (n := d.stats("work")["active"]) < HELD and n, 10
+        )
         assert alive >= HELD - HELD // STREAMS, stats  # the others were not touched
         assert http_ok(lab, lab.tgt_v4) and http_ok(lab, lab.tgt_v6)
-        wait_for("the lost ssh connection replaced", lambda: d.stats("work")["streams"]
-                 == STREAMS, 10)
+        wait_for(
+            "the lost ssh connection replaced", lambda: d.stats("work")["streams"] == STREAMS, 10
+        )
         assert d.state("work") == "up" and len(ssh_masters(d.pid)) == STREAMS
 
 
@@ -99,9 +109,12 @@ def test_run_streams_in_helper_mode_each_connection_has_its_own_helper(lab: Lab)
     proc = start_run(lab, "--streams", "2", *lab.target_nets, remote=lab.remote_nofwd)
     try:
         with lab.netns("cli"):
+
             async def four() -> list[clients.TransferResult]:
-                return await asyncio.gather(*(clients.abulk_download(lab.tgt_v4, BIG, seed=i)
-                                              for i in range(4)))
+                return await asyncio.gather(
+                    *(clients.abulk_download(lab.tgt_v4, BIG, seed=i) for i in range(4))
+                )
+
             results = asyncio.run(four())
         helpers = lab.log_tail("shuttled", 200).count("remote helper started")
     finally:

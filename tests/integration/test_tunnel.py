@@ -41,15 +41,32 @@ class Tunnel:
         return self.lab.log_tail(self.name, 60)
 
 
-def start_run(lab: Lab, *args: str, method: str = "nft", remote: str | None = None,
-              name: str = "shuttled", user: LabUser | None = None,
-              module: str = "shuttled", env: dict[str, str] | None = None
-              ) -> subprocess.Popen[bytes]:
+def start_run(
+    lab: Lab,
+    *args: str,
+    method: str = "nft",
+    remote: str | None = None,
+    name: str = "shuttled",
+    user: LabUser | None = None,
+    module: str = "shuttled",
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
     """`shuttled run` in cli; with `user`, as if started by that user through sudo.
     `module`: what runs it (tests.lab.faulty for fault injection); `env`: added."""
     ssh = [] if user else ["-e", lab.ssh_cmd]
-    argv = [sys.executable, "-m", module, "run", "-v", "--method", method, *ssh,
-            "-r", remote or lab.remote, *args]
+    argv = [
+        sys.executable,
+        "-m",
+        module,
+        "run",
+        "-v",
+        "--method",
+        method,
+        *ssh,
+        "-r",
+        remote or lab.remote,
+        *args,
+    ]
     sudo = {"SUDO_UID": str(user.uid), "SUDO_GID": str(user.gid)} if user else {}
     env = {**os.environ, **sudo, **(env or {})} if user or env else None
     proc: subprocess.Popen[bytes] = lab.popen("cli", argv, name=name, env=env)
@@ -92,9 +109,19 @@ def tunnel(request: pytest.FixtureRequest, lab: Lab) -> Iterator[Tunnel]:
     user = lab.add_user() if helper else None
     remote_fs = remote_files(lab, user) if user else set()
     name = f"shuttled-{method}-{'helper' if helper else 'direct'}"
-    proc = start_run(lab, "--dns", "-x", lab.excluded_net_v4, "-x", lab.excluded_net_v6,
-                     *lab.target_nets, method=method, name=name, user=user,
-                     remote=user.remote_nofwd if user else lab.remote)
+    proc = start_run(
+        lab,
+        "--dns",
+        "-x",
+        lab.excluded_net_v4,
+        "-x",
+        lab.excluded_net_v6,
+        *lab.target_nets,
+        method=method,
+        name=name,
+        user=user,
+        remote=user.remote_nofwd if user else lab.remote,
+    )
     try:
         yield Tunnel(lab, proc, name, method, helper)
     finally:
@@ -155,14 +182,19 @@ def test_2000_concurrent_connections_complete(tunnel: Tunnel) -> None:
 
     async def many() -> None:
         # All connections are open at the same time before any data moves.
-        opened = await asyncio.wait_for(asyncio.gather(*(
-            asyncio.open_connection(lab.tgt_v4, lab.ports.echo) for _ in range(count))), 120)
+        opened = await asyncio.wait_for(
+            asyncio.gather(
+                *(asyncio.open_connection(lab.tgt_v4, lab.ports.echo) for _ in range(count))
+            ),
+            120,
+        )
         payloads = [hashlib.sha256(str(i).encode()).digest() * 4 for i in range(count)]
         for (_reader, writer), payload in zip(opened, payloads, strict=True):
             writer.write(payload)
             writer.write_eof()
-        replies = await asyncio.wait_for(asyncio.gather(*(
-            reader.read() for reader, _writer in opened)), 120)
+        replies = await asyncio.wait_for(
+            asyncio.gather(*(reader.read() for reader, _writer in opened)), 120
+        )
         for _reader, writer in opened:
             writer.close()
         assert replies == payloads
@@ -246,6 +278,7 @@ def test_many_refused_connections_leave_the_master_and_traffic_alone(tunnel: Tun
                 return type(exc).__name__
             finally:
                 writer.close()
+
         return await asyncio.wait_for(asyncio.gather(*(one() for _ in range(count))), 60)
 
     with lab.netns("cli"):

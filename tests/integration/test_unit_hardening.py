@@ -23,8 +23,7 @@ pytestmark = pytest.mark.integration
 UNIT = REPO_ROOT / "systemd" / "shuttled.service"
 SANDBOX = Path(__file__).with_name("unit_sandbox.py")
 MAX_EXPOSURE = 2.5
-NEEDED_CAPS = {"CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_NET_BIND_SERVICE", "CAP_SETUID",
-               "CAP_SETGID"}
+NEEDED_CAPS = {"CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_NET_BIND_SERVICE", "CAP_SETUID", "CAP_SETGID"}
 CAP_KILL = 5
 
 
@@ -39,9 +38,14 @@ def _tool(name: str) -> str:
 
 def exposure(unit: Path, cwd: Path) -> float:
     """The overall exposure `systemd-analyze security` gives the unit file, offline."""
-    result = subprocess.run([_tool("systemd-analyze"), "security", "--offline=yes",
-                             "--no-pager", str(unit)], capture_output=True, text=True,
-                            timeout=60, check=False, cwd=cwd)
+    result = subprocess.run(
+        [_tool("systemd-analyze"), "security", "--offline=yes", "--no-pager", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=cwd,
+    )
     found = re.search(r"Overall exposure level for \S+: ([0-9.]+)", result.stdout)
     assert found, (result.returncode, result.stdout[-2000:], result.stderr)
     return float(found.group(1))
@@ -54,8 +58,9 @@ def test_unit_exposure_is_at_most_2_5(tmp_path: Path) -> None:
 
 
 def test_unit_keeps_only_the_capabilities_the_daemon_needs() -> None:
-    lines = [line for line in UNIT.read_text().splitlines()
-             if line.startswith("CapabilityBoundingSet=")]
+    lines = [
+        line for line in UNIT.read_text().splitlines() if line.startswith("CapabilityBoundingSet=")
+    ]
     assert len(lines) == 1, lines
     assert set(lines[0].partition("=")[2].split()) == NEEDED_CAPS
 
@@ -66,14 +71,20 @@ def _status(pid: int) -> dict[str, str]:
 
 
 def test_daemon_under_the_units_sandbox_carries_a_user_profile(
-        lab: Lab, lab_user: LabUser, daemons: DaemonSet) -> None:
+    lab: Lab, lab_user: LabUser, daemons: DaemonSet
+) -> None:
     """No CAP_SYS_PTRACE, CAP_KILL, CAP_CHOWN or CAP_DAC_*: the profile's ssh (run as
     the user) still gets its server connection from us, its control socket is still
     reached, and `down` still ends it."""
     d = daemons.new()
     plain = d.argv
-    d.argv = lambda dbus=False: [sys.executable, str(SANDBOX), str(UNIT), "--",  # type: ignore[method-assign]
-                                 *plain(dbus)]
+    d.argv = lambda dbus=False: [
+        sys.executable,
+        str(SANDBOX),
+        str(UNIT),
+        "--",  # type: ignore[method-assign]
+        *plain(dbus),
+    ]
     d.write_profile("mine", user_profile(lab_user, lab.target_nets))
     d.start()
     status = _status(d.pid)
@@ -89,8 +100,11 @@ def test_daemon_under_the_units_sandbox_carries_a_user_profile(
     assert f"pid={d.pid}," in sockets and f"pid={master.pid}," in sockets, sockets
 
     assert d.ctl("down", "mine").returncode == 0
-    wait_for("the user's ssh master to exit after down (no CAP_KILL)",
-             lambda: not master.is_running() or master.status() == psutil.STATUS_ZOMBIE, 10.0)
+    wait_for(
+        "the user's ssh master to exit after down (no CAP_KILL)",
+        lambda: not master.is_running() or master.status() == psutil.STATUS_ZOMBIE,
+        10.0,
+    )
     started = time.monotonic()
     assert d.stop() == 0, d.log()
     assert time.monotonic() - started < 10

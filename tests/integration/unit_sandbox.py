@@ -54,21 +54,55 @@ def unit_service(path: str) -> dict[str, list[str]]:
     return values
 
 
-CAP_NAMES = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER",
-             "CAP_FSETID", "CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP",
-             "CAP_LINUX_IMMUTABLE", "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST",
-             "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE",
-             "CAP_SYS_RAWIO", "CAP_SYS_CHROOT", "CAP_SYS_PTRACE", "CAP_SYS_PACCT",
-             "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE", "CAP_SYS_RESOURCE",
-             "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE",
-             "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE",
-             "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND",
-             "CAP_AUDIT_READ", "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE"]
+CAP_NAMES = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+]
 
 
 def syscall_groups() -> dict[str, list[str]]:
-    text = subprocess.run(["systemd-analyze", "syscall-filter"], capture_output=True,
-                          text=True, check=True).stdout
+    text = subprocess.run(
+        ["systemd-analyze", "syscall-filter"], capture_output=True, text=True, check=True
+    ).stdout
     groups: dict[str, list[str]] = {}
     current = None
     for line in text.splitlines():
@@ -101,8 +135,12 @@ def install_seccomp(allowed: set[str]) -> None:
     seccomp = ctypes.CDLL(ctypes.util.find_library("seccomp") or "libseccomp.so.2")
     seccomp.seccomp_init.restype = ctypes.c_void_p
     seccomp.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
-    seccomp.seccomp_rule_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
-                                         ctypes.c_uint]
+    seccomp.seccomp_rule_add.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_uint32,
+        ctypes.c_int,
+        ctypes.c_uint,
+    ]
     seccomp.seccomp_load.argtypes = [ctypes.c_void_p]
     ctx = seccomp.seccomp_init(SCMP_ACT_ERRNO | errno.EPERM)
     for name in sorted(allowed):
@@ -116,19 +154,25 @@ def private_proc(protect_proc: str, tunables_ro: bool) -> None:
     _check(libc.unshare(CLONE_NEWNS), "unshare")
     _check(libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "mount private")
     options = f"hidepid={protect_proc}".encode() if protect_proc != "default" else None
-    _check(libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, options),
-           "mount proc")
+    _check(
+        libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, options),
+        "mount proc",
+    )
     if tunables_ro:
         _check(libc.mount(b"/proc/sys", b"/proc/sys", None, MS_BIND | MS_REC, None), "bind")
-        _check(libc.mount(None, b"/proc/sys", None, MS_REMOUNT | MS_BIND | MS_RDONLY, None),
-               "remount /proc/sys read-only")
+        _check(
+            libc.mount(None, b"/proc/sys", None, MS_REMOUNT | MS_BIND | MS_RDONLY, None),
+            "remount /proc/sys read-only",
+        )
 
 
 def main() -> None:
-    unit, argv = sys.argv[1], sys.argv[sys.argv.index("--") + 1:]
+    unit, argv = sys.argv[1], sys.argv[sys.argv.index("--") + 1 :]
     service = unit_service(unit)
-    private_proc(service.get("ProtectProc", ["default"])[-1],
-                 service.get("ProtectKernelTunables", ["no"])[-1] == "yes")
+    private_proc(
+        service.get("ProtectProc", ["default"])[-1],
+        service.get("ProtectKernelTunables", ["no"])[-1] == "yes",
+    )
     allowed = allowed_syscalls(service.get("SystemCallFilter", []))
     keep = {CAP_NAMES.index(n) for n in " ".join(service["CapabilityBoundingSet"]).split()}
     for cap in range(CAP_LAST + 1):

@@ -65,8 +65,9 @@ class Bus:
 
 
 @contextlib.contextmanager
-def private_bus(default_policy: str, include: Path | None = None, *, prefix: str,
-                stderr: int | None = None) -> Iterator[Bus]:
+def private_bus(
+    default_policy: str, include: Path | None = None, *, prefix: str, stderr: int | None = None
+) -> Iterator[Bus]:
     """A private dbus-daemon (bus_config) on a socket every uid can reach; killed by PID
     after. `stderr` is the daemon's (subprocess.DEVNULL to hide it)."""
     tool = which("dbus-daemon")
@@ -77,8 +78,12 @@ def private_bus(default_policy: str, include: Path | None = None, *, prefix: str
     tmp.chmod(0o755)
     config = tmp / "bus.conf"
     config.write_text(bus_config(tmp / "bus", default_policy, include))
-    proc = subprocess.Popen([tool, f"--config-file={config}", "--nofork", "--print-address=1"],
-                            stdout=subprocess.PIPE, stderr=stderr, text=True)
+    proc = subprocess.Popen(
+        [tool, f"--config-file={config}", "--nofork", "--print-address=1"],
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         ready, _, _ = select.select([proc.stdout], [], [], 10)

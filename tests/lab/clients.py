@@ -62,7 +62,8 @@ class TransferResult:
         if not self.ok:
             raise TransferError(
                 f"{self.direction}: {self.transferred}/{self.nbytes} bytes, sha256 "
-                f"{self.actual_sha256[:16]} != expected {self.expected_sha256[:16]}")
+                f"{self.actual_sha256[:16]} != expected {self.expected_sha256[:16]}"
+            )
         return self
 
 
@@ -91,9 +92,16 @@ def _parse_reply(reply: bytes) -> tuple[str, int]:
 
 
 # --- bulk (sync) ------------------------------------------------------------------------------
-def bulk_upload(host: str, nbytes: int, *, port: int = BULK_PORT, seed: int = 1,
-                half_close: bool = False, timeout: float = 60.0,
-                check: bool = True) -> TransferResult:
+def bulk_upload(
+    host: str,
+    nbytes: int,
+    *,
+    port: int = BULK_PORT,
+    seed: int = 1,
+    half_close: bool = False,
+    timeout: float = 60.0,
+    check: bool = True,
+) -> TransferResult:
     """Send ``nbytes`` of stream(seed); the server hashes them and replies.
 
     ``half_close=True`` uses SINK: the client shuts down its write side and must still
@@ -110,13 +118,21 @@ def bulk_upload(host: str, nbytes: int, *, port: int = BULK_PORT, seed: int = 1,
             sock.shutdown(socket.SHUT_WR)
         reply = _recv_all(sock, 256)
     digest, count = _parse_reply(reply)
-    res = TransferResult("sink" if half_close else "up", nbytes, count,
-                         time.monotonic() - t0, h.hexdigest(), digest)
+    res = TransferResult(
+        "sink" if half_close else "up", nbytes, count, time.monotonic() - t0, h.hexdigest(), digest
+    )
     return res.check() if check else res
 
 
-def bulk_download(host: str, nbytes: int, *, port: int = BULK_PORT, seed: int = 1,
-                  timeout: float = 60.0, check: bool = True) -> TransferResult:
+def bulk_download(
+    host: str,
+    nbytes: int,
+    *,
+    port: int = BULK_PORT,
+    seed: int = 1,
+    timeout: float = 60.0,
+    check: bool = True,
+) -> TransferResult:
     """Receive ``nbytes`` of stream(seed) until the server's EOF and verify them."""
     t0 = time.monotonic()
     h = hashlib.sha256()
@@ -132,13 +148,13 @@ def bulk_download(host: str, nbytes: int, *, port: int = BULK_PORT, seed: int = 
             h.update(view[:k])
             count += k
     seconds = time.monotonic() - t0
-    res = TransferResult("down", nbytes, count, seconds, stream_sha256(seed, nbytes),
-                         h.hexdigest())
+    res = TransferResult("down", nbytes, count, seconds, stream_sha256(seed, nbytes), h.hexdigest())
     return res.check() if check else res
 
 
-def hold_connection(host: str, seconds: float, *, port: int = BULK_PORT,
-                    timeout: float = 10.0, stall: bool = False) -> socket.socket:
+def hold_connection(
+    host: str, seconds: float, *, port: int = BULK_PORT, timeout: float = 10.0, stall: bool = False
+) -> socket.socket:
     """Open an idle (HOLD) or never-read (STALL) connection; the caller closes it."""
     sock = _connect(host, port, timeout)
     sock.sendall(f"{'STALL' if stall else 'HOLD'} {seconds}\n".encode())
@@ -146,8 +162,14 @@ def hold_connection(host: str, seconds: float, *, port: int = BULK_PORT,
 
 
 # --- small services (sync) ---------------------------------------------------------------------
-def echo(host: str, payload: bytes, *, port: int = ECHO_PORT, timeout: float = 10.0,
-         half_close: bool = True) -> bytes:
+def echo(
+    host: str,
+    payload: bytes,
+    *,
+    port: int = ECHO_PORT,
+    timeout: float = 10.0,
+    half_close: bool = True,
+) -> bytes:
     """Send ``payload`` to the echo server and return what came back.
 
     With ``half_close`` the client shuts down its write side after sending and reads until
@@ -167,8 +189,9 @@ def echo(host: str, payload: bytes, *, port: int = ECHO_PORT, timeout: float = 1
         return bytes(data)
 
 
-def echo_rtt(host: str, count: int = 100, *, port: int = ECHO_PORT,
-             timeout: float = 10.0) -> list[float]:
+def echo_rtt(
+    host: str, count: int = 100, *, port: int = ECHO_PORT, timeout: float = 10.0
+) -> list[float]:
     """Round-trip times (seconds) of ``count`` 1-byte echoes over one connection."""
     out = []
     with _connect(host, port, timeout) as sock:
@@ -181,8 +204,9 @@ def echo_rtt(host: str, count: int = 100, *, port: int = ECHO_PORT,
     return out
 
 
-def read_close_first(host: str, *, port: int = CLOSE_FIRST_PORT,
-                     timeout: float = 5.0) -> tuple[bytes, float]:
+def read_close_first(
+    host: str, *, port: int = CLOSE_FIRST_PORT, timeout: float = 5.0
+) -> tuple[bytes, float]:
     """Connect to the close-first server; return (data, seconds until EOF)."""
     t0 = time.monotonic()
     with _connect(host, port, timeout) as sock:
@@ -205,6 +229,7 @@ def probe_tcp(host: str, port: int, timeout: float = 1.0) -> tuple[str, float]:
         outcome = "timeout"
     except OSError as exc:
         import errno
+
         if exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
             outcome = "unreachable"
         else:
@@ -212,8 +237,9 @@ def probe_tcp(host: str, port: int, timeout: float = 1.0) -> tuple[str, float]:
     return outcome, time.monotonic() - t0
 
 
-def udp_echo(host: str, payload: bytes, *, port: int = UDP_ECHO_PORT,
-             timeout: float = 2.0) -> bytes:
+def udp_echo(
+    host: str, payload: bytes, *, port: int = UDP_ECHO_PORT, timeout: float = 2.0
+) -> bytes:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_DGRAM) as sock:
         sock.settimeout(timeout)
@@ -233,8 +259,9 @@ class HttpResponse:
         return self.body.decode("utf-8", "replace")
 
 
-def http_get(host: str, path: str = "/", *, port: int = HTTP_PORT,
-             timeout: float = 10.0) -> HttpResponse:
+def http_get(
+    host: str, path: str = "/", *, port: int = HTTP_PORT, timeout: float = 10.0
+) -> HttpResponse:
     """A plain HTTP/1.1 GET (no proxies, no redirects); ``host`` is a literal address."""
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
@@ -255,8 +282,15 @@ class DnsAnswer:
     raw: dict[str, Any]
 
 
-def dns_query(server: str, name: str, qtype: str = "A", *, tcp: bool = False,
-              port: int = DNS_PORT, timeout: float = 2.0) -> DnsAnswer:
+def dns_query(
+    server: str,
+    name: str,
+    qtype: str = "A",
+    *,
+    tcp: bool = False,
+    port: int = DNS_PORT,
+    timeout: float = 2.0,
+) -> DnsAnswer:
     """Ask ``server`` directly (UDP or TCP) and parse the answer; raises TimeoutError."""
     query = build_query(name, qtype)
     family = socket.AF_INET6 if ":" in server else socket.AF_INET
@@ -293,14 +327,15 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 
 # --- async variants ----------------------------------------------------------------------------
-async def _aopen(host: str, port: int,
-                 timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    return await asyncio.wait_for(asyncio.open_connection(host, port, limit=RECV_BUFFER),
-                                  timeout)
+async def _aopen(
+    host: str, port: int, timeout: float
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.wait_for(asyncio.open_connection(host, port, limit=RECV_BUFFER), timeout)
 
 
-async def aecho(host: str, payload: bytes, *, port: int = ECHO_PORT,
-                timeout: float = 30.0) -> bytes:
+async def aecho(
+    host: str, payload: bytes, *, port: int = ECHO_PORT, timeout: float = 30.0
+) -> bytes:
     """Echo with half-close: write, shut down the write side, read to EOF."""
     reader, writer = await _aopen(host, port, timeout)
     try:
@@ -312,8 +347,9 @@ async def aecho(host: str, payload: bytes, *, port: int = ECHO_PORT,
         writer.close()
 
 
-async def abulk_upload(host: str, nbytes: int, *, port: int = BULK_PORT, seed: int = 1,
-                       timeout: float = 120.0) -> TransferResult:
+async def abulk_upload(
+    host: str, nbytes: int, *, port: int = BULK_PORT, seed: int = 1, timeout: float = 120.0
+) -> TransferResult:
     t0 = time.monotonic()
     h = hashlib.sha256()
     reader, writer = await _aopen(host, port, timeout)
@@ -327,12 +363,12 @@ async def abulk_upload(host: str, nbytes: int, *, port: int = BULK_PORT, seed: i
     finally:
         writer.close()
     digest, count = _parse_reply(reply)
-    return TransferResult("up", nbytes, count, time.monotonic() - t0, h.hexdigest(),
-                          digest).check()
+    return TransferResult("up", nbytes, count, time.monotonic() - t0, h.hexdigest(), digest).check()
 
 
-async def abulk_download(host: str, nbytes: int, *, port: int = BULK_PORT, seed: int = 1,
-                         timeout: float = 120.0) -> TransferResult:
+async def abulk_download(
+    host: str, nbytes: int, *, port: int = BULK_PORT, seed: int = 1, timeout: float = 120.0
+) -> TransferResult:
     t0 = time.monotonic()
     h = hashlib.sha256()
     count = 0
@@ -341,16 +377,18 @@ async def abulk_download(host: str, nbytes: int, *, port: int = BULK_PORT, seed:
         writer.write(f"DOWN {nbytes} {seed}\n".encode())
         deadline = time.monotonic() + timeout
         while True:
-            chunk = await asyncio.wait_for(reader.read(RECV_BUFFER),
-                                           max(0.1, deadline - time.monotonic()))
+            chunk = await asyncio.wait_for(
+                reader.read(RECV_BUFFER), max(0.1, deadline - time.monotonic())
+            )
             if not chunk:
                 break
             h.update(chunk)
             count += len(chunk)
     finally:
         writer.close()
-    return TransferResult("down", nbytes, count, time.monotonic() - t0,
-                          stream_sha256(seed, nbytes), h.hexdigest()).check()
+    return TransferResult(
+        "down", nbytes, count, time.monotonic() - t0, stream_sha256(seed, nbytes), h.hexdigest()
+    ).check()
 
 
 async def gather_limited(coros: Iterable[Awaitable[T]], limit: int = 0) -> list[T]:

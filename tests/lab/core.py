@@ -117,8 +117,14 @@ class LabUser:
     remote_nofwd: str = "srv-nofwd"
 
     def env(self) -> dict[str, str]:
-        return {"HOME": self.home, "USER": self.name, "LOGNAME": self.name,
-                "PATH": SBIN_PATH, "LANG": "C.UTF-8", "SHELL": "/bin/bash"}
+        return {
+            "HOME": self.home,
+            "USER": self.name,
+            "LOGNAME": self.name,
+            "PATH": SBIN_PATH,
+            "LANG": "C.UTF-8",
+            "SHELL": "/bin/bash",
+        }
 
 
 class LabError(RuntimeError):
@@ -142,8 +148,10 @@ def _new_prefix() -> str:
         with _counter_lock:
             n = next(_counter)
         prefix = f"sd{os.getpid() % 10000}{n}"
-        if not any(netns_exists(f"{prefix}-{r}") for r in (*ROLES, LAN_ROLE)) and not (
-                STATE_DIR / f"{prefix}.json").exists():
+        if (
+            not any(netns_exists(f"{prefix}-{r}") for r in (*ROLES, LAN_ROLE))
+            and not (STATE_DIR / f"{prefix}.json").exists()
+        ):
             return prefix
     raise LabError("no free lab prefix")
 
@@ -163,8 +171,15 @@ class Lab:
     then forwards; see ``_build_lan``).
     """
 
-    def __init__(self, prefix: str | None = None, *, services: bool = True, sshd: bool = True,
-                 sshd_extra: Sequence[str] = (), lan: bool = False) -> None:
+    def __init__(
+        self,
+        prefix: str | None = None,
+        *,
+        services: bool = True,
+        sshd: bool = True,
+        sshd_extra: Sequence[str] = (),
+        lan: bool = False,
+    ) -> None:
         self.prefix = prefix or _new_prefix()
         if len(self.prefix) > 10:
             raise LabError(f"lab prefix {self.prefix!r} too long (max 10 characters)")
@@ -229,7 +244,8 @@ class Lab:
             "<!doctype html>\n<html><head><title>shuttled lab target</title></head>\n"
             f"<body><h1>Hello from the target network</h1>\n<p>{self.http_marker}</p>\n"
             "<p>Served inside namespace tgt, reachable from cli only through the tunnel.</p>\n"
-            "</body></html>\n")
+            "</body></html>\n"
+        )
         # A 4 MiB binary file on the web server: stream_chunks(BLOB_SEED, BLOB_SIZE).
         self.blob_path, self.blob_seed, self.blob_size = "/blob.bin", 7, 4 << 20
 
@@ -321,30 +337,55 @@ class Lab:
         """Namespace name for a role ("cli", "srv", "tgt") or a full name."""
         return self.namespaces.get(role, role)
 
-    def exec_argv(self, ns: str, argv: Sequence[str] | str,
-                  user: LabUser | str | None = None) -> list[str]:
+    def exec_argv(
+        self, ns: str, argv: Sequence[str] | str, user: LabUser | str | None = None
+    ) -> list[str]:
         """The argv that runs ``argv`` inside namespace ``ns`` (optionally as ``user``)."""
         cmd = ["sh", "-c", argv] if isinstance(argv, str) else list(argv)
         if user is not None:
             u = self._user(user)
-            cmd = ["setpriv", f"--reuid={u.uid}", f"--regid={u.gid}", "--init-groups", "--",
-                   "env", "-i", *(f"{k}={v}" for k, v in u.env().items()), *cmd]
+            cmd = [
+                "setpriv",
+                f"--reuid={u.uid}",
+                f"--regid={u.gid}",
+                "--init-groups",
+                "--",
+                "env",
+                "-i",
+                *(f"{k}={v}" for k, v in u.env().items()),
+                *cmd,
+            ]
         return ["ip", "netns", "exec", self.ns(ns), *cmd]
 
-    def run(self, ns: str, argv: Sequence[str] | str, *, check: bool = True,
-            timeout: float = 60.0, user: LabUser | str | None = None,
-            input: str | bytes | None = None, env: Mapping[str, str] | None = None,
-            text: bool = True, capture: bool = True,
-            cwd: str | None = None) -> subprocess.CompletedProcess[Any]:
+    def run(
+        self,
+        ns: str,
+        argv: Sequence[str] | str,
+        *,
+        check: bool = True,
+        timeout: float = 60.0,
+        user: LabUser | str | None = None,
+        input: str | bytes | None = None,
+        env: Mapping[str, str] | None = None,
+        text: bool = True,
+        capture: bool = True,
+        cwd: str | None = None,
+    ) -> subprocess.CompletedProcess[Any]:
         """Run to completion inside ``ns`` (a str argv runs under ``sh -c``); output captured."""
         full = self.exec_argv(ns, argv, user)
         try:
             proc = subprocess.run(
-                full, input=input, text=text, timeout=timeout, cwd=cwd,
+                full,
+                input=input,
+                text=text,
+                timeout=timeout,
+                cwd=cwd,
                 env=dict(env) if env is not None else None,
                 stdin=None if input is not None else subprocess.DEVNULL,
                 stdout=subprocess.PIPE if capture else None,
-                stderr=subprocess.PIPE if capture else None, check=False)
+                stderr=subprocess.PIPE if capture else None,
+                check=False,
+            )
         except subprocess.TimeoutExpired:
             log.warning("lab %s: timed out after %ss: %s", self.prefix, timeout, shlex.join(full))
             raise
@@ -352,9 +393,16 @@ class Lab:
             raise LabCommandError(proc.returncode, full, proc.stdout, proc.stderr)
         return proc
 
-    def popen(self, ns: str, argv: Sequence[str] | str, *, name: str | None = None,
-              user: LabUser | str | None = None, env: Mapping[str, str] | None = None,
-              **kw: Any) -> subprocess.Popen[Any]:
+    def popen(
+        self,
+        ns: str,
+        argv: Sequence[str] | str,
+        *,
+        name: str | None = None,
+        user: LabUser | str | None = None,
+        env: Mapping[str, str] | None = None,
+        **kw: Any,
+    ) -> subprocess.Popen[Any]:
         """Start a tracked child inside ``ns`` (own session); stopped by PID at teardown.
 
         Unless stdout/stderr are given, both go to ``<tmpdir>/logs/<name>.log`` (see
@@ -418,11 +466,13 @@ class Lab:
         return out
 
     # ------------------------------------------------------------------ ssh
-    def ssh(self, *args: str, host: str | None = None, check: bool = True,
-            timeout: float = 30.0) -> subprocess.CompletedProcess[Any]:
+    def ssh(
+        self, *args: str, host: str | None = None, check: bool = True, timeout: float = 30.0
+    ) -> subprocess.CompletedProcess[Any]:
         """Run ``ssh -F <lab config> HOST ARGS...`` from cli."""
-        return self.run("cli", [*self.ssh_argv, host or self.remote, *args], check=check,
-                        timeout=timeout)
+        return self.run(
+            "cli", [*self.ssh_argv, host or self.remote, *args], check=check, timeout=timeout
+        )
 
     def add_user(self) -> LabUser:
         """Create an unprivileged user ``sdtest<N>`` whose key srv accepts; removed at teardown."""
@@ -432,11 +482,25 @@ class Lab:
         name = f"{USER_PREFIX}{self.prefix[2:]}{extra}"
         self._write_state(extra_user=name)
         # Password "*": no password login, but not "locked" (sshd refuses locked accounts).
-        subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", "--user-group",
-                        "--password", "*",
-                        "--comment", f"shuttled lab {self.prefix}", name],
-                       check=True, capture_output=True, text=True, timeout=30,
-                       env={"PATH": SBIN_PATH})
+        subprocess.run(
+            [
+                "useradd",
+                "--create-home",
+                "--shell",
+                "/bin/bash",
+                "--user-group",
+                "--password",
+                "*",
+                "--comment",
+                f"shuttled lab {self.prefix}",
+                name,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={"PATH": SBIN_PATH},
+        )
         pw = pwd.getpwnam(name)
         sshdir = Path(pw.pw_dir, ".ssh")
         sshdir.mkdir(mode=0o700, exist_ok=True)
@@ -444,15 +508,27 @@ class Lab:
         _keygen(identity, f"{name}@cli")
         shutil.copy(self.known_hosts, sshdir / "known_hosts")
         config = sshdir / "config"
-        config.write_text(self._client_config(str(identity), str(sshdir / "known_hosts"),
-                                              user=None))
-        for path in (sshdir, identity, identity.with_suffix(".pub"), sshdir / "known_hosts",
-                     config):
+        config.write_text(
+            self._client_config(str(identity), str(sshdir / "known_hosts"), user=None)
+        )
+        for path in (
+            sshdir,
+            identity,
+            identity.with_suffix(".pub"),
+            sshdir / "known_hosts",
+            config,
+        ):
             os.chown(path, pw.pw_uid, pw.pw_gid)
         os.chmod(config, 0o600)
         self._authorize(name, identity.with_suffix(".pub").read_text())
-        user = LabUser(name=name, uid=pw.pw_uid, gid=pw.pw_gid, home=pw.pw_dir,
-                       identity=str(identity), ssh_config=str(config))
+        user = LabUser(
+            name=name,
+            uid=pw.pw_uid,
+            gid=pw.pw_gid,
+            home=pw.pw_dir,
+            identity=str(identity),
+            ssh_config=str(config),
+        )
         self.users.append(user)
         return user
 
@@ -479,8 +555,9 @@ class Lab:
         if wait and self.want_sshd:
             with self.netns("cli"):
                 for addr in (self.srv_v4, self.srv_v6):
-                    _wait_port(addr, self.ports.ssh, timeout,
-                               what=f"srv sshd after link up ({addr})")
+                    _wait_port(
+                        addr, self.ports.ssh, timeout, what=f"srv sshd after link up ({addr})"
+                    )
 
     def set_dns_silent(self, silent: bool) -> None:
         """Make the DNS responder drop (log but not answer) queries, or answer again."""
@@ -530,12 +607,19 @@ class Lab:
             if which(tool):
                 text = self.run(ns, [tool], check=False).stdout or ""
                 out[tool] = "\n".join(
-                    re.sub(r"\[\d+:\d+\]", "[0:0]", ln) for ln in text.splitlines()
-                    if not ln.startswith("#"))
+                    re.sub(r"\[\d+:\d+\]", "[0:0]", ln)
+                    for ln in text.splitlines()
+                    if not ln.startswith("#")
+                )
         return out
 
-    def fs_snapshot(self, roots: Sequence[str] = ("/tmp", "/var/tmp", "/dev/shm"), *,
-                    uid: int | None = None, limit: int = 200000) -> set[str]:
+    def fs_snapshot(
+        self,
+        roots: Sequence[str] = ("/tmp", "/var/tmp", "/dev/shm"),
+        *,
+        uid: int | None = None,
+        limit: int = 200000,
+    ) -> set[str]:
         """Paths under ``roots`` (recursive, at most ``limit``), optionally only those owned
         by ``uid``; this lab's own temp dir is left out.
 
@@ -576,7 +660,8 @@ class Lab:
             f"   |  veth\n"
             f"  tgt {self.tgt_v4} {self.tgt_v6}  http :80, echo :7, bulk :5001, dns :53\n"
             f"  target networks: {self.target_net_v4} {self.target_net_v6}\n"
-            f"  ssh: {self.ssh_cmd} {self.remote}")
+            f"  ssh: {self.ssh_cmd} {self.remote}"
+        )
 
     # ------------------------------------------------------------------ setup steps
     def _state_path(self) -> Path:
@@ -587,84 +672,143 @@ class Lab:
         STATE_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
         users = [u.name for u in self.users] + ([extra_user] if extra_user else [])
         state = {
-            "prefix": self.prefix, "owner_pid": os.getpid(),
+            "prefix": self.prefix,
+            "owner_pid": os.getpid(),
             "owner_start": process_start_time(os.getpid()),
             "namespaces": list(self.namespaces.values()),
             "etc_netns": [str(ETC_NETNS / ns) for ns in self.namespaces.values()],
-            "users": users, "tmpdir": self.tmpdir,
+            "users": users,
+            "tmpdir": self.tmpdir,
         }
         tmp = self._state_path().with_suffix(".tmp")
         tmp.write_text(json.dumps(state))
         tmp.replace(self._state_path())
 
     def _ip(self, ns: str, args: Sequence[str]) -> None:
-        subprocess.run(["ip", "-n", ns, *args], check=True, capture_output=True, text=True,
-                       timeout=30)
+        subprocess.run(
+            ["ip", "-n", ns, *args], check=True, capture_output=True, text=True, timeout=30
+        )
 
     def _ip_batch(self, ns: str, lines: Sequence[str]) -> None:
-        proc = subprocess.run(["ip", "-n", ns, "-batch", "-"], input="\n".join(lines) + "\n",
-                              capture_output=True, text=True, timeout=30, check=False)
+        proc = subprocess.run(
+            ["ip", "-n", ns, "-batch", "-"],
+            input="\n".join(lines) + "\n",
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
         if proc.returncode != 0:
-            raise LabError(f"ip -n {ns} -batch failed: {proc.stderr.strip()}\n"
-                           + "\n".join(lines))
+            raise LabError(f"ip -n {ns} -batch failed: {proc.stderr.strip()}\n" + "\n".join(lines))
 
     def _sysctl(self, ns: str, settings: Mapping[str, str]) -> None:
         args = [f"{k}={v}" for k, v in settings.items()]
         self.run(ns, ["sysctl", "-q", "-w", *args], timeout=30)
 
     def _cli_routes(self) -> list[str]:
-        return [f"route replace {self.target_net_v4} via {self.srv_v4}",
-                f"route replace {self.resolver_net_v4} via {self.srv_v4}",
-                f"route replace {self.target_net_v6} via {self.srv_v6}"]
+        return [
+            f"route replace {self.target_net_v4} via {self.srv_v4}",
+            f"route replace {self.resolver_net_v4} via {self.srv_v4}",
+            f"route replace {self.target_net_v6} via {self.srv_v6}",
+        ]
 
     def _tgt_routes(self) -> list[str]:
-        return [f"route replace default via {self.srv_tgt_v4}",
-                f"route replace default via {self.srv_tgt_v6}"]
+        return [
+            f"route replace default via {self.srv_tgt_v4}",
+            f"route replace default via {self.srv_tgt_v6}",
+        ]
 
     def _build_network(self) -> None:
         for ns in self.namespaces.values():
-            subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True,
-                           text=True, timeout=30)
+            subprocess.run(
+                ["ip", "netns", "add", ns], check=True, capture_output=True, text=True, timeout=30
+            )
             ident = netns_id(ns)
             if ident is None:
                 raise LabError(f"namespace {ns} vanished after creation")
             self._ns_ids[ns] = ident
         base = {
-            "net.ipv6.conf.all.disable_ipv6": "0", "net.ipv6.conf.default.disable_ipv6": "0",
-            "net.ipv6.conf.all.accept_dad": "0", "net.ipv6.conf.default.accept_dad": "0",
+            "net.ipv6.conf.all.disable_ipv6": "0",
+            "net.ipv6.conf.default.disable_ipv6": "0",
+            "net.ipv6.conf.all.accept_dad": "0",
+            "net.ipv6.conf.default.accept_dad": "0",
             "net.ipv6.conf.all.keep_addr_on_down": "1",
             "net.ipv6.conf.default.keep_addr_on_down": "1",
-            "net.ipv6.conf.all.accept_ra": "0", "net.ipv6.conf.default.accept_ra": "0",
-            "net.ipv4.ip_forward": "0", "net.ipv6.conf.all.forwarding": "0",
+            "net.ipv6.conf.all.accept_ra": "0",
+            "net.ipv6.conf.default.accept_ra": "0",
+            "net.ipv4.ip_forward": "0",
+            "net.ipv6.conf.all.forwarding": "0",
             "net.ipv6.conf.default.forwarding": "0",
         }
         for ns in self.namespaces.values():
             self._sysctl(ns, base)
-        self._ip(self.ns_cli, ["link", "add", self.if_cli, "type", "veth", "peer", "name",
-                               self.if_srv_cli, "netns", self.ns_srv])
-        self._ip(self.ns_srv, ["link", "add", self.if_srv_tgt, "type", "veth", "peer", "name",
-                               self.if_tgt, "netns", self.ns_tgt])
-        self._ip_batch(self.ns_cli, [
-            "link set lo up",
-            f"addr add {self.cli_v4}/24 dev {self.if_cli}",
-            f"addr add {self.cli_v6}/64 dev {self.if_cli} nodad",
-            f"link set {self.if_cli} up", *self._cli_routes()])
-        self._ip_batch(self.ns_srv, [
-            "link set lo up",
-            f"addr add {self.srv_v4}/24 dev {self.if_srv_cli}",
-            f"addr add {self.srv_v6}/64 dev {self.if_srv_cli} nodad",
-            f"addr add {self.srv_tgt_v4}/24 dev {self.if_srv_tgt}",
-            f"addr add {self.srv_tgt_v6}/64 dev {self.if_srv_tgt} nodad",
-            f"link set {self.if_srv_cli} up", f"link set {self.if_srv_tgt} up"])
-        self._ip_batch(self.ns_tgt, [
-            "link set lo up",
-            f"addr add {self.tgt_v4}/24 dev {self.if_tgt}",
-            f"addr add {self.tgt_v4_alt}/24 dev {self.if_tgt}",
-            f"addr add {self.tgt_v6}/64 dev {self.if_tgt} nodad",
-            f"addr add {self.tgt_v6_alt}/64 dev {self.if_tgt} nodad",
-            f"link set {self.if_tgt} up", *self._tgt_routes()])
-        fwd = self.run(self.ns_srv, ["sysctl", "-n", "net.ipv4.ip_forward",
-                                     "net.ipv6.conf.all.forwarding"]).stdout.split()
+        self._ip(
+            self.ns_cli,
+            [
+                "link",
+                "add",
+                self.if_cli,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                self.if_srv_cli,
+                "netns",
+                self.ns_srv,
+            ],
+        )
+        self._ip(
+            self.ns_srv,
+            [
+                "link",
+                "add",
+                self.if_srv_tgt,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                self.if_tgt,
+                "netns",
+                self.ns_tgt,
+            ],
+        )
+        self._ip_batch(
+            self.ns_cli,
+            [
+                "link set lo up",
+                f"addr add {self.cli_v4}/24 dev {self.if_cli}",
+                f"addr add {self.cli_v6}/64 dev {self.if_cli} nodad",
+                f"link set {self.if_cli} up",
+                *self._cli_routes(),
+            ],
+        )
+        self._ip_batch(
+            self.ns_srv,
+            [
+                "link set lo up",
+                f"addr add {self.srv_v4}/24 dev {self.if_srv_cli}",
+                f"addr add {self.srv_v6}/64 dev {self.if_srv_cli} nodad",
+                f"addr add {self.srv_tgt_v4}/24 dev {self.if_srv_tgt}",
+                f"addr add {self.srv_tgt_v6}/64 dev {self.if_srv_tgt} nodad",
+                f"link set {self.if_srv_cli} up",
+                f"link set {self.if_srv_tgt} up",
+            ],
+        )
+        self._ip_batch(
+            self.ns_tgt,
+            [
+                "link set lo up",
+                f"addr add {self.tgt_v4}/24 dev {self.if_tgt}",
+                f"addr add {self.tgt_v4_alt}/24 dev {self.if_tgt}",
+                f"addr add {self.tgt_v6}/64 dev {self.if_tgt} nodad",
+                f"addr add {self.tgt_v6_alt}/64 dev {self.if_tgt} nodad",
+                f"link set {self.if_tgt} up",
+                *self._tgt_routes(),
+            ],
+        )
+        fwd = self.run(
+            self.ns_srv, ["sysctl", "-n", "net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"]
+        ).stdout.split()
         if fwd != ["0", "0"]:
             raise LabError(f"IP forwarding on srv is not off: {fwd}")
         if self.want_lan:
@@ -672,30 +816,51 @@ class Lab:
 
     def _build_lan(self) -> None:
         """lan-host -veth- cli, default routes via cli, forwarding on in cli (a router)."""
-        self._ip(self.ns_cli, ["link", "add", self.if_cli_lan, "type", "veth", "peer", "name",
-                               self.if_lan, "netns", self.ns_lan])
-        self._ip_batch(self.ns_cli, [
-            f"addr add {self.router_lan_v4}/24 dev {self.if_cli_lan}",
-            f"addr add {self.router_lan_v6}/64 dev {self.if_cli_lan} nodad",
-            f"link set {self.if_cli_lan} up"])
-        self._ip_batch(self.ns_lan, [
-            "link set lo up",
-            f"addr add {self.lan_v4}/24 dev {self.if_lan}",
-            f"addr add {self.lan_v4_other}/24 dev {self.if_lan}",
-            f"addr add {self.lan_v6}/64 dev {self.if_lan} nodad",
-            # Deprecated: usable when bound to, never picked as a source by itself.
-            f"addr add {self.lan_v6_other}/64 dev {self.if_lan} nodad preferred_lft 0",
-            f"link set {self.if_lan} up",
-            f"route replace default via {self.router_lan_v4}",
-            f"route replace default via {self.router_lan_v6}"])
-        self._sysctl(self.ns_cli, {"net.ipv4.ip_forward": "1",
-                                   "net.ipv6.conf.all.forwarding": "1"})
+        self._ip(
+            self.ns_cli,
+            [
+                "link",
+                "add",
+                self.if_cli_lan,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                self.if_lan,
+                "netns",
+                self.ns_lan,
+            ],
+        )
+        self._ip_batch(
+            self.ns_cli,
+            [
+                f"addr add {self.router_lan_v4}/24 dev {self.if_cli_lan}",
+                f"addr add {self.router_lan_v6}/64 dev {self.if_cli_lan} nodad",
+                f"link set {self.if_cli_lan} up",
+            ],
+        )
+        self._ip_batch(
+            self.ns_lan,
+            [
+                "link set lo up",
+                f"addr add {self.lan_v4}/24 dev {self.if_lan}",
+                f"addr add {self.lan_v4_other}/24 dev {self.if_lan}",
+                f"addr add {self.lan_v6}/64 dev {self.if_lan} nodad",
+                # Deprecated: usable when bound to, never picked as a source by itself.
+                f"addr add {self.lan_v6_other}/64 dev {self.if_lan} nodad preferred_lft 0",
+                f"link set {self.if_lan} up",
+                f"route replace default via {self.router_lan_v4}",
+                f"route replace default via {self.router_lan_v6}",
+            ],
+        )
+        self._sysctl(self.ns_cli, {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1"})
 
     def set_router_forwarding(self, on: bool) -> None:
         """Turn IP forwarding in cli (the LAN's router) on or off, both families."""
         value = "1" if on else "0"
-        self._sysctl(self.ns_cli, {"net.ipv4.ip_forward": value,
-                                   "net.ipv6.conf.all.forwarding": value})
+        self._sysctl(
+            self.ns_cli, {"net.ipv4.ip_forward": value, "net.ipv6.conf.all.forwarding": value}
+        )
 
     def _write_resolv_confs(self) -> None:
         confs = {
@@ -704,26 +869,39 @@ class Lab:
             self.ns_tgt: "nameserver 127.0.0.1\n",
         }
         if self.want_lan:  # the LAN host asks its router, as DHCP would tell it to
-            confs[self.ns_lan] = (f"nameserver {self.router_lan_v4}\n"
-                                  "options timeout:1 attempts:2\n")
+            confs[self.ns_lan] = f"nameserver {self.router_lan_v4}\noptions timeout:1 attempts:2\n"
         for ns, text in confs.items():
             d = ETC_NETNS / ns
             d.mkdir(parents=True, exist_ok=True)
             (d / "resolv.conf").write_text(f"# shuttled lab {self.prefix}\n{text}")
 
     def _client_config(self, identity: str, known_hosts: str, user: str | None) -> str:
-        hosts = [(self.remote, self.srv_v4, self.ports.ssh),
-                 (self.remote6, self.srv_v6, self.ports.ssh),
-                 (self.remote_nofwd, self.srv_v4, self.ports.ssh_nofwd),
-                 (f"{self.remote_nofwd}6", self.srv_v6, self.ports.ssh_nofwd)]
+        hosts = [
+            (self.remote, self.srv_v4, self.ports.ssh),
+            (self.remote6, self.srv_v6, self.ports.ssh),
+            (self.remote_nofwd, self.srv_v4, self.ports.ssh_nofwd),
+            (f"{self.remote_nofwd}6", self.srv_v6, self.ports.ssh_nofwd),
+        ]
         out = [f"# shuttled lab {self.prefix}"]
         for alias, addr, port in hosts:
             out += [f"Host {alias}", f"    HostName {addr}", f"    Port {port}", ""]
-        out += ["Host *"] + ([f"    User {user}"] if user else []) + [
-            f"    IdentityFile {identity}", "    IdentitiesOnly yes",
-            f"    UserKnownHostsFile {known_hosts}", "    GlobalKnownHostsFile /dev/null",
-            "    StrictHostKeyChecking yes", "    BatchMode yes", "    CheckHostIP no",
-            "    UpdateHostKeys no", "    ConnectTimeout 10", "    LogLevel ERROR", ""]
+        out += (
+            ["Host *"]
+            + ([f"    User {user}"] if user else [])
+            + [
+                f"    IdentityFile {identity}",
+                "    IdentitiesOnly yes",
+                f"    UserKnownHostsFile {known_hosts}",
+                "    GlobalKnownHostsFile /dev/null",
+                "    StrictHostKeyChecking yes",
+                "    BatchMode yes",
+                "    CheckHostIP no",
+                "    UpdateHostKeys no",
+                "    ConnectTimeout 10",
+                "    LogLevel ERROR",
+                "",
+            ]
+        )
         return "\n".join(out)
 
     def _make_keys_and_configs(self) -> None:
@@ -735,14 +913,19 @@ class Lab:
         (tmp / "authorized_keys").mkdir(mode=0o755)
         self._authorize("root", Path(self.identity + ".pub").read_text())
         hostpub = " ".join(Path(self.host_key + ".pub").read_text().split()[:2])
-        names = [self.srv_v4, f"[{self.srv_v4}]:{self.ports.ssh_nofwd}",
-                 self.srv_v6, f"[{self.srv_v6}]:{self.ports.ssh_nofwd}"]
+        names = [
+            self.srv_v4,
+            f"[{self.srv_v4}]:{self.ports.ssh_nofwd}",
+            self.srv_v6,
+            f"[{self.srv_v6}]:{self.ports.ssh_nofwd}",
+        ]
         self.known_hosts = str(tmp / "known_hosts")
         Path(self.known_hosts).write_text(f"{','.join(names)} {hostpub}\n")
         os.chmod(self.known_hosts, 0o644)
         self.ssh_config = str(tmp / "ssh_config")
         Path(self.ssh_config).write_text(
-            self._client_config(self.identity, self.known_hosts, user="root"))
+            self._client_config(self.identity, self.known_hosts, user="root")
+        )
         self.ssh_argv = ["ssh", "-F", self.ssh_config]
         self.ssh_cmd = shlex.join(self.ssh_argv)
 
@@ -755,19 +938,36 @@ class Lab:
         tmp = self.tmpdir
         lines = [
             f"# shuttled lab {self.prefix}: sshd on port {port}",
-            f"Port {port}", "AddressFamily any", "ListenAddress 0.0.0.0", "ListenAddress ::",
-            f"HostKey {self.host_key}", f"PidFile {tmp}/sshd-{port}.pid",
+            f"Port {port}",
+            "AddressFamily any",
+            "ListenAddress 0.0.0.0",
+            "ListenAddress ::",
+            f"HostKey {self.host_key}",
+            f"PidFile {tmp}/sshd-{port}.pid",
             f"AuthorizedKeysFile {tmp}/authorized_keys/%u",
-            "UsePAM no", "PermitRootLogin prohibit-password", "PubkeyAuthentication yes",
-            "PasswordAuthentication no", "KbdInteractiveAuthentication no",
-            "StrictModes no", "UseDNS no", "PrintMotd no", "PrintLastLog no",
+            "UsePAM no",
+            "PermitRootLogin prohibit-password",
+            "PubkeyAuthentication yes",
+            "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no",
+            "StrictModes no",
+            "UseDNS no",
+            "PrintMotd no",
+            "PrintLastLog no",
             f"AllowTcpForwarding {'yes' if forwarding else 'no'}",
-            "AllowStreamLocalForwarding no", "X11Forwarding no", "PermitTunnel no",
-            "LogLevel VERBOSE", "MaxStartups 200:30:400", "MaxSessions 100",
+            "AllowStreamLocalForwarding no",
+            "X11Forwarding no",
+            "PermitTunnel no",
+            "LogLevel VERBOSE",
+            "MaxStartups 200:30:400",
+            "MaxSessions 100",
             # bash sources ~/.bashrc for ssh commands; where that runs `pyenv init`,
             # a rehash lock left by a killed session would stall every command 60 s.
             "SetEnv PYENV_REHASH_TIMEOUT=0",
-            "Subsystem sftp internal-sftp", *self.sshd_extra, ""]
+            "Subsystem sftp internal-sftp",
+            *self.sshd_extra,
+            "",
+        ]
         return "\n".join(lines)
 
     def _start_sshd(self) -> None:
@@ -783,8 +983,14 @@ class Lab:
                 raise LabError(f"sshd -t rejected {cfg}: {check.stderr.strip()}")
             proc = self.popen("srv", [sshd, "-D", "-e", "-f", cfg], name=f"sshd-{port}")
             with self.netns("srv"):
-                _wait_port(self.srv_v4, port, WAIT_PORT_TIMEOUT, what=f"sshd :{port}", proc=proc,
-                           log_tail=lambda p=port: self.log_tail(f"sshd-{p}"))
+                _wait_port(
+                    self.srv_v4,
+                    port,
+                    WAIT_PORT_TIMEOUT,
+                    what=f"sshd :{port}",
+                    proc=proc,
+                    log_tail=lambda p=port: self.log_tail(f"sshd-{p}"),
+                )
 
     def _start_services(self) -> None:
         tmp = Path(self.tmpdir)
@@ -797,29 +1003,51 @@ class Lab:
         ready = tmp / "services.ready"
         cfg = {
             "addresses": [self.tgt_v4, self.tgt_v4_alt, self.tgt_v6, self.tgt_v6_alt],
-            "zone": self.dns_zone, "records": self.dns_records,
+            "zone": self.dns_zone,
+            "records": self.dns_records,
             "query_log": str(tmp / "logs" / "dns-queries.log"),
-            "silent_flag": str(tmp / "dns-silent"), "ready_file": str(ready),
+            "silent_flag": str(tmp / "dns-silent"),
+            "ready_file": str(ready),
             "index_html": self.index_html,
         }
         cfg_path = tmp / "services.json"
         cfg_path.write_text(json.dumps(cfg, indent=1))
         script = str(Path(svc.__file__).resolve())
         proc = self.popen("tgt", [sys.executable, "-u", script, str(cfg_path)], name="services")
-        http = self.popen("tgt", [sys.executable, "-u", "-m", "http.server", str(self.ports.http),
-                                  "--bind", "::", "--directory", str(www)], name="http")
+        http = self.popen(
+            "tgt",
+            [
+                sys.executable,
+                "-u",
+                "-m",
+                "http.server",
+                str(self.ports.http),
+                "--bind",
+                "::",
+                "--directory",
+                str(www),
+            ],
+            name="http",
+        )
         deadline = time.monotonic() + WAIT_PORT_TIMEOUT
         while not ready.exists():
             if proc.poll() is not None:
-                raise LabError(f"services exited ({proc.returncode}):\n"
-                               + self.log_tail("services"))
+                raise LabError(
+                    f"services exited ({proc.returncode}):\n" + self.log_tail("services")
+                )
             if time.monotonic() > deadline:
                 raise LabError("services not ready in time:\n" + self.log_tail("services"))
             time.sleep(0.02)
         with self.netns("tgt"):
             for addr in (self.tgt_v4, self.tgt_v6):
-                _wait_port(addr, self.ports.http, WAIT_PORT_TIMEOUT, what="http.server",
-                           proc=http, log_tail=lambda: self.log_tail("http"))
+                _wait_port(
+                    addr,
+                    self.ports.http,
+                    WAIT_PORT_TIMEOUT,
+                    what="http.server",
+                    proc=http,
+                    log_tail=lambda: self.log_tail("http"),
+                )
 
     # ------------------------------------------------------------------ teardown steps
     def _stop_procs(self) -> None:
@@ -845,9 +1073,13 @@ class Lab:
 
     def _delete_user(self, user: LabUser) -> None:
         kill_pids(pids_of_uid(user.uid))
-        proc = subprocess.run(["userdel", "--remove", "--force", user.name],
-                              capture_output=True, text=True, timeout=30,
-                              env={"PATH": SBIN_PATH})
+        proc = subprocess.run(
+            ["userdel", "--remove", "--force", user.name],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={"PATH": SBIN_PATH},
+        )
         # 12: could not remove the mail spool/home (e.g. none made): the user is gone.
         if proc.returncode not in (0, 12):
             raise LabError(f"userdel {user.name}: {proc.stderr.strip()}")
@@ -858,8 +1090,9 @@ class Lab:
             if not netns_exists(ns) or (ns in self._ns_ids and netns_id(ns) != self._ns_ids[ns]):
                 continue
             forget_namespace_records(netns_id(ns))
-            proc = subprocess.run(["ip", "netns", "delete", ns], capture_output=True, text=True,
-                                  timeout=30)
+            proc = subprocess.run(
+                ["ip", "netns", "delete", ns], capture_output=True, text=True, timeout=30
+            )
             if proc.returncode != 0:
                 problems.append(f"{ns}: {proc.stderr.strip()}")
         if problems:
@@ -889,21 +1122,34 @@ class Lab:
 
 # ---------------------------------------------------------------------- helpers
 def _keygen(path: Path, comment: str) -> None:
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f",
-                    str(path)], check=True, capture_output=True, text=True, timeout=30)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def _raise_nofile() -> None:
     """Raise our soft fd limit (children inherit it: sshd, services, shuttled, tests)."""
     import resource
+
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard if hard != resource.RLIM_INFINITY else 65536, 65536)
     if soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
-def _wait_port(addr: str, port: int, timeout: float, *, what: str,
-               proc: subprocess.Popen[Any] | None = None, log_tail: Any = None) -> None:
+def _wait_port(
+    addr: str,
+    port: int,
+    timeout: float,
+    *,
+    what: str,
+    proc: subprocess.Popen[Any] | None = None,
+    log_tail: Any = None,
+) -> None:
     """Wait (bounded) until ``addr:port`` accepts a TCP connection in the current netns."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None
@@ -962,12 +1208,18 @@ def cleanup_stale(verbose: bool = False) -> list[str]:
             if name.startswith(USER_PREFIX):
                 with contextlib.suppress(KeyError):
                     kill_pids(pids_of_uid(pwd.getpwnam(name).pw_uid))
-                subprocess.run(["userdel", "--remove", "--force", name], capture_output=True,
-                               timeout=30, env={"PATH": SBIN_PATH}, check=False)
+                subprocess.run(
+                    ["userdel", "--remove", "--force", name],
+                    capture_output=True,
+                    timeout=30,
+                    env={"PATH": SBIN_PATH},
+                    check=False,
+                )
         for ns in state.get("namespaces", []):
             if ns.startswith(prefix + "-") and netns_exists(ns):
-                subprocess.run(["ip", "netns", "delete", ns], capture_output=True, timeout=30,
-                               check=False)
+                subprocess.run(
+                    ["ip", "netns", "delete", ns], capture_output=True, timeout=30, check=False
+                )
         for d in state.get("etc_netns", []):
             if Path(d).parent == ETC_NETNS and Path(d).name.startswith(prefix + "-"):
                 shutil.rmtree(d, ignore_errors=True)

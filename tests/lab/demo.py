@@ -72,8 +72,12 @@ class Out:
 
 def curl(lab: Lab, url: str, max_time: float) -> tuple[int, str, str]:
     """curl in cli: (exit code, body, HTTP status or curl's error)."""
-    r = lab.run("cli", ["curl", "-sS", "--max-time", str(max_time), "-w", "\n%{http_code}",
-                        url], check=False, timeout=max_time + 10)
+    r = lab.run(
+        "cli",
+        ["curl", "-sS", "--max-time", str(max_time), "-w", "\n%{http_code}", url],
+        check=False,
+        timeout=max_time + 10,
+    )
     body, _, status = r.stdout.rpartition("\n")
     return r.returncode, body, status if r.returncode == 0 else r.stderr.strip()
 
@@ -129,13 +133,21 @@ def stop_shuttled(lab: Lab, proc: subprocess.Popen[Any], out: Out) -> None:
 def compare_rules(before: dict[str, str], after: dict[str, str], out: Out) -> None:
     changed = [k for k in before if before.get(k) != after.get(k)]
     if not changed:
-        out.ok("the client's firewall rules are exactly what they were before the run ("
-               + ", ".join(sorted(before)) + ")")
+        out.ok(
+            "the client's firewall rules are exactly what they were before the run ("
+            + ", ".join(sorted(before))
+            + ")"
+        )
         return
     out.bad("firewall rules differ from before the run: " + ", ".join(changed))
     for k in changed:
-        diff = difflib.unified_diff(before[k].splitlines(), after.get(k, "").splitlines(),
-                                    f"{k} before", f"{k} after", lineterm="")
+        diff = difflib.unified_diff(
+            before[k].splitlines(),
+            after.get(k, "").splitlines(),
+            f"{k} before",
+            f"{k} after",
+            lineterm="",
+        )
         out.quote("\n".join(diff), limit=30)
 
 
@@ -176,16 +188,19 @@ def demo(lab: Lab, args: argparse.Namespace, out: Out) -> None:
         code, body, status = curl(lab, url, 10.0)
         ms = (time.monotonic() - t0) * 1000
         if code == 0 and status == "200" and lab.http_marker in body:
-            out.ok(f"HTTP {status}, {len(body.encode())} bytes in {ms:.0f} ms "
-                   "(including ip netns exec)")
+            out.ok(
+                f"HTTP {status}, {len(body.encode())} bytes in {ms:.0f} ms "
+                "(including ip netns exec)"
+            )
             if url == lab.http_url_v4:
                 out.quote(body, limit=8)
         else:
             out.bad(f"curl {url}: exit {code}, {status}")
     seen = {line.split()[0] for line in lab.http_requests()}
     if seen and seen <= {lab.srv_tgt_v4, lab.srv_tgt_v6}:
-        out.say("      The web server saw every request come from " + " and ".join(sorted(seen))
-                + ":")
+        out.say(
+            "      The web server saw every request come from " + " and ".join(sorted(seen)) + ":"
+        )
         out.say(f"      srv's own addresses, not the client's {lab.cli_v4}. sshd on srv made the")
         out.say("      connections; nothing was installed there.")
     else:
@@ -196,8 +211,10 @@ def demo(lab: Lab, args: argparse.Namespace, out: Out) -> None:
         out.cmd("cli", ["getent", "hosts", lab.dns_name])
         r = lab.run("cli", ["getent", "hosts", lab.dns_name], check=False, timeout=20)
         if r.returncode == 0 and (lab.tgt_v4 in r.stdout or lab.tgt_v6 in r.stdout):
-            out.ok(f"{lab.dns_name} -> {' '.join(r.stdout.split()[::2])} (the client's resolver "
-                   f"{lab.fake_dns_v4} exists only through the tunnel)")
+            out.ok(
+                f"{lab.dns_name} -> {' '.join(r.stdout.split()[::2])} (the client's resolver "
+                f"{lab.fake_dns_v4} exists only through the tunnel)"
+            )
         else:
             out.bad(f"getent hosts {lab.dns_name}: exit {r.returncode} {r.stderr.strip()}")
 
@@ -212,8 +229,11 @@ def demo(lab: Lab, args: argparse.Namespace, out: Out) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python3 -m tests.lab.demo", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python3 -m tests.lab.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--method", choices=("nft", "iptables"), help="firewall backend to use")
     ap.add_argument("--dns", action="store_true", help="also tunnel DNS (shuttled run --dns)")
     args = ap.parse_args(argv)

@@ -40,6 +40,5 @@ def require_root_tools(*tools: str) -> None:
         return
     msg = "; ".join(problems) + f" (needed: root and {', '.join(tools) or 'nothing else'})"
     if in_ci():
-        pytest.fail("CI=true and the integration prerequisites are not met: " + msg,
-                    pytrace=False)
+        pytest.fail("CI=true and the integration prerequisites are not met: " + msg, pytrace=False)
     pytest.skip(msg)

@@ -48,8 +48,17 @@ def _dns_victim(_forwarder: dns.DnsForwarder, query: bytes, *_args: Any) -> bool
     return VICTIM_LABEL in query.lower()
 
 
-TCP_POINTS = ("connection_made", "data_received", "_half_closed", "connection_lost",
-              "on_open", "on_open_failed", "on_data", "on_eof", "on_close")
+TCP_POINTS = (
+    "connection_made",
+    "data_received",
+    "_half_closed",
+    "connection_lost",
+    "on_open",
+    "on_open_failed",
+    "on_data",
+    "on_eof",
+    "on_close",
+)
 FLOW_POINTS = ("send", "on_open", "on_data")
 POINTS: dict[str, tuple[type, Callable[..., bool], tuple[str, ...]]] = {
     "LocalConnection": (proxy.LocalConnection, _tcp_victim, TCP_POINTS),
@@ -75,8 +84,9 @@ def _exception(name: str) -> Exception:
     return OSError(code, os.strerror(code))
 
 
-def _raising(point: str, inner: Callable[..., Any], victim: Callable[..., bool]
-             ) -> Callable[..., Any]:
+def _raising(
+    point: str, inner: Callable[..., Any], victim: Callable[..., bool]
+) -> Callable[..., Any]:
     """`inner`, raising the wanted exception first when armed for this victim (after
     it, for connection_made, so that there is a connection to end)."""
     after = point.endswith("connection_made")
@@ -87,10 +97,12 @@ def _raising(point: str, inner: Callable[..., Any], victim: Callable[..., bool]
             raise _exception(wanted[1])
 
     if inspect.iscoroutinefunction(inner):
+
         @functools.wraps(inner)
         async def acall(self: Any, *args: Any, **kwargs: Any) -> Any:
             fire(self, args)
             return await inner(self, *args, **kwargs)
+
         return acall
 
     @functools.wraps(inner)
@@ -101,6 +113,7 @@ def _raising(point: str, inner: Callable[..., Any], victim: Callable[..., bool]
         if after:
             fire(self, args)
         return result
+
     return call
 
 

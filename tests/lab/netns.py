@@ -68,7 +68,7 @@ def _is_zombie(pid: int) -> bool:
             stat = fh.read()
     except OSError:
         return True
-    return stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3] in (b"Z", b"X")
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] in (b"Z", b"X")
 
 
 def pid_alive(pid: int) -> bool:
@@ -89,7 +89,7 @@ def process_start_time(pid: int) -> int | None:
             stat = fh.read()
     except OSError:
         return None
-    fields = stat[stat.rfind(b")") + 2:].split()
+    fields = stat[stat.rfind(b")") + 2 :].split()
     try:
         return int(fields[19])
     except (IndexError, ValueError):
@@ -104,7 +104,7 @@ def _protected_pids() -> set[int]:
         try:
             with open(f"/proc/{pid}/stat", "rb") as fh:
                 stat = fh.read()
-            pid = int(stat[stat.rfind(b")") + 2:].split()[1])
+            pid = int(stat[stat.rfind(b")") + 2 :].split()[1])
         except (OSError, ValueError, IndexError):
             break
         if pid <= 1:
@@ -147,8 +147,9 @@ def pids_of_uid(uid: int) -> list[int]:
     return sorted(found)
 
 
-def terminate_popen(proc: subprocess.Popen[bytes] | subprocess.Popen[str],
-                    timeout: float = 5.0) -> int | None:
+def terminate_popen(
+    proc: subprocess.Popen[bytes] | subprocess.Popen[str], timeout: float = 5.0
+) -> int | None:
     """SIGTERM then SIGKILL one child we started (and its process group); reap it."""
     if proc.poll() is not None:
         return proc.returncode

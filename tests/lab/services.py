@@ -102,7 +102,7 @@ def stream_chunks(seed: int, nbytes: int) -> Iterator[memoryview]:
         raise ValueError("nbytes must be >= 0")
     if nbytes == 0:
         return
-    buf = bytearray(_stream_base()[:min(nbytes, STREAM_BLOCK)])
+    buf = bytearray(_stream_base()[: min(nbytes, STREAM_BLOCK)])
     view = memoryview(buf)
     pieces = STREAM_BLOCK // STREAM_MARK_EVERY
     tag = seed & 0xFFFFFFFF
@@ -111,10 +111,9 @@ def stream_chunks(seed: int, nbytes: int) -> Iterator[memoryview]:
     while left > 0:
         take = min(left, STREAM_BLOCK)
         for off in range(0, take, STREAM_MARK_EVERY):
-            mark = struct.pack(">II", tag, (block * pieces + off // STREAM_MARK_EVERY)
-                               & 0xFFFFFFFF)
+            mark = struct.pack(">II", tag, (block * pieces + off // STREAM_MARK_EVERY) & 0xFFFFFFFF)
             end = min(off + 8, take)
-            buf[off:end] = mark[:end - off]
+            buf[off:end] = mark[: end - off]
         yield view[:take]
         left -= take
         block += 1
@@ -129,8 +128,20 @@ def stream_sha256(seed: int, nbytes: int) -> str:
 
 
 # --- DNS wire format ------------------------------------------------------------------------------
-QTYPES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "TXT", 28: "AAAA",
-          33: "SRV", 41: "OPT", 65: "HTTPS", 255: "ANY"}
+QTYPES = {
+    1: "A",
+    2: "NS",
+    5: "CNAME",
+    6: "SOA",
+    12: "PTR",
+    15: "MX",
+    16: "TXT",
+    28: "AAAA",
+    33: "SRV",
+    41: "OPT",
+    65: "HTTPS",
+    255: "ANY",
+}
 QTYPE_NUMBERS = {v: k for k, v in QTYPES.items()}
 RCODE_NOERROR, RCODE_FORMERR, RCODE_SERVFAIL, RCODE_NXDOMAIN = 0, 1, 2, 3
 
@@ -179,20 +190,24 @@ def decode_name(msg: bytes, off: int) -> tuple[str, int]:
             break
         if off + length > len(msg):
             raise DnsFormatError("label runs past the message")
-        labels.append(msg[off:off + length].decode("ascii", "replace"))
+        labels.append(msg[off : off + length].decode("ascii", "replace"))
         off += length
     return ".".join(labels), (end if end >= 0 else off)
 
 
-def build_query(name: str, qtype: str | int = "A", qid: int | None = None,
-                rd: bool = True) -> bytes:
+def build_query(
+    name: str, qtype: str | int = "A", qid: int | None = None, rd: bool = True
+) -> bytes:
     """A standard query for ``name``/``qtype`` (class IN)."""
     if qid is None:
         qid = random.randrange(0x10000)
     tnum = qtype if isinstance(qtype, int) else QTYPE_NUMBERS[qtype.upper()]
     flags = 0x0100 if rd else 0
-    return struct.pack(">HHHHHH", qid, flags, 1, 0, 0, 0) + encode_name(name) + struct.pack(
-        ">HH", tnum, 1)
+    return (
+        struct.pack(">HHHHHH", qid, flags, 1, 0, 0, 0)
+        + encode_name(name)
+        + struct.pack(">HH", tnum, 1)
+    )
 
 
 def parse_message(msg: bytes) -> dict[str, Any]:
@@ -210,7 +225,7 @@ def parse_message(msg: bytes) -> dict[str, Any]:
         name, off = decode_name(msg, off)
         if off + 4 > len(msg):
             raise DnsFormatError("truncated question")
-        qtype, qclass = struct.unpack(">HH", msg[off:off + 4])
+        qtype, qclass = struct.unpack(">HH", msg[off : off + 4])
         off += 4
         questions.append({"name": name, "type": QTYPES.get(qtype, str(qtype)), "class": qclass})
     answers = []
@@ -218,9 +233,9 @@ def parse_message(msg: bytes) -> dict[str, Any]:
         name, off = decode_name(msg, off)
         if off + 10 > len(msg):
             raise DnsFormatError("truncated record")
-        rtype, _rclass, ttl, rdlen = struct.unpack(">HHIH", msg[off:off + 10])
+        rtype, _rclass, ttl, rdlen = struct.unpack(">HHIH", msg[off : off + 10])
         off += 10
-        rdata = msg[off:off + rdlen]
+        rdata = msg[off : off + rdlen]
         if len(rdata) != rdlen:
             raise DnsFormatError("truncated rdata")
         off += rdlen
@@ -229,11 +244,20 @@ def parse_message(msg: bytes) -> dict[str, Any]:
             data = socket.inet_ntop(socket.AF_INET, rdata)
         elif rtype == 28 and rdlen == 16:
             data = socket.inet_ntop(socket.AF_INET6, rdata)
-        answers.append({"name": name, "type": QTYPES.get(rtype, str(rtype)), "ttl": ttl,
-                        "data": data})
-    return {"id": qid, "flags": flags, "qr": bool(flags & 0x8000), "tc": bool(flags & 0x0200),
-            "rcode": flags & 0x000F, "questions": questions, "answers": answers,
-            "authority_count": ns, "additional_count": ar}
+        answers.append(
+            {"name": name, "type": QTYPES.get(rtype, str(rtype)), "ttl": ttl, "data": data}
+        )
+    return {
+        "id": qid,
+        "flags": flags,
+        "qr": bool(flags & 0x8000),
+        "tc": bool(flags & 0x0200),
+        "rcode": flags & 0x000F,
+        "questions": questions,
+        "answers": answers,
+        "authority_count": ns,
+        "additional_count": ar,
+    }
 
 
 class DnsZone:
@@ -257,8 +281,8 @@ class DnsZone:
         qname, off = decode_name(query, 12)
         if off + 4 > len(query):
             raise DnsFormatError("truncated question")
-        qtype, qclass = struct.unpack(">HH", query[off:off + 4])
-        question = query[12:off + 4]
+        qtype, qclass = struct.unpack(">HH", query[off : off + 4])
+        question = query[12 : off + 4]
         limit = max_size
         if limit is not None:
             limit = max(512, min(self._edns_size(query, off + 4, ar), 4096))
@@ -275,8 +299,9 @@ class DnsZone:
                     continue
                 for addr in entry.get(key, []):
                     rdata = socket.inet_pton(family, addr)
-                    rrs.append(struct.pack(">HHHIH", 0xC00C, rtype, 1, self.ttl, len(rdata))
-                               + rdata)
+                    rrs.append(
+                        struct.pack(">HHHIH", 0xC00C, rtype, 1, self.ttl, len(rdata)) + rdata
+                    )
         resp_flags = 0x8000 | (flags & 0x7800) | 0x0400 | (flags & 0x0100) | 0x0080 | rcode
         body = question
         count = 0
@@ -295,8 +320,8 @@ class DnsZone:
         try:
             for _ in range(arcount):
                 _name, off = decode_name(query, off)
-                rtype, rclass = struct.unpack(">HH", query[off:off + 4])
-                rdlen = struct.unpack(">H", query[off + 8:off + 10])[0]
+                rtype, rclass = struct.unpack(">HH", query[off : off + 4])
+                rdlen = struct.unpack(">H", query[off + 8 : off + 10])[0]
                 if rtype == 41:
                     return max(512, int(rclass))
                 off += 10 + rdlen
@@ -376,14 +401,14 @@ class DnsUdpProtocol(asyncio.DatagramProtocol):
         self.transport.sendto(resp, addr)
 
 
-async def _dns_tcp_client(zone: DnsZone, qlog: _QueryLog, reader: asyncio.StreamReader,
-                          writer: asyncio.StreamWriter) -> None:
+async def _dns_tcp_client(
+    zone: DnsZone, qlog: _QueryLog, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
     try:
         while True:
             try:
                 head = await asyncio.wait_for(reader.readexactly(2), 60)
-                query = await asyncio.wait_for(
-                    reader.readexactly(struct.unpack(">H", head)[0]), 10)
+                query = await asyncio.wait_for(reader.readexactly(struct.unpack(">H", head)[0]), 10)
             except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
                 return
             try:
@@ -403,14 +428,19 @@ async def _dns_tcp_client(zone: DnsZone, qlog: _QueryLog, reader: asyncio.Stream
         writer.close()
 
 
-async def _fast_http_client(body: bytes, reader: asyncio.StreamReader,
-                            writer: asyncio.StreamWriter) -> None:
+async def _fast_http_client(
+    body: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
     try:
         for _ in range(100000):
             try:
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
-            except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                    ConnectionError):
+            except (
+                TimeoutError,
+                asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError,
+                ConnectionError,
+            ):
                 return
             lines = head.decode("latin-1").split("\r\n")
             request = lines[0].split()
@@ -427,7 +457,9 @@ async def _fast_http_client(body: bytes, reader: asyncio.StreamReader,
             writer.write(
                 f"HTTP/1.1 {status}\r\nContent-Type: text/html\r\n"
                 f"Content-Length: {len(body) if ok else 0}\r\n"
-                f"Connection: {'keep-alive' if keep else 'close'}\r\n\r\n".encode() + payload)
+                f"Connection: {'keep-alive' if keep else 'close'}\r\n\r\n".encode()
+                + payload
+            )
             await writer.drain()
             if not keep:
                 return
@@ -533,6 +565,7 @@ def _tcp_listener(port: int) -> socket.socket:
 def _raise_nofile() -> None:
     try:
         import resource
+
         _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         want = hard if hard != resource.RLIM_INFINITY else 65536
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, 65536), hard))
@@ -552,19 +585,28 @@ async def _serve(cfg: dict[str, Any]) -> None:
 
     servers = [
         await loop.create_server(EchoProtocol, sock=_tcp_listener(ECHO_PORT), backlog=4096),
-        await loop.create_server(CloseFirstProtocol, sock=_tcp_listener(CLOSE_FIRST_PORT),
-                                 backlog=4096),
-        await asyncio.start_server(functools.partial(_dns_tcp_client, zone, qlog),
-                                   sock=_tcp_listener(DNS_PORT), backlog=4096),
-        await asyncio.start_server(functools.partial(_fast_http_client, body),
-                                   sock=_tcp_listener(FAST_HTTP_PORT), backlog=4096),
+        await loop.create_server(
+            CloseFirstProtocol, sock=_tcp_listener(CLOSE_FIRST_PORT), backlog=4096
+        ),
+        await asyncio.start_server(
+            functools.partial(_dns_tcp_client, zone, qlog),
+            sock=_tcp_listener(DNS_PORT),
+            backlog=4096,
+        ),
+        await asyncio.start_server(
+            functools.partial(_fast_http_client, body),
+            sock=_tcp_listener(FAST_HTTP_PORT),
+            backlog=4096,
+        ),
     ]
     for addr in addresses:
         family = socket.AF_INET6 if ":" in addr else socket.AF_INET
-        await loop.create_datagram_endpoint(UdpEchoProtocol, local_addr=(addr, UDP_ECHO_PORT),
-                                            family=family)
-        await loop.create_datagram_endpoint(lambda: DnsUdpProtocol(zone, qlog),
-                                            local_addr=(addr, DNS_PORT), family=family)
+        await loop.create_datagram_endpoint(
+            UdpEchoProtocol, local_addr=(addr, UDP_ECHO_PORT), family=family
+        )
+        await loop.create_datagram_endpoint(
+            lambda: DnsUdpProtocol(zone, qlog), local_addr=(addr, DNS_PORT), family=family
+        )
     bulk = _tcp_listener(BULK_PORT)
     threading.Thread(target=_bulk_acceptor, args=(bulk,), daemon=True).start()
 

@@ -23,8 +23,9 @@ from tests.lab import bus as lab_bus
 @contextlib.contextmanager
 def private_bus() -> Iterator[str]:
     """A private system-type dbus-daemon; yields its address; killed by PID after."""
-    with lab_bus.private_bus(lab_bus.OPEN_POLICY, prefix="shuttled-resolve1-",
-                             stderr=subprocess.DEVNULL) as bus:
+    with lab_bus.private_bus(
+        lab_bus.OPEN_POLICY, prefix="shuttled-resolve1-", stderr=subprocess.DEVNULL
+    ) as bus:
         yield bus.address
 
 

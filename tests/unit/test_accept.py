@@ -37,9 +37,15 @@ linux_only = pytest.mark.skipif(sys.platform != "linux", reason="Linux only")
 
 def child(code: str, timeout: float = 30) -> dict[str, Any]:
     """Run `code` in a fresh interpreter (repo on the path); its last line, as JSON."""
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=REPO, timeout=timeout, check=False,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.returncode == 0, proc.stderr
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     return result
@@ -47,8 +53,8 @@ def child(code: str, timeout: float = 30) -> dict[str, Any]:
 
 # --- the log line for what recurs -------------------------------------------------------------
 
-def test_throttled_logs_once_per_interval_with_the_count(
-        caplog: pytest.LogCaptureFixture) -> None:
+
+def test_throttled_logs_once_per_interval_with_the_count(caplog: pytest.LogCaptureFixture) -> None:
     logger = logging.getLogger("test.throttled")
     warn = Throttled(logger, interval=3600)
     with caplog.at_level(logging.WARNING, logger="test.throttled"):
@@ -76,7 +82,9 @@ def use_up_descriptors():
             return fillers
 """
 
-ACCEPT_AT_EMFILE = AT_EMFILE + """
+ACCEPT_AT_EMFILE = (
+    AT_EMFILE
+    + """
 import asyncio, json, logging, socket, time
 from shuttled.tunnel.accept import Acceptor, SpareFds
 logging.basicConfig(level=logging.WARNING)
@@ -105,6 +113,7 @@ async def main():
 
 asyncio.run(main())
 """
+)
 
 
 def test_the_accept_loop_pauses_at_emfile_and_resumes_once_descriptors_are_free() -> None:
@@ -123,7 +132,9 @@ def test_spare_descriptors_let_a_connection_in_at_emfile() -> None:
     assert result["at_emfile"][0] == 3, result  # one connection per spare given up
 
 
-CONTROL_AT_EMFILE = AT_EMFILE + """
+CONTROL_AT_EMFILE = (
+    AT_EMFILE
+    + """
 import asyncio, json, pathlib, sys
 from shuttled.control.unix import UnixControlServer
 from tests.unit.test_control_support import FakeCore
@@ -139,14 +150,18 @@ async def main():
 
 asyncio.run(main())
 """
+)
 
 
-def test_the_control_socket_answers_while_the_daemon_has_no_descriptor_left(
-        tmp_path: Path) -> None:
+def test_the_control_socket_answers_while_the_daemon_has_no_descriptor_left(tmp_path: Path) -> None:
     path = tmp_path / "control.sock"
-    proc = subprocess.Popen([sys.executable, "-c", CONTROL_AT_EMFILE, str(path), "10"],
-                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CONTROL_AT_EMFILE, str(path), "10"],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout is not None and proc.stdout.readline() == "full\n"
         # Each client borrows a spare and gives it back when it goes: many in turn.
@@ -176,14 +191,14 @@ def test_the_soft_file_limit_is_raised_to_the_hard_one() -> None:
 
 # --- the limits of a profile ----------------------------------------------------------------------
 
+
 @pytest.fixture
 def budget(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[int, int], None]]:
     """Set what the descriptors allow (everyone, root); the live count is restored after."""
     live = accept.BUDGET.live
 
     def set_limits(anyone: int, for_root: int) -> None:
-        monkeypatch.setattr(accept.BUDGET, "limit",
-                            lambda root: for_root if root else anyone)
+        monkeypatch.setattr(accept.BUDGET, "limit", lambda root: for_root if root else anyone)
 
     set_limits(1 << 20, 1 << 20)
     accept.BUDGET.live = 0
@@ -201,7 +216,8 @@ def admitted(proxy: TransparentProxy, uid: int | None) -> LocalConnection | None
 
 
 def test_limits_per_user_and_per_profile_and_root_is_never_refused(
-        budget: Callable[[int, int], None]) -> None:
+    budget: Callable[[int, int], None],
+) -> None:
     proxy = TransparentProxy(lambda: None, limits=ConnLimits(total=4, per_user=2))
     assert admitted(proxy, 1000) and admitted(proxy, 1000)
     assert admitted(proxy, 1000) is None  # its share is used
@@ -222,7 +238,8 @@ def test_a_connection_gives_its_place_back_once(budget: Callable[[int, int], Non
 
 
 def test_the_descriptors_left_bound_everyone_and_leave_root_a_reserve(
-        budget: Callable[[int, int], None]) -> None:
+    budget: Callable[[int, int], None],
+) -> None:
     proxy = TransparentProxy(lambda: None)
     budget(6, 8)
     # No user gets more than half of what the descriptors allow.
@@ -234,6 +251,7 @@ def test_the_descriptors_left_bound_everyone_and_leave_root_a_reserve(
 
 
 # --- who made a local connection -----------------------------------------------------------------
+
 
 @linux_only
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
@@ -248,8 +266,9 @@ def test_sock_diag_names_the_owner_of_a_local_tcp_socket(host: str) -> None:
         with server:
             local, remote = peer[:2], server.getsockname()[:2]
             assert diag.uid(local, remote) == os.geteuid()
-            assert diag.uid(remote, ("127.0.0.2" if family == socket.AF_INET else "::2", 9)) \
-                is None  # no such socket
+            assert (
+                diag.uid(remote, ("127.0.0.2" if family == socket.AF_INET else "::2", 9)) is None
+            )  # no such socket
             client.close()  # no process holds it now: never mistaken for root
             deadline = time.monotonic() + 2
             while diag.uid(local, remote) != ORPHAN and time.monotonic() < deadline:
@@ -259,6 +278,7 @@ def test_sock_diag_names_the_owner_of_a_local_tcp_socket(host: str) -> None:
 
 
 # --- shuttlectl: waiting for a full queue, retrying busy -----------------------------------------
+
 
 def _answer(conn: socket.socket, reply: bytes) -> None:
     with conn:
@@ -301,8 +321,7 @@ def test_the_client_waits_for_room_in_a_full_queue(tmp_path: Path) -> None:
             s.close()
 
 
-def test_the_client_retries_a_busy_answer_and_a_socket_not_listening_yet(
-        tmp_path: Path) -> None:
+def test_the_client_retries_a_busy_answer_and_a_socket_not_listening_yet(tmp_path: Path) -> None:
     path = tmp_path / "ctl.sock"
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(str(path))  # bound, not listening: ECONNREFUSED, as between unlink and listen
@@ -360,6 +379,7 @@ def test_the_server_opens_and_removes_the_administrators_door(tmp_path: Path) ->
 
 # --- the control socket: a share of the daemon's time per unprivileged uid -------------------
 
+
 class SlowCore(FakeCore):
     """`version` blocks the loop 20 ms, as `status` does running nft."""
 
@@ -369,7 +389,8 @@ class SlowCore(FakeCore):
 
 
 def test_a_user_gets_a_share_of_the_daemons_time_and_root_all_it_needs(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import asyncio
 
     from shuttled.control import unix

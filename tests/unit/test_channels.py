@@ -78,13 +78,13 @@ def flush(mux: ChannelMux) -> None:
     mux._flush()
 
 
-def confirm(mux: ChannelMux, local_id: int, window: int = 1 << 20,
-            max_packet: int = 32768) -> None:
+def confirm(mux: ChannelMux, local_id: int, window: int = 1 << 20, max_packet: int = 32768) -> None:
     mux.feed(sshmsg.open_confirmation(local_id, REMOTE_ID, window, max_packet))
 
 
-def opened(window: int = 1 << 20, max_packet: int = 32768
-           ) -> tuple[ChannelMux, FakePipe, Recorder, Channel]:
+def opened(
+    window: int = 1 << 20, max_packet: int = 32768
+) -> tuple[ChannelMux, FakePipe, Recorder, Channel]:
     pipe = FakePipe()
     mux = ChannelMux(pipe)
     rec = Recorder()
@@ -101,7 +101,7 @@ def data_msgs(messages: list[tuple[int, bytes]]) -> list[bytes]:
         if msg_type == sshmsg.MSG_CHANNEL_DATA:
             recipient, size = struct.unpack_from(">II", payload)
             assert recipient == REMOTE_ID
-            out.append(payload[8:8 + size])
+            out.append(payload[8 : 8 + size])
     return out
 
 
@@ -116,8 +116,12 @@ def test_open_sends_direct_tcpip_with_our_window_and_destination() -> None:
         assert msg_type == sshmsg.MSG_CHANNEL_OPEN
         assert reader.text() == "direct-tcpip"
         assert (reader.u32(), reader.u32(), reader.u32()) == (
-            0, const.CHANNEL_WINDOW, const.CHANNEL_MAX_PACKET)
+            0,
+            const.CHANNEL_WINDOW,
+            const.CHANNEL_MAX_PACKET,
+        )
         assert (reader.text(), reader.u32()) == ("10.1.2.3", 443)
+
     run(body)
 
 
@@ -133,6 +137,7 @@ def test_send_never_exceeds_window_and_resumes_on_adjust() -> None:
         flush(mux)
         assert sum(len(d) for d in data_msgs(pipe.take())) == 70_000
         assert not rec.paused
+
     run(body)
 
 
@@ -146,6 +151,7 @@ def test_eof_waits_for_queued_data() -> None:
         mux.feed(sshmsg.window_adjust(channel.local_id, 10))
         flush(mux)
         assert [t for t, _ in pipe.take()] == [sshmsg.MSG_CHANNEL_DATA, sshmsg.MSG_CHANNEL_EOF]
+
     run(body)
 
 
@@ -161,6 +167,7 @@ def test_eof_both_ways_closes_and_frees_the_id() -> None:
         assert rec.events[-1] == "close"
         assert mux.channels == {}
         assert mux.open("session", Recorder()).local_id == channel.local_id
+
     run(body)
 
 
@@ -172,6 +179,7 @@ def test_nothing_is_sent_after_close() -> None:
         channel.send_eof()
         flush(mux)
         assert [t for t, _ in pipe.take()] == [sshmsg.MSG_CHANNEL_CLOSE]
+
     run(body)
 
 
@@ -192,6 +200,7 @@ def test_window_is_granted_only_after_consumption_and_not_while_held() -> None:
         assert msg_type == sshmsg.MSG_CHANNEL_WINDOW_ADJUST
         assert struct.unpack(">II", payload) == (REMOTE_ID, half)
         assert len(rec.data) == half
+
     run(body)
 
 
@@ -202,6 +211,7 @@ def test_data_past_our_window_ends_the_mux() -> None:
         mux.feed(sshmsg.data_header(channel.local_id, size) + b"z" * size)
         assert mux.closed and pipe.closed
         assert rec.events[-1] == "close"
+
     run(body)
 
 
@@ -215,16 +225,20 @@ def test_open_failure_reports_reason_and_recycles_id() -> None:
         assert rec.events == [("failed", 2, "refused")]
         assert mux.channels == {}
         assert not mux.closed
+
     run(body)
 
 
-@pytest.mark.parametrize("packet", [
-    sshmsg.eof(12345),                                   # unknown channel
-    sshmsg.packet(sshmsg.MSG_CHANNEL_EOF, b"\x00\x00"),  # truncated
-    sshmsg.packet(200, b""),                             # unknown type
-    b"\x00\x10\x00\x00\x00\x00",                         # absurd length
-    sshmsg.packet(sshmsg.MSG_GLOBAL_REQUEST, sshmsg.sstring("x") + b"\x00"),
-])
+@pytest.mark.parametrize(
+    "packet",
+    [
+        sshmsg.eof(12345),  # unknown channel
+        sshmsg.packet(sshmsg.MSG_CHANNEL_EOF, b"\x00\x00"),  # truncated
+        sshmsg.packet(200, b""),  # unknown type
+        b"\x00\x10\x00\x00\x00\x00",  # absurd length
+        sshmsg.packet(sshmsg.MSG_GLOBAL_REQUEST, sshmsg.sstring("x") + b"\x00"),
+    ],
+)
 def test_malformed_messages_end_the_mux_without_raising(packet: bytes) -> None:
     async def body() -> None:
         mux, _pipe, rec, _channel = opened()
@@ -232,6 +246,7 @@ def test_malformed_messages_end_the_mux_without_raising(packet: bytes) -> None:
         mux._on_lost = lost.append
         mux.feed(packet)
         assert mux.closed and lost and rec.events[-1] == "close"
+
     run(body)
 
 
@@ -244,6 +259,7 @@ def test_requests_get_replies_in_order() -> None:
         mux.feed(sshmsg.channel_reply(channel.local_id, True))
         assert first is not None and second is not None
         assert (await first, await second) == (False, True)
+
     run(body)
 
 
@@ -252,8 +268,9 @@ def test_packets_split_across_reads_are_reassembled() -> None:
         mux, _pipe, rec, channel = opened()
         stream = (sshmsg.data_header(channel.local_id, 5) + b"hello") * 3
         for i in range(len(stream)):
-            mux.feed(stream[i:i + 1])
+            mux.feed(stream[i : i + 1])
         assert bytes(rec.data) == b"hello" * 3
+
     run(body)
 
 
@@ -264,24 +281,28 @@ def test_fuzzed_input_never_raises(junk: bytes) -> None:
         mux, _pipe, _rec, channel = opened()
         mux.feed(junk)
         mux.feed(sshmsg.eof(channel.local_id))
+
     run(body)
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.integers(min_value=1, max_value=5000), min_size=1, max_size=8),
-       st.lists(st.integers(min_value=1, max_value=9000), min_size=1, max_size=20))
-def test_any_split_of_the_stream_delivers_the_same_bytes(sizes: list[int],
-                                                          cuts: list[int]) -> None:
+@given(
+    st.lists(st.integers(min_value=1, max_value=5000), min_size=1, max_size=8),
+    st.lists(st.integers(min_value=1, max_value=9000), min_size=1, max_size=20),
+)
+def test_any_split_of_the_stream_delivers_the_same_bytes(sizes: list[int], cuts: list[int]) -> None:
     async def body() -> None:
         mux, _pipe, rec, channel = opened()
         payload = b"".join(bytes([i % 251]) * n for i, n in enumerate(sizes))
-        stream = b"".join(sshmsg.data_header(channel.local_id, n) + payload[sum(sizes[:i]):
-                                                                          sum(sizes[:i + 1])]
-                          for i, n in enumerate(sizes))
+        stream = b"".join(
+            sshmsg.data_header(channel.local_id, n) + payload[sum(sizes[:i]) : sum(sizes[: i + 1])]
+            for i, n in enumerate(sizes)
+        )
         pos = 0
         for cut in cuts:
-            mux.feed(stream[pos:pos + cut])
+            mux.feed(stream[pos : pos + cut])
             pos += cut
         mux.feed(stream[pos:])
         assert bytes(rec.data) == payload and not mux.closed
+
     run(body)

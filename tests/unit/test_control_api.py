@@ -30,6 +30,7 @@ def admin_group(monkeypatch: pytest.MonkeyPatch) -> None:
 def call(core: FakeCore, verb: str, args: dict[str, Any], who: api.Caller = ROOT) -> Any:
     async def go() -> Any:
         return await api.invoke(core, api.prepare(core, verb, args, who))
+
     return asyncio.run(go())
 
 
@@ -46,11 +47,23 @@ def test_table_is_introspectable_for_other_transports() -> None:
     up = {d["name"]: d for d in api.describe()}["up"]
     assert up["permission"] == "mutate_profile" and not up["streams"]
     assert [(a["name"], a["type"], a["required"]) for a in up["args"]] == [
-        ("profile", "str", True), ("wait", "bool", False), ("timeout", "float", False)]
+        ("profile", "str", True),
+        ("wait", "bool", False),
+        ("timeout", "float", False),
+    ]
     assert [a.dbus_signature for a in VERBS["up"].args] == ["s", "b", "d"]
     assert VERBS["watch"].streams
-    assert set(VERBS) == {"list", "status", "up", "down", "stats", "connections", "reload",
-                          "watch", "version"}
+    assert set(VERBS) == {
+        "list",
+        "status",
+        "up",
+        "down",
+        "stats",
+        "connections",
+        "reload",
+        "watch",
+        "version",
+    }
 
 
 def test_read_verbs_are_open_to_everyone() -> None:
@@ -101,21 +114,25 @@ def test_unknown_profile_is_reported_before_authorization() -> None:
         call(FakeCore(), "stats", {"profile": "nope"}, STRANGER)
 
 
-@pytest.mark.parametrize(("verb", "args", "message"), [
-    ("fly", {}, "unknown verb 'fly'"),
-    ("up", {}, "up: missing argument 'profile'"),
-    ("up", {"profile": "work", "force": True}, "up: unknown argument 'force'"),
-    ("up", {"profile": 1}, "up: argument 'profile' must be a string"),
-    ("up", {"profile": ""}, "up: argument 'profile' must not be empty"),
-    ("up", {"profile": "work", "wait": 1}, "argument 'wait' must be true or false"),
-    ("up", {"profile": "work", "timeout": True}, "argument 'timeout' must be a number"),
-    ("up", {"profile": "work", "timeout": "5"}, "argument 'timeout' must be a number"),
-    ("up", {"profile": "work", "timeout": -1}, "argument 'timeout' must be between 0 and 3600"),
-    ("up", {"profile": "work", "timeout": 1e9}, "must be between"),
-    ("list", {"profile": "work"}, "list: unknown argument 'profile'"),
-])
-def test_bad_arguments_are_one_line_bad_requests(verb: str, args: dict[str, Any],
-                                                 message: str) -> None:
+@pytest.mark.parametrize(
+    ("verb", "args", "message"),
+    [
+        ("fly", {}, "unknown verb 'fly'"),
+        ("up", {}, "up: missing argument 'profile'"),
+        ("up", {"profile": "work", "force": True}, "up: unknown argument 'force'"),
+        ("up", {"profile": 1}, "up: argument 'profile' must be a string"),
+        ("up", {"profile": ""}, "up: argument 'profile' must not be empty"),
+        ("up", {"profile": "work", "wait": 1}, "argument 'wait' must be true or false"),
+        ("up", {"profile": "work", "timeout": True}, "argument 'timeout' must be a number"),
+        ("up", {"profile": "work", "timeout": "5"}, "argument 'timeout' must be a number"),
+        ("up", {"profile": "work", "timeout": -1}, "argument 'timeout' must be between 0 and 3600"),
+        ("up", {"profile": "work", "timeout": 1e9}, "must be between"),
+        ("list", {"profile": "work"}, "list: unknown argument 'profile'"),
+    ],
+)
+def test_bad_arguments_are_one_line_bad_requests(
+    verb: str, args: dict[str, Any], message: str
+) -> None:
     core = FakeCore()
     with pytest.raises(BadRequestError) as info:
         call(core, verb, args)

@@ -40,8 +40,12 @@ from shuttled.errors import (
 def test_request_round_trips_as_one_json_line() -> None:
     line = encode_request(Request(7, "up", {"profile": "work", "wait": True}))
     assert line.endswith(b"\n") and line.count(b"\n") == 1
-    assert json.loads(line) == {"v": 1, "id": 7, "verb": "up",
-                                "args": {"profile": "work", "wait": True}}
+    assert json.loads(line) == {
+        "v": 1,
+        "id": 7,
+        "verb": "up",
+        "args": {"profile": "work", "wait": True},
+    }
     assert decode_request(line) == Request(7, "up", {"profile": "work", "wait": True})
 
 
@@ -51,19 +55,27 @@ def test_replies_and_events_round_trip() -> None:
     assert failed == Reply(4, False, error=ErrorInfo("no_such_profile", "no profile named 'x'"))
     assert decode_reply(encode_event({"type": "state"})) == Event({"type": "state"})
     assert json.loads(encode_reply(Reply(None, False, error=ErrorInfo("busy", "x")))) == {
-        "v": 1, "id": None, "ok": False, "error": {"code": "busy", "message": "x"}}
+        "v": 1,
+        "id": None,
+        "ok": False,
+        "error": {"code": "busy", "message": "x"},
+    }
 
 
-@pytest.mark.parametrize(("exc", "cls", "exit_code"), [
-    (PermissionDeniedError("no"), PermissionDeniedError, ExitCode.DENIED),
-    (NoSuchProfileError("no"), NoSuchProfileError, ExitCode.NO_SUCH_PROFILE),
-    (TimeoutError_("slow"), TimeoutError_, ExitCode.TIMEOUT),
-    (ConfigError("bad"), ConfigError, ExitCode.USAGE),
-    (BadRequestError("bad"), BadRequestError, ExitCode.USAGE),
-    (ShuttledError("x"), ShuttledError, ExitCode.FAILED),
-])
+@pytest.mark.parametrize(
+    ("exc", "cls", "exit_code"),
+    [
+        (PermissionDeniedError("no"), PermissionDeniedError, ExitCode.DENIED),
+        (NoSuchProfileError("no"), NoSuchProfileError, ExitCode.NO_SUCH_PROFILE),
+        (TimeoutError_("slow"), TimeoutError_, ExitCode.TIMEOUT),
+        (ConfigError("bad"), ConfigError, ExitCode.USAGE),
+        (BadRequestError("bad"), BadRequestError, ExitCode.USAGE),
+        (ShuttledError("x"), ShuttledError, ExitCode.FAILED),
+    ],
+)
 def test_error_codes_map_back_to_their_class_and_exit_code(
-        exc: ShuttledError, cls: type[ShuttledError], exit_code: int) -> None:
+    exc: ShuttledError, cls: type[ShuttledError], exit_code: int
+) -> None:
     reply = decode_reply(error_reply(1, exc))
     assert isinstance(reply, Reply)
     with pytest.raises(cls) as info:
@@ -88,26 +100,30 @@ def test_results_with_enums_sets_and_paths_are_encoded() -> None:
     from pathlib import Path
 
     from shuttled.tunnel.session import Forward
+
     line = ok_reply(1, {"f": Forward.DIRECT, "s": {"b", "a"}, "p": Path("/x")})
     assert json.loads(line)["result"] == {"f": "direct", "s": ["a", "b"], "p": "/x"}
 
 
-@pytest.mark.parametrize(("line", "message"), [
-    (b"", "not JSON"),
-    (b"\xff\xfe", "not UTF-8"),
-    (b"[1]", "expected a JSON object, got an array"),
-    (b'{"v":1,"verb":"up"}', "id must be an integer"),
-    (b'{"v":1,"id":-1,"verb":"up"}', "id must be an integer"),
-    (b'{"v":1,"id":true,"verb":"up"}', "id must be an integer"),
-    (b'{"v":2,"id":1,"verb":"up"}', "protocol version 2 is not supported"),
-    (b'{"id":1,"verb":"up"}', "protocol version None"),
-    (b'{"v":1,"id":1,"verb":"UP"}', "verb must be a lowercase word"),
-    (b'{"v":1,"id":1,"verb":"up","args":[]}', "args must be an object"),
-    (b'{"v":1,"id":1,"verb":"up","extra":1}', "unknown request field 'extra'"),
-    (b'{"v":1,"id":1,"verb":"up","args":{"t":NaN}}', "NaN is not valid JSON"),
-    (b"[" * 100_000, "message longer than"),
-    (b"[" * 60_000, "nested too deeply"),
-])
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (b"", "not JSON"),
+        (b"\xff\xfe", "not UTF-8"),
+        (b"[1]", "expected a JSON object, got an array"),
+        (b'{"v":1,"verb":"up"}', "id must be an integer"),
+        (b'{"v":1,"id":-1,"verb":"up"}', "id must be an integer"),
+        (b'{"v":1,"id":true,"verb":"up"}', "id must be an integer"),
+        (b'{"v":2,"id":1,"verb":"up"}', "protocol version 2 is not supported"),
+        (b'{"id":1,"verb":"up"}', "protocol version None"),
+        (b'{"v":1,"id":1,"verb":"UP"}', "verb must be a lowercase word"),
+        (b'{"v":1,"id":1,"verb":"up","args":[]}', "args must be an object"),
+        (b'{"v":1,"id":1,"verb":"up","extra":1}', "unknown request field 'extra'"),
+        (b'{"v":1,"id":1,"verb":"up","args":{"t":NaN}}', "NaN is not valid JSON"),
+        (b"[" * 100_000, "message longer than"),
+        (b"[" * 60_000, "nested too deeply"),
+    ],
+)
 def test_bad_requests_are_one_line_errors(line: bytes, message: str) -> None:
     with pytest.raises(BadRequestError) as info:
         decode_request(line)
@@ -130,11 +146,18 @@ def test_request_size_limit_is_exact() -> None:
         decode_request(ok.replace(b'"x', b'"xx', 1))
 
 
-@pytest.mark.parametrize("line", [
-    b"nonsense", b'{"v":1}', b'{"v":1,"id":1}', b'{"v":1,"id":1,"ok":false}',
-    b'{"v":1,"id":1,"ok":false,"error":{"code":1}}', b'{"v":1,"event":[]}',
-    b'{"v":3,"id":1,"ok":true}',
-])
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"nonsense",
+        b'{"v":1}',
+        b'{"v":1,"id":1}',
+        b'{"v":1,"id":1,"ok":false}',
+        b'{"v":1,"id":1,"ok":false,"error":{"code":1}}',
+        b'{"v":1,"event":[]}',
+        b'{"v":3,"id":1,"ok":true}',
+    ],
+)
 def test_malformed_replies_are_protocol_errors(line: bytes) -> None:
     with pytest.raises(ProtocolError):
         decode_reply(line)
@@ -143,7 +166,8 @@ def test_malformed_replies_are_protocol_errors(line: bytes) -> None:
 _json = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
     lambda children: st.lists(children) | st.dictionaries(st.text(), children),
-    max_leaves=20)
+    max_leaves=20,
+)
 
 
 def _request_like() -> st.SearchStrategy[Any]:
@@ -152,9 +176,13 @@ def _request_like() -> st.SearchStrategy[Any]:
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.one_of(st.binary(max_size=300),
-                 _json.map(lambda v: json.dumps(v).encode()),
-                 _request_like().map(lambda v: json.dumps(v).encode())))
+@given(
+    st.one_of(
+        st.binary(max_size=300),
+        _json.map(lambda v: json.dumps(v).encode()),
+        _request_like().map(lambda v: json.dumps(v).encode()),
+    )
+)
 def test_decode_request_raises_only_bad_request(line: bytes) -> None:
     try:
         request = decode_request(line)
@@ -165,10 +193,16 @@ def test_decode_request_raises_only_bad_request(line: bytes) -> None:
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.one_of(st.binary(max_size=300), _json.map(lambda v: json.dumps(v).encode()),
-                 st.dictionaries(st.sampled_from(["v", "id", "ok", "result", "error", "event"]),
-                                 _json | st.just(1) | st.booleans())
-                 .map(lambda v: json.dumps(v).encode())))
+@given(
+    st.one_of(
+        st.binary(max_size=300),
+        _json.map(lambda v: json.dumps(v).encode()),
+        st.dictionaries(
+            st.sampled_from(["v", "id", "ok", "result", "error", "event"]),
+            _json | st.just(1) | st.booleans(),
+        ).map(lambda v: json.dumps(v).encode()),
+    )
+)
 def test_decode_reply_raises_only_protocol_error(line: bytes) -> None:
     with contextlib.suppress(ProtocolError):
         decode_reply(line)
@@ -178,10 +212,13 @@ def test_protocol_module_imports_no_daemon_code() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, shuttled.control.protocol; "
-            "bad = [m for m in sys.modules if m.startswith('shuttled.') and m not in "
-            "('shuttled.control', 'shuttled.control.protocol', 'shuttled.const', "
-            "'shuttled.errors')]; print(bad); sys.exit(bool(bad) or 'yaml' in sys.modules)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            check=False)
+    code = (
+        "import sys, shuttled.control.protocol; "
+        "bad = [m for m in sys.modules if m.startswith('shuttled.') and m not in "
+        "('shuttled.control', 'shuttled.control.protocol', 'shuttled.const', "
+        "'shuttled.errors')]; print(bad); sys.exit(bool(bad) or 'yaml' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -23,8 +23,13 @@ STRANGER_UID = 4343
 
 def fake_config() -> Config:
     return Config.of(
-        Profile("work", "alice@bastion", subnets=("10.0.0.0/8",), autostart=True,
-                allow=(f"user:{MEMBER_UID}",)),
+        Profile(
+            "work",
+            "alice@bastion",
+            subnets=("10.0.0.0/8",),
+            autostart=True,
+            allow=(f"user:{MEMBER_UID}",),
+        ),
         Profile("lab", "root@lab", subnets=("192.168.50.0/24",), dns=DnsSettings("all")),
         Profile("slow", "slow@host", auto_nets=True),
         Profile("broken", "bad@host", auto_nets=True),
@@ -44,13 +49,19 @@ class FakeCore:
 
     def _row(self, name: str) -> dict[str, Any]:
         p = self.config.profiles[name]
-        return {"name": name, "state": self.states[name], "remote": p.remote,
-                "autostart": p.autostart, "wanted": name in self.wanted}
+        return {
+            "name": name,
+            "state": self.states[name],
+            "remote": p.remote,
+            "autostart": p.autostart,
+            "wanted": name in self.wanted,
+        }
 
     def _publish(self, name: str, error: str | None = None) -> None:
         for q in self.queues:
-            q.put_nowait({"type": "state", "profile": name, "state": self.states[name],
-                          "error": error})
+            q.put_nowait(
+                {"type": "state", "profile": name, "state": self.states[name], "error": error}
+            )
 
     def list_profiles(self) -> list[dict[str, Any]]:
         self.calls.append(("list_profiles", ()))
@@ -58,14 +69,21 @@ class FakeCore:
 
     def _status(self, name: str) -> dict[str, Any]:
         up = self.states[name] == "up"
-        return {**self._row(name), "mode": "direct" if up else None,
-                "since": 1_700_000_000.0 if up else None, "uptime": 7384.0 if up else None,
-                "rx": 1288490188 if up else 0, "tx": 325058560 if up else 0,
-                "connections": 12 if up else 0,
-                "last_error": "ssh: Permission denied (publickey)" if name == "broken" else None,
-                "subnets": [{"subnet": s, "source": "config"}
-                            for s in self.config.profiles[name].subnets],
-                "rtt": 0.023 if up else None, "holding": False}
+        return {
+            **self._row(name),
+            "mode": "direct" if up else None,
+            "since": 1_700_000_000.0 if up else None,
+            "uptime": 7384.0 if up else None,
+            "rx": 1288490188 if up else 0,
+            "tx": 325058560 if up else 0,
+            "connections": 12 if up else 0,
+            "last_error": "ssh: Permission denied (publickey)" if name == "broken" else None,
+            "subnets": [
+                {"subnet": s, "source": "config"} for s in self.config.profiles[name].subnets
+            ],
+            "rtt": 0.023 if up else None,
+            "holding": False,
+        }
 
     def status(self, name: str | None) -> dict[str, Any] | list[dict[str, Any]]:
         self.calls.append(("status", (name,)))
@@ -96,20 +114,39 @@ class FakeCore:
 
     def stats(self, name: str) -> dict[str, Any]:
         self.calls.append(("stats", (name,)))
-        return {"state": self.states[name], "mode": "direct", "rx": 1536, "tx": 10 << 20,
-                "active": 3, "total": 120, "failed": 2, "reconnects": 1, "uptime": 65.0,
-                "rtt": 0.0123, "ssh_pid": 321, "ssh_cpu": 1.25, "ssh_rss": 12 << 20,
-                "dns": {"queries": 40, "failures": 1}}
+        return {
+            "state": self.states[name],
+            "mode": "direct",
+            "rx": 1536,
+            "tx": 10 << 20,
+            "active": 3,
+            "total": 120,
+            "failed": 2,
+            "reconnects": 1,
+            "uptime": 65.0,
+            "rtt": 0.0123,
+            "ssh_pid": 321,
+            "ssh_cpu": 1.25,
+            "ssh_rss": 12 << 20,
+            "dns": {"queries": 40, "failures": 1},
+        }
 
     def connections(self, name: str) -> list[dict[str, Any]]:
         self.calls.append(("connections", (name,)))
-        return [{"proto": "tcp", "src": "127.0.0.1:50000", "dst": "10.1.2.3:443", "rx": 2048,
-                 "tx": 100, "age": 3.5}]
+        return [
+            {
+                "proto": "tcp",
+                "src": "127.0.0.1:50000",
+                "dst": "10.1.2.3:443",
+                "rx": 2048,
+                "tx": 100,
+                "age": 3.5,
+            }
+        ]
 
     async def reload(self) -> dict[str, Any]:
         self.calls.append(("reload", ()))
-        return {"added": ["new"], "removed": [], "changed": ["lab"],
-                "unchanged": ["work"]}
+        return {"added": ["new"], "removed": [], "changed": ["lab"], "unchanged": ["work"]}
 
     def subscribe(self) -> asyncio.Queue[dict[str, Any]]:
         q: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -156,9 +193,11 @@ class ServerThread:
 
 
 @contextmanager
-def serving(path: Path, core: FakeCore | None = None, uid: int = 0,
-            **kw: Any) -> Iterator[ServerThread]:
+def serving(
+    path: Path, core: FakeCore | None = None, uid: int = 0, **kw: Any
+) -> Iterator[ServerThread]:
     """A server whose every client is `uid` (credentials injected, not from the kernel)."""
-    with ServerThread(core or FakeCore(), path, credentials=lambda _sock: caller(uid),
-                      **kw) as thread:
+    with ServerThread(
+        core or FakeCore(), path, credentials=lambda _sock: caller(uid), **kw
+    ) as thread:
         yield thread

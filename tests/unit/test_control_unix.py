@@ -23,8 +23,9 @@ from tests.unit.test_control_support import MEMBER_UID, STRANGER_UID, FakeCore, 
 Test = Callable[[UnixControlServer, Path], Awaitable[None]]
 
 
-def run(test: Test, tmp_path: Path, core: FakeCore | None = None, uid: int | None = None,
-        **kw: Any) -> None:
+def run(
+    test: Test, tmp_path: Path, core: FakeCore | None = None, uid: int | None = None, **kw: Any
+) -> None:
     """Start a server in tmp (credentials of `uid` injected, else from the kernel)."""
     path = tmp_path / "run" / "control.sock"
     if uid is not None:
@@ -81,6 +82,7 @@ async def ask(path: Path, verb: str, **args: Any) -> dict[str, Any]:
 
 # --- basics ------------------------------------------------------------------------------------
 
+
 def test_status_over_the_socket_with_kernel_credentials(tmp_path: Path) -> None:
     async def test(server: UnixControlServer, path: Path) -> None:
         reply = await ask(path, "status", profile="work")
@@ -101,8 +103,9 @@ def test_peer_credentials_are_the_connecting_process(tmp_path: Path) -> None:
 
 def test_proc_groups_only_trusts_a_process_that_still_has_the_uid(tmp_path: Path) -> None:
     (tmp_path / "77").mkdir()
-    (tmp_path / "77" / "status").write_text("Name:\tx\nUid:\t1000\t1000\t1000\t1000\n"
-                                            "Gid:\t1000\t1000\t1000\t1000\nGroups:\t27 100 \n")
+    (tmp_path / "77" / "status").write_text(
+        "Name:\tx\nUid:\t1000\t1000\t1000\t1000\nGid:\t1000\t1000\t1000\t1000\nGroups:\t27 100 \n"
+    )
     assert proc_groups(77, 1000, tmp_path) == (27, 100)
     assert proc_groups(77, 1001, tmp_path) is None
     assert proc_groups(78, 1000, tmp_path) is None
@@ -126,21 +129,21 @@ def test_up_is_denied_to_a_stranger_and_allowed_to_a_member(tmp_path: Path) -> N
     assert core.states["work"] == "up"
 
 
-def test_requests_on_one_connection_are_answered_in_order_with_their_ids(
-        tmp_path: Path) -> None:
+def test_requests_on_one_connection_are_answered_in_order_with_their_ids(tmp_path: Path) -> None:
     async def test(server: UnixControlServer, path: Path) -> None:
         conn = await Conn.open(path)
-        await conn.send(b"".join(encode_request(Request(i, "version", {}))
-                                 for i in range(10, 15)) + b"\n\n")
+        await conn.send(
+            b"".join(encode_request(Request(i, "version", {})) for i in range(10, 15)) + b"\n\n"
+        )
         assert [(await conn.recv())["id"] for _ in range(5)] == [10, 11, 12, 13, 14]
         conn.close()
 
     run(test, tmp_path)
 
 
-def test_a_bug_in_the_core_is_an_internal_error_and_the_server_carries_on(
-        tmp_path: Path) -> None:
+def test_a_bug_in_the_core_is_an_internal_error_and_the_server_carries_on(tmp_path: Path) -> None:
     core = FakeCore()
+
     def broken_stats(name: str) -> dict[str, Any]:
         raise ZeroDivisionError
 
@@ -148,15 +151,18 @@ def test_a_bug_in_the_core_is_an_internal_error_and_the_server_carries_on(
 
     async def test(server: UnixControlServer, path: Path) -> None:
         reply = await ask(path, "stats", profile="work")
-        assert reply["error"] == {"code": "internal",
-                                  "message": "internal error: ZeroDivisionError"}
+        assert reply["error"] == {
+            "code": "internal",
+            "message": "internal error: ZeroDivisionError",
+        }
         assert (await ask(path, "version"))["ok"]
 
     run(test, tmp_path, core)
 
 
 def test_a_connection_error_inside_the_core_is_not_mistaken_for_the_client_leaving(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     core = FakeCore()
 
     def refused(name: str) -> list[dict[str, Any]]:
@@ -187,6 +193,7 @@ def test_unreadable_credentials_get_an_error_reply(tmp_path: Path) -> None:
 
 # --- socket file lifecycle -----------------------------------------------------------------------
 
+
 def test_stale_socket_is_replaced_and_removed_on_close(tmp_path: Path) -> None:
     path = tmp_path / "run" / "control.sock"
     path.parent.mkdir()
@@ -215,6 +222,7 @@ def test_a_live_socket_or_a_plain_file_is_not_stolen(tmp_path: Path) -> None:
 
 
 # --- hostile and slow clients --------------------------------------------------------------------
+
 
 def test_oversized_request_gets_an_error_and_is_hung_up(tmp_path: Path) -> None:
     async def test(server: UnixControlServer, path: Path) -> None:
@@ -258,11 +266,17 @@ def _garbage(rng: random.Random, i: int) -> bytes:
         lambda: b"{" * rng.randrange(1, 5000),
         lambda: b"[" * rng.randrange(1, 60000),
         lambda: json.dumps(rng.choice([[], 1, "up", None, {"v": 1}, {"v": 1, "id": i}])).encode(),
-        lambda: json.dumps({"v": 1, "id": i, "verb": rng.choice(["up", "fly", "down", "x"]),
-                            "args": rng.choice([{}, {"profile": i}, {"profile": "nope"},
-                                                {"timeout": "x"}, []])}).encode(),
-        lambda: json.dumps({"v": rng.choice([0, 2, "1", True]), "id": i,
-                            "verb": "status"}).encode(),
+        lambda: json.dumps(
+            {
+                "v": 1,
+                "id": i,
+                "verb": rng.choice(["up", "fly", "down", "x"]),
+                "args": rng.choice([{}, {"profile": i}, {"profile": "nope"}, {"timeout": "x"}, []]),
+            }
+        ).encode(),
+        lambda: json.dumps(
+            {"v": rng.choice([0, 2, "1", True]), "id": i, "verb": "status"}
+        ).encode(),
     ]
     data = rng.choice(kinds)().replace(b"\n", b" ")
     return b"!" + data if not data.strip() else data
@@ -277,7 +291,10 @@ def test_a_thousand_malformed_requests_leave_the_server_answering(tmp_path: Path
             await conn.send(_garbage(rng, offset + i) + b"\n")
             reply = await conn.recv()
             assert reply["ok"] is False and reply["error"]["code"] in (
-                "bad_request", "no_such_profile", "denied"), reply
+                "bad_request",
+                "no_such_profile",
+                "denied",
+            ), reply
         conn.close()
 
     async def huge(path: Path) -> None:
@@ -295,8 +312,7 @@ def test_a_thousand_malformed_requests_leave_the_server_answering(tmp_path: Path
     run(test, tmp_path, uid=STRANGER_UID, max_per_uid=64)
 
 
-def test_one_user_cannot_hold_more_than_its_share_but_root_always_gets_in(
-        tmp_path: Path) -> None:
+def test_one_user_cannot_hold_more_than_its_share_but_root_always_gets_in(tmp_path: Path) -> None:
     async def test(server: UnixControlServer, path: Path) -> None:
         held = [await Conn.open(path) for _ in range(3)]
         await asyncio.sleep(0.05)
@@ -317,6 +333,7 @@ async def _root_gets_in(path: Path) -> None:
 
 
 # --- watch ---------------------------------------------------------------------------------------
+
 
 def test_watch_streams_events_until_the_client_goes(tmp_path: Path) -> None:
     core = FakeCore()

@@ -114,8 +114,9 @@ def test_a_partial_write_hands_exactly_the_rest_to_the_transport(pair: Any) -> N
     assert drain(b) + b"".join(transport.written) == b"".join(views)
 
 
-def test_a_closing_transport_is_never_written_behind_its_back(pair: Any,
-                                                              writevs: list[int]) -> None:
+def test_a_closing_transport_is_never_written_behind_its_back(
+    pair: Any, writevs: list[int]
+) -> None:
     a, _b = pair
     transport = FakeTransport(a)
     transport.closing = True
@@ -148,6 +149,7 @@ def test_a_send_leaves_at_once_in_one_write() -> None:
         mux.feed(sshmsg.open_confirmation(channel.local_id, REMOTE_ID, 1 << 20, 1000))
         channel.send(b"x" * 2500)
         assert types(pipe.writes[-1]) == [sshmsg.MSG_CHANNEL_DATA] * 3
+
     run(body)
 
 
@@ -163,6 +165,7 @@ def test_what_a_read_unblocks_leaves_in_one_write_at_its_end() -> None:
         mux.feed(b"".join(sshmsg.window_adjust(c.local_id, 100) for c in channels_))
         assert len(pipe.writes) == before + 1
         assert types(pipe.writes[-1]) == [sshmsg.MSG_CHANNEL_DATA] * 2
+
     run(body)
 
 
@@ -171,6 +174,7 @@ def test_uvloop_style_transports_are_accepted() -> None:
         protocol = MuxProtocol("test")
         protocol.connection_made(FakeTransport())  # type: ignore[arg-type]
         assert protocol.mux is not None
+
     run(body)
 
 
@@ -188,4 +192,5 @@ def test_a_channel_pipe_gets_the_batch_in_bounded_pieces_in_order() -> None:
         messages, used = sshmsg.split_packets(b"".join(pieces), 1 << 24)
         assert used == sum(map(len, pieces))
         assert b"".join(bytes(p[8:]) for _t, p in messages) == payload
+
     run(body)

@@ -22,8 +22,7 @@ from shuttled.errors import NoSuchProfileError, PermissionDeniedError, ShuttledE
 
 def test_every_answering_verb_is_a_manager_method_with_the_table_arguments() -> None:
     methods = dbus.manager_methods()
-    assert set(methods) == {dbus.member_name(v.name) for v in api.VERBS.values()
-                            if not v.streams}
+    assert set(methods) == {dbus.member_name(v.name) for v in api.VERBS.values() if not v.streams}
     assert "Watch" not in methods  # streamed events are the Event signal instead
     for m in methods.values():
         assert is_member_name_valid(m.member)
@@ -38,7 +37,10 @@ def test_profile_methods_take_the_profile_from_the_object() -> None:
     assert set(methods) == {"Status", "Up", "Down", "Stats", "Connections"}
     assert methods["Up"].in_signature == "bd" and methods["Down"].in_signature == ""
     assert methods["Up"].raw_args([False, 2.5], "work") == {
-        "wait": False, "timeout": 2.5, "profile": "work"}
+        "wait": False,
+        "timeout": 2.5,
+        "profile": "work",
+    }
 
 
 def test_an_empty_string_means_not_given() -> None:
@@ -58,7 +60,8 @@ def test_introspection_matches_the_generated_methods_properties_and_signals() ->
     assert manager.name == dbus.MANAGER_INTERFACE
     assert {m.name: [(a.name, a.signature) for a in m.in_args] for m in manager.methods} == {
         m.member: [(a.name, a.dbus_signature) for a in m.args]
-        for m in dbus.manager_methods().values()}
+        for m in dbus.manager_methods().values()
+    }
     assert all([a.signature for a in m.out_args] == ["s"] for m in manager.methods)
     assert [(p.name, p.signature) for p in manager.properties] == [("Profiles", "ao")]
     assert [s.name for s in manager.signals] == ["Event"]
@@ -67,8 +70,15 @@ def test_introspection_matches_the_generated_methods_properties_and_signals() ->
     assert profile.name == dbus.PROFILE_INTERFACE
     assert {m.name for m in profile.methods} == set(dbus.profile_methods())
     assert {(p.name, p.signature) for p in profile.properties} == {
-        ("Name", "s"), ("State", "s"), ("Remote", "s"), ("Since", "d"), ("LastError", "s"),
-        ("Rx", "t"), ("Tx", "t"), ("Holding", "b")}
+        ("Name", "s"),
+        ("State", "s"),
+        ("Remote", "s"),
+        ("Since", "d"),
+        ("LastError", "s"),
+        ("Rx", "t"),
+        ("Tx", "t"),
+        ("Holding", "b"),
+    }
     (changed,) = profile.signals
     assert changed.name == "StateChanged"
     assert [a.signature for a in changed.args] == ["s", "s"]
@@ -76,11 +86,23 @@ def test_introspection_matches_the_generated_methods_properties_and_signals() ->
 
 def test_properties_say_which_changes_are_signalled() -> None:
     xml = _introspect(dbus.ProfileInterface, None, "work").to_xml()
-    emits = {p.get("name"): next((a.get("value") for a in p.iter("annotation")
-                                  if a.get("name") == dbus.EMITS_CHANGED), "true")
-             for p in xml.iter("property")}
-    assert emits == {"Name": "const", "State": "true", "Remote": "false", "Since": "true",
-                     "LastError": "true", "Rx": "false", "Tx": "false", "Holding": "false"}
+    emits = {
+        p.get("name"): next(
+            (a.get("value") for a in p.iter("annotation") if a.get("name") == dbus.EMITS_CHANGED),
+            "true",
+        )
+        for p in xml.iter("property")
+    }
+    assert emits == {
+        "Name": "const",
+        "State": "true",
+        "Remote": "false",
+        "Since": "true",
+        "LastError": "true",
+        "Rx": "false",
+        "Tx": "false",
+        "Holding": "false",
+    }
     assert set(dbus.STATE_PROPERTIES) == {n for n, v in emits.items() if v == "true"}
 
 
@@ -100,8 +122,15 @@ def _control(row: dict[str, Any]) -> Any:
 
 
 def test_properties_read_the_status_row_with_nulls_made_typed() -> None:
-    row = {"name": "work", "state": "up", "remote": "a@b", "since": None, "last_error": None,
-           "rx": 12, "tx": -1}
+    row = {
+        "name": "work",
+        "state": "up",
+        "remote": "a@b",
+        "since": None,
+        "last_error": None,
+        "rx": 12,
+        "tx": -1,
+    }
     obj: Any = dbus.ProfileInterface(_control(row), "work")
     assert obj._property_State == "up"
     assert obj._property_Since == 0.0 and obj._property_LastError == ""
@@ -118,9 +147,17 @@ def test_a_vanished_profile_reads_as_its_error() -> None:
     assert info.value.type == "io.github.shuttled.Error.NoSuchProfile"
 
 
-@pytest.mark.parametrize(("name", "label"), [
-    ("work", "work"), ("lab-2", "lab_2d2"), ("2nd", "_32nd"), ("a_b", "a_5fb"),
-    ("X", "X"), ("", "_")])
+@pytest.mark.parametrize(
+    ("name", "label"),
+    [
+        ("work", "work"),
+        ("lab-2", "lab_2d2"),
+        ("2nd", "_32nd"),
+        ("a_b", "a_5fb"),
+        ("X", "X"),
+        ("", "_"),
+    ],
+)
 def test_profile_paths_are_escaped_like_sd_bus(name: str, label: str) -> None:
     assert dbus.bus_label(name) == label
     assert dbus.profile_path(name) == f"{const.DBUS_PATH}/profile/{label}"
@@ -130,7 +167,8 @@ def test_profile_paths_are_escaped_like_sd_bus(name: str, label: str) -> None:
 def _status(tmp_path: Path, pid: int, uid: str, gid: str, groups: str) -> Path:
     (tmp_path / str(pid)).mkdir()
     (tmp_path / str(pid) / "status").write_text(
-        f"Name:\tx\nUid:\t{uid}\nGid:\t{gid}\nGroups:\t{groups}\n")
+        f"Name:\tx\nUid:\t{uid}\nGid:\t{gid}\nGroups:\t{groups}\n"
+    )
     return tmp_path
 
 
@@ -152,20 +190,35 @@ def test_a_reused_or_changed_pid_tells_nothing(tmp_path: Path) -> None:
 
 
 def _call() -> Message:
-    return Message(destination=const.DBUS_NAME, path=const.DBUS_PATH,
-                   interface=dbus.MANAGER_INTERFACE, member="Up", serial=7, sender=":1.9")
+    return Message(
+        destination=const.DBUS_NAME,
+        path=const.DBUS_PATH,
+        interface=dbus.MANAGER_INTERFACE,
+        member="Up",
+        serial=7,
+        sender=":1.9",
+    )
 
 
-@pytest.mark.parametrize(("exc", "name", "text"), [
-    (PermissionDeniedError("up work: permission denied"), "Error.Denied",
-     "up work: permission denied"),
-    (NoSuchProfileError("no profile named 'x'"), "Error.NoSuchProfile", "no profile named 'x'"),
-    (BadRequestError("up: missing argument 'profile'"), "Error.BadRequest",
-     "up: missing argument 'profile'"),
-    (ShuttledError("first line\nsecond line"), "Error.Failed", "first line"),
-    (TimeoutError(), "Error.Timeout", "timed out"),
-    (RuntimeError("secret detail"), "Error.Internal", "internal error: RuntimeError"),
-])
+@pytest.mark.parametrize(
+    ("exc", "name", "text"),
+    [
+        (
+            PermissionDeniedError("up work: permission denied"),
+            "Error.Denied",
+            "up work: permission denied",
+        ),
+        (NoSuchProfileError("no profile named 'x'"), "Error.NoSuchProfile", "no profile named 'x'"),
+        (
+            BadRequestError("up: missing argument 'profile'"),
+            "Error.BadRequest",
+            "up: missing argument 'profile'",
+        ),
+        (ShuttledError("first line\nsecond line"), "Error.Failed", "first line"),
+        (TimeoutError(), "Error.Timeout", "timed out"),
+        (RuntimeError("secret detail"), "Error.Internal", "internal error: RuntimeError"),
+    ],
+)
 def test_errors_are_named_after_their_code(exc: BaseException, name: str, text: str) -> None:
     reply = dbus.error_message(_call(), exc)
     assert reply.error_name == f"{const.DBUS_NAME}.{name}"
@@ -179,7 +232,8 @@ class _Mode(enum.Enum):
 
 def test_results_are_the_sockets_json() -> None:
     assert dbus.result_json({"mode": _Mode.DIRECT, "path": Path("/x"), "none": None}) == (
-        '{"mode":"direct","path":"/x","none":null}')
+        '{"mode":"direct","path":"/x","none":null}'
+    )
 
 
 class _Driver(dbus.DbusControl):
@@ -196,34 +250,49 @@ class _Driver(dbus.DbusControl):
 
 
 def _ok(signature: str, value: Any) -> Message:
-    return Message(message_type=MessageType.METHOD_RETURN, reply_serial=1,
-                   signature=signature, body=[value])
+    return Message(
+        message_type=MessageType.METHOD_RETURN, reply_serial=1, signature=signature, body=[value]
+    )
 
 
 def _error(name: str) -> Message:
-    return Message(message_type=MessageType.ERROR, reply_serial=1, error_name=name,
-                   signature="s", body=["no"])
+    return Message(
+        message_type=MessageType.ERROR, reply_serial=1, error_name=name, signature="s", body=["no"]
+    )
 
 
 def test_credentials_come_from_one_call_on_current_buses() -> None:
-    driver = _Driver({"GetConnectionCredentials": _ok("a{sv}", {
-        "UnixUserID": Variant("u", 1000), "ProcessID": Variant("u", 77),
-        "UnixGroupIDs": Variant("au", [1000, 27])})})
+    driver = _Driver(
+        {
+            "GetConnectionCredentials": _ok(
+                "a{sv}",
+                {
+                    "UnixUserID": Variant("u", 1000),
+                    "ProcessID": Variant("u", 77),
+                    "UnixGroupIDs": Variant("au", [1000, 27]),
+                },
+            )
+        }
+    )
     assert asyncio.run(driver._credentials(":1.5")) == (1000, 77, (1000, 27))
     assert driver.asked == ["GetConnectionCredentials"]
 
 
 def test_old_buses_are_asked_the_two_older_questions() -> None:
-    driver = _Driver({
-        "GetConnectionCredentials": _error("org.freedesktop.DBus.Error.UnknownMethod"),
-        "GetConnectionUnixUser": _ok("u", 1000),
-        "GetConnectionUnixProcessID": _error("org.freedesktop.DBus.Error.Failed")})
+    driver = _Driver(
+        {
+            "GetConnectionCredentials": _error("org.freedesktop.DBus.Error.UnknownMethod"),
+            "GetConnectionUnixUser": _ok("u", 1000),
+            "GetConnectionUnixProcessID": _error("org.freedesktop.DBus.Error.Failed"),
+        }
+    )
     assert asyncio.run(driver._credentials(":1.5")) == (1000, None, None)
 
 
 def test_a_caller_the_bus_does_not_know_is_refused() -> None:
-    driver = _Driver({"GetConnectionCredentials": _error(
-        "org.freedesktop.DBus.Error.NameHasNoOwner")})
+    driver = _Driver(
+        {"GetConnectionCredentials": _error("org.freedesktop.DBus.Error.NameHasNoOwner")}
+    )
     with pytest.raises(ShuttledError, match="cannot read the caller's credentials"):
         asyncio.run(driver._caller(":1.5"))
     with pytest.raises(ShuttledError, match="no sender"):

@@ -31,8 +31,7 @@ async def nameservers() -> list[str]:
 
 async def started(plan: DnsPlan, **refresh: Any) -> tuple[ProfileResolver, Any]:
     profile = ProfileResolver("work", "shuttled", plan, direct)
-    await profile.refresh(refresh.get("networks", []), refresh.get("hosts"),
-                          refresh.get("pinned"))
+    await profile.refresh(refresh.get("networks", []), refresh.get("hosts"), refresh.get("pinned"))
     return profile, await profile.start(nameservers)
 
 
@@ -40,8 +39,12 @@ def test_mode_all_catches_every_resolver_without_a_bypass() -> None:
     async def main() -> None:
         profile, capture = await started(DnsPlan("all", listen=("127.0.0.1",)))
         assert capture.every_server and capture.bypass_mark is None and capture.port
-        assert profile.status() == {"mode": "all", "path": "firewall", "domains": ["."],
-                                    "resolvers": ["10.9.3.53", "fd00::53"]}
+        assert profile.status() == {
+            "mode": "all",
+            "path": "firewall",
+            "domains": ["."],
+            "resolvers": ["10.9.3.53", "fd00::53"],
+        }
         await profile.close()
 
     run(main())
@@ -51,7 +54,8 @@ def test_split_without_resolved_catches_resolv_conf_and_marks_its_own_queries() 
     async def main() -> None:
         profile, capture = await started(
             DnsPlan("split", ("corp.example",), listen=("127.0.0.1",)),
-            networks=[ipaddress.ip_network("10.1.0.0/16")])
+            networks=[ipaddress.ip_network("10.1.0.0/16")],
+        )
         assert not capture.every_server and capture.bypass_mark == DNS_BYPASS_MARK
         assert [str(a) for a in capture.servers] == ["10.9.3.53", "fd00::53"]
         assert profile.status()["domains"] == ["corp.example", "1.10.in-addr.arpa"]
@@ -63,8 +67,9 @@ def test_split_without_resolved_catches_resolv_conf_and_marks_its_own_queries() 
 def test_the_ssh_servers_name_is_answered_when_the_tunnel_would_take_it() -> None:
     async def main() -> tuple[bytes, bytes | None]:
         everything, _ = await started(DnsPlan("all", listen=("127.0.0.1",)), pinned=SERVER)
-        split, _ = await started(DnsPlan("split", ("corp.example",), listen=("127.0.0.1",)),
-                                 pinned=SERVER)
+        split, _ = await started(
+            DnsPlan("split", ("corp.example",), listen=("127.0.0.1",)), pinned=SERVER
+        )
         assert everything.forwarder is not None and split.forwarder is not None
         query = make_query("bastion.example.com")
         pinned = await everything.forwarder.resolve(query)

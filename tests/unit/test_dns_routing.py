@@ -33,13 +33,15 @@ def ttls(message: bytes) -> list[int]:
     return [r.ttl for r in _records(message)]
 
 
-def answer_with(query: bytes, ttl: int, *, rcode_: int = 0, flags: int = 0,
-                extra: bytes = b"", records: int = 1) -> bytes:
+def answer_with(
+    query: bytes, ttl: int, *, rcode_: int = 0, flags: int = 0, extra: bytes = b"", records: int = 1
+) -> bytes:
     ident, qflags = struct.unpack_from(">HH", query)
     _, end = dns.read_questions(query)
     record = b"\xc0\x0c" + struct.pack(">HHIH", TYPE_A, 1, ttl, 4) + bytes([10, 0, 0, 1])
-    header = struct.pack(">6H", ident, qflags | FLAG_QR | FLAG_RA | flags | rcode_, 1,
-                         records, 0, 1 if extra else 0)
+    header = struct.pack(
+        ">6H", ident, qflags | FLAG_QR | FLAG_RA | flags | rcode_, 1, records, 0, 1 if extra else 0
+    )
     return header + query[12:end] + record * records + extra
 
 
@@ -110,15 +112,18 @@ def test_negative_answer_lives_for_the_soa_minimum() -> None:
     assert cache_lifetime(soa_answer(query, ttl=30, minimum=600)) == 30
 
 
-@pytest.mark.parametrize("why,reply", [
-    ("servfail", lambda q: answer_with(q, 60, rcode_=Rcode.SERVFAIL)),
-    ("refused", lambda q: answer_with(q, 60, rcode_=Rcode.REFUSED)),
-    ("truncated", lambda q: answer_with(q, 60, flags=FLAG_TC)),
-    ("ttl zero", lambda q: answer_with(q, 0)),
-    ("no records", lambda q: answer_with(q, 60, records=0)),
-    ("other question", lambda q: answer_with(make_query("other.example"), 60)),
-    ("garbage", lambda q: q[:20]),
-])
+@pytest.mark.parametrize(
+    "why,reply",
+    [
+        ("servfail", lambda q: answer_with(q, 60, rcode_=Rcode.SERVFAIL)),
+        ("refused", lambda q: answer_with(q, 60, rcode_=Rcode.REFUSED)),
+        ("truncated", lambda q: answer_with(q, 60, flags=FLAG_TC)),
+        ("ttl zero", lambda q: answer_with(q, 0)),
+        ("no records", lambda q: answer_with(q, 60, records=0)),
+        ("other question", lambda q: answer_with(make_query("other.example"), 60)),
+        ("garbage", lambda q: q[:20]),
+    ],
+)
 def test_what_is_never_cached(why: str, reply: Any) -> None:
     cache = DnsCache()
     query = make_query("q.example")
@@ -128,8 +133,11 @@ def test_what_is_never_cached(why: str, reply: Any) -> None:
 
 def test_cache_key_tells_edns_and_do_apart() -> None:
     cache = DnsCache()
-    plain, edns, dnssec = (make_query("k.example"), with_opt(make_query("k.example"), OPT),
-                           with_opt(make_query("k.example"), OPT_DO))
+    plain, edns, dnssec = (
+        make_query("k.example"),
+        with_opt(make_query("k.example"), OPT),
+        with_opt(make_query("k.example"), OPT_DO),
+    )
     cache.put(dnssec, answer_with(dnssec, 60, extra=OPT_DO))
     assert cache.get(plain) is None and cache.get(edns) is None
     assert cache.get(dnssec) is not None
@@ -181,8 +189,9 @@ def test_routes_claim_names_under_domains_only_at_label_boundaries() -> None:
 
 
 def test_routes_claim_reverse_names_inside_their_networks() -> None:
-    routes = SplitRoutes(networks=(ipaddress.ip_network("10.1.0.0/16"),
-                                   ipaddress.ip_network("fd00:1::/32")))
+    routes = SplitRoutes(
+        networks=(ipaddress.ip_network("10.1.0.0/16"), ipaddress.ip_network("fd00:1::/32"))
+    )
     assert routes.claims("4.3.1.10.in-addr.arpa")
     assert routes.claims("1.10.in-addr.arpa")  # the zone itself
     assert not routes.claims("10.in-addr.arpa")  # wider than the network
@@ -198,9 +207,11 @@ def test_routes_claim_exact_host_names_and_everything_in_mode_all() -> None:
 
 
 def test_routing_domains_for_resolved() -> None:
-    routes = SplitRoutes(domains=("corp.example",),
-                         networks=(ipaddress.ip_network("172.16.0.0/12"),),
-                         names=frozenset({"build01"}))
+    routes = SplitRoutes(
+        domains=("corp.example",),
+        networks=(ipaddress.ip_network("172.16.0.0/12"),),
+        names=frozenset({"build01"}),
+    )
     domains = routes.routing_domains()
     assert domains[0] == "corp.example" and domains[-1] == "build01"
     assert "16.172.in-addr.arpa" in domains and "31.172.in-addr.arpa" in domains
@@ -215,9 +226,14 @@ def test_reverse_zones_widen_instead_of_listing_too_many() -> None:
 
 # --- the remote's hosts -------------------------------------------------------------------------
 
-HOSTS = HostsTable({"build01.corp.example": [ipaddress.ip_address("10.20.0.11")],
-                    "build01": [ipaddress.ip_address("10.20.0.11")],
-                    "v6only": [ipaddress.ip_address("fd00::11")]}, ttl=45)
+HOSTS = HostsTable(
+    {
+        "build01.corp.example": [ipaddress.ip_address("10.20.0.11")],
+        "build01": [ipaddress.ip_address("10.20.0.11")],
+        "v6only": [ipaddress.ip_address("fd00::11")],
+    },
+    ttl=45,
+)
 
 
 def ask_hosts(name: str, qtype: int) -> bytes | None:
@@ -251,8 +267,9 @@ def test_hosts_other_types_and_names_are_not_theirs() -> None:
 class LocalServer(asyncio.DatagramProtocol):
     """The machine's original resolver: UDP, with TCP on the same port for truncated answers."""
 
-    def __init__(self, *, truncate: bool = False, silent: bool = False,
-                 spoof_first: bool = False) -> None:
+    def __init__(
+        self, *, truncate: bool = False, silent: bool = False, spoof_first: bool = False
+    ) -> None:
         self.truncate, self.silent, self.spoof_first = truncate, silent, spoof_first
         self.udp: list[bytes] = []
         self.tcp: list[bytes] = []
@@ -263,8 +280,9 @@ class LocalServer(asyncio.DatagramProtocol):
     async def __aenter__(self) -> LocalServer:
         loop = asyncio.get_running_loop()
         for _ in range(20):  # a free UDP port may be some other program's TCP port
-            transport, _ = await loop.create_datagram_endpoint(lambda: self,
-                                                               local_addr=("127.0.0.1", 0))
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: self, local_addr=("127.0.0.1", 0)
+            )
             self.port = transport.get_extra_info("sockname")[1]
             try:
                 self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
@@ -342,9 +360,13 @@ def test_local_upstream_fails_over_from_a_silent_resolver() -> None:
 
 
 async def split_forwarder(server: FakeServer, local: LocalServer, **kw: Any) -> DnsForwarder:
-    return DnsForwarder(direct, [server.nameserver],
-                        routes=SplitRoutes(domains=("corp.example",)),
-                        local=LocalUpstream([local.nameserver], mark=None), **kw)
+    return DnsForwarder(
+        direct,
+        [server.nameserver],
+        routes=SplitRoutes(domains=("corp.example",)),
+        local=LocalUpstream([local.nameserver], mark=None),
+        **kw,
+    )
 
 
 def test_split_private_names_through_the_tunnel_the_rest_local() -> None:
@@ -407,8 +429,9 @@ def test_remote_hosts_answered_without_asking_anyone() -> None:
 def test_unclaimed_name_without_a_local_upstream_is_refused() -> None:
     async def main() -> None:
         async with FakeServer() as tunnel:
-            forwarder = DnsForwarder(direct, [tunnel.nameserver],
-                                     routes=SplitRoutes(domains=("corp.example",)))
+            forwarder = DnsForwarder(
+                direct, [tunnel.nameserver], routes=SplitRoutes(domains=("corp.example",))
+            )
             reply = await forwarder.resolve(make_query("elsewhere.example"))
             forwarder.close()
         assert rcode(reply) == Rcode.REFUSED and not tunnel.received
@@ -434,12 +457,20 @@ def test_peer_profiles_answer_each_others_names() -> None:
     async def main() -> None:
         async with FakeServer() as tunnel_a, FakeServer() as tunnel_b, LocalServer() as local:
             peers = DnsPeers()
-            a = DnsForwarder(direct, [tunnel_a.nameserver], peers=peers,
-                             routes=SplitRoutes(domains=("a.example",)),
-                             local=LocalUpstream([local.nameserver], mark=None))
-            b = DnsForwarder(direct, [tunnel_b.nameserver], peers=peers,
-                             routes=SplitRoutes(domains=("b.example",)),
-                             local=LocalUpstream([local.nameserver], mark=None))
+            a = DnsForwarder(
+                direct,
+                [tunnel_a.nameserver],
+                peers=peers,
+                routes=SplitRoutes(domains=("a.example",)),
+                local=LocalUpstream([local.nameserver], mark=None),
+            )
+            b = DnsForwarder(
+                direct,
+                [tunnel_b.nameserver],
+                peers=peers,
+                routes=SplitRoutes(domains=("b.example",)),
+                local=LocalUpstream([local.nameserver], mark=None),
+            )
             peers.add("a", a)
             peers.add("b", b)
             # Everything reaches a (its capture chain is first): b's names go to b.

@@ -46,10 +46,12 @@ SAVE = textwrap.dedent("""\
 def test_parse_state_takes_only_our_instance() -> None:
     assert parse_state(SAVE, "SHUTTLED") == ChainSet(
         ("SHUTTLED", "SHUTTLED-home", "SHUTTLED-work"),
-        ("-A SHUTTLED -j SHUTTLED-work",
-         "-A SHUTTLED -j SHUTTLED-home",
-         "-A SHUTTLED-home -p tcp -j REDIRECT --to-ports 12400",
-         "-A SHUTTLED-work -d 10.0.0.0/8 -p tcp -j REDIRECT --to-ports 12300"),
+        (
+            "-A SHUTTLED -j SHUTTLED-work",
+            "-A SHUTTLED -j SHUTTLED-home",
+            "-A SHUTTLED-home -p tcp -j REDIRECT --to-ports 12400",
+            "-A SHUTTLED-work -d 10.0.0.0/8 -p tcp -j REDIRECT --to-ports 12300",
+        ),
         jumps=2,  # a doubled jump (by hand, or an old bug) is healed on the next apply
     )
     assert parse_state(SAVE, "SHUTTLED_run_9").chains == ("SHUTTLED_run_9", "SHUTTLED_run_9-work")
@@ -57,9 +59,11 @@ def test_parse_state_takes_only_our_instance() -> None:
 
 
 def test_reapply_replaces_jump_and_drops_stale_chains() -> None:
-    target = ChainSet(("SHUTTLED", "SHUTTLED-work"),
-                      ("-A SHUTTLED -j SHUTTLED-work",
-                       "-A SHUTTLED-work -p tcp -j REDIRECT --to-ports 12300"), jumps=1)
+    target = ChainSet(
+        ("SHUTTLED", "SHUTTLED-work"),
+        ("-A SHUTTLED -j SHUTTLED-work", "-A SHUTTLED-work -p tcp -j REDIRECT --to-ports 12300"),
+        jumps=1,
+    )
     assert transaction("SHUTTLED", parse_state(SAVE, "SHUTTLED"), target) == textwrap.dedent("""\
         *nat
         :SHUTTLED - [0:0]
@@ -114,15 +118,23 @@ def test_cleanup_never_lists_an_absent_legacy_nat_table(
 
 
 def test_one_line_keeps_the_error_and_drops_markers() -> None:
-    nft = ("/dev/stdin:12:3-20: Error: Could not process rule: No such file or directory\n"
-           "\t\tjump cap_missing\n\t\t^^^^^^^^^^^^^^^^\n")
-    assert one_line(nft) == ("/dev/stdin:12:3-20: Error: Could not process rule: "
-                             "No such file or directory | jump cap_missing")
-    ipt = ("ip6tables-restore v1.8.9 (nf_tables): Chain 'NO_SUCH' does not exist\n"
-           "Error occurred at line: 4\n"
-           "Try `ip6tables-restore -h' or 'ip6tables-restore --help' for more information.\n")
-    assert one_line(ipt) == ("ip6tables-restore v1.8.9 (nf_tables): Chain 'NO_SUCH' does not "
-                             "exist | Error occurred at line: 4")
+    nft = (
+        "/dev/stdin:12:3-20: Error: Could not process rule: No such file or directory\n"
+        "\t\tjump cap_missing\n\t\t^^^^^^^^^^^^^^^^\n"
+    )
+    assert one_line(nft) == (
+        "/dev/stdin:12:3-20: Error: Could not process rule: "
+        "No such file or directory | jump cap_missing"
+    )
+    ipt = (
+        "ip6tables-restore v1.8.9 (nf_tables): Chain 'NO_SUCH' does not exist\n"
+        "Error occurred at line: 4\n"
+        "Try `ip6tables-restore -h' or 'ip6tables-restore --help' for more information.\n"
+    )
+    assert one_line(ipt) == (
+        "ip6tables-restore v1.8.9 (nf_tables): Chain 'NO_SUCH' does not "
+        "exist | Error occurred at line: 4"
+    )
     assert one_line("") == "no error output"
     assert len(one_line("Error " * 500)) == 400
 
@@ -155,6 +167,7 @@ def test_detect_without_tools(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_detect_unknown_method() -> None:
-    with pytest.raises(ConfigError,
-                       match="firewall method 'ipfw': expected auto, nft, iptables, pf"):
+    with pytest.raises(
+        ConfigError, match="firewall method 'ipfw': expected auto, nft, iptables, pf"
+    ):
         detect("ipfw")

@@ -12,9 +12,14 @@ from shuttled.firewall import Capture, IptablesBackend, NftBackend, parse_subnet
 from shuttled.firewall.base import capture_rules
 from shuttled.firewall.iptables import _chain_body
 
-SPLIT = Capture("split", tuple(parse_subnet("10.1.0.0/16", resolve=False)), tcp_port=12300,
-                dns_port=12301, dns_servers=(ipaddress.ip_address("10.9.3.53"),),
-                bypass_mark=DNS_BYPASS_MARK)
+SPLIT = Capture(
+    "split",
+    tuple(parse_subnet("10.1.0.0/16", resolve=False)),
+    tcp_port=12300,
+    dns_port=12301,
+    dns_servers=(ipaddress.ip_address("10.9.3.53"),),
+    bypass_mark=DNS_BYPASS_MARK,
+)
 EVERY = Capture("every", (), tcp_port=12400, dns_port=12401, dns_all=True)
 
 
@@ -72,19 +77,27 @@ def test_mark_survives_per_family_split() -> None:
     assert capture_rules(SPLIT).family(6).bypass_mark == DNS_BYPASS_MARK
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"dns_all": True},
-    {"bypass_mark": 0},
-    {"bypass_mark": 1 << 32, "dns_port": 1},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"dns_all": True},
+        {"bypass_mark": 0},
+        {"bypass_mark": 1 << 32, "dns_port": 1},
+    ],
+)
 def test_bad_dns_captures_are_refused(kwargs: dict[str, object]) -> None:
     with pytest.raises(ConfigError):
         Capture("bad", (), tcp_port=1, **kwargs)  # type: ignore[arg-type]
 
 
 def test_dns_held_before_its_listener_exists_is_refused_not_redirected() -> None:
-    held = Capture("held", tuple(parse_subnet("10.1.0.0/16", resolve=False)), tcp_port=12500,
-                   dns_all=True, hold=True)
+    held = Capture(
+        "held",
+        tuple(parse_subnet("10.1.0.0/16", resolve=False)),
+        tcp_port=12500,
+        dns_all=True,
+        hold=True,
+    )
     rules = capture_rules(held)
     assert rules.dns == () and [r.family for r in rules.refused_dns] == [4, 6]
     assert nft_chain(held) == []  # nothing redirects: no listener to send it to

@@ -45,14 +45,19 @@ def subnets(*texts: str, exclude: Sequence[str] = ()) -> tuple:  # type: ignore[
 
 WORK = Capture(
     "work",
-    subnets("0/0", "192.168.1.0/24:8000-9000",
-            exclude=["10.5.0.0/16", "172.16.0.0/12", "203.0.113.5:22", "fd00:5::/64"]),
-    tcp_port=12300, dns_port=12301,
+    subnets(
+        "0/0",
+        "192.168.1.0/24:8000-9000",
+        exclude=["10.5.0.0/16", "172.16.0.0/12", "203.0.113.5:22", "fd00:5::/64"],
+    ),
+    tcp_port=12300,
+    dns_port=12301,
     dns_servers=(ipaddress.ip_address("10.0.0.53"), ipaddress.ip_address("fd00::53")),
     uid=501,
 )
-LAB = Capture("lab", subnets("198.51.100.0/24", exclude=["198.51.100.7", "100.64.0.0/10"]),
-              tcp_port=12400)
+LAB = Capture(
+    "lab", subnets("198.51.100.0/24", exclude=["198.51.100.7", "100.64.0.0/10"]), tcp_port=12400
+)
 
 EXPECTED = textwrap.dedent("""\
     # shuttled: anchor com.apple/shuttled, replaced as a whole by pfctl -a com.apple/shuttled -f -
@@ -91,6 +96,7 @@ EXPECTED = textwrap.dedent("""\
 
 # --- the anchor --------------------------------------------------------------------------------
 
+
 def test_anchor_text_is_pinned() -> None:
     assert PfBackend("shuttled", platform=DARWIN).render([WORK, LAB]) == EXPECTED
 
@@ -114,8 +120,9 @@ def test_first_match_order_most_specific_first() -> None:
     # With `quick` the first matching rule wins, so an exclude nested inside an
     # include must come first (sshuttle 2.0 emits widest first: its #1014).
     lines = EXPECTED.splitlines()
-    assert lines.index("no rdr on lo0 inet proto tcp to { 10.5.0.0/16, 172.16.0.0/12 }") < \
-        lines.index("rdr pass on lo0 inet proto tcp to 0.0.0.0/0 -> 127.0.0.1 port 12300")
+    assert lines.index(
+        "no rdr on lo0 inet proto tcp to { 10.5.0.0/16, 172.16.0.0/12 }"
+    ) < lines.index("rdr pass on lo0 inet proto tcp to 0.0.0.0/0 -> 127.0.0.1 port 12300")
     excl = "pass out quick on ! lo0 inet proto tcp to { 10.5.0.0/16, 172.16.0.0/12 } user 501"
     incl = "pass out quick on ! lo0 route-to lo0 inet proto tcp to 0.0.0.0/0 user 501 keep state"
     assert lines.index(excl) < lines.index(incl)
@@ -148,6 +155,7 @@ def test_dns_only_capture_has_no_subnet_rules() -> None:
 
 # --- DIOCNATLOOK -------------------------------------------------------------------------------
 
+
 def test_ioctl_numbers() -> None:
     # _IOWR('D', 23, struct pfioc_natlook): IOC_INOUT | sizeof << 16 | 'D' << 8 | 23
     assert FREEBSD_NATLOOK.size == 76  # 4 * 16 + 4 * 2 + 3, padded to 4
@@ -171,23 +179,29 @@ V4_ADDRS = """
 
 
 def test_pack_darwin_ipv4() -> None:
-    expected = _hex(V4_ADDRS + """
+    expected = _hex(
+        V4_ADDRS
+        + """
         c8220000  # sxport: 51234 in network order, then the rest of the 4-byte union
         300c0000  # dxport: 12300
         00000000  # rsxport
         00000000  # rdxport
         02 06 00 02  # af AF_INET, proto TCP, proto_variant, direction PF_OUT
-    """)
+    """
+    )
     got = pack_natlook(DARWIN_NATLOOK, 4, ("192.168.1.10", 51234), ("127.0.0.1", 12300))
     assert len(got) == 84
     assert got == expected
 
 
 def test_pack_freebsd_ipv4() -> None:
-    expected = _hex(V4_ADDRS + """
+    expected = _hex(
+        V4_ADDRS
+        + """
         c822 300c 0000 0000  # sport dport rsport rdport (u_int16_t, network order)
         02 06 02 00  # af AF_INET, proto TCP, direction PF_OUT, padding
-    """)
+    """
+    )
     got = pack_natlook(FREEBSD_NATLOOK, 4, ("192.168.1.10", 51234), ("127.0.0.1", 12300))
     assert len(got) == 76
     assert got == expected
@@ -244,6 +258,7 @@ def test_platforms() -> None:
 
 # --- pfctl ---------------------------------------------------------------------------------------
 
+
 class FakePfctl:
     """Records pfctl calls; answers like macOS's pfctl."""
 
@@ -284,13 +299,14 @@ def test_apply_is_one_pfctl_load_of_our_anchor(pfctl: FakePfctl, tmp_path: Path)
     assert all("-f" not in a or a[:2] == ("-a", "com.apple/shuttled") for a in pfctl.argv)
 
 
-def test_remove_flushes_the_anchor_and_releases_the_token(pfctl: FakePfctl,
-                                                          tmp_path: Path) -> None:
+def test_remove_flushes_the_anchor_and_releases_the_token(pfctl: FakePfctl, tmp_path: Path) -> None:
     backend = PfBackend("shuttled", platform=DARWIN)
     backend.apply([LAB])
     backend.remove()
-    assert pfctl.argv[-2:] == [("-a", "com.apple/shuttled", "-F", "all"),
-                               ("-X", "13402945385735185079")]
+    assert pfctl.argv[-2:] == [
+        ("-a", "com.apple/shuttled", "-F", "all"),
+        ("-X", "13402945385735185079"),
+    ]
     assert not (tmp_path / "pf-shuttled.token").exists()
     backend.remove()  # idempotent: nothing more to release
     assert pfctl.argv[-1] == ("-a", "com.apple/shuttled", "-F", "all")
@@ -331,13 +347,16 @@ MAC_RULES = 'scrub-anchor "com.apple/*" all fragment reassemble\nanchor "com.app
 def test_anchor_problems() -> None:
     assert anchor_problems(DARWIN, MAC_NAT, MAC_RULES, "lo0\n", "Status: Disabled") is None
     assert "pf.conf" in (anchor_problems(DARWIN, "", MAC_RULES, "lo0\n", "") or "")
-    assert "set skip on lo0" in (anchor_problems(DARWIN, MAC_NAT, MAC_RULES, "lo0 (skip)\n",
-                                                 "") or "")
+    assert "set skip on lo0" in (
+        anchor_problems(DARWIN, MAC_NAT, MAC_RULES, "lo0 (skip)\n", "") or ""
+    )
     bsd_nat, bsd_rules = 'rdr-anchor "shuttled/*" all\n', 'anchor "shuttled/*" all\n'
-    assert anchor_problems(FREEBSD, bsd_nat, bsd_rules, "lo0\n", "Status: Enabled for 1 days")\
-        is None
-    assert "pf_enable" in (anchor_problems(FREEBSD, bsd_nat, bsd_rules, "lo0\n",
-                                           "Status: Disabled") or "")
+    assert (
+        anchor_problems(FREEBSD, bsd_nat, bsd_rules, "lo0\n", "Status: Enabled for 1 days") is None
+    )
+    assert "pf_enable" in (
+        anchor_problems(FREEBSD, bsd_nat, bsd_rules, "lo0\n", "Status: Disabled") or ""
+    )
     missing = anchor_problems(FREEBSD, "", "", "", "")
     assert missing is not None and 'rdr-anchor "shuttled/*"' in missing
 
@@ -349,4 +368,3 @@ def test_detect_knows_pf() -> None:
     with pytest.raises(FirewallError, match="firewall method pf: pf is for macOS and FreeBSD"):
         detect("pf")
     assert not PfBackend.present()
-

@@ -22,8 +22,13 @@ def subnets(*texts: str, exclude: bool = False) -> tuple[Subnet, ...]:
 # that exclude, a port-only exclude (the ssh server), DNS on a local stub too.
 WORK = Capture(
     "work",
-    subnets("10.0.0.0/8", "192.168.50.0/24", "10.0.5.128/25", "172.16.0.0/12:8000-9000",
-            "[fd00::/8]:443")
+    subnets(
+        "10.0.0.0/8",
+        "192.168.50.0/24",
+        "10.0.5.128/25",
+        "172.16.0.0/12:8000-9000",
+        "[fd00::/8]:443",
+    )
     + subnets("10.0.5.0/24", "203.0.113.7:22", exclude=True),
     tcp_port=12300,
     dns_port=12301,
@@ -137,14 +142,21 @@ def test_iptables_nothing_from_nothing() -> None:
 
 
 def test_dns_only_capture_has_no_local_return() -> None:
-    dns_only = Capture("dns", (), tcp_port=1, dns_port=5353,
-                       dns_servers=(ipaddress.ip_address("192.0.2.53"),))
-    assert NftBackend().render([dns_only]).endswith(dedent("""
+    dns_only = Capture(
+        "dns", (), tcp_port=1, dns_port=5353, dns_servers=(ipaddress.ip_address("192.0.2.53"),)
+    )
+    assert (
+        NftBackend()
+        .render([dns_only])
+        .endswith(
+            dedent("""
         \tchain cap_dns {
         \t\tip daddr 192.0.2.53 meta l4proto { tcp, udp } th dport 53 redirect to :5353
         \t}
         }
-    """))
+    """)
+        )
+    )
     assert "ip6tables" not in IptablesBackend().render([dns_only])  # no IPv6 rules, no chains
 
 
@@ -164,8 +176,11 @@ def test_ipv4_only_capture_leaves_ip6tables_alone() -> None:
 
 
 def test_neighbours_with_one_verdict_share_a_rule() -> None:
-    capture = Capture("c", subnets("10.1.0.0/16", "10.2.0.0/16", "10.0.0.0/8", "10.1.2.0/24",
-                                   "192.0.2.0/24"), tcp_port=1)
+    capture = Capture(
+        "c",
+        subnets("10.1.0.0/16", "10.2.0.0/16", "10.0.0.0/8", "10.1.2.0/24", "192.0.2.0/24"),
+        tcp_port=1,
+    )
     (rule,) = capture_rules(capture).subnets
     # A network a later, wider one covers is dropped: same verdict, and older nft
     # refuses overlapping set elements.
@@ -203,8 +218,10 @@ def test_iptables_chain_names() -> None:
 def test_persistent_daemon_table_stays_when_empty_and_goes_on_remove() -> None:
     nft = NftBackend("shuttled", persistent=True)
     script = nft.render([])
-    assert script.endswith("table inet shuttled {\n\tchain output {\n\t\ttype nat hook output "
-                           "priority -105; policy accept;\n\t}\n}\n")
+    assert script.endswith(
+        "table inet shuttled {\n\tchain output {\n\t\ttype nat hook output "
+        "priority -105; policy accept;\n\t}\n}\n"
+    )
     assert NftBackend("shuttled").render([]).count("table inet shuttled") == 2
     ipt = IptablesBackend("shuttled", persistent=True)
     assert ":SHUTTLED - [0:0]" in ipt.render([])

@@ -15,25 +15,28 @@ V4 = ipaddress.IPv4Network
 V6 = ipaddress.IPv6Network
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("10.0.0.0/8", [Subnet(V4("10.0.0.0/8"))]),
-    ("10.1.2.3", [Subnet(V4("10.1.2.3/32"))]),
-    ("10.1.2.3/8", [Subnet(V4("10.0.0.0/8"))]),  # host bits masked, as iptables does
-    ("10/8", [Subnet(V4("10.0.0.0/8"))]),  # iproute2 shorthand, not inet_aton's 0.0.0.10
-    ("192.168/16", [Subnet(V4("192.168.0.0/16"))]),
-    ("0/0", [Subnet(V4("0.0.0.0/0")), Subnet(V6("::/0"))]),  # both families: no v6 leak
-    ("0.0.0.0/0", [Subnet(V4("0.0.0.0/0"))]),
-    ("::/0", [Subnet(V6("::/0"))]),
-    ("fd00::/8", [Subnet(V6("fd00::/8"))]),
-    ("fd00::1", [Subnet(V6("fd00::1/128"))]),
-    ("10.0.0.0/8:80", [Subnet(V4("10.0.0.0/8"), (80, 80))]),
-    ("10.0.0.0/8:8000-9000", [Subnet(V4("10.0.0.0/8"), (8000, 9000))]),
-    ("0/0:443", [Subnet(V4("0.0.0.0/0"), (443, 443)), Subnet(V6("::/0"), (443, 443))]),
-    ("[fd00::/8]:443", [Subnet(V6("fd00::/8"), (443, 443))]),
-    ("[fd00::1]:22-23", [Subnet(V6("fd00::1/128"), (22, 23))]),
-    ("[fd00::1]", [Subnet(V6("fd00::1/128"))]),
-    ("[10.0.0.1]:22", [Subnet(V4("10.0.0.1/32"), (22, 22))]),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("10.0.0.0/8", [Subnet(V4("10.0.0.0/8"))]),
+        ("10.1.2.3", [Subnet(V4("10.1.2.3/32"))]),
+        ("10.1.2.3/8", [Subnet(V4("10.0.0.0/8"))]),  # host bits masked, as iptables does
+        ("10/8", [Subnet(V4("10.0.0.0/8"))]),  # iproute2 shorthand, not inet_aton's 0.0.0.10
+        ("192.168/16", [Subnet(V4("192.168.0.0/16"))]),
+        ("0/0", [Subnet(V4("0.0.0.0/0")), Subnet(V6("::/0"))]),  # both families: no v6 leak
+        ("0.0.0.0/0", [Subnet(V4("0.0.0.0/0"))]),
+        ("::/0", [Subnet(V6("::/0"))]),
+        ("fd00::/8", [Subnet(V6("fd00::/8"))]),
+        ("fd00::1", [Subnet(V6("fd00::1/128"))]),
+        ("10.0.0.0/8:80", [Subnet(V4("10.0.0.0/8"), (80, 80))]),
+        ("10.0.0.0/8:8000-9000", [Subnet(V4("10.0.0.0/8"), (8000, 9000))]),
+        ("0/0:443", [Subnet(V4("0.0.0.0/0"), (443, 443)), Subnet(V6("::/0"), (443, 443))]),
+        ("[fd00::/8]:443", [Subnet(V6("fd00::/8"), (443, 443))]),
+        ("[fd00::1]:22-23", [Subnet(V6("fd00::1/128"), (22, 23))]),
+        ("[fd00::1]", [Subnet(V6("fd00::1/128"))]),
+        ("[10.0.0.1]:22", [Subnet(V4("10.0.0.1/32"), (22, 22))]),
+    ],
+)
 def test_parse_subnet(text: str, expected: list[Subnet]) -> None:
     assert parse_subnet(text) == expected
 
@@ -77,24 +80,27 @@ def test_unresolvable_hostname(monkeypatch: pytest.MonkeyPatch) -> None:
         parse_subnet("nope.example")
 
 
-@pytest.mark.parametrize(("text", "why"), [
-    ("", "empty"),
-    ("10.0.0.0/33", "10.0.0.0/33"),
-    ("10.0.0.256", "10.0.0.256"),
-    ("10", "does not appear to be an IPv4 or IPv6"),
-    ("10.0.0.0/8:0", "1-65535"),
-    ("10.0.0.0/8:65536", "1-65535"),
-    ("10.0.0.0/8:9000-8000", "reversed"),
-    ("10.0.0.0/8:http", "bad port 'http'"),
-    ("10.0.0.0/8:", "bad port ''"),
-    ("10.0.0.0/8:80-", "bad port"),
-    ("[fd00::/8", r"\[address\]:ports"),
-    ("[fd00::/8]443", r"\[address\]:ports"),
-    ("fd00::/129", "fd00::/129"),
-    ("example.com/24", "host name takes no /prefix"),
-    ("bad name", "not an IP address, network or host name"),
-    ("-bad.example", "not an IP address, network or host name"),
-])
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("", "empty"),
+        ("10.0.0.0/33", "10.0.0.0/33"),
+        ("10.0.0.256", "10.0.0.256"),
+        ("10", "does not appear to be an IPv4 or IPv6"),
+        ("10.0.0.0/8:0", "1-65535"),
+        ("10.0.0.0/8:65536", "1-65535"),
+        ("10.0.0.0/8:9000-8000", "reversed"),
+        ("10.0.0.0/8:http", "bad port 'http'"),
+        ("10.0.0.0/8:", "bad port ''"),
+        ("10.0.0.0/8:80-", "bad port"),
+        ("[fd00::/8", r"\[address\]:ports"),
+        ("[fd00::/8]443", r"\[address\]:ports"),
+        ("fd00::/129", "fd00::/129"),
+        ("example.com/24", "host name takes no /prefix"),
+        ("bad name", "not an IP address, network or host name"),
+        ("-bad.example", "not an IP address, network or host name"),
+    ],
+)
 def test_parse_subnet_errors(text: str, why: str) -> None:
     with pytest.raises(ConfigError, match=why) as err:
         parse_subnet(text, resolve=False)

@@ -89,8 +89,12 @@ def test_roff_escaping() -> None:
 def test_pages_render_without_warnings(name: str) -> None:
     if shutil.which("groff") is None:
         pytest.skip("groff is not installed")
-    proc = subprocess.run(["groff", "-man", "-Tutf8", "-ww", "-z", str(MAN / name)],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        ["groff", "-man", "-Tutf8", "-ww", "-z", str(MAN / name)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
 
 

@@ -82,8 +82,15 @@ def test_example_profile_is_valid_once_uncommented(tmp_path: Path) -> None:
 def test_debian_dependencies() -> None:
     control = (DEBIAN / "control").read_text()
     depends = control.split("\nDepends:")[1].split("\nRecommends:")[0]
-    for package in ("python3-yaml", "python3-psutil", "python3-systemd", "python3-dbus-fast",
-                    "nftables | iptables", "openssh-client", "adduser"):
+    for package in (
+        "python3-yaml",
+        "python3-psutil",
+        "python3-systemd",
+        "python3-dbus-fast",
+        "nftables | iptables",
+        "openssh-client",
+        "adduser",
+    ):
         assert package in depends, package
     assert "debhelper-compat (= 13)" in control
     assert "pybuild-plugin-pyproject" in control
@@ -94,15 +101,24 @@ def test_debian_dependencies() -> None:
 def test_rpm_version_and_scriptlets() -> None:
     spec = SPEC.read_text()
     assert re.search(rf"^Version:\s+{re.escape(__version__)}$", spec, re.MULTILINE)
-    for macro in ("%systemd_post shuttled.service", "%systemd_preun shuttled.service",
-                  "%systemd_postun_with_restart shuttled.service"):
+    for macro in (
+        "%systemd_post shuttled.service",
+        "%systemd_preun shuttled.service",
+        "%systemd_postun_with_restart shuttled.service",
+    ):
         assert macro in spec
-    for package in ("python3-pyyaml", "python3-psutil", "python3-systemd",
-                    "python3-dbus-fast", "openssh-clients"):
+    for package in (
+        "python3-pyyaml",
+        "python3-psutil",
+        "python3-systemd",
+        "python3-dbus-fast",
+        "openssh-clients",
+    ):
         assert re.search(rf"^Requires:\s+{package}$", spec, re.MULTILINE), package
 
 
-@pytest.mark.parametrize("path", ["packaging/build-deb.sh", "packaging/build-rpm.sh",
-                                  "packaging/debian/rules"])
+@pytest.mark.parametrize(
+    "path", ["packaging/build-deb.sh", "packaging/build-rpm.sh", "packaging/debian/rules"]
+)
 def test_build_scripts_are_executable(path: str) -> None:
     assert (REPO / path).stat().st_mode & 0o111

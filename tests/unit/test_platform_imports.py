@@ -56,8 +56,14 @@ print(json.dumps({"failed": failed, "backends": list(BACKENDS),
 @pytest.mark.parametrize("platform", ["darwin", "freebsd14"])
 def test_every_module_imports_without_linux(platform: str) -> None:
     code = PRETEND.replace("PLATFORM", repr(platform))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=REPO, timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["failed"] == {}

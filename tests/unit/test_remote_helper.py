@@ -114,10 +114,12 @@ class Chan:
     def on_data(self, data: bytes) -> None:
         if len(data) > self.lwin:
             self.peer.violations.append(
-                f"channel {self.lid}: {len(data)} bytes past a window of {self.lwin}")
+                f"channel {self.lid}: {len(data)} bytes past a window of {self.lwin}"
+            )
         if len(data) > self.lmax:
             self.peer.violations.append(
-                f"channel {self.lid}: {len(data)} bytes past max packet {self.lmax}")
+                f"channel {self.lid}: {len(data)} bytes past max packet {self.lmax}"
+            )
         self.lwin -= len(data)
         self.packet_sizes.append(len(data))
         self.data += data
@@ -223,8 +225,14 @@ class Peer:
             self.violations.append(f"unexpected type {msg_type}")
         chan.changed.set()
 
-    async def open(self, kind: str, extra: bytes, window: int = const.CHANNEL_WINDOW,
-                   max_packet: int = const.CHANNEL_MAX_PACKET, grant: bool = True) -> Any:
+    async def open(
+        self,
+        kind: str,
+        extra: bytes,
+        window: int = const.CHANNEL_WINDOW,
+        max_packet: int = const.CHANNEL_MAX_PACKET,
+        grant: bool = True,
+    ) -> Any:
         """Chan on confirmation, else (reason, description)."""
         lid = self.next_id
         self.next_id += 1
@@ -233,8 +241,9 @@ class Peer:
         return await asyncio.wait_for(self.opening[lid].opened, 20)
 
     async def open_tcp(self, port: int, host: str = "127.0.0.1", **kw: Any) -> Any:
-        return await self.open("direct-tcpip",
-                               sshmsg.direct_tcpip_extra(host, port, "127.0.0.1", 4444), **kw)
+        return await self.open(
+            "direct-tcpip", sshmsg.direct_tcpip_extra(host, port, "127.0.0.1", 4444), **kw
+        )
 
     async def open_udp(self, family: str = "inet", **kw: Any) -> Any:
         return await self.open(sshmsg.UDP_CHANNEL_TYPE, sshmsg.sstring(family), **kw)
@@ -259,12 +268,18 @@ class Proc:
 
 
 @contextlib.asynccontextmanager
-async def helper_process(pythons: tuple[str, ...] = ("python3",),
-                         shell: str = "sh") -> AsyncIterator[Proc]:
+async def helper_process(
+    pythons: tuple[str, ...] = ("python3",), shell: str = "sh"
+) -> AsyncIterator[Proc]:
     source = helper_source()
     proc = await asyncio.create_subprocess_exec(
-        shell, "-c", loader_command(len(source), pythons),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        shell,
+        "-c",
+        loader_command(len(source), pythons),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     assert proc.stdin is not None and proc.stdout is not None
     proc.stdin.write(source)
     peer = Peer(proc.stdout, proc.stdin)
@@ -279,8 +294,9 @@ async def helper_process(pythons: tuple[str, ...] = ("python3",),
 
 
 @contextlib.asynccontextmanager
-async def helper_inprocess(expect_exit: int = 0, **kw: Any
-                           ) -> AsyncIterator[tuple[helper_mod.Helper, Peer]]:
+async def helper_inprocess(
+    expect_exit: int = 0, **kw: Any
+) -> AsyncIterator[tuple[helper_mod.Helper, Peer]]:
     ours, theirs = socket.socketpair()
     helper = helper_mod.Helper(theirs.fileno(), theirs.fileno(), **kw)
     task = asyncio.get_running_loop().create_task(helper.run())
@@ -358,8 +374,10 @@ async def udp_echo(host: str) -> tuple[UdpEcho, int]:
 
 def python38() -> str | None:
     """A runnable Python 3.8 interpreter, if this machine has one."""
-    candidates = [shutil.which("python3.8") or "",
-                  *sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.8*/bin/python3.8")))]
+    candidates = [
+        shutil.which("python3.8") or "",
+        *sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.8*/bin/python3.8"))),
+    ]
     for path in candidates:
         probe = [path, "-c", "import sys; assert sys.version_info[:2] == (3, 8)"]
         if path and subprocess.run(probe, capture_output=True).returncode == 0:
@@ -387,19 +405,25 @@ def test_loader_command_is_one_line_and_quotes_names() -> None:
 
 def test_missing_python_exits_97_naming_what_was_tried() -> None:
     command = loader_command(10, ("nonexistent-python-xyz", "nonexistent-python-abc"))
-    result = subprocess.run(["sh", "-c", command], input=b"0123456789", capture_output=True,
-                            timeout=10)
+    result = subprocess.run(
+        ["sh", "-c", command], input=b"0123456789", capture_output=True, timeout=10
+    )
     assert result.returncode == const.HELPER_NO_PYTHON_EXIT == 97
     assert result.stderr.decode().splitlines() == [
         "shuttled: no python found on the remote (tried nonexistent-python-xyz, "
-        "nonexistent-python-abc): need Python 3.8 or newer"]
+        "nonexistent-python-abc): need Python 3.8 or newer"
+    ]
     assert result.stdout == b""
 
 
 def test_truncated_source_exits_96() -> None:
     source = helper_source()
-    result = subprocess.run(["sh", "-c", loader_command(len(source) + 5, ("python3",))],
-                            input=source, capture_output=True, timeout=10)
+    result = subprocess.run(
+        ["sh", "-c", loader_command(len(source) + 5, ("python3",))],
+        input=source,
+        capture_output=True,
+        timeout=10,
+    )
     assert result.returncode == HELPER_TRUNCATED_EXIT
     assert result.stderr.decode().startswith("shuttled: helper source truncated at")
     assert len(result.stderr.decode().splitlines()) == 1
@@ -410,26 +434,39 @@ def test_too_old_pythons_are_skipped() -> None:
     if not old:
         pytest.skip("no Python older than 3.8 here")
     source = helper_source()
-    result = subprocess.run(["sh", "-c", loader_command(len(source), (*old, "python3"))],
-                            input=source, capture_output=True, timeout=20)
+    result = subprocess.run(
+        ["sh", "-c", loader_command(len(source), (*old, "python3"))],
+        input=source,
+        capture_output=True,
+        timeout=20,
+    )
     assert result.returncode == 0, result.stderr
     assert b"shuttled-helper 1" in result.stdout
-    only_old = subprocess.run(["sh", "-c", loader_command(len(source), tuple(old))],
-                              input=source, capture_output=True, timeout=20)
+    only_old = subprocess.run(
+        ["sh", "-c", loader_command(len(source), tuple(old))],
+        input=source,
+        capture_output=True,
+        timeout=20,
+    )
     assert only_old.returncode == 97
     assert "need Python 3.8 or newer" in only_old.stderr.decode()
 
 
-@pytest.mark.parametrize("shell", ["sh", "bash", "dash", "zsh", "ksh", "mksh", "fish", "csh",
-                                   "tcsh", "busybox"])
+@pytest.mark.parametrize(
+    "shell", ["sh", "bash", "dash", "zsh", "ksh", "mksh", "fish", "csh", "tcsh", "busybox"]
+)
 def test_login_shells_run_the_loader(shell: str) -> None:
     """sshd runs the exec command through the user's login shell: `SHELL -c COMMAND`."""
     if shutil.which(shell) is None:
         pytest.skip(f"{shell} not installed")
     argv = [shell, "sh", "-c"] if shell == "busybox" else [shell, "-c"]
     source = helper_source()
-    result = subprocess.run([*argv, loader_command(len(source), ("nonexistent-x", "python3"))],
-                            input=source, capture_output=True, timeout=20)
+    result = subprocess.run(
+        [*argv, loader_command(len(source), ("nonexistent-x", "python3"))],
+        input=source,
+        capture_output=True,
+        timeout=20,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stderr == b""
     hello, _ = sshmsg.split_packets(bytearray(result.stdout), 1 << 16)
@@ -454,8 +491,9 @@ def test_helper_does_not_rebind_wire_names() -> None:
     exec(compile((ROOT / "shuttled/tunnel/sshmsg.py").read_bytes(), "sshmsg", "exec"), namespace)
     before = dict(namespace)
     exec(compile((ROOT / "shuttled/remote/helper.py").read_bytes(), "helper", "exec"), namespace)
-    rebound = sorted(k for k, v in before.items()
-                     if namespace[k] is not v and not k.startswith("__"))
+    rebound = sorted(
+        k for k, v in before.items() if namespace[k] is not v and not k.startswith("__")
+    )
     assert rebound == []
     # and the embedded helper found its wire functions in that namespace
     assert namespace["wire"].split_packets is before["split_packets"]
@@ -468,9 +506,20 @@ def test_imported_helper_uses_the_package_wire_module() -> None:
 def test_vermin_says_python_38() -> None:
     if shutil.which("vermin") is None:
         pytest.skip("vermin not installed")
-    result = subprocess.run(["vermin", "-t=3.8-", "--no-tips", "--violations", "shuttled/remote",
-                             "shuttled/tunnel/sshmsg.py"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [
+            "vermin",
+            "-t=3.8-",
+            "--no-tips",
+            "--violations",
+            "shuttled/remote",
+            "shuttled/tunnel/sshmsg.py",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -498,8 +547,11 @@ async def _round_trip(h: Proc) -> None:
     assert bytes(chan.data) == b"hello through the helper"
     chan.send_eof()  # -> shutdown(SHUT_WR) -> echo server sees EOF and closes
     await chan.wait_for(lambda: chan.got_close)
-    assert chan.events == [sshmsg.MSG_CHANNEL_DATA, sshmsg.MSG_CHANNEL_EOF,
-                           sshmsg.MSG_CHANNEL_CLOSE]
+    assert chan.events == [
+        sshmsg.MSG_CHANNEL_DATA,
+        sshmsg.MSG_CHANNEL_EOF,
+        sshmsg.MSG_CHANNEL_CLOSE,
+    ]
     assert received == [24]
     server.close()
 
@@ -551,8 +603,11 @@ async def test_server_closes_first_and_client_half_close() -> None:
         chan.send_eof()
         assert await asyncio.wait_for(got, 10) == b"late words"
         await chan.wait_for(lambda: chan.got_close)
-        assert chan.events == [sshmsg.MSG_CHANNEL_DATA, sshmsg.MSG_CHANNEL_EOF,
-                               sshmsg.MSG_CHANNEL_CLOSE]
+        assert chan.events == [
+            sshmsg.MSG_CHANNEL_DATA,
+            sshmsg.MSG_CHANNEL_EOF,
+            sshmsg.MSG_CHANNEL_CLOSE,
+        ]
         assert await h.finish() == (0, "")
     server.close()
 
@@ -572,15 +627,20 @@ async def test_refused_port_fails_quickly_with_reason_2() -> None:
 @run
 async def test_unknown_channel_type_and_requests() -> None:
     async with helper_process() as h:
-        assert await h.peer.open("session", b"") == (sshmsg.OPEN_UNKNOWN_CHANNEL_TYPE,
-                                                     "unknown channel type 'session'")
+        assert await h.peer.open("session", b"") == (
+            sshmsg.OPEN_UNKNOWN_CHANNEL_TYPE,
+            "unknown channel type 'session'",
+        )
         server, port = await echo_server()
         chan = await h.peer.open_tcp(port)
         h.peer.write(sshmsg.channel_request(chan.rid, "keepalive@openssh.com", True))
         assert await asyncio.wait_for(chan.replies.get(), 5) == sshmsg.MSG_CHANNEL_FAILURE
         h.peer.write(sshmsg.channel_request(chan.rid, "env", False, sshmsg.sstring("x")))
-        h.peer.write(sshmsg.packet(sshmsg.MSG_GLOBAL_REQUEST,
-                                   sshmsg.sstring("ping@shuttled") + sshmsg.sbool(True)))
+        h.peer.write(
+            sshmsg.packet(
+                sshmsg.MSG_GLOBAL_REQUEST, sshmsg.sstring("ping@shuttled") + sshmsg.sbool(True)
+            )
+        )
         assert await asyncio.wait_for(h.peer.globals.get(), 5) == sshmsg.MSG_REQUEST_FAILURE
         assert chan.replies.empty()
         chan.send_close()
@@ -627,8 +687,10 @@ async def test_8_mib_each_way_sha256(capsys: pytest.CaptureFixture[str]) -> None
         elapsed = time.perf_counter() - start
         assert hashlib.sha256(chan.data).hexdigest() == hashlib.sha256(payload).hexdigest()
         with capsys.disabled():
-            print(f"\n8 MiB up + 8 MiB down through the helper in {elapsed:.3f} s: "
-                  f"{size * 8 / elapsed / 1e6:.0f} Mbit/s each way")
+            print(
+                f"\n8 MiB up + 8 MiB down through the helper in {elapsed:.3f} s: "
+                f"{size * 8 / elapsed / 1e6:.0f} Mbit/s each way"
+            )
         assert await h.finish() == (0, "")
         server.close()
 
@@ -725,7 +787,8 @@ async def test_udp_drops_what_the_window_cannot_take() -> None:
         assert code == 0
         assert err.splitlines() == [
             "shuttled-helper: udp: dropped 1 replies (client window or max packet, or stdout "
-            "backed up) and 1 datagrams towards targets (send failed or not an address)"]
+            "backed up) and 1 datagrams towards targets (send failed or not an address)"
+        ]
     udp.close()
 
 
@@ -737,9 +800,9 @@ MALFORMED = {
     "unknown channel": sshmsg.eof(12345),
     "short data": sshmsg.packet(sshmsg.MSG_CHANNEL_DATA, b"\x00\x00"),
     "bad string": sshmsg.packet(sshmsg.MSG_CHANNEL_OPEN, b"\x00\x00\x10\x00tcp"),
-    "trailing bytes": sshmsg.channel_open(sshmsg.UDP_CHANNEL_TYPE, 1, 100, 100,
-                                          sshmsg.sstring("inet") + sshmsg.U32.pack(5)
-                                          + b"junk"),
+    "trailing bytes": sshmsg.channel_open(
+        sshmsg.UDP_CHANNEL_TYPE, 1, 100, 100, sshmsg.sstring("inet") + sshmsg.U32.pack(5) + b"junk"
+    ),
     "open confirmation": sshmsg.open_confirmation(1, 2, 3, 4),
 }
 
@@ -804,9 +867,9 @@ async def test_channel_limit_gives_reason_4() -> None:
 
 
 @run
-async def test_data_past_the_window_is_a_protocol_error(monkeypatch: pytest.MonkeyPatch,
-                                                        capfd: pytest.CaptureFixture[str]
-                                                        ) -> None:
+async def test_data_past_the_window_is_a_protocol_error(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
     """A target that accepts nothing: the helper grants nothing, so 1 MiB + 1 is too much."""
     monkeypatch.setattr(helper_mod.TcpChannel, "flush_socket", lambda self: None)
     server, port = await sink_server()
@@ -815,23 +878,29 @@ async def test_data_past_the_window_is_a_protocol_error(monkeypatch: pytest.Monk
         for _ in range(32):
             peer.write(sshmsg.data_header(chan.rid, 32768) + bytes(32768))
         peer.write(sshmsg.data_header(chan.rid, 1) + b"!")
-    assert capfd.readouterr().err == ("shuttled-helper: protocol error: channel 0: 1 bytes of "
-                                      "data exceed the window (0 left)\n")
+    assert capfd.readouterr().err == (
+        "shuttled-helper: protocol error: channel 0: 1 bytes of data exceed the window (0 left)\n"
+    )
     server.close()
 
 
 @run
-async def test_internal_error_exits_70_with_one_line(monkeypatch: pytest.MonkeyPatch,
-                                                     capfd: pytest.CaptureFixture[str]) -> None:
+async def test_internal_error_exits_70_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
     """A bug outside any one channel (here: global requests) ends the helper. A bug in
     a channel's callback ends that channel only: test_remote_helper_faults.py."""
+
     def broken(self: Any, payload: memoryview) -> None:
         raise RuntimeError("simulated bug")
 
     monkeypatch.setattr(helper_mod.Helper, "_m_global_request", broken)
     async with helper_inprocess(expect_exit=70) as (_, peer):
-        peer.write(sshmsg.packet(sshmsg.MSG_GLOBAL_REQUEST,
-                                 sshmsg.sstring("ping@shuttled") + sshmsg.sbool(True)))
+        peer.write(
+            sshmsg.packet(
+                sshmsg.MSG_GLOBAL_REQUEST, sshmsg.sstring("ping@shuttled") + sshmsg.sbool(True)
+            )
+        )
     err = capfd.readouterr().err
     assert err.startswith("shuttled-helper: internal error: RuntimeError: simulated bug (line ")
     assert len(err.splitlines()) == 1
@@ -852,8 +921,7 @@ async def test_udp_channel_asks_for_its_own_idle_timeout() -> None:
     # The client's flow idle travels with the open: the helper's default (here 30 s)
     # must not outlive nor cut short what the client promised.
     async with helper_inprocess(udp_idle=30.0) as (_helper, peer):
-        chan = await peer.open(sshmsg.UDP_CHANNEL_TYPE,
-                               sshmsg.sstring("inet") + sshmsg.U32.pack(1))
+        chan = await peer.open(sshmsg.UDP_CHANNEL_TYPE, sshmsg.sstring("inet") + sshmsg.U32.pack(1))
         await chan.wait_for(lambda: chan.got_close, timeout=10)
         assert chan.events == [sshmsg.MSG_CHANNEL_EOF, sshmsg.MSG_CHANNEL_CLOSE]
 

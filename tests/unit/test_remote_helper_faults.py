@@ -39,9 +39,13 @@ from tests.unit.test_remote_helper import (
 
 def injected() -> list[BaseException]:
     """What each callback raises, one victim channel each."""
-    return [*(OSError(code, os.strerror(code))
-              for code in (errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE, errno.EBADF)),
-            Exception("simulated bug")]
+    return [
+        *(
+            OSError(code, os.strerror(code))
+            for code in (errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE, errno.EBADF)
+        ),
+        Exception("simulated bug"),
+    ]
 
 
 class Inject:
@@ -96,8 +100,11 @@ class Transfer:
 
 async def ping(peer: Peer) -> None:
     """The helper itself still answers: a global request gets its REQUEST_FAILURE."""
-    peer.write(sshmsg.packet(sshmsg.MSG_GLOBAL_REQUEST,
-                             sshmsg.sstring("ping@shuttled") + sshmsg.sbool(True)))
+    peer.write(
+        sshmsg.packet(
+            sshmsg.MSG_GLOBAL_REQUEST, sshmsg.sstring("ping@shuttled") + sshmsg.sbool(True)
+        )
+    )
     assert await asyncio.wait_for(peer.globals.get(), 5) == sshmsg.MSG_REQUEST_FAILURE
 
 
@@ -135,8 +142,9 @@ Victim = Callable[..., Awaitable[None]]
 class Case:
     """One callback's test: the helper, its client, the injection and the targets."""
 
-    def __init__(self, peer: Peer, helper: helper_mod.Helper, inject: Inject,
-                 tcp_port: int, udp_port: int) -> None:
+    def __init__(
+        self, peer: Peer, helper: helper_mod.Helper, inject: Inject, tcp_port: int, udp_port: int
+    ) -> None:
         self.peer = peer
         self.helper = helper
         self.inject = inject
@@ -275,7 +283,8 @@ CASES: dict[str, tuple[type, str, Victim, dict[str, Any]]] = {
 @pytest.mark.parametrize("name", list(CASES))
 @run
 async def test_fault_in_a_callback_ends_that_channel_only(
-        name: str, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    name: str, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
     cls, method, victim, kw = CASES[name]
     kind = name.split()[0]
     monkeypatch.setattr(helper_mod, "DRAIN_TIMEOUT", 0.1)
@@ -302,16 +311,19 @@ async def test_fault_in_a_callback_ends_that_channel_only(
     lines = capfd.readouterr().err.splitlines()
     prefix = "shuttled-helper: faults: "
     assert all(line.startswith(prefix) for line in lines), lines
-    assert sum(int(line[len(prefix):].split()[0]) for line in lines) == 5, lines
-    assert f"{kind} channels ended by a fault of their own (the helper went on); last: " \
-           f"{kind} {method}: Exception: simulated bug (line " in lines[-1], lines
+    assert sum(int(line[len(prefix) :].split()[0]) for line in lines) == 5, lines
+    assert (
+        f"{kind} channels ended by a fault of their own (the helper went on); last: "
+        f"{kind} {method}: Exception: simulated bug (line " in lines[-1]
+    ), lines
     server.close()
     udp.close()
 
 
 @run
 async def test_fault_while_connecting_fails_that_open_only(
-        monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
     """The connect: an OSError is the target's answer, anything else a fault; both
     are this open's OPEN_FAILURE."""
     pending: dict[int, BaseException] = {}
@@ -343,8 +355,9 @@ async def test_fault_while_connecting_fails_that_open_only(
 # --- real faults over the helper's stdio ---------------------------------------------------
 
 
-async def reset_server(go: asyncio.Event | None = None
-                       ) -> tuple[asyncio.Server, int, asyncio.Event]:
+async def reset_server(
+    go: asyncio.Event | None = None,
+) -> tuple[asyncio.Server, int, asyncio.Event]:
     """Accepts, then resets (SO_LINGER 0): at once, or once `go` is set. `reset` is
     set when it has."""
     reset = asyncio.Event()
@@ -438,13 +451,15 @@ async def test_names_and_addresses_that_used_to_end_the_helper() -> None:
         assert code == 0
         assert err.splitlines() == [
             "shuttled-helper: udp: dropped 0 replies (client window or max packet, or stdout "
-            "backed up) and 1 datagrams towards targets (send failed or not an address)"]
+            "backed up) and 1 datagrams towards targets (send failed or not an address)"
+        ]
     udp.close()
 
 
 @run
 async def test_epoll_refusing_a_socket_ends_that_channel(
-        monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
     """A fault deep inside a callback (the loop's add_reader: epoll_ctl's ENOSPC at
     max_user_watches): when arming a new channel, its OPEN_FAILURE; when reading
     again after a window adjust, its CLOSE."""
@@ -464,8 +479,10 @@ async def test_epoll_refusing_a_socket_ends_that_channel(
         monkeypatch.setattr(loop, "add_reader", limited)
         refuse.add(peer.next_id)  # arming a new channel
         reason, text = await peer.open_tcp(port)
-        assert (reason, text) == (sshmsg.OPEN_CONNECT_FAILED,
-                                  "helper: start: No space left on device")
+        assert (reason, text) == (
+            sshmsg.OPEN_CONNECT_FAILED,
+            "helper: start: No space left on device",
+        )
         chan = await peer.open_tcp(port, window=0)  # reading again on a window adjust
         assert isinstance(chan, Chan)
         refuse.add(chan.lid)

@@ -31,50 +31,84 @@ def nets(*texts: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
 
 
 # `ip -j route show table main` on the lab's ssh server (iproute2 6.1).
-LAB_V4 = ('[{"dst":"10.81.1.0/24","dev":"to-cli","protocol":"kernel","scope":"link",'
-          '"prefsrc":"10.81.1.2","flags":[]},{"dst":"10.81.2.0/24","dev":"to-tgt",'
-          '"protocol":"kernel","scope":"link","prefsrc":"10.81.2.1","flags":[]}]')
-LAB_V6 = ('[{"dst":"fd00:81:1::/64","dev":"to-cli","protocol":"kernel","metric":256,"flags":[],'
-          '"pref":"medium"},{"dst":"fd00:81:2::/64","dev":"to-tgt","protocol":"kernel",'
-          '"metric":256,"flags":[],"pref":"medium"},{"dst":"fe80::/64","dev":"to-tgt",'
-          '"protocol":"kernel","metric":256,"flags":[],"pref":"medium"},{"dst":"fe80::/64",'
-          '"dev":"to-cli","protocol":"kernel","metric":256,"flags":[],"pref":"medium"}]')
+LAB_V4 = (
+    '[{"dst":"10.81.1.0/24","dev":"to-cli","protocol":"kernel","scope":"link",'
+    '"prefsrc":"10.81.1.2","flags":[]},{"dst":"10.81.2.0/24","dev":"to-tgt",'
+    '"protocol":"kernel","scope":"link","prefsrc":"10.81.2.1","flags":[]}]'
+)
+LAB_V6 = (
+    '[{"dst":"fd00:81:1::/64","dev":"to-cli","protocol":"kernel","metric":256,"flags":[],'
+    '"pref":"medium"},{"dst":"fd00:81:2::/64","dev":"to-tgt","protocol":"kernel",'
+    '"metric":256,"flags":[],"pref":"medium"},{"dst":"fe80::/64","dev":"to-tgt",'
+    '"protocol":"kernel","metric":256,"flags":[],"pref":"medium"},{"dst":"fe80::/64",'
+    '"dev":"to-cli","protocol":"kernel","metric":256,"flags":[],"pref":"medium"}]'
+)
 # A busier server: default route, docker, blackhole, unreachable, multipath, a host route.
-SERVER_V4 = json.dumps([
-    {"dst": "default", "gateway": "192.168.1.1", "dev": "eth0", "protocol": "dhcp",
-     "prefsrc": "192.168.1.20", "metric": 100, "flags": []},
-    {"dst": "10.20.0.0/16", "gateway": "192.168.1.254", "dev": "eth0", "flags": []},
-    {"dst": "172.17.0.0/16", "dev": "docker0", "protocol": "kernel", "scope": "link",
-     "prefsrc": "172.17.0.1", "flags": ["linkdown"]},
-    {"dst": "192.168.1.0/24", "dev": "eth0", "protocol": "kernel", "scope": "link",
-     "prefsrc": "192.168.1.20", "metric": 100, "flags": []},
-    {"type": "blackhole", "dst": "10.99.0.0/16", "flags": []},
-    {"type": "unreachable", "dst": "10.98.0.0/16", "flags": []},
-    {"dst": "169.254.0.0/16", "dev": "eth0", "scope": "link", "metric": 1000, "flags": []},
-    {"dst": "10.30.0.0/24", "flags": [], "nexthops": [
-        {"gateway": "192.168.1.2", "dev": "eth0", "weight": 1, "flags": []},
-        {"gateway": "192.168.1.3", "dev": "eth0", "weight": 1, "flags": []}]},
-    {"dst": "10.40.1.7", "gateway": "192.168.1.2", "dev": "eth0", "flags": []},
-    {"dst": "0.0.0.0/1", "gateway": "10.8.0.1", "dev": "tun0", "flags": []},
-    {"dst": "128.0.0.0/1", "gateway": "10.8.0.1", "dev": "tun0", "flags": []},
-])
+SERVER_V4 = json.dumps(
+    [
+        {
+            "dst": "default",
+            "gateway": "192.168.1.1",
+            "dev": "eth0",
+            "protocol": "dhcp",
+            "prefsrc": "192.168.1.20",
+            "metric": 100,
+            "flags": [],
+        },
+        {"dst": "10.20.0.0/16", "gateway": "192.168.1.254", "dev": "eth0", "flags": []},
+        {
+            "dst": "172.17.0.0/16",
+            "dev": "docker0",
+            "protocol": "kernel",
+            "scope": "link",
+            "prefsrc": "172.17.0.1",
+            "flags": ["linkdown"],
+        },
+        {
+            "dst": "192.168.1.0/24",
+            "dev": "eth0",
+            "protocol": "kernel",
+            "scope": "link",
+            "prefsrc": "192.168.1.20",
+            "metric": 100,
+            "flags": [],
+        },
+        {"type": "blackhole", "dst": "10.99.0.0/16", "flags": []},
+        {"type": "unreachable", "dst": "10.98.0.0/16", "flags": []},
+        {"dst": "169.254.0.0/16", "dev": "eth0", "scope": "link", "metric": 1000, "flags": []},
+        {
+            "dst": "10.30.0.0/24",
+            "flags": [],
+            "nexthops": [
+                {"gateway": "192.168.1.2", "dev": "eth0", "weight": 1, "flags": []},
+                {"gateway": "192.168.1.3", "dev": "eth0", "weight": 1, "flags": []},
+            ],
+        },
+        {"dst": "10.40.1.7", "gateway": "192.168.1.2", "dev": "eth0", "flags": []},
+        {"dst": "0.0.0.0/1", "gateway": "10.8.0.1", "dev": "tun0", "flags": []},
+        {"dst": "128.0.0.0/1", "gateway": "10.8.0.1", "dev": "tun0", "flags": []},
+    ]
+)
 LAB_PROC_V4 = (
     "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT"
     "                                                       \n"
     "to-cli\t0001510A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0"
     "                                                                             \n"
     "to-tgt\t0002510A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0"
-    "                                                                             \n")
+    "                                                                             \n"
+)
 HOST_PROC_V4 = (
     "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
     "eth0\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n"
-    "eth0\t000200C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n")
+    "eth0\t000200C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n"
+)
 # The same table as a big-endian machine (s390x) prints it.
 BIG_ENDIAN_PROC_V4 = (
     "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
     "eth0\t00000000\tC0000201\t0003\t0\t0\t0\t00000000\t0\t0\t0\n"
     "eth0\tC0000200\t00000000\t0001\t0\t0\t0\tFFFFFF00\t0\t0\t0\n"
-    "eth0\t0A140000\t00000000\t0201\t0\t0\t0\tFFFF0000\t0\t0\t0\n")  # REJECT: left out
+    "eth0\t0A140000\t00000000\t0201\t0\t0\t0\tFFFF0000\t0\t0\t0\n"
+)  # REJECT: left out
 LAB_PROC_V6 = """\
 fd000081000100000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000003 00000000 00000001   to-cli
 fd000081000200000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001   to-tgt
@@ -112,11 +146,12 @@ def test_ip_json_of_the_lab_server() -> None:
 
 def test_ip_json_leaves_out_default_special_link_local_and_disguised_defaults() -> None:
     assert parse_ip_route_json(SERVER_V4, 4) == nets(
-        "10.20.0.0/16", "172.17.0.0/16", "192.168.1.0/24", "10.30.0.0/24", "10.40.1.7/32")
+        "10.20.0.0/16", "172.17.0.0/16", "192.168.1.0/24", "10.30.0.0/24", "10.40.1.7/32"
+    )
 
 
 def test_ip_json_that_is_not_json_means_fall_back() -> None:
-    assert parse_ip_route_json("Option \"-j\" is unknown, try \"ip -help\".", 4) is None
+    assert parse_ip_route_json('Option "-j" is unknown, try "ip -help".', 4) is None
     assert parse_ip_route_json('{"dst": "10.0.0.0/8"}', 4) is None
 
 
@@ -131,22 +166,44 @@ def test_proc_route_big_endian_found_from_the_masks() -> None:
 
 def test_proc_ipv6_route_keeps_only_unicast_routes_through_a_device() -> None:
     assert parse_proc_ipv6_route(LAB_PROC_V6) == nets(
-        "fd00:81:1::/64", "fd00:81:2::/64", "2001:db8::/32")
+        "fd00:81:1::/64", "fd00:81:2::/64", "2001:db8::/32"
+    )
 
 
-@pytest.mark.parametrize("net,usable", [
-    ("10.0.0.0/8", True), ("0.0.0.0/0", False), ("0.0.0.0/1", False), ("128.0.0.0/1", False),
-    ("127.0.0.0/8", False), ("169.254.0.0/16", False), ("224.0.0.0/4", False),
-    ("fd00::/8", True), ("::/0", False), ("fe80::/64", False), ("ff00::/8", False),
-    ("::1/128", False), ("2000::/3", True),
-])
+@pytest.mark.parametrize(
+    "net,usable",
+    [
+        ("10.0.0.0/8", True),
+        ("0.0.0.0/0", False),
+        ("0.0.0.0/1", False),
+        ("128.0.0.0/1", False),
+        ("127.0.0.0/8", False),
+        ("169.254.0.0/16", False),
+        ("224.0.0.0/4", False),
+        ("fd00::/8", True),
+        ("::/0", False),
+        ("fe80::/64", False),
+        ("ff00::/8", False),
+        ("::1/128", False),
+        ("2000::/3", True),
+    ],
+)
 def test_usable_route(net: str, usable: bool) -> None:
     assert usable_route(ipaddress.ip_network(net)) is usable
 
 
 def test_junk_is_ignored_with_one_log_line(caplog: pytest.LogCaptureFixture) -> None:
-    junk = json.dumps([1, "x", {"dst": 5}, {"dst": "10.0.0.0/33"}, {"dst": "fd00::/8"},
-                       {"dst": "10.1.0.0/16", "dev": ["eth0"]}, {"dst": "10.2.0.0/16"}])
+    junk = json.dumps(
+        [
+            1,
+            "x",
+            {"dst": 5},
+            {"dst": "10.0.0.0/33"},
+            {"dst": "fd00::/8"},
+            {"dst": "10.1.0.0/16", "dev": ["eth0"]},
+            {"dst": "10.2.0.0/16"},
+        ]
+    )
     with caplog.at_level(logging.WARNING, logger=remote_info.__name__):
         assert parse_ip_route_json(junk, 4) == nets("10.2.0.0/16")
     lines = [r.getMessage() for r in caplog.records]
@@ -175,24 +232,43 @@ def test_fuzz_route_parsers_never_raise(data: bytes) -> None:
     assert all(n.version == 6 for n in parse_proc_ipv6_route(data))
 
 
-_FIELD = st.one_of(st.text(max_size=40), st.integers(), st.none(), st.booleans(),
-                   st.lists(st.text(max_size=5), max_size=3))
+_FIELD = st.one_of(
+    st.text(max_size=40),
+    st.integers(),
+    st.none(),
+    st.booleans(),
+    st.lists(st.text(max_size=5), max_size=3),
+)
 
 
 @settings(max_examples=300)
-@given(st.lists(st.dictionaries(st.sampled_from(["dst", "type", "dev", "flags", "gateway"]),
-                                _FIELD, max_size=5), max_size=20))
+@given(
+    st.lists(
+        st.dictionaries(
+            st.sampled_from(["dst", "type", "dev", "flags", "gateway"]), _FIELD, max_size=5
+        ),
+        max_size=20,
+    )
+)
 def test_fuzz_json_shaped_routes_never_raise(routes: list[dict[str, object]]) -> None:
     for net in parse_ip_route_json(json.dumps(routes), 4) or []:
         assert usable_route(net)
 
 
 @settings(max_examples=200)
-@given(st.lists(st.tuples(st.text("0123456789ABCDEFabcdefxyz", min_size=0, max_size=10),
-                          st.text("0123456789ABCDEF", min_size=0, max_size=9)), max_size=10))
+@given(
+    st.lists(
+        st.tuples(
+            st.text("0123456789ABCDEFabcdefxyz", min_size=0, max_size=10),
+            st.text("0123456789ABCDEF", min_size=0, max_size=9),
+        ),
+        max_size=10,
+    )
+)
 def test_fuzz_proc_lines_never_raise(rows: list[tuple[str, str]]) -> None:
     text = "Iface\tDestination\n" + "".join(
-        f"eth0\t{a}\t00000000\t0001\t0\t0\t0\t{b}\t0\t0\t0\n" for a, b in rows)
+        f"eth0\t{a}\t00000000\t0001\t0\t0\t0\t{b}\t0\t0\t0\n" for a, b in rows
+    )
     for net in parse_proc_route(text):
         assert usable_route(net)
 
@@ -240,31 +316,44 @@ class FakeRemote:
 
 
 def test_routes_from_ip_json() -> None:
-    remote = FakeRemote({"ip -j route show table main": (0, LAB_V4),
-                         "ip -j -6 route show table main": (0, LAB_V6)})
+    remote = FakeRemote(
+        {"ip -j route show table main": (0, LAB_V4), "ip -j -6 route show table main": (0, LAB_V6)}
+    )
     assert asyncio.run(remote_routes(remote.run)) == nets(
-        "10.81.1.0/24", "10.81.2.0/24", "fd00:81:1::/64", "fd00:81:2::/64")
+        "10.81.1.0/24", "10.81.2.0/24", "fd00:81:1::/64", "fd00:81:2::/64"
+    )
 
 
 def test_routes_fall_back_to_proc_without_iproute2() -> None:
-    remote = FakeRemote({"cat /proc/net/route": (0, LAB_PROC_V4),
-                         "cat /proc/net/ipv6_route": (0, LAB_PROC_V6)})
+    remote = FakeRemote(
+        {"cat /proc/net/route": (0, LAB_PROC_V4), "cat /proc/net/ipv6_route": (0, LAB_PROC_V6)}
+    )
     assert asyncio.run(remote_routes(remote.run)) == nets(
-        "10.81.1.0/24", "10.81.2.0/24", "fd00:81:1::/64", "fd00:81:2::/64", "2001:db8::/32")
-    assert remote.commands == ["ip -j route show table main", "cat /proc/net/route",
-                               "ip -j -6 route show table main", "cat /proc/net/ipv6_route"]
+        "10.81.1.0/24", "10.81.2.0/24", "fd00:81:1::/64", "fd00:81:2::/64", "2001:db8::/32"
+    )
+    assert remote.commands == [
+        "ip -j route show table main",
+        "cat /proc/net/route",
+        "ip -j -6 route show table main",
+        "cat /proc/net/ipv6_route",
+    ]
 
 
 def test_old_iproute2_without_json_falls_back() -> None:
-    remote = FakeRemote({"ip -j route show table main": (0, "10.0.0.0/8 dev eth0\n"),
-                         "cat /proc/net/route": (0, LAB_PROC_V4)})
+    remote = FakeRemote(
+        {
+            "ip -j route show table main": (0, "10.0.0.0/8 dev eth0\n"),
+            "cat /proc/net/route": (0, LAB_PROC_V4),
+        }
+    )
     assert asyncio.run(remote_routes(remote.run)) == nets("10.81.1.0/24", "10.81.2.0/24")
 
 
 def test_hosts_command() -> None:
     remote = FakeRemote({"cat /etc/hosts": (0, "10.1.1.1 a.example\n")})
     assert asyncio.run(remote_hosts(remote.run)) == {
-        "a.example": (ipaddress.ip_address("10.1.1.1"),)}
+        "a.example": (ipaddress.ip_address("10.1.1.1"),)
+    }
     assert asyncio.run(remote_hosts(FakeRemote({}).run)) == {}
 
 
@@ -276,8 +365,14 @@ def subs(*texts: str, exclude: bool = False) -> tuple[Subnet, ...]:
 
 
 def test_auto_subnets_leave_out_the_server_route_excludes_and_other_profiles() -> None:
-    learnt = nets("10.81.1.0/24", "10.81.2.0/24", "10.5.0.0/16", "10.6.1.0/24", "10.7.0.0/16",
-                  "fd00:81:1::/64")
+    learnt = nets(
+        "10.81.1.0/24",
+        "10.81.2.0/24",
+        "10.5.0.0/16",
+        "10.6.1.0/24",
+        "10.7.0.0/16",
+        "fd00:81:1::/64",
+    )
     profile = subs("10.5.0.0/16", exclude=True) + subs("10.6.0.0/16:22", exclude=True)
     server = nets("10.81.1.2/32")
     others = subs("10.7.128.0/24")
@@ -288,7 +383,8 @@ def test_auto_subnets_leave_out_the_server_route_excludes_and_other_profiles() -
 
 def test_auto_subnets_leave_out_networks_this_machine_sits_in() -> None:
     learnt = nets("192.168.1.0/24", "10.81.2.0/24", "fd00:81:1::/64")
-    local = [ipaddress.ip_address(a) for a in ("192.168.1.20", "fd00:81:1::1", "127.0.0.1",
-                                               "fe80::1")]
+    local = [
+        ipaddress.ip_address(a) for a in ("192.168.1.20", "fd00:81:1::1", "127.0.0.1", "fe80::1")
+    ]
     kept = auto_subnets(learnt, (), (), (), local)
     assert [s.network for s in kept] == nets("10.81.2.0/24")

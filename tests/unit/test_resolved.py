@@ -44,8 +44,10 @@ def test_stale_links_are_ours_whose_owner_is_gone() -> None:
 
 
 def test_free_address_skips_addresses_in_use() -> None:
-    listed: list[dict[str, Any]] = [{"addr_info": [{"local": str(a)}]} for a in
-                                    ipaddress.IPv4Network(const.DNS_LINK_NET).hosts()][:-1]
+    listed: list[dict[str, Any]] = [
+        {"addr_info": [{"local": str(a)}]}
+        for a in ipaddress.IPv4Network(const.DNS_LINK_NET).hosts()
+    ][:-1]
     assert resolved._free_address(listed, "shuttled-x") == ipaddress.IPv4Address("169.254.53.254")
     with pytest.raises(ResolvedError):
         resolved._free_address([*listed, {"addr_info": [{"local": "169.254.53.254"}]}], "x")
@@ -95,7 +97,8 @@ def test_no_bus_at_all_means_the_firewall_path(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_resolved_in_another_network_namespace_is_not_used(
-        bus_address: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    bus_address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(resolved, "_same_netns", lambda pid: False)
 
     async def main() -> Resolved | None:

@@ -34,8 +34,8 @@ def subnets(*texts: str, exclude: bool = False) -> tuple:  # type: ignore[type-a
 # exclude nested in an include, the ssh server's own port, UDP and LAN DNS.
 LAN = Capture(
     "lan",
-    subnets("10.0.0.0/8", "[fd00::/8]:443") + subnets("10.0.5.0/24", "203.0.113.7:22",
-                                                      exclude=True),
+    subnets("10.0.0.0/8", "[fd00::/8]:443")
+    + subnets("10.0.5.0/24", "203.0.113.7:22", exclude=True),
     tcp_port=12300,
     lan=LanMatch(("br-lan",), (ipaddress.ip_network("192.168.1.0/24"),)),
     udp_port=12302,
@@ -50,10 +50,13 @@ def dedent(text: str) -> str:
 
 MARK = "meta mark set meta mark | 0x20000000 accept"
 # This host's own addresses, broadcasts and multicast: never captured, even by 0/0.
-NEVER_LINES = ["meta nfproto ipv4 fib daddr type local return",
-               "meta nfproto ipv6 fib daddr type local return",
-               "meta nfproto ipv4 fib daddr type broadcast return",
-               "ip daddr 224.0.0.0/4 return", "ip6 daddr ff00::/8 return"]
+NEVER_LINES = [
+    "meta nfproto ipv4 fib daddr type local return",
+    "meta nfproto ipv6 fib daddr type local return",
+    "meta nfproto ipv4 fib daddr type broadcast return",
+    "ip daddr 224.0.0.0/4 return",
+    "ip6 daddr ff00::/8 return",
+]
 NEVER = "".join(f"    \t\t{line}\n" for line in NEVER_LINES)
 DNS53 = 'iif != "lo" fib daddr type local meta l4proto { tcp, udp } th dport 53'
 NFT_LAN = dedent(f"""
@@ -232,14 +235,16 @@ def test_every_interface_means_all_but_lo() -> None:
 def test_lan_dns_all_catches_port_53_to_any_address() -> None:
     capture = dataclasses.replace(LAN, lan_dns_all=True)
     script = NftBackend("shuttled").render([capture])
-    assert ('meta nfproto ipv4 iif != "lo" meta l4proto { tcp, udp } th dport 53 '
-            f'tproxy ip to 127.0.0.1:12303 {MARK}') in script
+    assert (
+        'meta nfproto ipv4 iif != "lo" meta l4proto { tcp, udp } th dport 53 '
+        f"tproxy ip to 127.0.0.1:12303 {MARK}"
+    ) in script
 
 
 def test_udp_only_capture_marks_and_tproxies_but_leaves_lan_tcp_alone() -> None:
     capture = Capture("work", subnets("10.0.0.0/8"), tcp_port=12300, udp_port=12302)
     script = NftBackend("shuttled").render([capture])
-    assert "iif \"lo\" meta mark & 0x20000000 == 0x20000000 jump tp_work" in script
+    assert 'iif "lo" meta mark & 0x20000000 == 0x20000000 jump tp_work' in script
     assert "tproxy ip to 127.0.0.1:12300" not in script
     assert router_rules([capture]).needs_policy
 
@@ -298,8 +303,10 @@ def test_tproxy_users_are_found_per_instance() -> None:
         }
     """)
     assert policy._nft_users(ruleset) == {"shuttled"}  # fw4's own tproxy is not ours
-    save = "-A SHUTTLED_run_7-a -d 10.0.0.0/8 -p udp -j TPROXY --on-port 5\n" \
-           "-A OTHER -p udp -j TPROXY --on-port 6\n"
+    save = (
+        "-A SHUTTLED_run_7-a -d 10.0.0.0/8 -p udp -j TPROXY --on-port 5\n"
+        "-A OTHER -p udp -j TPROXY --on-port 6\n"
+    )
     assert policy.ipt_users(save) == {"shuttled_run_7"}
 
 
@@ -320,8 +327,9 @@ def test_tproxy_mark_is_clear_of_the_dns_bypass_mark() -> None:
 
 def test_original_destination_from_cmsg_both_families() -> None:
     v4 = struct.pack("!HH4s8x", socket.AF_INET, 7, socket.inet_pton(socket.AF_INET, "10.1.2.3"))
-    v6 = struct.pack("!HHI16sI", socket.AF_INET6, 443, 0,
-                     socket.inet_pton(socket.AF_INET6, "fd00::2"), 0)
+    v6 = struct.pack(
+        "!HHI16sI", socket.AF_INET6, 443, 0, socket.inet_pton(socket.AF_INET6, "fd00::2"), 0
+    )
     anc4 = [(socket.SOL_IP, transparent.IP_RECVORIGDSTADDR, v4)]
     anc6 = [(socket.IPPROTO_IPV6, transparent.IPV6_RECVORIGDSTADDR, v6)]
     assert transparent.original_dst(anc4, socket.AF_INET) == ("10.1.2.3", 7)
@@ -362,6 +370,7 @@ def test_datagram_is_sent_whole_or_dropped_never_split_or_queued() -> None:
         messages, _ = sshmsg.split_packets(bytes(pipe.buf), 1 << 20)
         sizes = [len(p) - 8 for t, p in messages if t == sshmsg.MSG_CHANNEL_DATA]
         assert sizes == [600]
+
     asyncio.run(body())
 
 
@@ -377,6 +386,7 @@ def test_flows_beyond_the_limit_are_refused_and_counted() -> None:
         assert proxy.stats.failed == 2 and proxy.flows == {}
         assert proxy._new_flow(("192.168.1.9", 1003)) is not None
         proxy.close()
+
     asyncio.run(body())
 
 
@@ -394,7 +404,8 @@ def test_lan_flags_split_interfaces_and_subnets() -> None:
 
 
 def test_profile_keys_become_router_settings(tmp_path: Path) -> None:
-    (tmp_path / "p.yaml").write_text(dedent("""
+    (tmp_path / "p.yaml").write_text(
+        dedent("""
         home:
           remote: gw
           subnets: [10.0.0.0/8]
@@ -406,7 +417,8 @@ def test_profile_keys_become_router_settings(tmp_path: Path) -> None:
         plain:
           remote: gw
           subnets: [172.16.0.0/12]
-    """))
+    """)
+    )
     config = load_config(tmp_path)
     home = settings_from_profile(config.profiles["home"])
     assert home.lan == LanMatch(("br-lan",), (ipaddress.ip_network("192.168.1.0/24"),))
@@ -417,10 +429,11 @@ def test_profile_keys_become_router_settings(tmp_path: Path) -> None:
 
 
 def test_broadcast_multicast_and_own_addresses_are_never_captured_even_by_0_0() -> None:
-    everything = Capture("all", subnets("0/0"), tcp_port=1, udp_port=2,
-                         lan=LanMatch(every_interface=True))
+    everything = Capture(
+        "all", subnets("0/0"), tcp_port=1, udp_port=2, lan=LanMatch(every_interface=True)
+    )
     script = NftBackend("shuttled").render([everything])
-    tp = script[script.index("chain tp_all"):script.index("chain mk_all")]
+    tp = script[script.index("chain tp_all") : script.index("chain mk_all")]
     # DHCP, mDNS and the router's own services stay local: these come before any tproxy.
     assert tp.index("ip daddr 224.0.0.0/4 return") < tp.index("tproxy")
     assert tp.index("fib daddr type broadcast return") < tp.index("tproxy")

@@ -29,11 +29,20 @@ linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux o
 
 @linux
 def test_route_follows_ssh_g() -> None:
-    route = server_route({"hostname": "10.0.0.1", "port": "2222", "addressfamily": "inet6",
-                          "connecttimeout": "7", "tcpkeepalive": "no"}, 10.0)
+    route = server_route(
+        {
+            "hostname": "10.0.0.1",
+            "port": "2222",
+            "addressfamily": "inet6",
+            "connecttimeout": "7",
+            "tcpkeepalive": "no",
+        },
+        10.0,
+    )
     assert route == ServerRoute("10.0.0.1", 2222, socket.AF_INET6, 7.0, False)
-    assert server_route({"hostname": "h"}, 10.0) == ServerRoute("h", 22, socket.AF_UNSPEC,
-                                                                10.0, True)
+    assert server_route({"hostname": "h"}, 10.0) == ServerRoute(
+        "h", 22, socket.AF_UNSPEC, 10.0, True
+    )
 
 
 @pytest.mark.parametrize("key", ["proxycommand", "proxyjump", "bindaddress", "bindinterface"])
@@ -78,10 +87,10 @@ def test_refused_connect_says_where() -> None:
 
 
 @linux
-def test_the_relay_passes_the_offered_connection_to_its_stdout(tmp_path: os.PathLike[str]
-                                                               ) -> None:
+def test_the_relay_passes_the_offered_connection_to_its_stdout(tmp_path: os.PathLike[str]) -> None:
     """What ssh does with ProxyUseFdpass: a socketpair as the command's stdin/stdout,
     then one descriptor received over it (mm_receive_fd)."""
+
     async def main() -> None:
         offer = FdOffer(os.path.join(tmp_path, "fd"), os.geteuid())
         offer.bind()
@@ -89,7 +98,8 @@ def test_the_relay_passes_the_offered_connection_to_its_stdout(tmp_path: os.Path
         ours, theirs = socket.socketpair()
         with a, b, ours, theirs:
             relay = await asyncio.create_subprocess_exec(
-                sys.executable, "-I", "-S", "-c", FD_RELAY, offer.path, stdin=b, stdout=b)
+                sys.executable, "-I", "-S", "-c", FD_RELAY, offer.path, stdin=b, stdout=b
+            )
             b.close()
             await asyncio.wait_for(offer.serve(ours), 10)
             assert await asyncio.wait_for(relay.wait(), 10) == 0
@@ -113,8 +123,9 @@ def test_runnable_by_all() -> None:
         assert not runnable_by_all(script)
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not sys.platform.startswith("linux"),
-                    reason="needs root on Linux")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not sys.platform.startswith("linux"), reason="needs root on Linux"
+)
 def test_fs_identity_reaches_a_user_socket_in_a_shared_directory() -> None:
     """What the daemon does without CAP_DAC_OVERRIDE: a root-owned 0700 directory shared
     with one user by an ACL entry, a socket of that user's (0600), reached with the
@@ -125,11 +136,17 @@ def test_fs_identity_reaches_a_user_socket_in_a_shared_directory() -> None:
     private = tempfile.mkdtemp(dir=base)
     try:
         grant_dir(private, nobody)
-        code = ("import os,socket,sys;os.umask(0o177);s=socket.socket(socket.AF_UNIX);"
-                "s.bind(sys.argv[1]);s.listen();print(flush=True);sys.stdin.read()")
-        listener = subprocess.Popen(["/usr/bin/python3", "-c", code, f"{private}/ctl"],
-                                    user=nobody, group=nobody, stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE)
+        code = (
+            "import os,socket,sys;os.umask(0o177);s=socket.socket(socket.AF_UNIX);"
+            "s.bind(sys.argv[1]);s.listen();print(flush=True);sys.stdin.read()"
+        )
+        listener = subprocess.Popen(
+            ["/usr/bin/python3", "-c", code, f"{private}/ctl"],
+            user=nobody,
+            group=nobody,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
         try:
             assert listener.stdout is not None
             listener.stdout.readline()

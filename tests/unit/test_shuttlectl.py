@@ -35,8 +35,7 @@ def sock(tmp_path: Path) -> Path:
     return tmp_path / "control.sock"
 
 
-def ctl(capsys: pytest.CaptureFixture[str], sock: Path,
-        *argv: str) -> tuple[int, str, str]:
+def ctl(capsys: pytest.CaptureFixture[str], sock: Path, *argv: str) -> tuple[int, str, str]:
     code = main(["--socket", str(sock), *argv])
     out, err = capsys.readouterr()
     return code, out, err
@@ -44,15 +43,26 @@ def ctl(capsys: pytest.CaptureFixture[str], sock: Path,
 
 # --- status and list ---------------------------------------------------------------------------
 
+
 def test_status_table_with_health_lines_exits_not_up_when_an_autostart_profile_is_down(
-        capsys: pytest.CaptureFixture[str], sock: Path) -> None:
+    capsys: pytest.CaptureFixture[str], sock: Path
+) -> None:
     core = FakeCore()
     core.states["broken"] = "failed"
     with serving(sock, core):
         code, out, err = ctl(capsys, sock, "status")
     lines = out.splitlines()
-    assert lines[0].split() == ["PROFILE", "STATE", "REMOTE", "UPTIME", "RX", "TX", "CONNS",
-                                "LAST", "ERROR"]
+    assert lines[0].split() == [
+        "PROFILE",
+        "STATE",
+        "REMOTE",
+        "UPTIME",
+        "RX",
+        "TX",
+        "CONNS",
+        "LAST",
+        "ERROR",
+    ]
     assert lines[1].split()[:3] == ["work", "down", "alice@bastion"]
     assert "# Health check:" in lines
     assert "#     - work: should be up but is down" in lines
@@ -61,7 +71,8 @@ def test_status_table_with_health_lines_exits_not_up_when_an_autostart_profile_i
 
 
 def test_status_of_an_up_profile_shows_units_and_exits_zero(
-        capsys: pytest.CaptureFixture[str], sock: Path) -> None:
+    capsys: pytest.CaptureFixture[str], sock: Path
+) -> None:
     core = FakeCore()
     core.states["work"] = "up"
     with serving(sock, core):
@@ -75,15 +86,17 @@ def test_status_of_an_up_profile_shows_units_and_exits_zero(
     assert all_code == ExitCode.OK  # lab, slow, broken are neither wanted nor autostart
 
 
-def test_status_of_a_down_profile_exits_not_up(capsys: pytest.CaptureFixture[str],
-                                                sock: Path) -> None:
+def test_status_of_a_down_profile_exits_not_up(
+    capsys: pytest.CaptureFixture[str], sock: Path
+) -> None:
     with serving(sock):
         assert ctl(capsys, sock, "status", "lab")[0] == ExitCode.NOT_UP
     assert int(ExitCode.NOT_UP) == 7
 
 
 def test_json_output_has_a_schema_version_wherever_the_flag_goes(
-        capsys: pytest.CaptureFixture[str], sock: Path) -> None:
+    capsys: pytest.CaptureFixture[str], sock: Path
+) -> None:
     with serving(sock):
         code, out, _ = ctl(capsys, sock, "--json", "status")
         doc = json.loads(out)
@@ -92,28 +105,30 @@ def test_json_output_has_a_schema_version_wherever_the_flag_goes(
         _, out, _ = ctl(capsys, sock, "status", "lab", "--json")
         assert json.loads(out)["profile"]["name"] == "lab"
         _, out, _ = ctl(capsys, sock, "list", "--json")
-        assert json.loads(out)["profiles"][0] == {"name": "work", "state": "down",
-                                                  "remote": "alice@bastion",
-                                                  "autostart": True, "wanted": True}
+        assert json.loads(out)["profiles"][0] == {
+            "name": "work",
+            "state": "down",
+            "remote": "alice@bastion",
+            "autostart": True,
+            "wanted": True,
+        }
 
 
 def test_list_table_and_names(capsys: pytest.CaptureFixture[str], sock: Path) -> None:
     with serving(sock):
         _, out, _ = ctl(capsys, sock, "list")
-        assert out.splitlines()[0].split() == ["PROFILE", "STATE", "REMOTE", "AUTOSTART",
-                                               "WANTED"]
+        assert out.splitlines()[0].split() == ["PROFILE", "STATE", "REMOTE", "AUTOSTART", "WANTED"]
         assert ctl(capsys, sock, "list", "--names")[1] == "work\nlab\nslow\nbroken\n"
 
 
 # --- up and down -------------------------------------------------------------------------------
 
-def test_up_and_down_print_the_new_state(capsys: pytest.CaptureFixture[str],
-                                         sock: Path) -> None:
+
+def test_up_and_down_print_the_new_state(capsys: pytest.CaptureFixture[str], sock: Path) -> None:
     core = FakeCore()
     with serving(sock, core):
         assert ctl(capsys, sock, "up", "work")[:2] == (ExitCode.OK, "work: up\n")
-        assert ctl(capsys, sock, "up", "lab", "--no-wait")[:2] == (ExitCode.OK,
-                                                                   "lab: connecting\n")
+        assert ctl(capsys, sock, "up", "lab", "--no-wait")[:2] == (ExitCode.OK, "lab: connecting\n")
         assert ctl(capsys, sock, "down", "work")[:2] == (ExitCode.OK, "work: down\n")
         code, out, _ = ctl(capsys, sock, "up", "work", "--json", "--timeout", "5")
     assert code == ExitCode.OK and json.loads(out)["profile"]["state"] == "up"
@@ -124,26 +139,36 @@ def test_up_denied_for_a_non_member(capsys: pytest.CaptureFixture[str], sock: Pa
     with serving(sock, uid=STRANGER_UID):
         code, out, err = ctl(capsys, sock, "up", "work")
     assert code == ExitCode.DENIED and out == ""
-    assert err == ("shuttlectl: up work: permission denied (only root, group 'shuttle' and "
-                   "the profile's allow list)\n")
+    assert err == (
+        "shuttlectl: up work: permission denied (only root, group 'shuttle' and "
+        "the profile's allow list)\n"
+    )
 
 
-def test_up_allowed_for_a_member_of_the_allow_list(capsys: pytest.CaptureFixture[str],
-                                                   sock: Path) -> None:
+def test_up_allowed_for_a_member_of_the_allow_list(
+    capsys: pytest.CaptureFixture[str], sock: Path
+) -> None:
     with serving(sock, uid=MEMBER_UID):
         assert ctl(capsys, sock, "up", "work")[0] == ExitCode.OK
         assert ctl(capsys, sock, "reload")[0] == ExitCode.DENIED
 
 
-@pytest.mark.parametrize(("argv", "exit_code", "message"), [
-    (("up", "nope"), ExitCode.NO_SUCH_PROFILE, "no profile named 'nope'"),
-    (("up", "slow", "--timeout", "0.2"), ExitCode.TIMEOUT, "slow did not come up within 0.2 s"),
-    (("up", "broken"), ExitCode.FAILED, "broken: ssh: Permission denied (publickey)"),
-    (("stats", "nope"), ExitCode.NO_SUCH_PROFILE, "no profile named 'nope'"),
-])
+@pytest.mark.parametrize(
+    ("argv", "exit_code", "message"),
+    [
+        (("up", "nope"), ExitCode.NO_SUCH_PROFILE, "no profile named 'nope'"),
+        (("up", "slow", "--timeout", "0.2"), ExitCode.TIMEOUT, "slow did not come up within 0.2 s"),
+        (("up", "broken"), ExitCode.FAILED, "broken: ssh: Permission denied (publickey)"),
+        (("stats", "nope"), ExitCode.NO_SUCH_PROFILE, "no profile named 'nope'"),
+    ],
+)
 def test_errors_are_one_line_with_their_exit_code(
-        capsys: pytest.CaptureFixture[str], sock: Path, argv: tuple[str, ...],
-        exit_code: int, message: str) -> None:
+    capsys: pytest.CaptureFixture[str],
+    sock: Path,
+    argv: tuple[str, ...],
+    exit_code: int,
+    message: str,
+) -> None:
     with serving(sock):
         code, _, err = ctl(capsys, sock, *argv)
     assert (code, err) == (exit_code, f"shuttlectl: {message}\n")
@@ -153,11 +178,14 @@ def test_json_errors_are_documents_too(capsys: pytest.CaptureFixture[str], sock:
     with serving(sock):
         code, out, _ = ctl(capsys, sock, "--json", "up", "nope")
     assert code == ExitCode.NO_SUCH_PROFILE
-    assert json.loads(out) == {"schema": 1, "error": {"code": "no_such_profile",
-                                                      "message": "no profile named 'nope'"}}
+    assert json.loads(out) == {
+        "schema": 1,
+        "error": {"code": "no_such_profile", "message": "no profile named 'nope'"},
+    }
 
 
 # --- stats, connections, reload, version ---------------------------------------------------------
+
 
 def test_stats_look_like_wg_show(capsys: pytest.CaptureFixture[str], sock: Path) -> None:
     with serving(sock):
@@ -181,7 +209,8 @@ def test_connections_table(capsys: pytest.CaptureFixture[str], sock: Path) -> No
         _, doc, _ = ctl(capsys, sock, "connections", "work", "--json")
     assert [ln.split() for ln in out.splitlines()] == [
         ["PROTO", "SOURCE", "DESTINATION", "RX", "TX", "AGE"],
-        ["tcp", "127.0.0.1:50000", "10.1.2.3:443", "2.0", "KiB", "100", "B", "3s"]]
+        ["tcp", "127.0.0.1:50000", "10.1.2.3:443", "2.0", "KiB", "100", "B", "3s"],
+    ]
     assert json.loads(doc)["connections"][0]["dst"] == "10.1.2.3:443"
 
 
@@ -189,12 +218,15 @@ def test_reload_summary(capsys: pytest.CaptureFixture[str], sock: Path) -> None:
     with serving(sock):
         code, out, _ = ctl(capsys, sock, "reload")
     assert code == ExitCode.OK
-    assert out.splitlines() == ["configuration reloaded", "added: new", "changed: lab",
-                                "unchanged: work"]
+    assert out.splitlines() == [
+        "configuration reloaded",
+        "added: new",
+        "changed: lab",
+        "unchanged: work",
+    ]
 
 
-def test_version_shows_client_and_daemon(capsys: pytest.CaptureFixture[str],
-                                         sock: Path) -> None:
+def test_version_shows_client_and_daemon(capsys: pytest.CaptureFixture[str], sock: Path) -> None:
     with serving(sock):
         _, out, _ = ctl(capsys, sock, "version")
         _, doc, _ = ctl(capsys, sock, "version", "--json")
@@ -204,13 +236,14 @@ def test_version_shows_client_and_daemon(capsys: pytest.CaptureFixture[str],
 
 # --- watch ---------------------------------------------------------------------------------------
 
-def test_watch_prints_one_line_per_event(capsys: pytest.CaptureFixture[str],
-                                         sock: Path) -> None:
+
+def test_watch_prints_one_line_per_event(capsys: pytest.CaptureFixture[str], sock: Path) -> None:
     core = FakeCore()
     result: list[int] = []
     with ServerThread(core, sock, credentials=lambda _s: caller(0)) as server:
-        watcher = threading.Thread(target=lambda: result.append(
-            main(["--socket", str(sock), "watch", "--json"])))
+        watcher = threading.Thread(
+            target=lambda: result.append(main(["--socket", str(sock), "watch", "--json"]))
+        )
         watcher.start()
         for _ in range(200):
             if core.queues:
@@ -229,8 +262,9 @@ def test_watch_prints_one_line_per_event(capsys: pytest.CaptureFixture[str],
 
 
 def test_event_lines_for_humans() -> None:
-    line = render.event({"type": "state", "profile": "work", "state": "failed",
-                         "error": "no route"}, now=0)
+    line = render.event(
+        {"type": "state", "profile": "work", "state": "failed", "error": "no route"}, now=0
+    )
     assert line.endswith(" work: failed (no route)")
     stamped = render.event({"type": "state", "profile": "w", "state": "up", "time": 3600.5})
     assert stamped == time.strftime("%H:%M:%S", time.localtime(3600.5)) + " w: up"
@@ -240,15 +274,18 @@ def test_event_lines_for_humans() -> None:
 
 # --- no daemon, usage ----------------------------------------------------------------------------
 
+
 def test_daemon_not_running_is_one_line_and_its_own_exit_code(
-        capsys: pytest.CaptureFixture[str], sock: Path) -> None:
+    capsys: pytest.CaptureFixture[str], sock: Path
+) -> None:
     code, out, err = ctl(capsys, sock, "status")
     assert code == ExitCode.NOT_RUNNING and int(code) == 3 and out == ""
     assert err == f"shuttlectl: the shuttled daemon is not running (no socket at {sock})\n"
 
 
-def test_a_socket_nobody_listens_on_means_not_running(capsys: pytest.CaptureFixture[str],
-                                                      sock: Path) -> None:
+def test_a_socket_nobody_listens_on_means_not_running(
+    capsys: pytest.CaptureFixture[str], sock: Path
+) -> None:
     dead = socket.socket(socket.AF_UNIX)
     dead.bind(str(sock))
     dead.close()
@@ -256,10 +293,20 @@ def test_a_socket_nobody_listens_on_means_not_running(capsys: pytest.CaptureFixt
     assert code == ExitCode.NOT_RUNNING and "not running" in err
 
 
-@pytest.mark.parametrize("argv", [(), ("up",), ("fly",), ("up", "w", "--timeout", "x"),
-                                  ("status", "a", "b"), ("completion", "fish")])
-def test_usage_errors_exit_2_with_one_line(capsys: pytest.CaptureFixture[str], sock: Path,
-                                           argv: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(
+    "argv",
+    [
+        (),
+        ("up",),
+        ("fly",),
+        ("up", "w", "--timeout", "x"),
+        ("status", "a", "b"),
+        ("completion", "fish"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(
+    capsys: pytest.CaptureFixture[str], sock: Path, argv: tuple[str, ...]
+) -> None:
     code, out, err = ctl(capsys, sock, *argv)
     assert code == ExitCode.USAGE and out == ""
     assert err.startswith("shuttlectl: ") and err.count("\n") == 1
@@ -268,40 +315,73 @@ def test_usage_errors_exit_2_with_one_line(capsys: pytest.CaptureFixture[str], s
 def test_installed_entry_point_behaviour_in_a_fresh_process(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run(
-        [sys.executable, "-c", "import sys; from shuttlectl.__main__ import main; "
-         "code = main(); bad = [m for m in sys.modules if m.startswith('shuttled.') and "
-         "m.split('.')[1] not in ('const', 'errors', 'control')] + "
-         "[m for m in sys.modules if m in ('yaml', 'shuttled.control.api', "
-         "'shuttled.control.unix')]; print(bad, file=sys.stderr); sys.exit(code)",
-         "--socket", str(tmp_path / "none.sock"), "status"],
-        capture_output=True, text=True, env=env, check=False)
+        [
+            sys.executable,
+            "-c",
+            "import sys; from shuttlectl.__main__ import main; "
+            "code = main(); bad = [m for m in sys.modules if m.startswith('shuttled.') and "
+            "m.split('.')[1] not in ('const', 'errors', 'control')] + "
+            "[m for m in sys.modules if m in ('yaml', 'shuttled.control.api', "
+            "'shuttled.control.unix')]; print(bad, file=sys.stderr); sys.exit(code)",
+            "--socket",
+            str(tmp_path / "none.sock"),
+            "status",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
     assert result.returncode == ExitCode.NOT_RUNNING
     assert result.stderr.splitlines() == [
         f"shuttlectl: the shuttled daemon is not running (no socket at {tmp_path}/none.sock)",
-        "[]"]
+        "[]",
+    ]
 
 
 # --- rendering -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("value", "text"), [
-    (0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (1288490188, "1.2 GiB"),
-    (None, "-"), (-1, "-"), (True, "-"), ("12", "-"),
-])
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (0, "0 B"),
+        (1023, "1023 B"),
+        (1024, "1.0 KiB"),
+        (1288490188, "1.2 GiB"),
+        (None, "-"),
+        (-1, "-"),
+        (True, "-"),
+        ("12", "-"),
+    ],
+)
 def test_sizes_use_iec_units(value: Any, text: str) -> None:
     assert render.size(value) == text
 
 
-@pytest.mark.parametrize(("value", "text"), [
-    (0, "0s"), (59.9, "59s"), (65, "1m05s"), (7384, "2h03m"), (3 * 86400 + 4 * 3600, "3d04h"),
-    (None, "-"),
-])
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (0, "0s"),
+        (59.9, "59s"),
+        (65, "1m05s"),
+        (7384, "2h03m"),
+        (3 * 86400 + 4 * 3600, "3d04h"),
+        (None, "-"),
+    ],
+)
 def test_durations_show_two_units(value: Any, text: str) -> None:
     assert render.duration(value) == text
 
 
 def test_rendering_copes_with_odd_replies() -> None:
-    odd: dict[str, Any] = {"name": ["x"], "state": 5, "rx": "many", "subnets": "x",
-                           "health": [1, "custom warning"]}
+    odd: dict[str, Any] = {
+        "name": ["x"],
+        "state": 5,
+        "rx": "many",
+        "subnets": "x",
+        "health": [1, "custom warning"],
+    }
     assert "x" in render.status_table([odd])
     assert render.status_detail(odd)
     assert render.health([{**odd, "name": "p"}]) == ["p: custom warning"]

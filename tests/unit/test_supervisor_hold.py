@@ -42,9 +42,12 @@ class Recorder(Backend):
 
 
 def spec(subnet: str, kill_switch: bool = True) -> TunnelSpec:
-    return TunnelSpec(name="work", target=SshTarget("srv"),
-                      subnets=(Subnet(ipaddress.ip_network(subnet)),),
-                      router=RouterSettings(kill_switch=kill_switch))
+    return TunnelSpec(
+        name="work",
+        target=SshTarget("srv"),
+        subnets=(Subnet(ipaddress.ip_network(subnet)),),
+        router=RouterSettings(kill_switch=kill_switch),
+    )
 
 
 async def held(tunnel: Tunnel) -> None:
