@@ -10,23 +10,21 @@ import argparse
 import ipaddress
 import logging
 import os
-import re
 import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from shuttled import __version__, const
+from shuttled.const import Forward
 from shuttled.errors import ConfigError, UsageError
-from shuttled.firewall.base import Subnet, parse_subnet
+from shuttled.net import Subnet, parse_subnet, valid_host_name
 from shuttled.router import add_run_arguments as add_router_arguments
 from shuttled.router import settings_from_args as router_settings
 from shuttled.supervisor import TunnelSpec
-from shuttled.tunnel.session import Forward
 from shuttled.tunnel.ssh import LocalUser, SshTarget
 
 ENV_ARGS = "SHUTTLED_ARGS"
-_DNS_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
 METHODS = ("auto", "nft", "iptables", "pf")
 
 
@@ -310,7 +308,7 @@ def _domains(texts: Sequence[str]) -> tuple[str, ...]:
     domains = []
     for text in texts:
         name = text.strip().lower().removesuffix(".")
-        if len(name) > 253 or not all(_DNS_LABEL_RE.fullmatch(x) for x in name.split(".")):
+        if not valid_host_name(name):
             raise UsageError(f"--dns-domain: {text!r} is not a DNS name")
         domains.append(name)
     return tuple(dict.fromkeys(domains))

@@ -70,14 +70,13 @@ from typing import Any, NoReturn
 import yaml
 
 from shuttled import const
+from shuttled.const import Forward
 from shuttled.errors import ConfigError
-from shuttled.firewall.base import Subnet, parse_subnet
-from shuttled.tunnel.session import Forward
+from shuttled.net import Subnet, parse_subnet, valid_host_name, valid_profile_name
 from shuttled.tunnel.ssh import LocalUser, SshTarget
 
 log = logging.getLogger(__name__)
 
-PROFILE_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 PROFILES_KEY = "profiles"
 PROFILES_SUBDIR = "profiles.d"
 ROOT_SSH_DIR = "ssh"  # under the config dir: keys and known_hosts of root-run profiles
@@ -104,7 +103,6 @@ FORBIDDEN_SSH_OPTIONS = frozenset(
 _USER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\$?")
 _OPTION_RE = re.compile(r"[A-Za-z][A-Za-z0-9]{0,63}")
 _PYTHON_RE = re.compile(r"[A-Za-z0-9_./+-]{1,255}")
-_DNS_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
 _IFNAME_RE = re.compile(r"[^/:\s]{1,15}")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -417,7 +415,7 @@ def _domain(ctx: _Ctx, value: Any) -> str:
     name = _text(ctx, value).strip().lower().removesuffix(".")
     if name.startswith("*."):
         ctx.fail(f"write {name[2:]!r}: a domain already covers every name below it")
-    if len(name) > 253 or not all(_DNS_LABEL_RE.fullmatch(x) for x in name.split(".")):
+    if not valid_host_name(name):
         ctx.fail(f"{name!r} is not a DNS name")
     return name
 
@@ -1016,7 +1014,7 @@ class _Collector:
         return inner
 
     def _add(self, path: Path, line: int, name: Any, body: Any) -> None:
-        if not isinstance(name, str) or not PROFILE_NAME_RE.fullmatch(name):
+        if not isinstance(name, str) or not valid_profile_name(name):
             self._error(path, line, f"{name!r}: a profile name must match [A-Za-z0-9_-]{{1,32}}")
             return
         if name in self.sources:

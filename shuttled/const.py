@@ -172,3 +172,11 @@ class ExitCode(enum.IntEnum):
     DENIED = 5
     TIMEOUT = 6
     NOT_UP = 7
+
+
+class Forward(enum.StrEnum):
+    """How a profile's TCP connections reach their destination (config `forward:`)."""
+
+    AUTO = "auto"
+    DIRECT = "direct"  # sshd makes the connections (direct-tcpip)
+    HELPER = "helper"  # the uploaded python helper makes them

@@ -36,16 +36,15 @@ import json
 import logging
 import os
 import re
-import shutil
 import socket
-import subprocess
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from shuttled import const
 from shuttled.errors import ShuttledError
-from shuttled.firewall.base import is_cleanup_target, tool_path
+from shuttled.firewall.base import is_cleanup_target
+from shuttled.net import run_tool, tool_env, which_tool
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +67,11 @@ class ResolvedError(ShuttledError):
     """systemd-resolved refused a call, or a link could not be made."""
 
     code = "resolved"
+
+
+def _ip_now(*args: str) -> str:
+    """`ip` run synchronously (cleanup, no event loop); ResolvedError when it fails."""
+    return run_tool(["ip", *args], error=ResolvedError, timeout=IP_TIMEOUT)
 
 
 # --- links -------------------------------------------------------------------------------
@@ -101,7 +105,7 @@ async def _ip(*args: str) -> str:
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "LC_ALL": "C", "PATH": tool_path()},
+        env=tool_env(),
     )
     try:
         async with asyncio.timeout(IP_TIMEOUT):
@@ -187,36 +191,21 @@ def stale_link_names(links: Any) -> list[str]:
 
 def cleanup_links() -> list[str]:
     """Delete stale links of ours (resolved forgets their settings with them)."""
-    env = {**os.environ, "LC_ALL": "C", "PATH": tool_path()}
-    if shutil.which("ip", path=env["PATH"]) is None:
+    if not which_tool("ip"):
         return []  # no iproute2 (macOS, FreeBSD): we never made a link here
     try:
-        listed = subprocess.run(
-            ["ip", "-j", "link", "show"],
-            capture_output=True,
-            text=True,
-            timeout=IP_TIMEOUT,
-            env=env,
-            check=True,
-        ).stdout
-        links = json.loads(listed)
-    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        links = json.loads(_ip_now("-j", "link", "show"))
+    except (ShuttledError, ValueError) as exc:
         log.warning("cannot list links to clean up: %s", exc)
         return []
     removed = []
     for name in stale_link_names(links):
-        done = subprocess.run(
-            ["ip", "link", "del", "dev", name],
-            capture_output=True,
-            text=True,
-            timeout=IP_TIMEOUT,
-            env=env,
-            check=False,
-        )
-        if done.returncode == 0:
-            removed.append(f"link {name}")
+        try:
+            _ip_now("link", "del", "dev", name)
+        except ShuttledError as exc:
+            log.warning("could not delete link %s: %s", name, exc)
         else:
-            log.warning("could not delete link %s: %s", name, done.stderr.strip())
+            removed.append(f"link {name}")
     return removed
 
 

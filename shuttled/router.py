@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from shuttled import const
 from shuttled.errors import ConfigError, UsageError
-from shuttled.firewall.base import Capture, LanMatch, parse_subnet
+from shuttled.firewall.base import Capture, LanMatch
+from shuttled.net import is_address, parse_subnet
 from shuttled.tunnel.channels import ChannelMux
 from shuttled.tunnel.dns import Resolver
 from shuttled.tunnel.faults import Faults
@@ -206,7 +207,7 @@ def lan_match(items: Sequence[str]) -> LanMatch | None:
         return None
     interfaces, sources = [], []
     for item in items:
-        if "/" in item or _is_address(item):
+        if "/" in item or is_address(item):
             try:
                 sources.append(ipaddress.ip_network(item, strict=False))
             except ValueError:
@@ -217,14 +218,6 @@ def lan_match(items: Sequence[str]) -> LanMatch | None:
         return LanMatch(tuple(interfaces), tuple(sources))
     except ConfigError as exc:
         raise UsageError(f"--lan: {exc}") from None
-
-
-def _is_address(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def settings_from_args(args: argparse.Namespace) -> RouterSettings:

@@ -25,18 +25,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shuttled import const
+from shuttled.const import Forward
 from shuttled.errors import FirewallError, ShuttledError, UsageError
 from shuttled.firewall import policy
-from shuttled.firewall.base import Backend, Capture, Subnet
+from shuttled.firewall.base import Backend, Capture
 from shuttled.firewall.router import router_rules
+from shuttled.net import IPAddress, IPNetwork, Subnet, is_address
 from shuttled.router import RouterSettings, RouterSide
 from shuttled.tunnel.channels import ChannelMux
 from shuttled.tunnel.dns import DnsForwarder, DnsPeers, parse_resolv_conf
 from shuttled.tunnel.faults import Faults
 from shuttled.tunnel.proxy import ConnLimits, TransparentProxy
-from shuttled.tunnel.remote_info import IPAddress, IPNetwork, remote_hosts, remote_routes
+from shuttled.tunnel.remote_info import remote_hosts, remote_routes
 from shuttled.tunnel.resolver import DnsCapture, DnsPlan, ProfileResolver
-from shuttled.tunnel.session import Forward, SshSession
+from shuttled.tunnel.session import SshSession
 from shuttled.tunnel.ssh import SshTarget, resolve_host, server_host
 from shuttled.tunnel.transparent import connection_row, endpoint_text
 
@@ -222,17 +224,9 @@ async def ssh_excludes(
     if warning:
         log.warning("%s", warning)
     addresses = await resolve_host(host) if host else []
-    if pin is not None and host and addresses and not _is_address(host):
+    if pin is not None and host and addresses and not is_address(host):
         pin[host.lower().rstrip(".")] = tuple(ipaddress.ip_address(a) for a in addresses)
     return tuple(Subnet(ipaddress.ip_network(a), (port, port), exclude=True) for a in addresses)
-
-
-def _is_address(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 async def remote_nameservers(session: SshSession) -> list[str]:

@@ -17,19 +17,11 @@ import sys
 from shuttled.const import NFT_TABLE, RUN_TABLE_PREFIX
 from shuttled.errors import ConfigError, FirewallError
 from shuttled.firewall import policy
-from shuttled.firewall.base import (
-    Backend,
-    Capture,
-    Rule,
-    Subnet,
-    capture_rules,
-    is_cleanup_target,
-    order_subnets,
-    parse_subnet,
-)
+from shuttled.firewall.base import Backend, Capture, Rule, capture_rules, is_cleanup_target
 from shuttled.firewall.iptables import IptablesBackend
 from shuttled.firewall.nft import NftBackend
 from shuttled.firewall.pf import PfBackend
+from shuttled.net import Subnet, order_subnets, parse_subnet
 
 __all__ = [
     "BACKENDS",

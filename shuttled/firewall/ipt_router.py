@@ -30,7 +30,7 @@ from pathlib import Path
 
 from shuttled.const import RUN_DIR
 from shuttled.errors import FirewallError
-from shuttled.firewall.base import Capture, run_tool, tool_path, which_tool
+from shuttled.firewall.base import Capture
 from shuttled.firewall.router import (
     Jump,
     RouterRules,
@@ -39,6 +39,7 @@ from shuttled.firewall.router import (
     ipt_rules,
     router_rules,
 )
+from shuttled.net import run_tool, tool_path, which_tool
 
 log = logging.getLogger(__name__)
 

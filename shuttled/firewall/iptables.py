@@ -34,11 +34,9 @@ from shuttled.firewall.base import (
     check_captures,
     is_instance_table,
     port_range,
-    run_tool,
-    tool_path,
-    which_tool,
 )
 from shuttled.firewall.router import router_rules
+from shuttled.net import run_tool, tool_path, which_tool
 
 IPT_MAX_CHAIN = 28  # iptables refuses longer chain names
 _TOOLS = {4: ("iptables-save", "iptables-restore"), 6: ("ip6tables-save", "ip6tables-restore")}

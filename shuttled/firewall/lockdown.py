@@ -25,7 +25,8 @@ from typing import Any
 from shuttled.const import LOCKDOWN_TABLE
 from shuttled.durable import write_durably
 from shuttled.errors import ConfigError, FirewallError
-from shuttled.firewall.base import Backend, Capture, LanMatch, Subnet
+from shuttled.firewall.base import Backend, Capture, LanMatch
+from shuttled.net import Subnet
 
 log = logging.getLogger(__name__)
 

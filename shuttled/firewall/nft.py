@@ -33,9 +33,9 @@ from shuttled.firewall.base import (
     capture_rules,
     check_captures,
     is_instance_table,
-    run_tool,
 )
 from shuttled.firewall.router import NftHooks, nft_chains, nft_family, nft_l4, router_rules
+from shuttled.net import run_tool
 
 NFT = "nft"
 INDENT = "\t"

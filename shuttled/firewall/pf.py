@@ -43,7 +43,6 @@ import os
 import re
 import socket
 import struct
-import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,19 +52,15 @@ from shuttled import const
 from shuttled.const import NFT_TABLE
 from shuttled.errors import FirewallError
 from shuttled.firewall.base import (
-    TOOL_TIMEOUT,
     Backend,
     Capture,
-    IPNetwork,
     Rule,
     address_set,
     capture_rules,
     check_captures,
     is_instance_table,
-    one_line,
-    tool_path,
-    which_tool,
 )
+from shuttled.net import IPNetwork, one_line, run_tool_output, which_tool
 
 log = logging.getLogger(__name__)
 
@@ -323,23 +318,7 @@ def render_anchor(anchor: str, captures: Sequence[Capture]) -> str:
 def run_pfctl(args: Sequence[str], stdin: str | None = None) -> tuple[str, str]:
     """pfctl's stdout and stderr (pfctl -E prints its token on stderr), or FirewallError."""
     argv = [PFCTL, *args]
-    log.debug("running %s%s", " ".join(argv), f" with input:\n{stdin}" if stdin else "")
-    env = {**os.environ, "LC_ALL": "C", "PATH": tool_path()}
-    try:
-        proc = subprocess.run(
-            argv,
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=TOOL_TIMEOUT,
-            env=env,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise FirewallError(f"{PFCTL}: {e}") from None
-    if proc.returncode != 0:
-        raise FirewallError(f"{' '.join(argv)} failed: {one_line(proc.stderr or proc.stdout)}")
-    return proc.stdout, proc.stderr
+    return run_tool_output(argv, stdin, name=" ".join(argv))
 
 
 def parse_token(output: str) -> str:

@@ -25,7 +25,7 @@ from shuttled.const import (
     TPROXY_MARK,
 )
 from shuttled.errors import FirewallError
-from shuttled.firewall.base import run_tool, which_tool
+from shuttled.net import run_tool, which_tool
 
 log = logging.getLogger(__name__)
 

@@ -41,15 +41,8 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from shuttled.const import DNS_PORT, TPROXY_MARK
-from shuttled.firewall.base import (
-    Capture,
-    IPNetwork,
-    LanMatch,
-    Rule,
-    address_set,
-    capture_rules,
-    port_range,
-)
+from shuttled.firewall.base import Capture, LanMatch, Rule, address_set, capture_rules, port_range
+from shuttled.net import IPNetwork
 
 Verdict = Literal["return", "tproxy", "mark", "reset", "reject"]
 LISTEN = {4: "127.0.0.1", 6: "::1"}

@@ -21,10 +21,10 @@ import re
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+from shuttled.net import IPAddress, IPNetwork, is_address, valid_host_name
+
 log = logging.getLogger(__name__)
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # (command) -> (exit status, stdout, stderr): SshSession.run
 Runner = Callable[[str], Awaitable[tuple[int | None, bytes, bytes]]]
 
@@ -56,7 +56,6 @@ _HEX8 = re.compile(r"[0-9A-Fa-f]{8}")
 _HEX32 = re.compile(r"[0-9a-fA-F]{32}")
 _HEX2 = re.compile(r"[0-9a-fA-F]{2}")
 _IFNAME = re.compile(r"[^\s/]{1,15}")
-_HOST_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
 
 
 class _Ignored:
@@ -253,11 +252,6 @@ async def _family_routes(run: Runner, family: int) -> list[IPNetwork]:
 # --- /etc/hosts -------------------------------------------------------------------------
 
 
-def valid_host_name(name: str) -> bool:
-    labels = name.split(".")
-    return len(name) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels)
-
-
 def _host_address(text: str) -> IPAddress | None:
     try:
         address = ipaddress.ip_address(text)
@@ -296,7 +290,7 @@ def _hosts_line(fields: list[str], table: dict[str, list[IPAddress]], ignored: _
         return
     address = _host_address(fields[0])
     if address is None or len(fields) < 2:
-        if address is None and _looks_unusable(fields[0]):
+        if address is None and is_address(fields[0]):
             return  # 127.0.0.1 localhost and friends: left out quietly
         ignored.add(" ".join(fields), "not an address with names")
         return
@@ -311,14 +305,6 @@ def _hosts_line(fields: list[str], table: dict[str, list[IPAddress]], ignored: _
             and len(known) < MAX_ADDRESSES_PER_NAME
         ):
             known.append(address)
-
-
-def _looks_unusable(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 async def remote_hosts(run: Runner) -> dict[str, tuple[IPAddress, ...]]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import functools
 import logging
 import time
@@ -13,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from shuttled import const
+from shuttled.const import Forward
 from shuttled.errors import RemoteError, ShuttledError, SshError
 from shuttled.tunnel import sshmsg
 from shuttled.tunnel.channels import Channel, ChannelMux, MuxProtocol
@@ -45,12 +45,6 @@ REPLACE_BACKOFF_MIN = 1.0
 REPLACE_BACKOFF_MAX = 60.0
 
 LostHandler = Callable[[BaseException | None], None]
-
-
-class Forward(enum.StrEnum):
-    AUTO = "auto"
-    DIRECT = "direct"  # sshd makes the connections (direct-tcpip)
-    HELPER = "helper"  # the uploaded python helper makes them
 
 
 class _Probe(CommandEndpoint):

@@ -36,7 +36,7 @@ from shuttled.firewall import (
     parse_subnet,
 )
 from shuttled.firewall import iptables as fw_iptables
-from shuttled.firewall.base import which_tool
+from shuttled.net import which_tool
 from tests.lab.core import forget_namespace_records
 
 pytestmark = pytest.mark.integration

@@ -20,8 +20,8 @@ from shuttled.config import (
     load_config,
     profile_reference,
 )
+from shuttled.const import Forward
 from shuttled.errors import ConfigError
-from shuttled.tunnel.session import Forward
 
 FULL = """\
 work:

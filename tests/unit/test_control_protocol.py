@@ -99,7 +99,7 @@ def test_bugs_are_reported_as_internal_without_details() -> None:
 def test_results_with_enums_sets_and_paths_are_encoded() -> None:
     from pathlib import Path
 
-    from shuttled.tunnel.session import Forward
+    from shuttled.const import Forward
 
     line = ok_reply(1, {"f": Forward.DIRECT, "s": {"b", "a"}, "p": Path("/x")})
     assert json.loads(line)["result"] == {"f": "direct", "s": ["a", "b"], "p": "/x"}

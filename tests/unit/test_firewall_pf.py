@@ -20,7 +20,7 @@ import pytest
 from shuttled.errors import FirewallError
 from shuttled.firewall import BACKENDS, detect
 from shuttled.firewall import pf as fwpf
-from shuttled.firewall.base import Capture, parse_subnet
+from shuttled.firewall.base import Capture
 from shuttled.firewall.pf import (
     DARWIN,
     DARWIN_NATLOOK,
@@ -35,6 +35,7 @@ from shuttled.firewall.pf import (
     parse_token,
     unpack_natlook,
 )
+from shuttled.net import parse_subnet
 
 
 def subnets(*texts: str, exclude: Sequence[str] = ()) -> tuple:  # type: ignore[type-arg]

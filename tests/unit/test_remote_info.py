@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shuttled.firewall.base import Subnet, parse_subnet
+from shuttled.net import Subnet, parse_subnet, valid_host_name
 from shuttled.supervisor import auto_subnets
 from shuttled.tunnel import remote_info
 from shuttled.tunnel.remote_info import (
@@ -292,7 +292,7 @@ def test_hosts_file_names_lower_cased_loopback_and_junk_left_out() -> None:
 @given(st.text(max_size=3000))
 def test_fuzz_hosts_never_raise(text: str) -> None:
     for name, addresses in parse_hosts(text).items():
-        assert name == name.lower() and remote_info.valid_host_name(name)
+        assert name == name.lower() and valid_host_name(name)
         assert 0 < len(addresses) <= remote_info.MAX_ADDRESSES_PER_NAME
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Sequence
 
-from shuttled.firewall.base import Capture, Subnet
+from shuttled.firewall.base import Capture
+from shuttled.net import Subnet
 from shuttled.supervisor import CaptureSet
 from tests.unit.test_supervisor_hold import Recorder
 

@@ -7,7 +7,8 @@ import asyncio
 import ipaddress
 from collections.abc import Sequence
 
-from shuttled.firewall.base import Backend, Capture, Subnet
+from shuttled.firewall.base import Backend, Capture
+from shuttled.net import Subnet
 from shuttled.router import RouterSettings
 from shuttled.supervisor import CaptureSet, Tunnel, TunnelSpec
 from shuttled.tunnel.ssh import SshTarget
