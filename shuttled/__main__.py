@@ -20,8 +20,8 @@ def _need_root(what: str) -> None:
 
 
 def _cleanup(force: bool, everything: bool, state_dir: Path) -> int:
+    from shuttled.dns.resolved import cleanup_links
     from shuttled.firewall import cleanup_all, live_owners
-    from shuttled.resolved import cleanup_links
     from shuttled.tunnel.ssh import cleanup_control_dirs
 
     _need_root("cleanup")

@@ -22,6 +22,7 @@ from typing import Any
 from shuttled import __version__, const
 from shuttled.config import Config, Profile, check_overlaps, load_config
 from shuttled.control.protocol import PROTOCOL_VERSION
+from shuttled.dns.resolved import cleanup_links
 from shuttled.durable import write_durably
 from shuttled.errors import (
     NoSuchProfileError,
@@ -32,7 +33,6 @@ from shuttled.firewall import cleanup_all, detect
 from shuttled.firewall.base import Capture
 from shuttled.firewall.lockdown import LockdownFile, lockdown_backend, locked
 from shuttled.instance import InstanceLock
-from shuttled.resolved import cleanup_links
 from shuttled.router import settings_from_profile as router_settings
 from shuttled.supervisor import CaptureSet, State, Tunnel, TunnelSpec, current_profile
 from shuttled.tunnel.accept import quiet_accept_failures, raise_nofile

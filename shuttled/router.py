@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shuttled import const
+from shuttled.dns.lan import LanDns
+from shuttled.dns.listeners import Resolver
 from shuttled.errors import ConfigError, UsageError
 from shuttled.firewall.base import Capture, LanMatch
 from shuttled.net import is_address, parse_subnet
 from shuttled.tunnel.channels import ChannelMux
-from shuttled.tunnel.dns import Resolver
 from shuttled.tunnel.faults import Faults
-from shuttled.tunnel.landns import LanDns
 from shuttled.tunnel.udp import UdpProxy
 
 if TYPE_CHECKING:

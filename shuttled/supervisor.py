@@ -26,6 +26,9 @@ from typing import Any
 
 from shuttled import const
 from shuttled.const import Forward
+from shuttled.dns.forwarder import DnsForwarder, DnsPeers
+from shuttled.dns.resolvconf import parse_resolv_conf
+from shuttled.dns.resolver import DnsCapture, DnsPlan, ProfileResolver
 from shuttled.errors import FirewallError, ShuttledError, UsageError
 from shuttled.firewall import policy
 from shuttled.firewall.base import Backend, Capture
@@ -33,11 +36,9 @@ from shuttled.firewall.router import router_rules
 from shuttled.net import IPAddress, IPNetwork, Subnet, is_address
 from shuttled.router import RouterSettings, RouterSide
 from shuttled.tunnel.channels import ChannelMux
-from shuttled.tunnel.dns import DnsForwarder, DnsPeers, parse_resolv_conf
 from shuttled.tunnel.faults import Faults
 from shuttled.tunnel.proxy import ConnLimits, TransparentProxy
 from shuttled.tunnel.remote_info import remote_hosts, remote_routes
-from shuttled.tunnel.resolver import DnsCapture, DnsPlan, ProfileResolver
 from shuttled.tunnel.session import SshSession
 from shuttled.tunnel.ssh import SshTarget, resolve_host, server_host
 from shuttled.tunnel.transparent import connection_row, endpoint_text
@@ -112,7 +113,7 @@ class CaptureSet:
         self.backend = backend
         self.captures: dict[str, Capture] = {}
         # Profiles whose DNS capture shares this table shadow each other: their
-        # forwarders hand each other's names over (tunnel.dns.DnsPeers).
+        # forwarders hand each other's names over (dns.forwarder.DnsPeers).
         self.dns_peers = DnsPeers()
         self.seen = ""  # the kernel's view of our rules after our last change
         self.restored = 0  # times someone else's change was undone

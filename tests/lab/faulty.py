@@ -23,7 +23,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from shuttled.tunnel import dns, proxy, udp
+from shuttled.dns.forwarder import DnsForwarder
+from shuttled.tunnel import proxy, udp
 
 VICTIM_PORTS = (80, 9)  # the lab's HTTP server, and its closed port (open failures)
 UDP_VICTIM_PORTS = (7,)  # the lab's UDP echo
@@ -44,7 +45,7 @@ def _flow_victim(flow: udp.Flow, *args: Any) -> bool:
     return any(dst[1] in UDP_VICTIM_PORTS for dst in flow.replies)
 
 
-def _dns_victim(_forwarder: dns.DnsForwarder, query: bytes, *_args: Any) -> bool:
+def _dns_victim(_forwarder: DnsForwarder, query: bytes, *_args: Any) -> bool:
     return VICTIM_LABEL in query.lower()
 
 
@@ -64,7 +65,7 @@ POINTS: dict[str, tuple[type, Callable[..., bool], tuple[str, ...]]] = {
     "LocalConnection": (proxy.LocalConnection, _tcp_victim, TCP_POINTS),
     "TransparentProxy": (proxy.TransparentProxy, _destination_victim, ("destination",)),
     "Flow": (udp.Flow, _flow_victim, FLOW_POINTS),
-    "DnsForwarder": (dns.DnsForwarder, _dns_victim, ("resolve",)),
+    "DnsForwarder": (DnsForwarder, _dns_victim, ("resolve",)),
 }
 
 

@@ -16,17 +16,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shuttled.const import DNS_TIMEOUT
-from shuttled.tunnel import dns
-from shuttled.tunnel.dns import (
-    FLAG_QR,
-    FLAG_RA,
-    FLAG_RD,
-    FLAG_TC,
-    DnsForwarder,
-    DnsListener,
-    DnsMessageError,
-    Rcode,
-)
+from shuttled.dns import resolvconf, wire
+from shuttled.dns.forwarder import DnsForwarder, DnsStats
+from shuttled.dns.listeners import DnsListener
+from shuttled.dns.wire import FLAG_QR, FLAG_RA, FLAG_RD, FLAG_TC, DnsMessageError, Rcode
 
 TYPE_A = 1
 TYPE_TXT = 16
@@ -64,7 +57,7 @@ def txt_rdata(size: int) -> bytes:
 def make_answer(query: bytes, size: int = 0) -> bytes:
     """A reply: the query's id and question, one A record (or TXT of about size bytes)."""
     ident, flags, qdcount = struct.unpack_from(">3H", query)
-    _, end = dns.read_questions(query)
+    _, end = wire.read_questions(query)
     rtype, rdata = (TYPE_TXT, txt_rdata(size)) if size else (TYPE_A, bytes([10, 0, 0, 1]))
     record = b"\xc0\x0c" + struct.pack(">HHIH", rtype, 1, 60, len(rdata)) + rdata
     header = struct.pack(">6H", ident, flags | FLAG_QR | FLAG_RA, qdcount, 1, 0, 0)
@@ -72,7 +65,7 @@ def make_answer(query: bytes, size: int = 0) -> bytes:
 
 
 def qname(message: bytes) -> str:
-    return dns.read_questions(message)[0][0].name
+    return wire.read_questions(message)[0][0].name
 
 
 # --- a fake DNS-over-TCP server ---------------------------------------------------
@@ -124,7 +117,7 @@ class FakeServer:
         replies: set[asyncio.Task[None]] = set()
         count = 0
         try:
-            while (query := await dns.read_frame(reader)) is not None:
+            while (query := await wire.read_frame(reader)) is not None:
                 self.received.append(query)
                 count += 1
                 if count == self.drop_after(number):
@@ -146,7 +139,7 @@ class FakeServer:
         await asyncio.sleep(self.delay(index))
         for junk in self.before_reply(query):
             writer.write(struct.pack(">H", len(junk)) + junk)
-        writer.write(dns.frame(make_answer(query, self.answer_size)))
+        writer.write(wire.frame(make_answer(query, self.answer_size)))
 
 
 def direct(host: str, port: int) -> Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
@@ -184,26 +177,26 @@ def has_ipv6() -> bool:
 
 def test_header_and_id() -> None:
     query = make_query("example.com", ident=0xBEEF)
-    header = dns.check_query(query)
+    header = wire.check_query(query)
     assert (header.ident, header.qdcount, header.arcount) == (0xBEEF, 1, 0)
-    assert dns.query_id(dns.with_id(query, 7)) == 7
+    assert wire.query_id(wire.with_id(query, 7)) == 7
     with pytest.raises(DnsMessageError):
-        dns.check_query(query[:11])
+        wire.check_query(query[:11])
     with pytest.raises(DnsMessageError):
-        dns.check_query(make_answer(query))
+        wire.check_query(make_answer(query))
 
 
 def test_read_name_plain_and_compressed() -> None:
     message = b"\0" * 12 + encode_name("www.Example.com") + b"\x04mail\xc0\x10" + b"\xc0\x0c"
-    assert dns.read_name(message, 12) == ("www.Example.com", 29)
-    assert dns.read_name(message, 29) == ("mail.Example.com", 36)
-    assert dns.read_name(message, 36) == ("www.Example.com", 38)
-    assert dns.read_name(b"\0" * 12 + b"\0", 12) == (".", 13)
+    assert wire.read_name(message, 12) == ("www.Example.com", 29)
+    assert wire.read_name(message, 29) == ("mail.Example.com", 36)
+    assert wire.read_name(message, 36) == ("www.Example.com", 38)
+    assert wire.read_name(b"\0" * 12 + b"\0", 12) == (".", 13)
 
 
 def test_read_name_escapes_odd_bytes() -> None:
     message = b"\0" * 12 + b"\x04a.b\\\x02\x00\xff\0"
-    assert dns.read_name(message, 12)[0] == "a\\.b\\\\.\\000\\255"
+    assert wire.read_name(message, 12)[0] == "a\\.b\\\\.\\000\\255"
 
 
 @pytest.mark.parametrize(
@@ -220,45 +213,45 @@ def test_read_name_escapes_odd_bytes() -> None:
 )
 def test_read_name_rejects(tail: bytes) -> None:
     with pytest.raises(DnsMessageError):
-        dns.read_name(b"\0" * 12 + tail, 12)
+        wire.read_name(b"\0" * 12 + tail, 12)
 
 
 def test_pointer_chain_must_decrease() -> None:
     # name at 12 -> pointer to 14 -> label then pointer back to 14: a loop
     message = b"\0" * 12 + b"\x01a\x01b\xc0\x0e"
     with pytest.raises(DnsMessageError):
-        dns.read_name(message, 12 + 2)
+        wire.read_name(message, 12 + 2)
 
 
 def test_error_response_copies_id_and_question() -> None:
     query = make_query("host.corp.example", ident=0x0A0B)
-    reply = dns.error_response(query, Rcode.SERVFAIL)
-    header = dns.parse_header(reply)
+    reply = wire.error_response(query, Rcode.SERVFAIL)
+    header = wire.parse_header(reply)
     assert header.ident == 0x0A0B
     assert header.flags == FLAG_QR | FLAG_RD | FLAG_RA | Rcode.SERVFAIL
     assert (header.qdcount, header.ancount, header.nscount, header.arcount) == (1, 0, 0, 0)
-    assert dns.question_keys(reply) == dns.question_keys(query)
-    broken = dns.error_response(query[:20], Rcode.FORMERR)
-    assert dns.parse_header(broken).qdcount == 0 and len(broken) == 12
+    assert wire.question_keys(reply) == wire.question_keys(query)
+    broken = wire.error_response(query[:20], Rcode.FORMERR)
+    assert wire.parse_header(broken).qdcount == 0 and len(broken) == 12
 
 
 def test_udp_payload_limit_and_truncate() -> None:
-    assert dns.udp_payload_limit(make_query("a.example")) == 512
-    assert dns.udp_payload_limit(make_query("a.example", edns=4096)) == 4096
-    assert dns.udp_payload_limit(make_query("a.example", edns=100)) == 512
-    assert dns.udp_payload_limit(make_query("a.example", edns=65535)) == dns.UDP_MAX_PAYLOAD
+    assert wire.udp_payload_limit(make_query("a.example")) == 512
+    assert wire.udp_payload_limit(make_query("a.example", edns=4096)) == 4096
+    assert wire.udp_payload_limit(make_query("a.example", edns=100)) == 512
+    assert wire.udp_payload_limit(make_query("a.example", edns=65535)) == wire.UDP_MAX_PAYLOAD
     big = make_answer(make_query("a.example"), size=3000)
-    assert dns.truncate(big, 4096) == big
-    short = dns.truncate(big, 512)
-    assert dns.parse_header(short).flags & FLAG_TC
-    assert dns.question_keys(short) == dns.question_keys(big)
-    assert dns.parse_header(dns.truncate(big, 12)).qdcount == 0
+    assert wire.truncate(big, 4096) == big
+    short = wire.truncate(big, 512)
+    assert wire.parse_header(short).flags & FLAG_TC
+    assert wire.question_keys(short) == wire.question_keys(big)
+    assert wire.parse_header(wire.truncate(big, 12)).qdcount == 0
 
 
 def test_frame_limit() -> None:
-    assert dns.frame(b"abc") == b"\0\x03abc"
+    assert wire.frame(b"abc") == b"\0\x03abc"
     with pytest.raises(DnsMessageError):
-        dns.frame(b"x" * 0x10000)
+        wire.frame(b"x" * 0x10000)
 
 
 def test_parse_resolv_conf() -> None:
@@ -282,7 +275,7 @@ search corp.example
 options edns0 trust-ad\r
 nameserver 127.0.0.53\r
 """
-    assert dns.parse_resolv_conf(text) == [
+    assert resolvconf.parse_resolv_conf(text) == [
         "10.0.0.2",
         "192.168.1.1",
         "2001:db8::53",
@@ -291,16 +284,16 @@ nameserver 127.0.0.53\r
         "169.254.169.253",
         "127.0.0.53",
     ]
-    assert dns.parse_resolv_conf("") == []
+    assert resolvconf.parse_resolv_conf("") == []
 
 
 def test_parse_nameserver() -> None:
-    assert dns.parse_nameserver("10.0.0.53") == ("10.0.0.53", 53)
-    assert dns.parse_nameserver("10.0.0.53@5353") == ("10.0.0.53", 5353)
-    assert dns.parse_nameserver("2001:DB8::1@53") == ("2001:db8::1", 53)
+    assert resolvconf.parse_nameserver("10.0.0.53") == ("10.0.0.53", 53)
+    assert resolvconf.parse_nameserver("10.0.0.53@5353") == ("10.0.0.53", 5353)
+    assert resolvconf.parse_nameserver("2001:DB8::1@53") == ("2001:db8::1", 53)
     for bad in ("dns.example", "10.0.0.1@", "10.0.0.1@0", "10.0.0.1@65536", "10.0.0.1@x"):
         with pytest.raises(ValueError):
-            dns.parse_nameserver(bad)
+            resolvconf.parse_nameserver(bad)
     with pytest.raises(ValueError):
         DnsForwarder(direct, [])
 
@@ -315,11 +308,11 @@ def _only_own_errors(call: Callable[[], object]) -> None:
 
 @given(st.binary(max_size=600))
 def test_fuzz_random_bytes(data: bytes) -> None:
-    _only_own_errors(lambda: dns.read_questions(data))
-    _only_own_errors(lambda: dns.question_keys(data))
-    _only_own_errors(lambda: dns.error_response(data, Rcode.SERVFAIL))
-    _only_own_errors(lambda: dns.truncate(data, 512))
-    assert dns.udp_payload_limit(data) >= 512
+    _only_own_errors(lambda: wire.read_questions(data))
+    _only_own_errors(lambda: wire.question_keys(data))
+    _only_own_errors(lambda: wire.error_response(data, Rcode.SERVFAIL))
+    _only_own_errors(lambda: wire.truncate(data, 512))
+    assert wire.udp_payload_limit(data) >= 512
 
 
 @given(
@@ -331,17 +324,17 @@ def test_fuzz_header_with_random_sections(
     counts: tuple[int, int, int, int], body: bytes, offset: int
 ) -> None:
     message = struct.pack(">6H", 1, 0, *counts) + body
-    _only_own_errors(lambda: dns.read_questions(message))
-    _only_own_errors(lambda: dns.read_name(message, offset))
-    _only_own_errors(lambda: dns.error_response(message, Rcode.FORMERR))
-    assert 512 <= dns.udp_payload_limit(message) <= dns.UDP_MAX_PAYLOAD
+    _only_own_errors(lambda: wire.read_questions(message))
+    _only_own_errors(lambda: wire.read_name(message, offset))
+    _only_own_errors(lambda: wire.error_response(message, Rcode.FORMERR))
+    assert 512 <= wire.udp_payload_limit(message) <= wire.UDP_MAX_PAYLOAD
 
 
 @given(st.lists(st.binary(min_size=1, max_size=20), max_size=8))
 def test_fuzz_name_round_trip(labels: list[bytes]) -> None:
-    wire = b"".join(bytes([len(label)]) + label for label in labels) + b"\0"
-    name, end = dns.read_name(b"\0" * 12 + wire, 12)
-    assert end == 12 + len(wire)
+    encoded = b"".join(bytes([len(label)]) + label for label in labels) + b"\0"
+    name, end = wire.read_name(b"\0" * 12 + encoded, 12)
+    assert end == 12 + len(encoded)
     assert unescape(name) == labels
 
 
@@ -380,12 +373,12 @@ def test_pipelined_out_of_order_on_one_connection() -> None:
             replies = await asyncio.gather(*(forwarder.resolve(q) for q in queries))
             forwarder.close()
         assert server.connections == 1
-        assert len({dns.query_id(q) for q in server.received}) == 10
+        assert len({wire.query_id(q) for q in server.received}) == 10
         for i, reply in enumerate(replies):
-            assert dns.query_id(reply) == 1000 + i
+            assert wire.query_id(reply) == 1000 + i
             assert qname(reply) == f"q{i}.example"
-            assert dns.parse_header(reply).ancount == 1
-        assert forwarder.stats == dns.DnsStats(queries=10, answered=10, tunnel=10)
+            assert wire.parse_header(reply).ancount == 1
+        assert forwarder.stats == DnsStats(queries=10, answered=10, tunnel=10)
 
     run(main())
 
@@ -397,11 +390,11 @@ def test_thousand_concurrent_queries_one_connection() -> None:
             queries = [make_query(f"n{i}.example", ident=i) for i in range(1000)]
             replies = await asyncio.gather(*(forwarder.resolve(q) for q in queries))
             forwarder.close()
-        assert [(dns.query_id(r), qname(r)) for r in replies] == [
+        assert [(wire.query_id(r), qname(r)) for r in replies] == [
             (i, f"n{i}.example") for i in range(1000)
         ]
         assert server.connections == 1
-        assert forwarder.stats == dns.DnsStats(queries=1000, answered=1000, tunnel=1000)
+        assert forwarder.stats == DnsStats(queries=1000, answered=1000, tunnel=1000)
 
     run(main())
 
@@ -414,7 +407,7 @@ def test_same_client_id_from_many_clients() -> None:
             replies = await asyncio.gather(*(forwarder.resolve(q) for q in queries))
             forwarder.close()
         assert [qname(r) for r in replies] == [f"c{i}.example" for i in range(5)]
-        assert all(dns.query_id(r) == 0x4242 for r in replies)
+        assert all(wire.query_id(r) == 0x4242 for r in replies)
 
     run(main())
 
@@ -429,9 +422,9 @@ def test_silent_server_servfail_within_timeout() -> None:
             elapsed = time.monotonic() - started
             forwarder.close()
         assert DNS_TIMEOUT - 0.05 <= elapsed <= DNS_TIMEOUT + SLACK
-        header = dns.parse_header(reply)
+        header = wire.parse_header(reply)
         assert header.ident == 77 and header.flags & 0xF == Rcode.SERVFAIL
-        assert forwarder.stats == dns.DnsStats(queries=1, timeouts=1, tunnel=1)
+        assert forwarder.stats == DnsStats(queries=1, timeouts=1, tunnel=1)
 
     run(main())
 
@@ -443,8 +436,8 @@ def test_silent_connection_is_replaced() -> None:
             first = await forwarder.resolve(make_query("a.example"))
             second = await forwarder.resolve(make_query("b.example"))
             forwarder.close()
-        assert dns.parse_header(first).flags & 0xF == Rcode.SERVFAIL
-        assert dns.parse_header(second).ancount == 1
+        assert wire.parse_header(first).flags & 0xF == Rcode.SERVFAIL
+        assert wire.parse_header(second).ancount == 1
         assert server.connections == 2
 
     run(main())
@@ -461,9 +454,9 @@ def test_slow_answer_keeps_a_busy_connection() -> None:
             )
             again = await forwarder.resolve(make_query("again.example"))
             forwarder.close()
-        assert dns.parse_header(slow_reply).flags & 0xF == Rcode.SERVFAIL
-        assert dns.parse_header(fast_reply).ancount == 1
-        assert dns.parse_header(again).ancount == 1
+        assert wire.parse_header(slow_reply).flags & 0xF == Rcode.SERVFAIL
+        assert wire.parse_header(fast_reply).ancount == 1
+        assert wire.parse_header(again).ancount == 1
         assert server.connections == 1
 
     run(main())
@@ -482,7 +475,7 @@ def test_dropped_connection_retried_once() -> None:
             elapsed = time.monotonic() - started
             forwarder.close()
         assert [qname(r) for r in replies] == ["d0.example", "d1.example", "d2.example"]
-        assert all(dns.parse_header(r).ancount == 1 for r in replies)
+        assert all(wire.parse_header(r).ancount == 1 for r in replies)
         assert server.connections == 2 and elapsed < 1.0
         assert forwarder.stats.answered == 3
 
@@ -497,9 +490,9 @@ def test_always_dropping_server_fails_fast() -> None:
             reply = await forwarder.resolve(make_query("x.example"))
             elapsed = time.monotonic() - started
             forwarder.close()
-        assert dns.parse_header(reply).flags & 0xF == Rcode.SERVFAIL
+        assert wire.parse_header(reply).flags & 0xF == Rcode.SERVFAIL
         assert server.connections == 2 and elapsed < 1.0
-        assert forwarder.stats == dns.DnsStats(queries=1, failed=1, tunnel=1)
+        assert forwarder.stats == DnsStats(queries=1, failed=1, tunnel=1)
 
     run(main())
 
@@ -513,10 +506,10 @@ def test_failover_from_refusing_nameserver_and_preference() -> None:
             first = await forwarder.resolve(make_query("one.example"))
             second = await forwarder.resolve(make_query("two.example"))
             forwarder.close()
-        assert dns.parse_header(first).ancount == 1
-        assert dns.parse_header(second).ancount == 1
+        assert wire.parse_header(first).ancount == 1
+        assert wire.parse_header(second).ancount == 1
         assert opener.calls == [dead, server.port]  # the dead one tried once, not again
-        assert forwarder.stats == dns.DnsStats(queries=2, answered=2, tunnel=2)
+        assert forwarder.stats == DnsStats(queries=2, answered=2, tunnel=2)
 
     run(main())
 
@@ -532,7 +525,7 @@ def test_failover_from_silent_nameserver_within_timeout() -> None:
             reply = await forwarder.resolve(make_query("failover.example"))
             elapsed = time.monotonic() - started
             forwarder.close()
-        assert dns.parse_header(reply).ancount == 1
+        assert wire.parse_header(reply).ancount == 1
         assert 0.4 <= elapsed < 1.0
         assert len(mute.received) == 1 and len(good.received) == 1
 
@@ -545,9 +538,9 @@ def test_all_nameservers_refuse() -> None:
         started = time.monotonic()
         reply = await forwarder.resolve(make_query("none.example", ident=9))
         assert time.monotonic() - started < 1.0
-        assert dns.parse_header(reply).flags & 0xF == Rcode.SERVFAIL
-        assert dns.query_id(reply) == 9
-        assert forwarder.stats == dns.DnsStats(queries=1, failed=1, tunnel=1)
+        assert wire.parse_header(reply).flags & 0xF == Rcode.SERVFAIL
+        assert wire.query_id(reply) == 9
+        assert forwarder.stats == DnsStats(queries=1, failed=1, tunnel=1)
         forwarder.close()
 
     run(main())
@@ -570,18 +563,18 @@ def test_opener_errors_of_any_kind_mean_failover() -> None:
             forwarder = DnsForwarder(opener, ["10.9.9.9", server.nameserver])
             reply = await forwarder.resolve(make_query("ok.example"))
             forwarder.close()
-        assert dns.parse_header(reply).ancount == 1
+        assert wire.parse_header(reply).ancount == 1
 
     run(main())
 
 
 def test_garbage_replies_are_dropped() -> None:
     def junk(query: bytes) -> list[bytes]:
-        wrong_question = make_answer(make_query("other.example", ident=dns.query_id(query)))
+        wrong_question = make_answer(make_query("other.example", ident=wire.query_id(query)))
         return [
             b"\x01\x02\x03",
             query,  # QR clear
-            dns.with_id(make_answer(query), (dns.query_id(query) + 1) & 0xFFFF),
+            wire.with_id(make_answer(query), (wire.query_id(query) + 1) & 0xFFFF),
             wrong_question,
             b"",
         ]
@@ -591,8 +584,8 @@ def test_garbage_replies_are_dropped() -> None:
             forwarder = DnsForwarder(direct, [server.nameserver])
             reply = await forwarder.resolve(make_query("real.example", ident=5))
             forwarder.close()
-        assert qname(reply) == "real.example" and dns.query_id(reply) == 5
-        assert dns.parse_header(reply).ancount == 1
+        assert qname(reply) == "real.example" and wire.query_id(reply) == 5
+        assert wire.parse_header(reply).ancount == 1
 
     run(main())
 
@@ -608,8 +601,8 @@ def test_outstanding_bound() -> None:
             assert time.monotonic() - started < 0.1
             await asyncio.gather(*held)
             forwarder.close()
-        assert dns.parse_header(over).flags & 0xF == Rcode.SERVFAIL
-        assert forwarder.stats == dns.DnsStats(queries=3, failed=1, timeouts=2, tunnel=2)
+        assert wire.parse_header(over).flags & 0xF == Rcode.SERVFAIL
+        assert forwarder.stats == DnsStats(queries=3, failed=1, timeouts=2, tunnel=2)
 
     run(main())
 
@@ -623,9 +616,9 @@ def test_malformed_queries() -> None:
             await forwarder.resolve(make_answer(make_query("r.example")))
         broken = make_query("cut.example", ident=11)[:18]
         reply = await forwarder.resolve(broken)
-        header = dns.parse_header(reply)
+        header = wire.parse_header(reply)
         assert header.ident == 11 and header.flags & 0xF == Rcode.FORMERR
-        assert forwarder.stats == dns.DnsStats(queries=1, failed=1)
+        assert forwarder.stats == DnsStats(queries=1, failed=1)
         forwarder.close()
 
     run(main())
@@ -636,7 +629,7 @@ def test_closed_forwarder_answers_servfail() -> None:
         forwarder = DnsForwarder(direct, ["127.0.0.1"])
         forwarder.close()
         reply = await forwarder.resolve(make_query("late.example"))
-        assert dns.parse_header(reply).flags & 0xF == Rcode.SERVFAIL
+        assert wire.parse_header(reply).flags & 0xF == Rcode.SERVFAIL
 
     run(main())
 
@@ -651,8 +644,8 @@ def test_close_answers_queries_in_flight_at_once() -> None:
             forwarder.close()
             replies = await asyncio.gather(*held)
             assert time.monotonic() - started < 0.1
-        assert all(dns.parse_header(r).flags & 0xF == Rcode.SERVFAIL for r in replies)
-        assert forwarder.stats == dns.DnsStats(queries=3, failed=3, tunnel=3)
+        assert all(wire.parse_header(r).flags & 0xF == Rcode.SERVFAIL for r in replies)
+        assert forwarder.stats == DnsStats(queries=3, failed=3, tunnel=3)
 
     run(main())
 
@@ -675,10 +668,10 @@ async def tcp_ask(
 ) -> list[bytes]:
     """Replies to queries sent pipelined on one connection, after junk that gets none."""
     reader, writer = await asyncio.open_connection(address, port)
-    writer.write(b"".join(dns.frame(q) for q in [*junk, *queries]))
+    writer.write(b"".join(wire.frame(q) for q in [*junk, *queries]))
     replies = []
     for _ in queries:
-        reply = await asyncio.wait_for(dns.read_frame(reader), 3)
+        reply = await asyncio.wait_for(wire.read_frame(reader), 3)
         assert reply is not None
         replies.append(reply)
     writer.close()
@@ -702,8 +695,8 @@ def test_udp_listener_large_answer_whole() -> None:
             listener.close()
             forwarder.close()
         assert len(reply) > 4500
-        assert dns.query_id(reply) == 0x5151 and not dns.parse_header(reply).flags & FLAG_TC
-        assert reply == dns.with_id(make_answer(server.received[0], 4500), 0x5151)
+        assert wire.query_id(reply) == 0x5151 and not wire.parse_header(reply).flags & FLAG_TC
+        assert reply == wire.with_id(make_answer(server.received[0], 4500), 0x5151)
 
     run(main())
 
@@ -717,9 +710,9 @@ def test_udp_too_large_sets_tc_then_tcp_gets_it() -> None:
             (full,) = await tcp_ask("127.0.0.1", listener.port, [query])
             listener.close()
             forwarder.close()
-        assert len(short) <= 512 and dns.parse_header(short).flags & FLAG_TC
+        assert len(short) <= 512 and wire.parse_header(short).flags & FLAG_TC
         assert qname(short) == "big.example"
-        assert len(full) > 4500 and dns.query_id(full) == 0x6161
+        assert len(full) > 4500 and wire.query_id(full) == 0x6161
 
     run(main())
 
@@ -732,7 +725,7 @@ def test_tcp_listener_pipelined() -> None:
             replies = await tcp_ask("127.0.0.1", listener.port, queries)
             listener.close()
             forwarder.close()
-        assert {(dns.query_id(r), qname(r)) for r in replies} == {
+        assert {(wire.query_id(r), qname(r)) for r in replies} == {
             (200 + i, f"t{i}.example") for i in range(6)
         }
         assert server.connections == 1
@@ -748,8 +741,8 @@ def test_same_port_on_every_address_and_protocol() -> None:
             for address in ("127.0.0.1", "::1"):
                 udp = await udp_ask(address, listener.port, make_query("u.example", ident=1))
                 (tcp,) = await tcp_ask(address, listener.port, [make_query("t.example", ident=2)])
-                assert qname(udp) == "u.example" and dns.query_id(udp) == 1
-                assert qname(tcp) == "t.example" and dns.query_id(tcp) == 2
+                assert qname(udp) == "u.example" and wire.query_id(udp) == 1
+                assert qname(tcp) == "t.example" and wire.query_id(tcp) == 2
             port = listener.port
             listener.close()
             forwarder.close()
@@ -779,7 +772,7 @@ def test_malformed_udp_dropped_listener_survives() -> None:
             )
             listener.close()
             forwarder.close()
-        assert dns.parse_header(formerr).flags & 0xF == Rcode.FORMERR
+        assert wire.parse_header(formerr).flags & 0xF == Rcode.FORMERR
         assert qname(good) == "fine.example"
         assert qname(tcp_good) == "tcp.example"
         assert server.received and all(len(q) >= 12 for q in server.received)

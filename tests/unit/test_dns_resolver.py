@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from shuttled.const import DNS_BYPASS_MARK
-from shuttled.tunnel import dns, resolver
-from shuttled.tunnel.resolver import DnsPlan, ProfileResolver
+from shuttled.dns import resolver, wire
+from shuttled.dns.resolver import DnsPlan, ProfileResolver
 from tests.unit.test_dns import direct, make_query, run
 
 SERVER = {"bastion.example.com": (ipaddress.ip_address("198.51.100.7"),)}
@@ -77,7 +77,7 @@ def test_the_ssh_servers_name_is_answered_when_the_tunnel_would_take_it() -> Non
         local = split.forwarder.hosts
         await everything.close()
         await split.close()
-        return pinned, local.answer(query, dns.read_questions(query)[0]) if local else None
+        return pinned, local.answer(query, wire.read_questions(query)[0]) if local else None
 
     pinned, local = run(main())
     assert pinned.endswith(bytes([198, 51, 100, 7])) and local is None

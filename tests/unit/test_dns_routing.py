@@ -12,11 +12,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shuttled.tunnel import dns
-from shuttled.tunnel.dns import FLAG_QR, FLAG_RA, FLAG_TC, DnsForwarder, DnsPeers, Rcode
-from shuttled.tunnel.dnscache import DnsCache, cache_lifetime
-from shuttled.tunnel.dnslocal import LocalUpstream
-from shuttled.tunnel.dnsroute import HostsTable, SplitRoutes, reverse_zones
+from shuttled.dns import wire
+from shuttled.dns.cache import DnsCache, cache_lifetime
+from shuttled.dns.forwarder import DnsForwarder, DnsPeers, DnsStats
+from shuttled.dns.local import LocalUpstream
+from shuttled.dns.routing import HostsTable, SplitRoutes, reverse_zones
+from shuttled.dns.wire import FLAG_QR, FLAG_RA, FLAG_TC, Rcode
 from tests.unit.test_dns import FakeServer, direct, make_answer, make_query, qname, run
 
 TYPE_A, TYPE_NS, TYPE_SOA, TYPE_PTR, TYPE_MX, TYPE_AAAA, TYPE_OPT = 1, 2, 6, 12, 15, 28, 41
@@ -24,11 +25,11 @@ RCODE_NXDOMAIN = 3
 
 
 def rcode(message: bytes) -> int:
-    return dns.parse_header(message).flags & 0xF
+    return wire.parse_header(message).flags & 0xF
 
 
 def ttls(message: bytes) -> list[int]:
-    from shuttled.tunnel.dnscache import _records
+    from shuttled.dns.cache import _records
 
     return [r.ttl for r in _records(message)]
 
@@ -37,7 +38,7 @@ def answer_with(
     query: bytes, ttl: int, *, rcode_: int = 0, flags: int = 0, extra: bytes = b"", records: int = 1
 ) -> bytes:
     ident, qflags = struct.unpack_from(">HH", query)
-    _, end = dns.read_questions(query)
+    _, end = wire.read_questions(query)
     record = b"\xc0\x0c" + struct.pack(">HHIH", TYPE_A, 1, ttl, 4) + bytes([10, 0, 0, 1])
     header = struct.pack(
         ">6H", ident, qflags | FLAG_QR | FLAG_RA | flags | rcode_, 1, records, 0, 1 if extra else 0
@@ -48,7 +49,7 @@ def answer_with(
 def soa_answer(query: bytes, ttl: int, minimum: int) -> bytes:
     """NXDOMAIN with an SOA in the authority section (RFC 2308)."""
     ident, qflags = struct.unpack_from(">HH", query)
-    _, end = dns.read_questions(query)
+    _, end = wire.read_questions(query)
     rdata = b"\x02ns\xc0\x0c" + b"\x04host\xc0\x0c" + struct.pack(">5I", 1, 2, 3, 4, minimum)
     soa = b"\xc0\x0c" + struct.pack(">HHIH", TYPE_SOA, 1, ttl, len(rdata)) + rdata
     header = struct.pack(">6H", ident, qflags | FLAG_QR | FLAG_RA | RCODE_NXDOMAIN, 1, 0, 1, 0)
@@ -83,7 +84,7 @@ def test_cache_hit_has_the_askers_id_and_aged_ttls() -> None:
     assert cache.put(query, answer_with(query, 120))
     clock.now += 30.7
     hit = cache.get(make_query("www.example", ident=2))
-    assert hit is not None and dns.query_id(hit) == 2 and ttls(hit) == [90]
+    assert hit is not None and wire.query_id(hit) == 2 and ttls(hit) == [90]
 
 
 def test_cache_entry_expires_with_its_ttl() -> None:
@@ -238,12 +239,12 @@ HOSTS = HostsTable(
 
 def ask_hosts(name: str, qtype: int) -> bytes | None:
     query = make_query(name, ident=9, qtype=qtype)
-    return HOSTS.answer(query, dns.read_questions(query)[0])
+    return HOSTS.answer(query, wire.read_questions(query)[0])
 
 
 def test_hosts_answer_a_aaaa_and_ptr() -> None:
     reply = ask_hosts("Build01.corp.example", TYPE_A)
-    assert reply is not None and dns.query_id(reply) == 9
+    assert reply is not None and wire.query_id(reply) == 9
     assert reply.endswith(bytes([10, 20, 0, 11])) and ttls(reply) == [45]
     six = ask_hosts("v6only", TYPE_AAAA)
     assert six is not None and six.endswith(ipaddress.ip_address("fd00::11").packed)
@@ -253,7 +254,7 @@ def test_hosts_answer_a_aaaa_and_ptr() -> None:
 
 def test_hosts_known_name_without_that_family_is_nodata_not_a_trip() -> None:
     reply = ask_hosts("v6only", TYPE_A)
-    assert reply is not None and rcode(reply) == 0 and dns.parse_header(reply).ancount == 0
+    assert reply is not None and rcode(reply) == 0 and wire.parse_header(reply).ancount == 0
 
 
 def test_hosts_other_types_and_names_are_not_theirs() -> None:
@@ -307,15 +308,15 @@ class LocalServer(asyncio.DatagramProtocol):
         if self.silent or self._transport is None:
             return
         if self.spoof_first:
-            self._transport.sendto(dns.with_id(make_answer(data), dns.query_id(data) ^ 1), addr)
+            self._transport.sendto(wire.with_id(make_answer(data), wire.query_id(data) ^ 1), addr)
         reply = answer_with(data, 60, flags=FLAG_TC if self.truncate else 0)
         self._transport.sendto(reply, addr)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        query = await dns.read_frame(reader)
+        query = await wire.read_frame(reader)
         if query is not None:
             self.tcp.append(query)
-            writer.write(dns.frame(answer_with(query, 60, records=3)))
+            writer.write(wire.frame(answer_with(query, 60, records=3)))
         writer.close()
 
 
@@ -325,9 +326,9 @@ def test_local_upstream_udp_then_tcp_when_truncated() -> None:
             upstream = LocalUpstream([local.nameserver], mark=None)
             loop = asyncio.get_running_loop()
             reply = await upstream.query(make_query("big.example", ident=7), loop.time() + 2)
-        assert dns.query_id(reply) == 7 and dns.parse_header(reply).ancount == 3
+        assert wire.query_id(reply) == 7 and wire.parse_header(reply).ancount == 3
         assert len(local.udp) == 1 and len(local.tcp) == 1
-        assert dns.query_id(local.udp[0]) != 7 or dns.query_id(local.tcp[0]) != 7  # fresh ids
+        assert wire.query_id(local.udp[0]) != 7 or wire.query_id(local.tcp[0]) != 7  # fresh ids
 
     run(main())
 
@@ -338,7 +339,7 @@ def test_local_upstream_ignores_a_reply_with_the_wrong_id() -> None:
             upstream = LocalUpstream([local.nameserver], mark=None)
             loop = asyncio.get_running_loop()
             reply = await upstream.query(make_query("s.example", ident=3), loop.time() + 2)
-        assert dns.query_id(reply) == 3 and dns.parse_header(reply).ancount == 1
+        assert wire.query_id(reply) == 3 and wire.parse_header(reply).ancount == 1
 
     run(main())
 
@@ -351,7 +352,7 @@ def test_local_upstream_fails_over_from_a_silent_resolver() -> None:
             started = time.monotonic()
             reply = await upstream.query(make_query("f.example"), loop.time() + 1.0)
             assert time.monotonic() - started < 1.0
-        assert dns.parse_header(reply).ancount == 1 and len(mute.udp) == 1
+        assert wire.parse_header(reply).ancount == 1 and len(mute.udp) == 1
 
     run(main())
 
@@ -379,7 +380,7 @@ def test_split_private_names_through_the_tunnel_the_rest_local() -> None:
         assert qname(private) == "www.corp.example" and qname(public) == "www.public.example"
         assert [qname(q) for q in tunnel.received] == ["www.corp.example"]
         assert [qname(q) for q in local.udp] == ["www.public.example"]
-        assert forwarder.stats == dns.DnsStats(queries=2, answered=2, tunnel=1, local=1)
+        assert forwarder.stats == DnsStats(queries=2, answered=2, tunnel=1, local=1)
 
     run(main())
 
@@ -390,7 +391,7 @@ def test_repeated_query_comes_from_the_cache() -> None:
             forwarder = await split_forwarder(tunnel, local, cache=DnsCache())
             for ident in (1, 2, 3):
                 reply = await forwarder.resolve(make_query("www.corp.example", ident=ident))
-                assert dns.query_id(reply) == ident
+                assert wire.query_id(reply) == ident
             await forwarder.resolve(make_query("pub.example"))
             await forwarder.resolve(make_query("pub.example"))
             forwarder.close()
@@ -421,7 +422,7 @@ def test_remote_hosts_answered_without_asking_anyone() -> None:
             reply = await forwarder.resolve(make_query("build01", ident=4))
             forwarder.close()
         assert reply.endswith(bytes([10, 20, 0, 11])) and not tunnel.received and not local.udp
-        assert forwarder.stats == dns.DnsStats(queries=1, answered=1, hosts=1)
+        assert forwarder.stats == DnsStats(queries=1, answered=1, hosts=1)
 
     run(main())
 

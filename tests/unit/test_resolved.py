@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from shuttled import const, resolved
-from shuttled.resolved import DnsLink, Resolved, ResolvedError, link_name, stale_link_names
+from shuttled import const
+from shuttled.dns import resolved
+from shuttled.dns.resolved import DnsLink, Resolved, ResolvedError, link_name, stale_link_names
 from tests.unit.resolve1_recorder import Recorder, private_bus, serve_recorder
 
 LINK = DnsLink("shuttled-work", 7, ipaddress.IPv4Address("169.254.53.9"))

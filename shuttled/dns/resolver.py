@@ -6,7 +6,7 @@ Three ways in, picked once when the profile first connects:
   TCP) for the listener on 127.0.0.1/::1; every name goes through the tunnel.
 - `split` with systemd-resolved in our network namespace: a link of our own
   whose DNS server is our listener and whose routing domains are the profile's
-  names (shuttled.resolved); the firewall catches no DNS at all.
+  names (dns.resolved); the firewall catches no DNS at all.
 - `split` without it: the firewall catches port 53 to the resolvers of
   /etc/resolv.conf; our names go through the tunnel, the rest to those same
   resolvers from sockets carrying DNS_BYPASS_MARK, for which the capture
@@ -27,12 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from shuttled import const
+from shuttled.dns.cache import DnsCache
+from shuttled.dns.forwarder import DnsForwarder, DnsPeers
+from shuttled.dns.listeners import DnsListener
+from shuttled.dns.local import LocalUpstream
+from shuttled.dns.resolvconf import parse_resolv_conf
+from shuttled.dns.resolved import DnsLink, Resolved, ResolvedError, create_link, delete_link
+from shuttled.dns.routing import HostsTable, SplitRoutes
+from shuttled.dns.upstream import Opener
 from shuttled.errors import ShuttledError, UsageError
-from shuttled.resolved import DnsLink, Resolved, ResolvedError, create_link, delete_link
-from shuttled.tunnel.dns import DnsForwarder, DnsListener, DnsPeers, Opener, parse_resolv_conf
-from shuttled.tunnel.dnscache import DnsCache
-from shuttled.tunnel.dnslocal import LocalUpstream
-from shuttled.tunnel.dnsroute import HostsTable, SplitRoutes
 from shuttled.tunnel.faults import Faults
 
 log = logging.getLogger(__name__)

@@ -17,14 +17,14 @@ import secrets
 import socket
 from collections.abc import Sequence
 
-from shuttled.tunnel.dns import (
+from shuttled.dns.resolvconf import parse_nameserver
+from shuttled.dns.upstream import UpstreamError
+from shuttled.dns.wire import (
     FLAG_QR,
     FLAG_TC,
     DnsMessageError,
-    UpstreamError,
     frame,
     parse_header,
-    parse_nameserver,
     question_keys,
     read_frame,
     with_id,

@@ -19,15 +19,9 @@ from collections.abc import Coroutine
 from typing import Any
 
 from shuttled import const
+from shuttled.dns.listeners import Resolver
+from shuttled.dns.wire import DnsMessageError, frame, read_frame, truncate, udp_payload_limit
 from shuttled.tunnel import faults
-from shuttled.tunnel.dns import (
-    DnsMessageError,
-    Resolver,
-    frame,
-    read_frame,
-    truncate,
-    udp_payload_limit,
-)
 from shuttled.tunnel.faults import Faults
 from shuttled.tunnel.proxy import bind_listeners
 from shuttled.tunnel.transparent import Address, recv_batch, recv_original_dst, send_from

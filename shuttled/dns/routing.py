@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from shuttled.const import DNS_HOSTS_TTL
-from shuttled.tunnel.dns import (
+from shuttled.dns.wire import (
     FLAG_QR,
     FLAG_RA,
     FLAG_RD,

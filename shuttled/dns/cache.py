@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from shuttled.const import DNS_CACHE_BYTES, DNS_CACHE_ENTRIES, DNS_CACHE_MAX_TTL
-from shuttled.tunnel.dns import (
+from shuttled.dns.wire import (
     FLAG_CD,
     FLAG_QR,
     FLAG_RD,

@@ -1,0 +1,190 @@
+"""The DNS listeners the firewall redirects queries to: UDP and TCP on one port number.
+
+Every address of the listener shares one port number (the firewall rule names
+one port); each query is answered by a `Resolver` (the forwarder), each TCP client
+is served with RFC 7766 pipelining and idle limits."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from collections.abc import Coroutine, Sequence
+from typing import Any, Protocol, cast
+
+from shuttled import const
+from shuttled.dns.forwarder import MAX_OUTSTANDING
+from shuttled.dns.upstream import describe
+from shuttled.dns.wire import DnsMessageError, frame, read_frame, truncate, udp_payload_limit
+from shuttled.tunnel import faults
+from shuttled.tunnel.faults import Faults
+
+log = logging.getLogger(__name__)
+
+TCP_CLIENT_PIPELINE = 128  # queries in flight per TCP client before we stop reading it
+TCP_CLIENT_IDLE = 10.0  # seconds a TCP client may stay silent or unread (RFC 7766 6.2.3)
+UDP_MAX_PENDING = 2 * MAX_OUTSTANDING  # datagrams being answered; beyond that: dropped
+PORT_ATTEMPTS = 8  # tries to find one port number free for every address and protocol
+
+
+class Resolver(Protocol):
+    async def resolve(self, query: bytes) -> bytes: ...
+
+
+class _UdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, listener: DnsListener) -> None:
+        self._listener = listener
+        self._transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        if self._transport is not None:
+            self._listener._on_datagram(data, addr, self._transport)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("DNS UDP listener: %s", exc)
+
+
+class DnsListener:
+    """UDP and TCP DNS listeners on the same port number on each address."""
+
+    def __init__(self, resolver: Resolver, fault_log: Faults | None = None) -> None:
+        self.port = 0
+        self._resolver = resolver
+        self.faults = fault_log if fault_log is not None else Faults()
+        self._transports: list[asyncio.DatagramTransport] = []
+        self._servers: list[asyncio.Server] = []
+        self._udp_tasks: set[asyncio.Task[Any]] = set()
+        self._tcp_tasks: set[asyncio.Task[Any]] = set()
+
+    async def start(self, addresses: Sequence[str], port: int = 0) -> int:
+        """Listen on every address (IPv6 skipped where the host has none) and return the
+        port: port 0 picks one number free for UDP and TCP on all of them."""
+        attempt = 1
+        while True:
+            try:
+                await self._bind_all(addresses, port)
+                return self.port
+            except OSError as exc:
+                self.close()
+                if port or exc.errno != errno.EADDRINUSE or attempt >= PORT_ATTEMPTS:
+                    raise
+                attempt += 1
+                log.debug("DNS port collision (%s), picking another", exc)
+
+    async def _bind_all(self, addresses: Sequence[str], port: int) -> None:
+        loop = asyncio.get_running_loop()
+        for address in addresses:
+            try:
+                transport, _ = await loop.create_datagram_endpoint(
+                    lambda: _UdpProtocol(self), local_addr=(address, port)
+                )
+            except OSError as exc:
+                if ":" not in address or exc.errno not in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                    raise
+                log.warning("DNS: no IPv6 on this host, not listening on %s", address)
+                continue
+            self._transports.append(transport)
+            port = int(transport.get_extra_info("sockname")[1])
+            # asyncio's default backlog (100) lost connects in a burst of 300 (issue 19's
+            # storm): the same queue as the TCP listeners'.
+            self._servers.append(
+                await asyncio.start_server(
+                    self._serve_tcp, address, port, backlog=const.LISTEN_BACKLOG
+                )
+            )
+        if not self._transports:
+            raise OSError(errno.EADDRNOTAVAIL, f"cannot listen for DNS on {', '.join(addresses)}")
+        self.port = port
+
+    def close(self) -> None:
+        for transport in self._transports:
+            transport.close()
+        for server in self._servers:
+            server.close()
+        for task in (*self._udp_tasks, *self._tcp_tasks):
+            task.cancel()
+        self._transports.clear()
+        self._servers.clear()
+
+    async def _answer(self, query: bytes) -> bytes | None:
+        try:
+            return await self._resolver.resolve(query)
+        except DnsMessageError as exc:
+            log.debug("dropped a DNS query: %s", exc)
+        except Exception as exc:  # the boundary: one query, not the listener
+            self.faults.record(faults.DNS, exc, "query")
+        return None
+
+    def _spawn(self, tasks: set[asyncio.Task[Any]], coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    # UDP: one task per datagram, the reply sent back from the listening socket.
+
+    def _on_datagram(
+        self, query: bytes, addr: tuple[Any, ...], transport: asyncio.DatagramTransport
+    ) -> None:
+        if len(self._udp_tasks) >= UDP_MAX_PENDING:
+            log.debug("DNS over UDP: too many queries in flight, dropped one")
+            return
+        self._spawn(self._udp_tasks, self._answer_udp(query, addr, transport))
+
+    async def _answer_udp(
+        self, query: bytes, addr: tuple[Any, ...], transport: asyncio.DatagramTransport
+    ) -> None:
+        response = await self._answer(query)
+        if response is not None and not transport.is_closing():
+            # Too long for the client: TC makes it ask again over TCP (RFC 7766 5).
+            transport.sendto(truncate(response, udp_payload_limit(query)), addr)
+
+    # TCP: queries pipelined per client, answered in any order, bounded in number.
+
+    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tcp_tasks.add(task)
+        slots = asyncio.Semaphore(TCP_CLIENT_PIPELINE)
+        answers: set[asyncio.Task[Any]] = set()
+        try:
+            while (query := await self._next_tcp_query(reader)) is not None:
+                await slots.acquire()
+                self._spawn(answers, self._answer_tcp(query, writer, slots))
+            if answers:
+                await asyncio.wait(answers)
+        except asyncio.CancelledError:
+            pass  # close(); Python 3.11 would log a cancelled connection callback as an error
+        except Exception as exc:  # the boundary: this client, not the listener
+            self.faults.record(faults.DNS, exc, "DNS over TCP client")
+            writer.transport.abort()
+        finally:
+            for answer in answers:
+                answer.cancel()
+            writer.close()
+            self._tcp_tasks.discard(task)
+
+    async def _next_tcp_query(self, reader: asyncio.StreamReader) -> bytes | None:
+        try:
+            async with asyncio.timeout(TCP_CLIENT_IDLE):
+                return await read_frame(reader)
+        except (OSError, EOFError) as exc:  # TimeoutError included: an idle client
+            log.debug("DNS over TCP client gone: %s", describe(exc))
+            return None
+
+    async def _answer_tcp(
+        self, query: bytes, writer: asyncio.StreamWriter, slots: asyncio.Semaphore
+    ) -> None:
+        try:
+            response = await self._answer(query)
+            if response is not None and not writer.is_closing():
+                writer.write(frame(response))
+                async with asyncio.timeout(TCP_CLIENT_IDLE):
+                    await writer.drain()
+        except OSError as exc:  # TimeoutError included: a client that does not read
+            log.debug("DNS over TCP client not writable: %s", describe(exc))
+            writer.transport.abort()
+        finally:
+            slots.release()
