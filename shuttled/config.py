@@ -55,11 +55,9 @@ auto_nets or dns.
 from __future__ import annotations
 
 import difflib
-import grp
 import ipaddress
 import itertools
 import logging
-import pwd
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -72,7 +70,7 @@ import yaml
 from shuttled import const
 from shuttled.const import Forward
 from shuttled.errors import ConfigError
-from shuttled.net import Subnet, parse_subnet, valid_host_name, valid_profile_name
+from shuttled.net import Subnet, gid_of, parse_subnet, uid_of, valid_host_name, valid_profile_name
 from shuttled.tunnel.ssh import LocalUser, SshTarget
 
 log = logging.getLogger(__name__)
@@ -317,7 +315,7 @@ def _user(ctx: _Ctx, value: Any) -> str | None:
         ctx.fail(f"{name!r} is not a user name")
     if name == "root":
         return None
-    if _uid(name) is None:
+    if uid_of(name) is None:
         ctx.warn(f"no local user {name!r} yet: the profile cannot connect until it exists")
     return name
 
@@ -529,39 +527,13 @@ def _allow_item(ctx: _Ctx, value: Any) -> str:
         kind, name = "user", text
     if kind not in ("user", "group") or not _USER_RE.fullmatch(name):
         ctx.fail(f"{text!r}: expected user:NAME, group:NAME or NAME")
-    if (_uid(name) if kind == "user" else _gid(name)) is None:
+    if (uid_of(name) if kind == "user" else gid_of(name)) is None:
         ctx.warn(f"no local {kind} {name!r} (ignored until it exists)")
     return f"{kind}:{name}"
 
 
 def _allow(ctx: _Ctx, value: Any) -> tuple[str, ...]:
     return _each(ctx, value, _allow_item)
-
-
-def _uid(name: str) -> int | None:
-    if name.isdigit():
-        return int(name)
-    try:
-        return pwd.getpwnam(name).pw_uid
-    except KeyError:
-        return None
-
-
-def _gid(name: str) -> int | None:
-    if name.isdigit():
-        return int(name)
-    try:
-        return grp.getgrnam(name).gr_gid
-    except KeyError:
-        return None
-
-
-def is_admin(uid: int, gids: Sequence[int]) -> bool:
-    """Root, or a member of const.ADMIN_GROUP: may reload and up/down any profile."""
-    if uid == 0:
-        return True
-    admin = _gid(const.ADMIN_GROUP)
-    return admin is not None and admin in gids
 
 
 # --- profiles ----------------------------------------------------------------------------------
@@ -634,19 +606,6 @@ class Profile:
                 if (ssh_dir / name).is_file()
             ]
         return options
-
-    def allows(self, uid: int, gids: Sequence[int]) -> bool:
-        """May this caller bring the profile up or down? Names are looked up now, so
-        a user or group created after loading counts without a reload."""
-        if is_admin(uid, gids):
-            return True
-        for entry in self.allow:
-            kind, _, name = entry.partition(":")
-            if kind == "user" and _uid(name) == uid:
-                return True
-            if kind == "group" and (gid := _gid(name)) is not None and gid in gids:
-                return True
-        return False
 
 
 # --- the schema ----------------------------------------------------------------------------------
@@ -1166,7 +1125,6 @@ __all__ = [
     "config_files",
     "dns_domains",
     "domain_overlaps",
-    "is_admin",
     "load_config",
     "overlaps",
     "profile_reference",

@@ -9,9 +9,11 @@ tunnels or rules.
 from __future__ import annotations
 
 import functools
+import grp
 import ipaddress
 import logging
 import os
+import pwd
 import re
 import shutil
 import socket
@@ -62,6 +64,26 @@ def valid_profile_name(name: str) -> bool:
 def valid_interface_name(name: str) -> bool:
     """A network interface name that is also safe inside nft and iptables arguments."""
     return _IFACE_RE.fullmatch(name) is not None
+
+
+def uid_of(name: str) -> int | None:
+    """A local user's uid by name (digits are a uid already); None if there is none."""
+    if name.isdigit():
+        return int(name)
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        return None
+
+
+def gid_of(name: str) -> int | None:
+    """A local group's gid by name (digits are a gid already); None if there is none."""
+    if name.isdigit():
+        return int(name)
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        return None
 
 
 # --- subnets -------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from shuttled import const
+from shuttled.control.auth import is_admin, may_manage
 from shuttled.control.protocol import DEFAULT_UP_TIMEOUT, MAX_UP_TIMEOUT, BadRequestError
 from shuttled.errors import NoSuchProfileError, PermissionDeniedError
 
@@ -249,14 +250,12 @@ def _admin_denied(verb: Verb) -> PermissionDeniedError:
 
 def authorize(call: Call, caller: Caller, config: Config) -> None:
     """Raise PermissionDeniedError unless the caller may make this call."""
-    from shuttled.config import is_admin
-
     permission = call.verb.permission
     if permission is Permission.ADMIN and not is_admin(caller.uid, caller.gids):
         raise _admin_denied(call.verb)
     if permission in (Permission.MUTATE_PROFILE, Permission.PRIVATE):
         name = call.value("profile")
-        if not config.profiles[name].allows(caller.uid, caller.gids):
+        if not may_manage(config.profiles[name].allow, caller.uid, caller.gids):
             raise PermissionDeniedError(
                 f"{call.verb.name} {name}: permission denied (only root, group "
                 f"{const.ADMIN_GROUP!r} and the profile's allow list)"

@@ -23,7 +23,6 @@ import asyncio
 import collections
 import contextlib
 import functools
-import grp
 import itertools
 import logging
 import os
@@ -37,6 +36,7 @@ from typing import Any
 
 from shuttled import const
 from shuttled.control import api
+from shuttled.control.auth import is_admin
 from shuttled.control.protocol import (
     MAX_REQUEST_BYTES,
     BadRequestError,
@@ -47,6 +47,7 @@ from shuttled.control.protocol import (
     ok_reply,
 )
 from shuttled.errors import PermissionDeniedError, ShuttledError
+from shuttled.net import gid_of
 from shuttled.tunnel.accept import Acceptor, SpareFds, Throttled
 
 log = logging.getLogger(__name__)
@@ -131,8 +132,6 @@ class _AdminCache:
         self._answers: dict[tuple[int, tuple[int, ...]], tuple[float, bool]] = {}
 
     def __call__(self, caller: api.Caller) -> bool:
-        from shuttled.config import is_admin
-
         key, now = (caller.uid, caller.gids), time.monotonic()
         cached = self._answers.get(key)
         if cached is not None and now - cached[0] < ADMIN_CACHE_TTL:
@@ -481,10 +480,7 @@ def admin_socket(path: Path) -> Path:
 
 
 def _admin_gid() -> int | None:
-    try:
-        return grp.getgrnam(const.ADMIN_GROUP).gr_gid
-    except KeyError:
-        return None  # no group shuttle: root alone (mode 0660, group root)
+    return gid_of(const.ADMIN_GROUP)  # None, no group shuttle: root alone (0660, group root)
 
 
 async def _until_eof(reader: asyncio.StreamReader) -> None:

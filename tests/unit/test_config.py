@@ -21,7 +21,10 @@ from shuttled.config import (
     profile_reference,
 )
 from shuttled.const import Forward
+from shuttled.control import auth
+from shuttled.control.auth import may_manage
 from shuttled.errors import ConfigError
+from shuttled.net import gid_of
 
 FULL = """\
 work:
@@ -493,26 +496,26 @@ def test_every_overlapping_pair_is_listed() -> None:
 
 @pytest.fixture
 def admin_gid(monkeypatch: pytest.MonkeyPatch) -> int:
-    real = cfg._gid
-    monkeypatch.setattr(cfg, "_gid", lambda name: 4000 if name == "shuttle" else real(name))
+    real = gid_of
+    monkeypatch.setattr(auth, "gid_of", lambda name: 4000 if name == "shuttle" else real(name))
     return 4000
 
 
 def test_allows_root_admins_and_the_allow_list(admin_gid: int) -> None:
     p = Profile("a", "h", auto_nets=True, allow=("user:1234", "group:5678", "user:nobody"))
-    assert p.allows(0, [0])
-    assert p.allows(1000, [1000, admin_gid])
-    assert p.allows(1234, [1234])
-    assert p.allows(2000, [2000, 5678])
-    assert p.allows(65534, [65534])  # nobody, by name
-    assert not p.allows(2000, [2000, 1234])  # a gid equal to an allowed uid is no user
-    assert not p.allows(1000, [1000])
+    assert may_manage(p.allow, 0, [0])
+    assert may_manage(p.allow, 1000, [1000, admin_gid])
+    assert may_manage(p.allow, 1234, [1234])
+    assert may_manage(p.allow, 2000, [2000, 5678])
+    assert may_manage(p.allow, 65534, [65534])  # nobody, by name
+    assert not may_manage(p.allow, 2000, [2000, 1234])  # a gid equal to an allowed uid is no user
+    assert not may_manage(p.allow, 1000, [1000])
 
 
 def test_allows_nobody_but_admins_without_an_allow_list(admin_gid: int) -> None:
     p = Profile("a", "h", auto_nets=True)
-    assert not p.allows(1000, [1000, 1001])
-    assert cfg.is_admin(1000, [admin_gid]) and not cfg.is_admin(1000, [])
+    assert not may_manage(p.allow, 1000, [1000, 1001])
+    assert auth.is_admin(1000, [admin_gid]) and not auth.is_admin(1000, [])
 
 
 def test_reference_documents_every_key() -> None:

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from shuttled import config as cfg
-from shuttled.control import api
+from shuttled.control import api, auth
 from shuttled.control.api import VERBS, Permission
 from shuttled.control.protocol import BadRequestError
 from shuttled.errors import NoSuchProfileError, PermissionDeniedError, TimeoutError_
+from shuttled.net import gid_of
 from tests.unit.test_control_support import MEMBER_UID, STRANGER_UID, FakeCore, caller
 
 ROOT = caller(0)
@@ -23,8 +23,8 @@ ADMIN_GID = 4000
 
 @pytest.fixture(autouse=True)
 def admin_group(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = cfg._gid
-    monkeypatch.setattr(cfg, "_gid", lambda name: ADMIN_GID if name == "shuttle" else real(name))
+    real = gid_of
+    monkeypatch.setattr(auth, "gid_of", lambda name: ADMIN_GID if name == "shuttle" else real(name))
 
 
 def call(core: FakeCore, verb: str, args: dict[str, Any], who: api.Caller = ROOT) -> Any:
