@@ -18,6 +18,7 @@ ADMIN_SOCKET_SUFFIX = "-admin"
 DBUS_NAME = "io.github.shuttled"
 DBUS_PATH = "/io/github/shuttled"
 ADMIN_GROUP = "shuttle"
+PF_DEVICE = "/dev/pf"  # macOS and FreeBSD: pf's ioctls (DIOCNATLOOK)
 
 # --- firewall ------------------------------------------------------------------
 NFT_TABLE = "shuttled"  # table `inet shuttled`: the daemon's, and nothing else's

@@ -3,7 +3,7 @@
 The supervisor's Tunnel owns one RouterSide. Its listeners live as long as
 the tunnel is wanted (like the TCP proxy), so a reconnect changes nothing the
 firewall points at; `decorate` adds their ports and the LAN match to the
-profile's Capture, and shuttled.firewall.router turns that into rules.
+profile's Capture, and shuttled.firewall.tproxy turns that into rules.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Where the TPROXY rules deliver (shuttled.firewall.router.LISTEN).
+# Where the TPROXY rules deliver (shuttled.firewall.tproxy.LISTEN).
 TPROXY_LISTEN = ("127.0.0.1", "::1")
 FORWARDING_SYSCTLS = (
     ("net.ipv4.ip_forward", Path("/proc/sys/net/ipv4/ip_forward")),

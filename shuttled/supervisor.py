@@ -32,7 +32,7 @@ from shuttled.dns.resolver import DnsCapture, DnsPlan, ProfileResolver
 from shuttled.errors import FirewallError, ShuttledError, UsageError
 from shuttled.firewall import policy
 from shuttled.firewall.base import Backend, Capture
-from shuttled.firewall.router import router_rules
+from shuttled.firewall.tproxy import router_rules
 from shuttled.net import IPAddress, IPNetwork, Subnet, is_address
 from shuttled.router import RouterSettings, RouterSide
 from shuttled.tunnel.channels import ChannelMux

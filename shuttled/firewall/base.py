@@ -65,7 +65,7 @@ class Capture:
     # Packets with this SO_MARK (our own queries to the original resolvers) are
     # never captured by this chain: its first rule returns for them.
     bypass_mark: int | None = None
-    # Router mode and UDP, all by TPROXY (shuttled.firewall.router): listeners
+    # Router mode and UDP, all by TPROXY (shuttled.firewall.tproxy): listeners
     # with IP_TRANSPARENT, and the policy routing of shuttled.firewall.policy.
     lan: LanMatch | None = None  # also capture traffic arriving from the LAN
     udp_port: int | None = None  # transparent UDP listener; None: UDP is not captured

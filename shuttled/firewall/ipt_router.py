@@ -31,14 +31,7 @@ from pathlib import Path
 from shuttled.const import RUN_DIR
 from shuttled.errors import FirewallError
 from shuttled.firewall.base import Capture
-from shuttled.firewall.router import (
-    Jump,
-    RouterRules,
-    RRule,
-    ipt_jump,
-    ipt_rules,
-    router_rules,
-)
+from shuttled.firewall.tproxy import Jump, RouterRules, RRule, ipt_jump, ipt_rules, router_rules
 from shuttled.net import run_tool, tool_path, which_tool
 
 log = logging.getLogger(__name__)

@@ -35,7 +35,7 @@ from shuttled.firewall.base import (
     is_instance_table,
     port_range,
 )
-from shuttled.firewall.router import router_rules
+from shuttled.firewall.tproxy import router_rules
 from shuttled.net import run_tool, tool_path, which_tool
 
 IPT_MAX_CHAIN = 28  # iptables refuses longer chain names
@@ -235,7 +235,7 @@ def _chain_body(family: int, capture: Capture) -> list[str]:
     if rules.bypass_mark is not None and (specs or rules.subnets):
         # As iptables-save spells it (hex), so what we write is what we read back.
         specs.insert(0, f"-m mark --mark {rules.bypass_mark:#x} -j RETURN")
-    # While the kill switch holds, the subnets are rejected (firewall.router), not
+    # While the kill switch holds, the subnets are rejected (firewall.tproxy), not
     # redirected: iptables' filter OUTPUT runs after nat and would see only our port.
     if rules.subnets and not capture.hold:
         # Connections to this host's own addresses are never tunnelled; sshuttle

@@ -7,7 +7,7 @@ part, not at all.
 
 Router mode, UDP and the kill switch add base chains (prerouting, route
 output, filter output/forward) only to a table whose captures use them; they
-are built in shuttled.firewall.router.
+are built in shuttled.firewall.tproxy.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from shuttled.firewall.base import (
     check_captures,
     is_instance_table,
 )
-from shuttled.firewall.router import NftHooks, nft_chains, nft_family, nft_l4, router_rules
+from shuttled.firewall.tproxy import NftHooks, nft_chains, nft_family, nft_l4, router_rules
 from shuttled.net import run_tool
 
 NFT = "nft"
@@ -128,7 +128,7 @@ def _capture_chain(capture: Capture) -> str:
     rules = capture_rules(capture)
     lines = [] if rules.bypass_mark is None else [f"meta mark {rules.bypass_mark:#x} return"]
     lines += [_rule(r) for r in rules.dns]
-    # While the kill switch holds, the subnets are rejected (firewall.router), not
+    # While the kill switch holds, the subnets are rejected (firewall.tproxy), not
     # redirected: iptables' filter OUTPUT runs after nat and would see only our port.
     if rules.subnets and not capture.hold:
         # Connections to this host's own addresses are never tunnelled, whatever

@@ -16,7 +16,7 @@ Capturing a locally made connection takes two steps, both built from the same
    (or the DNS query) onto the loopback interface;
 2. translation: `rdr pass on lo0 ... to SUBNET -> 127.0.0.1 port LISTENER`
    turns it into a connection to our listener, which asks the kernel for the
-   original destination with DIOCNATLOOK (`original_dst()` below).
+   original destination with DIOCNATLOOK (shuttled.tunnel.origdst).
 
 Order and `quick`: translation rules are first-match (`no rdr` for excludes);
 filter rules here are all `quick`, so they are first-match too, and both lists
@@ -35,14 +35,10 @@ enabled by the administrator (pf_enable=YES), which the anchors need anyway.
 
 from __future__ import annotations
 
-import fcntl
-import functools
 import ipaddress
 import logging
 import os
 import re
-import socket
-import struct
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -65,111 +61,12 @@ from shuttled.net import IPNetwork, one_line, run_tool_output, which_tool
 log = logging.getLogger(__name__)
 
 PFCTL = "pfctl"
-PF_DEVICE = "/dev/pf"
 LOOPBACK = "lo0"
 _LISTENER = {4: "127.0.0.1", 6: "::1"}
 _AF = {4: "inet", 6: "inet6"}
 # Never redirected, whatever the subnets say: this host's own addresses.
 _LOCAL = {4: ("127.0.0.0/8", "(self)"), 6: ("::1", "(self)")}
 _TOKEN_RE = re.compile(r"^Token\s*:\s*(\d+)\s*$", re.MULTILINE)
-
-
-# --- DIOCNATLOOK: struct pfioc_natlook for each OS ------------------------------------------
-
-IPPROTO_TCP = 6
-PF_OUT = 2  # enum { PF_INOUT, PF_IN, PF_OUT } in both pfvar.h
-AF_INET = 2  # the same on both
-IOC_INOUT = 0xC0000000  # sys/ioccom.h: IOC_IN | IOC_OUT
-IOCPARM_MASK = 0x1FFF
-
-
-@dataclass(frozen=True)
-class NatlookLayout:
-    """`struct pfioc_natlook` as one OS's pfvar.h declares it.
-
-    Both start with four `struct pf_addr` (a 16-byte union: IPv4 in its first
-    4 bytes): saddr, daddr, rsaddr, rdaddr. Then the four ports sport, dport,
-    rsport, rdport, in network byte order: FreeBSD has plain u_int16_t, XNU a
-    4-byte `union pf_state_xport { u_int16_t port; u_int16_t call_id;
-    u_int32_t spi; }` whose port is its first two bytes. Then sa_family_t af
-    (one byte on both), u_int8_t proto, [XNU only: u_int8_t proto_variant],
-    u_int8_t direction, and padding to the 4-byte alignment of pf_addr.
-    """
-
-    os: str
-    port_slot: int  # bytes per port field
-    proto_variant: bool
-    af_inet6: int  # AF_INET6 differs: 28 on FreeBSD, 30 on XNU
-
-    @property
-    def struct(self) -> struct.Struct:
-        tail = "BBBB" if self.proto_variant else "BBBx"
-        return struct.Struct(f"<16s16s16s16s{f'{self.port_slot}s' * 4}{tail}")
-
-    @property
-    def size(self) -> int:
-        return self.struct.size
-
-    @property
-    def ioctl(self) -> int:
-        """DIOCNATLOOK = _IOWR('D', 23, struct pfioc_natlook)."""
-        return iowr(ord("D"), 23, self.size)
-
-    def af(self, version: int) -> int:
-        return AF_INET if version == 4 else self.af_inet6
-
-
-FREEBSD_NATLOOK = NatlookLayout("freebsd", port_slot=2, proto_variant=False, af_inet6=28)
-DARWIN_NATLOOK = NatlookLayout("darwin", port_slot=4, proto_variant=True, af_inet6=30)
-
-
-def iowr(group: int, number: int, size: int) -> int:
-    """_IOC(IOC_INOUT, group, number, size) as BSD's sys/ioccom.h computes it."""
-    return IOC_INOUT | ((size & IOCPARM_MASK) << 16) | (group << 8) | number
-
-
-def _addr(version: int, text: str) -> bytes:
-    family = socket.AF_INET if version == 4 else socket.AF_INET6
-    return socket.inet_pton(family, text.partition("%")[0]).ljust(16, b"\0")
-
-
-def _port(layout: NatlookLayout, port: int) -> bytes:
-    return port.to_bytes(2, "big").ljust(layout.port_slot, b"\0")
-
-
-def pack_natlook(
-    layout: NatlookLayout, version: int, src: tuple[str, int], dst: tuple[str, int]
-) -> bytes:
-    """The request: which state has this (peer -> our listener) TCP connection?
-
-    src is the accepted socket's peer, dst its local address (the listener);
-    the direction is PF_OUT, as for a connection this host made.
-    """
-    zero = b"\0" * 16
-    fields: list[object] = [
-        _addr(version, src[0]),
-        _addr(version, dst[0]),
-        zero,
-        zero,
-        _port(layout, src[1]),
-        _port(layout, dst[1]),
-        _port(layout, 0),
-        _port(layout, 0),
-        layout.af(version),
-        IPPROTO_TCP,
-    ]
-    fields += [0, PF_OUT] if layout.proto_variant else [PF_OUT]
-    return layout.struct.pack(*fields)
-
-
-def unpack_natlook(layout: NatlookLayout, version: int, raw: bytes) -> tuple[str, int]:
-    """The kernel's answer: rdaddr and rdport, the destination before our rdr rule."""
-    values = layout.struct.unpack(raw)
-    rdaddr: bytes = values[3]
-    rdport: bytes = values[7]
-    family = socket.AF_INET if version == 4 else socket.AF_INET6
-    address = socket.inet_ntop(family, rdaddr[: 4 if version == 4 else 16])
-    return address, int.from_bytes(rdport[:2], "big")
 
 
 # --- platforms ------------------------------------------------------------------------------
@@ -179,15 +76,14 @@ def unpack_natlook(layout: NatlookLayout, version: int, raw: bytes) -> tuple[str
 class PfPlatform:
     os: str
     anchor_root: str  # our anchors are <root>/<table>, under the main ruleset's <root>/*
-    natlook: NatlookLayout
     references: bool  # pfctl -E / -X (reference-counted enable) exist
 
     def anchor(self, table: str) -> str:
         return f"{self.anchor_root}/{table}"
 
 
-DARWIN = PfPlatform("darwin", "com.apple", DARWIN_NATLOOK, references=True)
-FREEBSD = PfPlatform("freebsd", "shuttled", FREEBSD_NATLOOK, references=False)
+DARWIN = PfPlatform("darwin", "com.apple", references=True)
+FREEBSD = PfPlatform("freebsd", "shuttled", references=False)
 
 
 def current_platform(platform: str | None = None) -> PfPlatform | None:
@@ -198,23 +94,6 @@ def current_platform(platform: str | None = None) -> PfPlatform | None:
     if platform.startswith("freebsd"):
         return FREEBSD
     return None
-
-
-@functools.cache
-def _pf_fd() -> int:
-    return os.open(PF_DEVICE, os.O_RDWR)
-
-
-def original_dst(sock: socket.socket) -> tuple[str, int]:
-    """Where a connection redirected by our rdr rule was going (DIOCNATLOOK on /dev/pf)."""
-    platform = current_platform()
-    if platform is None:
-        raise OSError(95, f"DIOCNATLOOK is for macOS and FreeBSD, not {sys.platform}")
-    version = 4 if sock.family == socket.AF_INET else 6
-    layout = platform.natlook
-    buf = bytearray(pack_natlook(layout, version, sock.getpeername()[:2], sock.getsockname()[:2]))
-    fcntl.ioctl(_pf_fd(), layout.ioctl, buf, True)
-    return unpack_natlook(layout, version, bytes(buf))
 
 
 # --- rules as text ------------------------------------------------------------------------------
@@ -387,8 +266,8 @@ class PfBackend(Backend):
             return f"pf is for macOS and FreeBSD, not {sys.platform}"
         if not which_tool(PFCTL):
             return "pfctl is not installed"
-        if not os.path.exists(PF_DEVICE):
-            return f"no {PF_DEVICE} (FreeBSD: kldload pf)"
+        if not os.path.exists(const.PF_DEVICE):
+            return f"no {const.PF_DEVICE} (FreeBSD: kldload pf)"
         try:
             nat, rules, lo0, info = (
                 run_pfctl(args)[0]

@@ -16,7 +16,6 @@ import errno
 import logging
 import socket
 import struct
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -26,12 +25,12 @@ from shuttled.tunnel import faults, sshmsg
 from shuttled.tunnel.accept import BUDGET, Acceptor, Throttled
 from shuttled.tunnel.channels import Channel, ChannelMux, State
 from shuttled.tunnel.faults import Faults, contained
+from shuttled.tunnel.origdst import original_dst
 from shuttled.tunnel.sockdiag import DIAG
 from shuttled.tunnel.transparent import set_transparent
 
 log = logging.getLogger(__name__)
 
-SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST has the same value
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 MuxSource = Callable[[], ChannelMux | None]
@@ -42,19 +41,6 @@ _REASONS = {
     sshmsg.OPEN_UNKNOWN_CHANNEL_TYPE: "unknown channel type",
     sshmsg.OPEN_RESOURCE_SHORTAGE: "resource shortage",
 }
-
-
-def original_dst(sock: socket.socket) -> tuple[str, int]:
-    """Where the app meant to connect, before our REDIRECT rule rewrote it."""
-    if sys.platform != "linux":  # macOS, FreeBSD: ask pf's state table (DIOCNATLOOK)
-        from shuttled.firewall.pf import original_dst as pf_original_dst
-
-        return pf_original_dst(sock)
-    if sock.family == socket.AF_INET:
-        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-        return socket.inet_ntop(socket.AF_INET, raw[4:8]), struct.unpack_from("!H", raw, 2)[0]
-    raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
-    return socket.inet_ntop(socket.AF_INET6, raw[8:24]), struct.unpack_from("!H", raw, 2)[0]
 
 
 @dataclass

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from shuttled.dns.forwarder import DnsForwarder
-from shuttled.tunnel import proxy, udp
+from shuttled.tunnel import origdst, proxy, udp
 
 VICTIM_PORTS = (80, 9)  # the lab's HTTP server, and its closed port (open failures)
 UDP_VICTIM_PORTS = (7,)  # the lab's UDP echo
@@ -36,7 +36,7 @@ def _tcp_victim(conn: proxy.LocalConnection, *_args: Any) -> bool:
 
 
 def _destination_victim(_proxy: proxy.TransparentProxy, sock: socket.socket) -> bool:
-    return proxy.original_dst(sock)[1] in VICTIM_PORTS
+    return origdst.original_dst(sock)[1] in VICTIM_PORTS
 
 
 def _flow_victim(flow: udp.Flow, *args: Any) -> bool:

@@ -23,19 +23,22 @@ from shuttled.firewall import pf as fwpf
 from shuttled.firewall.base import Capture
 from shuttled.firewall.pf import (
     DARWIN,
-    DARWIN_NATLOOK,
     FREEBSD,
-    FREEBSD_NATLOOK,
     PfBackend,
     anchor_problems,
     current_platform,
-    iowr,
-    pack_natlook,
     parse_anchors,
     parse_token,
-    unpack_natlook,
 )
 from shuttled.net import parse_subnet
+from shuttled.tunnel import origdst
+from shuttled.tunnel.origdst import (
+    DARWIN_NATLOOK,
+    FREEBSD_NATLOOK,
+    iowr,
+    pack_natlook,
+    unpack_natlook,
+)
 
 
 def subnets(*texts: str, exclude: Sequence[str] = ()) -> tuple:  # type: ignore[type-arg]
@@ -246,9 +249,15 @@ def test_unpack_reads_rdaddr_and_rdport() -> None:
 
 
 def test_original_dst_elsewhere_is_an_oserror(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fwpf.sys, "platform", "linux")
+    monkeypatch.setattr(origdst.sys, "platform", "linux")
     with socket.socket() as sock, pytest.raises(OSError, match="macOS and FreeBSD"):
-        fwpf.original_dst(sock)
+        origdst.pf_original_dst(sock)
+
+
+def test_natlook_layouts() -> None:
+    assert origdst.natlook_layout("darwin") is DARWIN_NATLOOK
+    assert origdst.natlook_layout("freebsd14") is FREEBSD_NATLOOK
+    assert origdst.natlook_layout("linux") is None
 
 
 def test_platforms() -> None:

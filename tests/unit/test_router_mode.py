@@ -19,7 +19,7 @@ from shuttled.config import load_config
 from shuttled.errors import ShuttledError, UsageError
 from shuttled.firewall import Capture, NftBackend, ipt_router, parse_subnet, policy
 from shuttled.firewall.base import LanMatch
-from shuttled.firewall.router import router_rules
+from shuttled.firewall.tproxy import router_rules
 from shuttled.router import lan_match, settings_from_profile
 from shuttled.tunnel import sshmsg, transparent
 from shuttled.tunnel.channels import ChannelMux
