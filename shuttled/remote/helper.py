@@ -909,7 +909,7 @@ class Helper:
         channel = self._channel(reader.u32())
         reader.u32()
         size = len(reader.string())
-        self._end(reader, "CHANNEL_EXTENDED_DATA")
+        reader.end("CHANNEL_EXTENDED_DATA")
         channel.take_window(size)
         channel.grant(size)  # no meaning for these channel types: discarded
 
@@ -956,11 +956,6 @@ class Helper:
         if reader.boolean():
             self.queue(wire.packet(wire.MSG_REQUEST_FAILURE))
 
-    @staticmethod
-    def _end(reader: Any, name: str) -> None:
-        if reader.pos != len(reader.buf):
-            raise ProtocolError("%d trailing bytes in %s" % (len(reader.buf) - reader.pos, name))
-
     # --- opening channels ---------------------------------------------------------
 
     def _m_open(self, payload: memoryview) -> None:
@@ -971,11 +966,11 @@ class Helper:
             host, port = reader.text(), reader.u32()
             reader.text()
             reader.u32()
-            self._end(reader, "CHANNEL_OPEN direct-tcpip")
+            reader.end("CHANNEL_OPEN direct-tcpip")
         elif kind == wire.UDP_CHANNEL_TYPE:
             family = reader.text()
             idle = reader.u32() if reader.pos < len(reader.buf) else 0
-            self._end(reader, "CHANNEL_OPEN " + kind)
+            reader.end("CHANNEL_OPEN " + kind)
         else:
             self._open_failed(rid, wire.OPEN_UNKNOWN_CHANNEL_TYPE, "unknown channel type %r" % kind)
             return

@@ -41,9 +41,11 @@ _JOIN_PIECE = 64 * 1024
 class Pipe(Protocol):
     """Where the mux writes packets: an asyncio transport or an outer channel."""
 
-    def write(self, data: bytes) -> None: ...
+    def write(self, data: bytes) -> None:
+        """Send these bytes (whole packets) towards the peer."""
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Close the pipe; the mux is done with it."""
 
 
 def socket_fd(transport: asyncio.BaseTransport) -> int:
@@ -96,21 +98,29 @@ class TransportPipe:
 class Endpoint(Protocol):
     """What sits on our side of one channel (a local socket, a DNS client, ...)."""
 
-    def on_open(self, channel: Channel) -> None: ...
+    def on_open(self, channel: Channel) -> None:
+        """The peer confirmed the channel: data may flow."""
 
-    def on_open_failed(self, reason: int, description: str) -> None: ...
+    def on_open_failed(self, reason: int, description: str) -> None:
+        """The peer refused the open, with an RFC 4254 reason code."""
 
-    def on_data(self, data: memoryview) -> None: ...
+    def on_data(self, data: memoryview) -> None:
+        """Data from the peer (valid only during the call)."""
 
-    def on_extended_data(self, code: int, data: bytes) -> None: ...
+    def on_extended_data(self, code: int, data: bytes) -> None:
+        """Extended data from the peer (stderr: code 1)."""
 
-    def on_eof(self) -> None: ...
+    def on_eof(self) -> None:
+        """The peer sends no more data."""
 
-    def on_close(self) -> None: ...
+    def on_close(self) -> None:
+        """The channel is closed both ways; the endpoint ends."""
 
-    def pause_reading(self) -> None: ...
+    def pause_reading(self) -> None:
+        """The channel's send window or the pipe is full: stop feeding it."""
 
-    def resume_reading(self) -> None: ...
+    def resume_reading(self) -> None:
+        """There is room again: feed the channel."""
 
 
 class State(enum.Enum):
@@ -184,6 +194,7 @@ class Channel:
 
     @property
     def can_send(self) -> bool:
+        """Open, and neither EOF nor CLOSE sent: send() would carry data."""
         return self.state is State.OPEN and not (self.close_sent or self.eof_sent)
 
     def send(self, data: bytes | memoryview) -> None:
@@ -251,9 +262,11 @@ class Channel:
 
     @property
     def send_blocked(self) -> bool:
+        """Data waits for the peer's window."""
         return self._pending_size > 0
 
     def send_eof(self) -> None:
+        """Send EOF once queued data is out (at confirmation, if still opening)."""
         if self.eof_sent or self.close_sent or self.state is not State.OPEN:
             self.eof_pending = self.state is State.OPENING
             return
@@ -303,6 +316,7 @@ class Channel:
             self._grant(const.CHANNEL_WINDOW_REFILL)
 
     def set_hold_window(self, hold: bool) -> None:
+        """Hold back window grants (the endpoint cannot take more yet), or release them."""
         self.hold_window = hold
         if not hold:
             self._grant(1)
@@ -450,6 +464,7 @@ class ChannelMux:
     # --- opening ----------------------------------------------------------------
 
     def open(self, kind: str, endpoint: Endpoint, extra: bytes = b"") -> Channel:
+        """Open a channel of `kind` for `endpoint`; its answer comes as on_open/on_open_failed."""
         if self._closed:
             raise ProtocolError(f"{self.name} is closed")
         local_id = self._free_ids.pop() if self._free_ids else self._allocate_id()
@@ -470,10 +485,12 @@ class ChannelMux:
     def open_direct_tcpip(
         self, host: str, port: int, orig_host: str, orig_port: int, endpoint: Endpoint
     ) -> Channel:
+        """Open a direct-tcpip channel: sshd (or the helper) connects to host:port."""
         extra = sshmsg.direct_tcpip_extra(host, port, orig_host, orig_port)
         return self.open("direct-tcpip", endpoint, extra)
 
     def release(self, channel: Channel) -> None:
+        """Forget a finished channel: its id is free again and its bytes are counted."""
         if self.channels.pop(channel.local_id, None) is channel:
             self._free_ids.append(channel.local_id)
             self.counters.active -= 1
@@ -484,6 +501,7 @@ class ChannelMux:
     # --- writing ----------------------------------------------------------------
 
     def write(self, packet: Buffer) -> None:
+        """Queue a packet for the pipe, in order, written now unless paused."""
         if self._closed:
             return
         self._out.append(packet)
@@ -534,11 +552,13 @@ class ChannelMux:
     # --- global back-pressure from the pipe -----------------------------------------
 
     def pause_writing(self) -> None:
+        """The pipe is full: every channel stops reading its endpoint."""
         self._paused = True
         for channel in list(self.channels.values()):
             self.update_reading(channel)
 
     def resume_writing(self) -> None:
+        """The pipe drained: blocked channels read again."""
         self._paused = False
         for channel in list(self._blocked):
             self.update_reading(channel)
@@ -635,13 +655,7 @@ class ChannelMux:
             raise ProtocolError(f"unexpected message type {msg_type}")
         reader = Reader(payload)
         handler(reader)
-        if reader.pos != len(payload) and msg_type not in (
-            sshmsg.MSG_CHANNEL_REQUEST,
-            sshmsg.MSG_CHANNEL_OPEN_FAILURE,
-        ):
-            raise ProtocolError(
-                f"{len(payload) - reader.pos} trailing bytes in message type {msg_type}"
-            )
+        reader.end(f"message type {msg_type}")
 
     def _channel(self, reader: Reader, opening_ok: bool = False) -> Channel:
         local_id = reader.u32()
@@ -685,6 +699,7 @@ class ChannelMux:
         channel = self._channel(reader, opening_ok=True)
         reason = reader.u32()
         description = reader.text()
+        reader.string()  # language tag
         self.counters.open_failed += 1
         channel.state = State.CLOSED
         self.release(channel)
@@ -701,6 +716,8 @@ class ChannelMux:
         hook = getattr(channel.endpoint, "on_exit_status", None)
         if name == "exit-status" and hook is not None:
             channel.notify("exit status", hook, reader.u32())
+        else:
+            reader.rest()  # request-specific data, whatever its layout
         if want_reply and not channel.close_sent:
             self.write(sshmsg.channel_reply(channel.remote_id, False))
 
@@ -744,6 +761,7 @@ class ChannelMux:
 
     @property
     def closed(self) -> bool:
+        """The mux failed or was closed: no channel can be opened."""
         return self._closed
 
 

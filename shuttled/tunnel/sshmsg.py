@@ -64,6 +64,7 @@ def sstring(value: Union[str, BytesLike]) -> bytes:
 
 
 def sbool(value: bool) -> bytes:
+    """boolean: one byte, 0 or 1."""
     return b"\x01" if value else b"\x00"
 
 
@@ -77,6 +78,7 @@ class Reader:
         self.pos = pos
 
     def u32(self) -> int:
+        """uint32 (RFC 4251 5)."""
         end = self.pos + 4
         if end > len(self.buf):
             raise WireError("truncated uint32 at offset %d" % self.pos)
@@ -85,6 +87,7 @@ class Reader:
         return value
 
     def byte(self) -> int:
+        """One byte."""
         if self.pos >= len(self.buf):
             raise WireError("truncated byte at offset %d" % self.pos)
         value = self.buf[self.pos]
@@ -92,9 +95,11 @@ class Reader:
         return value
 
     def boolean(self) -> bool:
+        """boolean: one byte, any non-zero value is true."""
         return self.byte() != 0
 
     def string(self) -> bytes:
+        """string: uint32 length, then that many bytes."""
         size = self.u32()
         end = self.pos + size
         if end > len(self.buf):
@@ -106,15 +111,22 @@ class Reader:
         return bytes(value)
 
     def text(self) -> str:
+        """A string that must be UTF-8."""
         try:
             return self.string().decode("utf-8")
         except UnicodeDecodeError:
             raise WireError("string at offset %d is not UTF-8" % self.pos) from None
 
     def rest(self) -> BytesLike:
+        """What is left of the message, taken whole (a field whose layout varies)."""
         value = self.buf[self.pos :]
         self.pos = len(self.buf)
         return value
+
+    def end(self, what: str) -> None:
+        """The message must end here: trailing bytes are a malformed `what`."""
+        if self.pos != len(self.buf):
+            raise WireError("%d trailing bytes in %s" % (len(self.buf) - self.pos, what))
 
 
 def split_packets(buf: BytesLike, max_packet: int) -> Tuple[List[Tuple[int, memoryview]], int]:
@@ -145,14 +157,17 @@ def split_packets(buf: BytesLike, max_packet: int) -> Tuple[List[Tuple[int, memo
 
 
 def channel_open(kind: str, sender: int, window: int, max_packet: int, extra: bytes = b"") -> bytes:
+    """CHANNEL_OPEN of `kind` with our id, window and max packet, then `extra`."""
     return packet(MSG_CHANNEL_OPEN, sstring(kind) + U32X3.pack(sender, window, max_packet) + extra)
 
 
 def direct_tcpip_extra(host: str, port: int, orig_host: str, orig_port: int) -> bytes:
+    """The type-specific part of a direct-tcpip open: where to, and from where."""
     return sstring(host) + U32.pack(port) + sstring(orig_host) + U32.pack(orig_port)
 
 
 def open_confirmation(recipient: int, sender: int, window: int, max_packet: int) -> bytes:
+    """CHANNEL_OPEN_CONFIRMATION: the peer's id, then our id, window and max packet."""
     return packet(
         MSG_CHANNEL_OPEN_CONFIRMATION,
         U32X2.pack(recipient, sender) + U32X2.pack(window, max_packet),
@@ -160,12 +175,14 @@ def open_confirmation(recipient: int, sender: int, window: int, max_packet: int)
 
 
 def open_failure(recipient: int, reason: int, description: str) -> bytes:
+    """CHANNEL_OPEN_FAILURE with a reason code, its text and an empty language tag."""
     return packet(
         MSG_CHANNEL_OPEN_FAILURE, U32X2.pack(recipient, reason) + sstring(description) + sstring("")
     )
 
 
 def window_adjust(recipient: int, amount: int) -> bytes:
+    """CHANNEL_WINDOW_ADJUST: the peer may send `amount` more bytes."""
     return packet(MSG_CHANNEL_WINDOW_ADJUST, U32X2.pack(recipient, amount))
 
 
@@ -175,24 +192,29 @@ def data_header(recipient: int, size: int) -> bytes:
 
 
 def extended_data(recipient: int, code: int, data: BytesLike) -> bytes:
+    """CHANNEL_EXTENDED_DATA (stderr is code 1)."""
     return packet(MSG_CHANNEL_EXTENDED_DATA, U32X2.pack(recipient, code) + sstring(data))
 
 
 def eof(recipient: int) -> bytes:
+    """CHANNEL_EOF: we send no more data on this channel."""
     return packet(MSG_CHANNEL_EOF, U32.pack(recipient))
 
 
 def close(recipient: int) -> bytes:
+    """CHANNEL_CLOSE: the channel is done on our side."""
     return packet(MSG_CHANNEL_CLOSE, U32.pack(recipient))
 
 
 def channel_request(recipient: int, name: str, want_reply: bool, extra: bytes = b"") -> bytes:
+    """CHANNEL_REQUEST `name`, with its type-specific data."""
     return packet(
         MSG_CHANNEL_REQUEST, U32.pack(recipient) + sstring(name) + sbool(want_reply) + extra
     )
 
 
 def channel_reply(recipient: int, ok: bool) -> bytes:
+    """CHANNEL_SUCCESS or CHANNEL_FAILURE, the answer to a request."""
     return packet(MSG_CHANNEL_SUCCESS if ok else MSG_CHANNEL_FAILURE, U32.pack(recipient))
 
 
@@ -205,12 +227,12 @@ def pack_datagram(host: str, port: int, payload: BytesLike) -> bytes:
 
 
 def unpack_datagram(buf: BytesLike) -> Tuple[str, int, bytes]:
+    """A datagram packed by pack_datagram: (host, port, payload); WireError if malformed."""
     reader = Reader(buf)
     host = reader.text()
     port = reader.u32()
     if port > 0xFFFF:
         raise WireError("datagram port %d out of range" % port)
     payload = reader.string()
-    if reader.pos != len(buf):
-        raise WireError("%d trailing bytes after a datagram" % (len(buf) - reader.pos))
+    reader.end("a datagram")
     return host, port, payload

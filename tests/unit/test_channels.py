@@ -250,6 +250,36 @@ def test_malformed_messages_end_the_mux_without_raising(packet: bytes) -> None:
     run(body)
 
 
+def test_trailing_bytes_after_a_message_end_the_mux() -> None:
+    async def body() -> None:
+        mux, _pipe, rec, channel = opened()
+        adjust = sshmsg.window_adjust(channel.local_id, 10)
+        mux.feed(sshmsg.packet(sshmsg.MSG_CHANNEL_WINDOW_ADJUST, adjust[6:] + b"\x00"))
+        assert mux.closed and rec.events[-1] == "close"
+
+    run(body)
+
+
+def test_an_open_failure_without_its_language_tag_is_malformed() -> None:
+    async def body() -> None:
+        mux = ChannelMux(FakePipe())
+        channel = mux.open_direct_tcpip("10.9.9.9", 1, "127.0.0.1", 1, Recorder())
+        body = struct.pack(">II", channel.local_id, 2) + sshmsg.sstring("refused")
+        mux.feed(sshmsg.packet(sshmsg.MSG_CHANNEL_OPEN_FAILURE, body))
+        assert mux.closed
+
+    run(body)
+
+
+def test_reader_end_rejects_what_is_left() -> None:
+    reader = sshmsg.Reader(struct.pack(">IB", 7, 1))
+    assert reader.u32() == 7
+    with pytest.raises(sshmsg.WireError, match="1 trailing bytes in a test message"):
+        reader.end("a test message")
+    reader.byte()
+    reader.end("a test message")
+
+
 def test_requests_get_replies_in_order() -> None:
     async def body() -> None:
         mux, _pipe, _rec, channel = opened()
