@@ -19,8 +19,8 @@ from collections.abc import Coroutine
 from typing import Any
 
 from shuttled import const
-from shuttled.dns.listeners import Resolver
-from shuttled.dns.wire import DnsMessageError, frame, read_frame, truncate, udp_payload_limit
+from shuttled.dns.listeners import Resolver, TcpDnsClients
+from shuttled.dns.wire import DnsMessageError, truncate, udp_payload_limit
 from shuttled.tunnel import faults
 from shuttled.tunnel.faults import Faults
 from shuttled.tunnel.proxy import bind_listeners
@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 
 MAX_PENDING = 2048  # queries being answered over UDP; beyond that they are dropped
 TCP_PIPELINE = 32  # queries in flight per TCP client
-TCP_IDLE = 10.0  # seconds a TCP client may stay silent (RFC 7766 6.2.3)
 PORT_ATTEMPTS = 8
 
 
@@ -52,6 +51,9 @@ class LanDns:
         self._udp: list[socket.socket] = []
         self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._tcp = TcpDnsClients(
+            self._resolve, self.faults, "LAN DNS over TCP client", TCP_PIPELINE
+        )
 
     async def start(self) -> int:
         """Listen (UDP and TCP on one port number, 127.0.0.1 and ::1); the port."""
@@ -75,7 +77,7 @@ class LanDns:
         for sock in bind_listeners(self.addresses, self.port, socket.SOCK_STREAM, transparent=True):
             sock.listen(const.LISTEN_BACKLOG)
             self._servers.append(
-                await asyncio.start_server(self._serve_tcp, sock=sock, backlog=const.LISTEN_BACKLOG)
+                await asyncio.start_server(self._tcp.serve, sock=sock, backlog=const.LISTEN_BACKLOG)
             )
         return self.port
 
@@ -91,6 +93,7 @@ class LanDns:
         self._servers.clear()
         for task in self._tasks:
             task.cancel()
+        self._tcp.close()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -128,48 +131,3 @@ class LanDns:
         except OSError as exc:
             self.dropped += 1
             log.debug("LAN DNS answer to %s:%d not sent: %s", *src, exc.strerror)
-
-    # --- TCP ------------------------------------------------------------------------
-
-    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        slots = asyncio.Semaphore(TCP_PIPELINE)
-        answers: set[asyncio.Task[None]] = set()
-        try:
-            while (query := await self._next_query(reader)) is not None:
-                await slots.acquire()
-                task = asyncio.create_task(self._answer_tcp(query, writer, slots))
-                answers.add(task)
-                task.add_done_callback(answers.discard)
-            if answers:
-                await asyncio.wait(answers)
-        except asyncio.CancelledError:
-            pass
-        except Exception as exc:  # the boundary: this client, not the listener
-            self.faults.record(faults.DNS, exc, "LAN DNS over TCP client")
-            writer.transport.abort()
-        finally:
-            for task in answers:
-                task.cancel()
-            writer.close()
-
-    @staticmethod
-    async def _next_query(reader: asyncio.StreamReader) -> bytes | None:
-        try:
-            async with asyncio.timeout(TCP_IDLE):
-                return await read_frame(reader)
-        except (OSError, EOFError, asyncio.IncompleteReadError):
-            return None
-
-    async def _answer_tcp(
-        self, query: bytes, writer: asyncio.StreamWriter, slots: asyncio.Semaphore
-    ) -> None:
-        try:
-            answer = await self._resolve(query)
-            if answer is not None and not writer.is_closing():
-                writer.write(frame(answer))
-                async with asyncio.timeout(TCP_IDLE):
-                    await writer.drain()
-        except OSError:  # a client that does not read
-            writer.transport.abort()
-        finally:
-            slots.release()

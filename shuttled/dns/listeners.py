@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Protocol, cast
 
 from shuttled import const
@@ -57,7 +57,9 @@ class DnsListener:
         self._transports: list[asyncio.DatagramTransport] = []
         self._servers: list[asyncio.Server] = []
         self._udp_tasks: set[asyncio.Task[Any]] = set()
-        self._tcp_tasks: set[asyncio.Task[Any]] = set()
+        self._tcp = TcpDnsClients(
+            self._answer, self.faults, "DNS over TCP client", TCP_CLIENT_PIPELINE
+        )
 
     async def start(self, addresses: Sequence[str], port: int = 0) -> int:
         """Listen on every address (IPv6 skipped where the host has none) and return the
@@ -88,11 +90,11 @@ class DnsListener:
                 continue
             self._transports.append(transport)
             port = int(transport.get_extra_info("sockname")[1])
-            # asyncio's default backlog (100) lost connects in a burst of 300 (issue 19's
-            # storm): the same queue as the TCP listeners'.
+            # asyncio's default backlog (100) lost connects in a burst of 300 (a storm of
+            # impatient clients): the same queue as the TCP listeners'.
             self._servers.append(
                 await asyncio.start_server(
-                    self._serve_tcp, address, port, backlog=const.LISTEN_BACKLOG
+                    self._tcp.serve, address, port, backlog=const.LISTEN_BACKLOG
                 )
             )
         if not self._transports:
@@ -104,8 +106,9 @@ class DnsListener:
             transport.close()
         for server in self._servers:
             server.close()
-        for task in (*self._udp_tasks, *self._tcp_tasks):
+        for task in self._udp_tasks:
             task.cancel()
+        self._tcp.close()
         self._transports.clear()
         self._servers.clear()
 
@@ -118,10 +121,10 @@ class DnsListener:
             self.faults.record(faults.DNS, exc, "query")
         return None
 
-    def _spawn(self, tasks: set[asyncio.Task[Any]], coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+        self._udp_tasks.add(task)
+        task.add_done_callback(self._udp_tasks.discard)
 
     # UDP: one task per datagram, the reply sent back from the listening socket.
 
@@ -131,7 +134,7 @@ class DnsListener:
         if len(self._udp_tasks) >= UDP_MAX_PENDING:
             log.debug("DNS over UDP: too many queries in flight, dropped one")
             return
-        self._spawn(self._udp_tasks, self._answer_udp(query, addr, transport))
+        self._spawn(self._answer_udp(query, addr, transport))
 
     async def _answer_udp(
         self, query: bytes, addr: tuple[Any, ...], transport: asyncio.DatagramTransport
@@ -141,40 +144,65 @@ class DnsListener:
             # Too long for the client: TC makes it ask again over TCP (RFC 7766 5).
             transport.sendto(truncate(response, udp_payload_limit(query)), addr)
 
-    # TCP: queries pipelined per client, answered in any order, bounded in number.
 
-    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+Answer = Callable[[bytes], Awaitable[bytes | None]]
+
+
+class TcpDnsClients:
+    """The DNS-over-TCP clients of one listener (ours, or router mode's LAN DNS).
+
+    Each client's queries are pipelined (RFC 7766): answered in any order, at most
+    `pipeline` in flight before we stop reading it; a client silent or unread for
+    TCP_CLIENT_IDLE is dropped. A fault ends that client, never the listener.
+    """
+
+    def __init__(self, answer: Answer, fault_log: Faults, what: str, pipeline: int) -> None:
+        self._answer = answer
+        self._faults = fault_log
+        self._what = what
+        self._pipeline = pipeline
+        self._clients: set[asyncio.Task[Any]] = set()
+
+    def close(self) -> None:
+        """Drop every client (the listener is closing)."""
+        for task in self._clients:
+            task.cancel()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """asyncio.start_server's callback: serve one client until it goes."""
         task = asyncio.current_task()
         assert task is not None
-        self._tcp_tasks.add(task)
-        slots = asyncio.Semaphore(TCP_CLIENT_PIPELINE)
+        self._clients.add(task)
+        slots = asyncio.Semaphore(self._pipeline)
         answers: set[asyncio.Task[Any]] = set()
         try:
-            while (query := await self._next_tcp_query(reader)) is not None:
+            while (query := await self._next_query(reader)) is not None:
                 await slots.acquire()
-                self._spawn(answers, self._answer_tcp(query, writer, slots))
+                answer = asyncio.create_task(self._answer_one(query, writer, slots))
+                answers.add(answer)
+                answer.add_done_callback(answers.discard)
             if answers:
                 await asyncio.wait(answers)
         except asyncio.CancelledError:
             pass  # close(); Python 3.11 would log a cancelled connection callback as an error
         except Exception as exc:  # the boundary: this client, not the listener
-            self.faults.record(faults.DNS, exc, "DNS over TCP client")
+            self._faults.record(faults.DNS, exc, self._what)
             writer.transport.abort()
         finally:
             for answer in answers:
                 answer.cancel()
             writer.close()
-            self._tcp_tasks.discard(task)
+            self._clients.discard(task)
 
-    async def _next_tcp_query(self, reader: asyncio.StreamReader) -> bytes | None:
+    async def _next_query(self, reader: asyncio.StreamReader) -> bytes | None:
         try:
             async with asyncio.timeout(TCP_CLIENT_IDLE):
                 return await read_frame(reader)
         except (OSError, EOFError) as exc:  # TimeoutError included: an idle client
-            log.debug("DNS over TCP client gone: %s", describe(exc))
+            log.debug("%s gone: %s", self._what, describe(exc))
             return None
 
-    async def _answer_tcp(
+    async def _answer_one(
         self, query: bytes, writer: asyncio.StreamWriter, slots: asyncio.Semaphore
     ) -> None:
         try:
@@ -184,7 +212,7 @@ class DnsListener:
                 async with asyncio.timeout(TCP_CLIENT_IDLE):
                     await writer.drain()
         except OSError as exc:  # TimeoutError included: a client that does not read
-            log.debug("DNS over TCP client not writable: %s", describe(exc))
+            log.debug("%s not writable: %s", self._what, describe(exc))
             writer.transport.abort()
         finally:
             slots.release()
