@@ -8,6 +8,7 @@ tunnels or rules.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import grp
 import ipaddress
@@ -280,3 +281,14 @@ def one_line(text: str, limit: int = 400) -> str:
 def tool_env() -> dict[str, str]:
     """A tool's environment: C locale (its messages are parsed) and the sbin PATH."""
     return {**os.environ, "LC_ALL": "C", "PATH": tool_path()}
+
+
+async def communicate(proc: asyncio.subprocess.Process, timeout: float) -> tuple[bytes, bytes]:
+    """A child's whole output; past `timeout` it is killed, reaped, and TimeoutError raised."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise

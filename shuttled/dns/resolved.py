@@ -44,7 +44,7 @@ from typing import Any
 from shuttled import const
 from shuttled.errors import ShuttledError
 from shuttled.firewall.base import is_cleanup_target
-from shuttled.net import run_tool, tool_env, which_tool
+from shuttled.net import communicate, run_tool, tool_env, which_tool
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +108,8 @@ async def _ip(*args: str) -> str:
         env=tool_env(),
     )
     try:
-        async with asyncio.timeout(IP_TIMEOUT):
-            out, err = await proc.communicate()
+        out, err = await communicate(proc, IP_TIMEOUT)
     except TimeoutError:
-        proc.kill()
-        await proc.wait()
         raise ResolvedError(f"ip {' '.join(args)}: no answer in {IP_TIMEOUT:g} s") from None
     if proc.returncode != 0:
         raise ResolvedError(f"ip {' '.join(args)}: {err.decode(errors='replace').strip()}")

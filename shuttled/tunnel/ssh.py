@@ -33,6 +33,7 @@ from typing import TypedDict
 
 from shuttled import const
 from shuttled.errors import SshError
+from shuttled.net import communicate
 from shuttled.tunnel.nodelay import (
     FD_RELAY,
     FdOffer,
@@ -247,10 +248,8 @@ async def ssh_config(target: SshTarget) -> dict[str, str]:
         **_spawn_kwargs(target.user),
     )
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), 10)
+        out, err = await communicate(proc, 10)
     except TimeoutError:
-        proc.kill()
-        await proc.wait()
         raise SshError(f"`ssh -G {target.remote}` did not answer within 10 s") from None
     if proc.returncode != 0:
         raise SshError(f"`ssh -G {target.remote}` failed: {_last_line(err)}")
