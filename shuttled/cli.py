@@ -35,6 +35,14 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
+# The daemon's paths: option, default, what it is.
+_DAEMON_PATHS = (
+    ("--config-dir", const.CONFIG_DIR, "profile directory of the daemon"),
+    ("--socket", const.CONTROL_SOCKET, "control socket of the daemon"),
+    ("--state-dir", const.STATE_DIR, "where wanted-up profiles are kept"),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="shuttled",
@@ -46,24 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="count", default=0, help="more log output (repeat for debug)"
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-    parser.add_argument(
-        "--config-dir",
-        type=Path,
-        default=const.CONFIG_DIR,
-        help=f"profile directory of the daemon (default {const.CONFIG_DIR})",
-    )
-    parser.add_argument(
-        "--socket",
-        type=Path,
-        default=const.CONTROL_SOCKET,
-        help=f"control socket of the daemon (default {const.CONTROL_SOCKET})",
-    )
-    parser.add_argument(
-        "--state-dir",
-        type=Path,
-        default=const.STATE_DIR,
-        help=f"where wanted-up profiles are kept (default {const.STATE_DIR})",
-    )
+    for flag, default, what in _DAEMON_PATHS:
+        parser.add_argument(flag, type=Path, default=default, help=f"{what} (default {default})")
     parser.add_argument(
         "--method",
         choices=METHODS,

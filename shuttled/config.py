@@ -284,20 +284,15 @@ def _int_in(low: int, high: int) -> Callable[[_Ctx, Any], int]:
     return parse
 
 
-def _seconds(ctx: _Ctx, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        ctx.fail(f"expected a number of seconds, got {_kind(value)}")
-    if not 1 <= value <= 300:
-        ctx.fail(f"{value} is not within 1-300 seconds")
-    return float(value)
+def _seconds_in(low: int, high: int) -> Callable[[_Ctx, Any], float]:
+    def parse(ctx: _Ctx, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            ctx.fail(f"expected a number of seconds, got {_kind(value)}")
+        if not low <= value <= high:
+            ctx.fail(f"{value} is not within {low}-{high} seconds")
+        return float(value)
 
-
-def _udp_idle(ctx: _Ctx, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        ctx.fail(f"expected a number of seconds, got {_kind(value)}")
-    if not 1 <= value <= 3600:
-        ctx.fail(f"{value} is not within 1-3600 seconds")
-    return float(value)
+    return parse
 
 
 def _choice(choices: Sequence[str]) -> Callable[[_Ctx, Any], str]:
@@ -752,7 +747,7 @@ PROFILE_KEYS: Mapping[str, KeySpec] = MappingProxyType(
                 "udp_idle",
                 "seconds 1-3600",
                 "a UDP flow ends after this long without a datagram either way",
-                _udp_idle,
+                _seconds_in(1, 3600),
             ),
             _spec(
                 "lan_dns",
@@ -780,7 +775,7 @@ PROFILE_KEYS: Mapping[str, KeySpec] = MappingProxyType(
                 "seconds 1-300",
                 "health ping interval (pings go at least every 2 s); "
                 "the link is declared dead after three misses, or 6 s without a sign of life",
-                _seconds,
+                _seconds_in(1, 300),
             ),
             _spec(
                 "streams",

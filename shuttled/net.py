@@ -19,6 +19,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -85,6 +86,17 @@ def gid_of(name: str) -> int | None:
         return grp.getgrnam(name).gr_gid
     except KeyError:
         return None
+
+
+def pf_flavour(platform: str | None = None) -> str | None:
+    """Whose pf this system (or `platform`, a sys.platform value) has: "darwin",
+    "freebsd", or None where there is no pf (Linux)."""
+    platform = sys.platform if platform is None else platform
+    if platform == "darwin":
+        return "darwin"
+    if platform.startswith("freebsd"):
+        return "freebsd"
+    return None
 
 
 # --- subnets -------------------------------------------------------------------------

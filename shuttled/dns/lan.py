@@ -19,9 +19,8 @@ from collections.abc import Coroutine
 from typing import Any
 
 from shuttled import const
-from shuttled.dns.listeners import Resolver, TcpDnsClients
-from shuttled.dns.wire import DnsMessageError, truncate, udp_payload_limit
-from shuttled.tunnel import faults
+from shuttled.dns.listeners import Resolver, TcpDnsClients, answer_or_drop
+from shuttled.dns.wire import truncate, udp_payload_limit
 from shuttled.tunnel.faults import Faults
 from shuttled.tunnel.proxy import bind_listeners
 from shuttled.tunnel.transparent import Address, recv_batch, recv_original_dst, send_from
@@ -102,14 +101,10 @@ class LanDns:
 
     async def _resolve(self, query: bytes) -> bytes | None:
         self.queries += 1
-        try:
-            return await self.resolver.resolve(query)
-        except DnsMessageError as exc:
-            log.debug("dropped a LAN DNS query: %s", exc)
-        except Exception as exc:  # the boundary: one query, not the listener
-            self.faults.record(faults.DNS, exc, "LAN query")
-        self.dropped += 1
-        return None
+        answer = await answer_or_drop(self.resolver, query, self.faults, "LAN query")
+        if answer is None:
+            self.dropped += 1
+        return answer
 
     # --- UDP ------------------------------------------------------------------------
 

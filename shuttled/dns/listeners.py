@@ -31,6 +31,20 @@ class Resolver(Protocol):
     async def resolve(self, query: bytes) -> bytes: ...
 
 
+async def answer_or_drop(
+    resolver: Resolver, query: bytes, fault_log: Faults, what: str
+) -> bytes | None:
+    """The resolver's answer, or None to send nothing: a query that does not parse is
+    dropped, and a fault is counted (the boundary: one query, not the listener)."""
+    try:
+        return await resolver.resolve(query)
+    except DnsMessageError as exc:
+        log.debug("dropped a DNS %s: %s", what, exc)
+    except Exception as exc:
+        fault_log.record(faults.DNS, exc, what)
+    return None
+
+
 class _UdpProtocol(asyncio.DatagramProtocol):
     def __init__(self, listener: DnsListener) -> None:
         self._listener = listener
@@ -113,13 +127,7 @@ class DnsListener:
         self._servers.clear()
 
     async def _answer(self, query: bytes) -> bytes | None:
-        try:
-            return await self._resolver.resolve(query)
-        except DnsMessageError as exc:
-            log.debug("dropped a DNS query: %s", exc)
-        except Exception as exc:  # the boundary: one query, not the listener
-            self.faults.record(faults.DNS, exc, "query")
-        return None
+        return await answer_or_drop(self._resolver, query, self.faults, "query")
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)

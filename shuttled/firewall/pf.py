@@ -56,7 +56,7 @@ from shuttled.firewall.base import (
     check_captures,
     is_instance_table,
 )
-from shuttled.net import IPNetwork, one_line, run_tool_output, which_tool
+from shuttled.net import IPNetwork, one_line, pf_flavour, run_tool_output, which_tool
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +88,7 @@ FREEBSD = PfPlatform("freebsd", "shuttled", references=False)
 
 def current_platform(platform: str | None = None) -> PfPlatform | None:
     """pf's flavour on this system (or on `platform`), None where there is no pf."""
-    platform = sys.platform if platform is None else platform
-    if platform == "darwin":
-        return DARWIN
-    if platform.startswith("freebsd"):
-        return FREEBSD
-    return None
+    return {"darwin": DARWIN, "freebsd": FREEBSD}.get(pf_flavour(platform) or "")
 
 
 # --- rules as text ------------------------------------------------------------------------------

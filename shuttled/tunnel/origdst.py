@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass
 
 from shuttled import const
+from shuttled.net import pf_flavour
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST has the same number
 
@@ -133,12 +134,7 @@ def unpack_natlook(layout: NatlookLayout, version: int, raw: bytes) -> tuple[str
 
 def natlook_layout(platform: str | None = None) -> NatlookLayout | None:
     """The DIOCNATLOOK struct of this system (or of `platform`); None where there is no pf."""
-    platform = sys.platform if platform is None else platform
-    if platform == "darwin":
-        return DARWIN_NATLOOK
-    if platform.startswith("freebsd"):
-        return FREEBSD_NATLOOK
-    return None
+    return {"darwin": DARWIN_NATLOOK, "freebsd": FREEBSD_NATLOOK}.get(pf_flavour(platform) or "")
 
 
 @functools.cache
