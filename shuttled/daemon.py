@@ -22,6 +22,18 @@ from typing import Any
 from shuttled import __version__, const
 from shuttled.config import Config, Profile, check_overlaps, load_config
 from shuttled.control.protocol import PROTOCOL_VERSION
+from shuttled.control.schema import (
+    ConnectionRow,
+    Event,
+    ProfileRow,
+    ProfileStats,
+    ProfileStatus,
+    ReloadResult,
+    RulesStats,
+    SubnetRow,
+    TunnelStats,
+    VersionInfo,
+)
 from shuttled.dns.resolved import cleanup_links
 from shuttled.durable import write_durably
 from shuttled.errors import (
@@ -96,7 +108,7 @@ class Daemon:
         self.tunnels: dict[str, Tunnel] = {}
         self.wanted: set[str] = set()
         self.started = time.time()
-        self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
+        self._subscribers: set[asyncio.Queue[Event]] = set()
         self._lock = asyncio.Lock()
         # Transports that mirror the profile list (D-Bus objects) re-sync here.
         self.on_reload: list[Callable[[], None]] = []
@@ -177,7 +189,7 @@ class Daemon:
             self.tunnels[name] = tunnel
         return tunnel
 
-    def list_profiles(self) -> list[dict[str, Any]]:
+    def list_profiles(self) -> list[ProfileRow]:
         return [
             {
                 "name": name,
@@ -226,16 +238,16 @@ class Daemon:
             await asyncio.sleep(const.RULE_CHECK_INTERVAL)
             self.guard_rules()
 
-    def status(self, name: str | None) -> dict[str, Any] | list[dict[str, Any]]:
+    def status(self, name: str | None) -> ProfileStatus | list[ProfileStatus]:
         self.guard_rules(report=True)
         if name is None:
             return [self._status_one(n) for n in sorted(self.config.profiles)]
         return self._status_one(name)
 
-    def _status_one(self, name: str) -> dict[str, Any]:
+    def _status_one(self, name: str) -> ProfileStatus:
         profile = self._profile(name)
         tunnel = self.tunnels.get(name)
-        stats = tunnel.stats() if tunnel else {}
+        stats = tunnel.stats() if tunnel else TunnelStats()
         return {
             "name": name,
             "state": self._state(name),
@@ -250,40 +262,42 @@ class Daemon:
             "rtt": stats.get("rtt"),
             "last_error": tunnel.last_error if tunnel else None,
             "subnets": [
-                *({"subnet": t, "source": "profile"} for t in profile.subnets),
+                *(SubnetRow(subnet=t, source="profile") for t in profile.subnets),
                 *(
-                    {"subnet": str(s.network), "source": "auto_nets"}
+                    SubnetRow(subnet=str(s.network), source="auto_nets")
                     for s in (tunnel.auto_nets if tunnel else ())
                 ),
-                *({"subnet": f"!{t}", "source": "profile"} for t in profile.exclude),
+                *(SubnetRow(subnet=f"!{t}", source="profile") for t in profile.exclude),
             ],
             "dns": tunnel.dns_status() if tunnel else None,
             "holding": tunnel.holding if tunnel else False,
             "health": tunnel.router.health if tunnel else [],
         }
 
-    def stats(self, name: str) -> dict[str, Any]:
+    def stats(self, name: str) -> ProfileStats:
         self._profile(name)
         self.guard_rules(report=True)
         tunnel = self.tunnels.get(name)
         rules = (
-            {"rules_restored": self.captures.restored, "rules_last_loss": self.captures.last_loss}
+            RulesStats(
+                rules_restored=self.captures.restored, rules_last_loss=self.captures.last_loss
+            )
             if self.captures
-            else {}
+            else RulesStats()
         )
         return {
             "name": name,
             "state": self._state(name),
-            **(tunnel.stats() if tunnel else {}),
+            **(tunnel.stats() if tunnel else TunnelStats()),
             **rules,
         }
 
-    def connections(self, name: str) -> list[dict[str, Any]]:
+    def connections(self, name: str) -> list[ConnectionRow]:
         self._profile(name)
         tunnel = self.tunnels.get(name)
         return tunnel.connections() if tunnel else []
 
-    def version(self) -> dict[str, Any]:
+    def version(self) -> VersionInfo:
         return {
             "version": __version__,
             "protocol": PROTOCOL_VERSION,
@@ -299,7 +313,7 @@ class Daemon:
         ]
         check_overlaps(active)
 
-    async def up(self, name: str, wait: bool = True, timeout: float = 30.0) -> dict[str, Any]:
+    async def up(self, name: str, wait: bool = True, timeout: float = 30.0) -> ProfileStatus:
         async with self._lock:
             self._profile(name)
             self._check_overlap(name)
@@ -320,7 +334,7 @@ class Daemon:
                 raise ShuttledError(f"{name} is {state}: {tunnel.last_error}")
         return self._status_one(name)
 
-    async def down(self, name: str) -> dict[str, Any]:
+    async def down(self, name: str) -> ProfileStatus:
         async with self._lock:
             self._profile(name)
             self.wanted.discard(name)
@@ -332,14 +346,14 @@ class Daemon:
                 await tunnel.down()
         return self._status_one(name)
 
-    async def reload(self) -> dict[str, Any]:
+    async def reload(self) -> ReloadResult:
         """Apply only what changed; a bad config is refused and the old one runs on.
         Under the lock up and down take: one of them never acts on a half-reloaded
         daemon (a tunnel started from the old config, a wanted set written twice)."""
         async with self._lock:
             return await self._reload()
 
-    async def _reload(self) -> dict[str, Any]:
+    async def _reload(self) -> ReloadResult:
         new = load_config(self.config_dir)
         diff = self.config.diff(new)
         added, removed, changed = diff["added"], diff["removed"], diff["changed"]
@@ -363,16 +377,18 @@ class Daemon:
         log.info("reloaded: added %s, removed %s, changed %s", added, removed, changed)
         for hook in self.on_reload:
             hook()
-        return diff
+        return ReloadResult(
+            added=added, removed=removed, changed=changed, unchanged=diff["unchanged"]
+        )
 
     # --- events ---------------------------------------------------------------------
 
-    def subscribe(self) -> asyncio.Queue[dict[str, Any]]:
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1000)
+    def subscribe(self) -> asyncio.Queue[Event]:
+        queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=1000)
         self._subscribers.add(queue)
         return queue
 
-    def unsubscribe(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
+    def unsubscribe(self, queue: asyncio.Queue[Event]) -> None:
         self._subscribers.discard(queue)
 
     def _on_state(self, name: str, state: State, error: str | None) -> None:
@@ -388,7 +404,7 @@ class Daemon:
         )
         notify(status_line(self))
 
-    def _emit(self, event: dict[str, Any]) -> None:
+    def _emit(self, event: Event) -> None:
         for queue in list(self._subscribers):
             with contextlib.suppress(asyncio.QueueFull):
                 queue.put_nowait(event)

@@ -15,9 +15,10 @@ import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, cast
 
 from shuttled import const
+from shuttled.control.schema import ConnectionRow, RouterStats, UdpCounters
 from shuttled.dns.lan import LanDns
 from shuttled.dns.listeners import Resolver
 from shuttled.errors import ConfigError, UsageError
@@ -139,14 +140,15 @@ class RouterSide:
             self.lan_dns.close()
             self.lan_dns = None
 
-    def flows(self) -> list[dict[str, Any]]:
+    def flows(self) -> list[ConnectionRow]:
         """The UDP flows as `connections` rows."""
         return self.udp.describe() if self.udp is not None else []
 
-    def stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
+    def stats(self) -> RouterStats:
+        out: RouterStats = {}
         if self.udp is not None:
-            out["udp"] = vars(self.udp.stats).copy()
+            # UdpCounters is UdpStats field for field (a unit test pins it).
+            out["udp"] = cast(UdpCounters, vars(self.udp.stats).copy())
         if self.lan_dns is not None:
             out["lan_dns"] = {"queries": self.lan_dns.queries, "dropped": self.lan_dns.dropped}
         return out

@@ -22,10 +22,20 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from shuttled import const
 from shuttled.const import Forward
+from shuttled.control.schema import (
+    ConnectionRow,
+    DnsCounters,
+    DnsStats,
+    DnsStatus,
+    LinkStats,
+    ProcessStats,
+    StreamStats,
+    TunnelStats,
+)
 from shuttled.dns.forwarder import DnsForwarder, DnsPeers
 from shuttled.dns.resolvconf import parse_resolv_conf
 from shuttled.dns.resolver import DnsCapture, DnsPlan, ProfileResolver
@@ -582,7 +592,7 @@ class Tunnel:
 
     # --- reporting ----------------------------------------------------------------
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> TunnelStats:
         counters = self.proxy.counters
         live_up = sum(c.channel.bytes_up for c in self.proxy.connections if c.channel)
         live_down = sum(c.channel.bytes_down for c in self.proxy.connections if c.channel)
@@ -600,25 +610,23 @@ class Tunnel:
             "uptime": time.time() - self.up_since if self.up_since else 0.0,
             "rtt": session.rtt if session else None,
             "mode": str(session.mode) if session and session.mode else None,
-            **(session.stream_stats() if session else {"streams": 0}),
-            **(session.link_stats() if session else {}),
+            **(session.stream_stats() if session else StreamStats(streams=0)),
+            **(session.link_stats() if session else LinkStats()),
             **_process_stats(session.master_pids() if session else []),
             **({"dns": self._dns_stats()} if self.forwarder else {}),
             **self.router.stats(),
         }
 
-    def _dns_stats(self) -> dict[str, Any]:
+    def _dns_stats(self) -> DnsStats:
         assert self.resolver is not None and self.resolver.forwarder is not None
-        return {
-            "mode": self.resolver.plan.mode,
-            "path": self.resolver.path,
-            **vars(self.resolver.forwarder.stats),
-        }
+        # DnsCounters is DnsStats field for field (a unit test pins it).
+        counters = cast(DnsCounters, vars(self.resolver.forwarder.stats))
+        return {"mode": self.resolver.plan.mode, "path": self.resolver.path, **counters}
 
-    def dns_status(self) -> dict[str, Any] | None:
+    def dns_status(self) -> DnsStatus | None:
         return self.resolver.status() if self.resolver is not None else None
 
-    def connections(self) -> list[dict[str, Any]]:
+    def connections(self) -> list[ConnectionRow]:
         now = asyncio.get_running_loop().time()
         tcp = [
             connection_row("tcp", c.src, endpoint_text(c.dst), c.channel, now - c.started)
@@ -702,7 +710,7 @@ def auto_subnets(
     return tuple(kept)
 
 
-def _process_stats(pids: list[int]) -> dict[str, Any]:
+def _process_stats(pids: list[int]) -> ProcessStats:
     """The ssh masters' CPU seconds and RSS, summed; ssh_pid is the first's."""
     if not pids:
         return {"ssh_pid": None, "ssh_cpu": None, "ssh_rss": None}

@@ -15,11 +15,21 @@ import inspect
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from shuttled import const
 from shuttled.control.auth import is_admin, may_manage
 from shuttled.control.protocol import DEFAULT_UP_TIMEOUT, MAX_UP_TIMEOUT, BadRequestError
+from shuttled.control.schema import (
+    ConnectionRow,
+    Event,
+    ProfileRow,
+    ProfileStats,
+    ProfileStatus,
+    ReloadResult,
+    Result,
+    VersionInfo,
+)
 from shuttled.errors import NoSuchProfileError, PermissionDeniedError
 
 if TYPE_CHECKING:
@@ -31,16 +41,16 @@ class Core(Protocol):
 
     config: Config
 
-    def list_profiles(self) -> list[dict[str, Any]]: ...
-    def status(self, name: str | None) -> dict[str, Any] | list[dict[str, Any]]: ...
-    async def up(self, name: str, wait: bool, timeout: float) -> dict[str, Any]: ...
-    async def down(self, name: str) -> dict[str, Any]: ...
-    def stats(self, name: str) -> dict[str, Any]: ...
-    def connections(self, name: str) -> list[dict[str, Any]]: ...
-    async def reload(self) -> dict[str, Any]: ...
-    def subscribe(self) -> asyncio.Queue[dict[str, Any]]: ...
-    def unsubscribe(self, queue: asyncio.Queue[dict[str, Any]]) -> None: ...
-    def version(self) -> dict[str, Any]: ...
+    def list_profiles(self) -> list[ProfileRow]: ...
+    def status(self, name: str | None) -> ProfileStatus | list[ProfileStatus]: ...
+    async def up(self, name: str, wait: bool, timeout: float) -> ProfileStatus: ...
+    async def down(self, name: str) -> ProfileStatus: ...
+    def stats(self, name: str) -> ProfileStats: ...
+    def connections(self, name: str) -> list[ConnectionRow]: ...
+    async def reload(self) -> ReloadResult: ...
+    def subscribe(self) -> asyncio.Queue[Event]: ...
+    def unsubscribe(self, queue: asyncio.Queue[Event]) -> None: ...
+    def version(self) -> VersionInfo: ...
 
 
 class Permission(enum.Enum):
@@ -282,19 +292,19 @@ def prepare(core: Core, verb_name: str, raw_args: Mapping[str, Any], caller: Cal
     return call
 
 
-async def invoke(core: Core, call: Call) -> Any:
-    """Run a non-streaming call on the core and return its (JSON-able) result."""
+async def invoke(core: Core, call: Call) -> Result:
+    """Run a non-streaming call on the core and return its result (one of schema's types)."""
     assert not call.verb.streams, f"{call.verb.name} streams: use stream()"
     result = getattr(core, call.verb.handler)(*call.args)
     if inspect.isawaitable(result):
         result = await result
-    return result
+    return cast(Result, result)  # the handler's type in Core: a Result, by the table
 
 
-async def stream(core: Core, call: Call) -> AsyncGenerator[dict[str, Any], None]:
+async def stream(core: Core, call: Call) -> AsyncGenerator[Event, None]:
     """Events of a streaming call until the consumer stops iterating."""
     assert call.verb.streams and call.verb.release
-    queue: asyncio.Queue[dict[str, Any]] = getattr(core, call.verb.handler)(*call.args)
+    queue: asyncio.Queue[Event] = getattr(core, call.verb.handler)(*call.args)
     try:
         while True:
             yield await queue.get()

@@ -82,6 +82,7 @@ from dbus_fast.service import ServiceInterface, dbus_property, method, signal
 from shuttled import const
 from shuttled.control import api, protocol
 from shuttled.control.protocol import BusyError
+from shuttled.control.schema import Event, ProfileStatus, Result
 from shuttled.errors import ShuttledError
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ class BusMethod:
     def in_signature(self) -> str:
         return "".join(arg.dbus_signature for arg in self.args)
 
-    def raw_args(self, body: Sequence[Any], profile: str | None = None) -> dict[str, Any]:
+    def raw_args(self, body: Sequence[Any], profile: str | None = None) -> dict[str, object]:
         """The verb's arguments by name, as api.prepare takes them."""
         raw = {arg.name: _given(arg, value) for arg, value in zip(self.args, body, strict=True)}
         if profile is not None:
@@ -338,9 +339,9 @@ class _ProfileBase(_Exported):
         self.control = control
         self.profile = profile
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> ProfileStatus:
         row = self.control.core.status(self.profile)
-        assert isinstance(row, dict)
+        assert not isinstance(row, list)
         return row
 
     def property_value(self, prop: BusProperty) -> Any:
@@ -425,7 +426,7 @@ def error_message(call: Message, exc: BaseException) -> Message:
     return Message.new_error(call, error.type, error.text)
 
 
-def result_json(result: Any) -> str:
+def result_json(result: Result | Event) -> str:
     # The socket's own encoder, so both transports serialize a result identically.
     return json.dumps(result, separators=(",", ":"), allow_nan=False, default=protocol.jsonable)
 
@@ -538,14 +539,14 @@ class DbusControl:
             except Exception:  # a bug; the next event must still get through
                 log.exception("D-Bus: cannot signal event %r", event)
 
-    def _on_event(self, event: Mapping[str, Any]) -> None:
+    def _on_event(self, event: Event) -> None:
         self.sync()
         if self._manager is not None:
             self._manager.emit(EVENT, result_json(event))
-        if event.get("type") == "state" and isinstance(event.get("profile"), str):
+        if event["type"] == "state":
             obj = self._profiles.get(profile_path(event["profile"]))
             if obj is not None:
-                obj.state_changed(str(event.get("state")), event.get("error"))
+                obj.state_changed(event["state"], event["error"])
 
     # --- calls ----------------------------------------------------------------------------------
 

@@ -11,6 +11,9 @@ A streaming verb (`watch`) gets one ok reply, then events until either side
 closes. Error codes are the `code` of the classes in shuttled.errors, so a
 reply maps back to the same exception class and its exit code on the client.
 
+What each verb's `result` and each event hold is typed in shuttled.control.schema
+(TypedDicts, and why those): the daemon builds them, the client checks them there.
+
 Only the standard library and shuttled.const/errors are imported here: the CLI
 must stay a thin client that starts fast.
 """
@@ -28,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shuttled.const import ExitCode
+from shuttled.control import schema
 from shuttled.errors import ProtocolError, ShuttledError
 
 PROTOCOL_VERSION = 1
@@ -85,11 +89,12 @@ class ErrorInfo:
 class Reply:
     id: int | None
     ok: bool
-    result: Any = None
+    # What the daemon sent: a schema.Result, unchecked until the client checks it.
+    result: object = None
     error: ErrorInfo | None = None
 
-    def unwrap(self) -> Any:
-        """The result, or the error raised as its own exception class."""
+    def unwrap(self) -> object:
+        """The result (for schema.check), or the error raised as its own exception class."""
         if self.ok:
             return self.result
         assert self.error is not None
@@ -98,7 +103,7 @@ class Reply:
 
 @dataclass(frozen=True)
 class Event:
-    event: Mapping[str, Any]
+    event: Mapping[str, object]  # a schema.Event, unchecked until schema.check_event
 
 
 # --- errors <-> codes ----------------------------------------------------------------------
@@ -167,7 +172,7 @@ def jsonable(obj: object) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
-def _dump(obj: Mapping[str, Any]) -> bytes:
+def _dump(obj: Mapping[str, object]) -> bytes:
     text = json.dumps(obj, separators=(",", ":"), allow_nan=False, default=jsonable)
     return text.encode() + b"\n"
 
@@ -179,16 +184,16 @@ def encode_request(request: Request) -> bytes:
 
 
 def encode_reply(reply: Reply) -> bytes:
-    body: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": reply.id, "ok": reply.ok}
+    body: dict[str, object] = {"v": PROTOCOL_VERSION, "id": reply.id, "ok": reply.ok}
     if reply.ok:
         body["result"] = reply.result
     else:
         assert reply.error is not None
-        body["error"] = {"code": reply.error.code, "message": reply.error.message}
+        body["error"] = schema.ErrorBody(code=reply.error.code, message=reply.error.message)
     return _dump(body)
 
 
-def ok_reply(request_id: int | None, result: Any) -> bytes:
+def ok_reply(request_id: int | None, result: schema.Result | schema.Streaming) -> bytes:
     return encode_reply(Reply(request_id, True, result))
 
 
@@ -196,7 +201,7 @@ def error_reply(request_id: int | None, exc: BaseException) -> bytes:
     return encode_reply(Reply(request_id, False, error=error_info(exc)))
 
 
-def encode_event(event: Mapping[str, Any]) -> bytes:
+def encode_event(event: schema.Event) -> bytes:
     return _dump({"v": PROTOCOL_VERSION, "event": dict(event)})
 
 

@@ -46,6 +46,7 @@ from shuttled.control.protocol import (
     error_reply,
     ok_reply,
 )
+from shuttled.control.schema import Result
 from shuttled.errors import PermissionDeniedError, ShuttledError
 from shuttled.net import gid_of
 from shuttled.tunnel.accept import Acceptor, SpareFds, Throttled
@@ -430,7 +431,7 @@ class UnixControlServer:
         await self._send(writer, reply)
         return True
 
-    async def _invoke(self, call: api.Call, share: _Share | None) -> Any:
+    async def _invoke(self, call: api.Call, share: _Share | None) -> Result:
         started = time.monotonic()
         try:
             return await api.invoke(self.core, call)

@@ -24,9 +24,9 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from shuttled import const
+from shuttled.control.schema import DnsStatus
 from shuttled.dns.cache import DnsCache
 from shuttled.dns.forwarder import DnsForwarder, DnsPeers
 from shuttled.dns.listeners import DnsListener
@@ -267,8 +267,8 @@ class ProfileResolver:
             self.forwarder.close()
             self.forwarder = None
 
-    def status(self) -> dict[str, Any]:
-        info: dict[str, Any] = {
+    def status(self) -> DnsStatus:
+        info: DnsStatus = {
             "mode": self.plan.mode,
             "path": self.path or None,
             "domains": self._routes.routing_domains(),

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from shuttled import const
+from shuttled.control.schema import LimitStats
 from shuttled.tunnel import faults, sshmsg
 from shuttled.tunnel.accept import BUDGET, Acceptor, Throttled
 from shuttled.tunnel.channels import Channel, ChannelMux, State
@@ -385,7 +386,7 @@ class TransparentProxy:
         self.connections.discard(conn)
         self._release(conn)
 
-    def limit_stats(self) -> dict[str, int]:
+    def limit_stats(self) -> LimitStats:
         """For stats: connections refused by a limit, and listener pauses at EMFILE."""
         return {
             "refused": self.counters.refused,

@@ -13,6 +13,7 @@ from typing import Any
 
 from shuttled import const
 from shuttled.const import Forward
+from shuttled.control.schema import LinkStats, StreamStats
 from shuttled.errors import RemoteError, ShuttledError, SshError
 from shuttled.tunnel import sshmsg
 from shuttled.tunnel.channels import Channel, ChannelMux, MuxProtocol
@@ -252,13 +253,13 @@ class SshSession:
     def live_links(self) -> list[SshLink]:
         return [link for link in self.links if link.load is not None]
 
-    def stream_stats(self) -> dict[str, Any]:
+    def stream_stats(self) -> StreamStats:
         """How many ssh connections carry the tunnel, and (when several) the app
         connections each one carries, so the spread can be seen."""
         live = self.live_links()
         if self.streams == 1:
             return {"streams": len(live)}
-        return {"streams": len(live), "stream_channels": [link.load for link in live]}
+        return {"streams": len(live), "stream_channels": [link.load or 0 for link in live]}
 
     def master_pids(self) -> list[int]:
         return [link.master.pid for link in self.live_links() if link.master.pid is not None]
@@ -415,7 +416,7 @@ class SshSession:
             return
         self.rtt = time.monotonic() - sent
 
-    def link_stats(self) -> dict[str, Any]:
+    def link_stats(self) -> LinkStats:
         """The kernel's view of the first ssh connection, for stats: its smoothed
         RTT (seconds) and retransmitted segments; empty where ssh made it."""
         tcp = self.primary.master.tcp_info()

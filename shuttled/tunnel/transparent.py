@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Literal
+
+from shuttled.control.schema import ConnectionRow
 
 if TYPE_CHECKING:
     from shuttled.tunnel.channels import Channel
@@ -41,8 +43,8 @@ def endpoint_text(address: Address) -> str:
 
 
 def connection_row(
-    proto: str, src: Address, dst: str, channel: Channel | None, age: float
-) -> dict[str, Any]:
+    proto: Literal["tcp", "udp"], src: Address, dst: str, channel: Channel | None, age: float
+) -> ConnectionRow:
     """One TCP connection or UDP flow as a `connections` row."""
     return {
         "proto": proto,

@@ -28,9 +28,9 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 from shuttled import const
+from shuttled.control.schema import ConnectionRow
 from shuttled.errors import ShuttledError
 from shuttled.tunnel import faults, sshmsg
 from shuttled.tunnel.channels import Channel, ChannelMux
@@ -86,7 +86,7 @@ class Flow:
         self.closed = False
         self.paused = False
 
-    def describe(self, now: float) -> dict[str, Any]:
+    def describe(self, now: float) -> ConnectionRow:
         """This flow as a `connections` row: the destinations it has sent to."""
         return connection_row(
             "udp",
@@ -303,7 +303,7 @@ class UdpProxy:
             flow.close()
         self._sweeper = asyncio.get_running_loop().call_later(self._sweep_interval(), self._sweep)
 
-    def describe(self) -> list[dict[str, Any]]:
+    def describe(self) -> list[ConnectionRow]:
         now = asyncio.get_running_loop().time()
         return [flow.describe(now) for flow in self.flows.values()]
 

@@ -215,8 +215,9 @@ def test_protocol_module_imports_no_daemon_code() -> None:
     code = (
         "import sys, shuttled.control.protocol; "
         "bad = [m for m in sys.modules if m.startswith('shuttled.') and m not in "
-        "('shuttled.control', 'shuttled.control.protocol', 'shuttled.const', "
-        "'shuttled.errors')]; print(bad); sys.exit(bool(bad) or 'yaml' in sys.modules)"
+        "('shuttled.control', 'shuttled.control.protocol', 'shuttled.control.schema', "
+        "'shuttled.const', 'shuttled.errors')]; print(bad); "
+        "sys.exit(bool(bad) or 'yaml' in sys.modules)"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=False
