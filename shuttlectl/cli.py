@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from shuttlectl import render
 from shuttlectl.client import Client
@@ -26,7 +26,20 @@ from shuttled.control.protocol import (
     MAX_UP_TIMEOUT,
     PROTOCOL_VERSION,
 )
+from shuttled.control.schema import (
+    ClientVersion,
+    ConnectionRow,
+    Document,
+    ProfileRow,
+    ProfileStats,
+    ProfileStatus,
+    ReloadResult,
+    VersionInfo,
+    check,
+)
 from shuttled.errors import NotRunningError, UsageError
+
+T = TypeVar("T")
 
 PROG = "shuttlectl"
 SOCKET_ENV = "SHUTTLECTL_SOCKET"
@@ -52,11 +65,16 @@ class Context:
         return Client(self.args.socket)
 
     def call(
-        self, verb: str, args: Mapping[str, Any] | None = None, timeout: float | None = None
-    ) -> Any:
-        return self.client.call(verb, args, timeout=timeout)
+        self,
+        result: type[T],
+        verb: str,
+        args: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> T:
+        """The verb's result, checked to be of the type the schema gives it."""
+        return check(result, self.client.call(verb, args, timeout=timeout), verb)
 
-    def emit(self, human: str, document: Mapping[str, Any]) -> None:
+    def emit(self, human: str, document: Document) -> None:
         """Print the human text, or with --json the document with its schema version."""
         if self.args.json:
             print_json(document)
@@ -64,7 +82,7 @@ class Context:
             print(human)
 
 
-def print_json(document: Mapping[str, Any], *, compact: bool = False) -> None:
+def print_json(document: Document, *, compact: bool = False) -> None:
     body = {"schema": JSON_SCHEMA, **document}
     print(
         json.dumps(body, separators=(",", ":")) if compact else json.dumps(body, indent=2),
@@ -76,7 +94,7 @@ def print_json(document: Mapping[str, Any], *, compact: bool = False) -> None:
 
 
 def _list(ctx: Context) -> int:
-    profiles = render.records(ctx.call("list"))
+    profiles = ctx.call(list[ProfileRow], "list")
     if ctx.args.names:  # for shell completion: names only, whatever --json says
         for p in profiles:
             print(render.text(p.get("name")))
@@ -88,7 +106,11 @@ def _list(ctx: Context) -> int:
 
 def _status(ctx: Context) -> int:
     name = ctx.args.profile
-    profiles = render.records(ctx.call("status", {"profile": name} if name else {}))
+    profiles = (
+        [ctx.call(ProfileStatus, "status", {"profile": name})]
+        if name
+        else ctx.call(list[ProfileStatus], "status")
+    )
     human = render.status_table(profiles) if profiles else "no profiles configured"
     if name and profiles:
         human += "\n" + render.status_detail(profiles[0])
@@ -105,12 +127,11 @@ def _status(ctx: Context) -> int:
 
 def _up(ctx: Context) -> int:
     a = ctx.args
-    result = render.mapping(
-        ctx.call(
-            "up",
-            {"profile": a.profile, "wait": a.wait, "timeout": a.timeout},
-            timeout=(a.timeout + REPLY_GRACE) if a.wait else None,
-        )
+    result = ctx.call(
+        ProfileStatus,
+        "up",
+        {"profile": a.profile, "wait": a.wait, "timeout": a.timeout},
+        timeout=(a.timeout + REPLY_GRACE) if a.wait else None,
     )
     state = result.get("state") or ("up" if a.wait else "connecting")
     ctx.emit(f"{a.profile}: {render.text(state)}", {"profile": result})
@@ -118,7 +139,7 @@ def _up(ctx: Context) -> int:
 
 
 def _down(ctx: Context) -> int:
-    result = render.mapping(ctx.call("down", {"profile": ctx.args.profile}))
+    result = ctx.call(ProfileStatus, "down", {"profile": ctx.args.profile})
     ctx.emit(
         f"{ctx.args.profile}: {render.text(result.get('state') or 'down')}", {"profile": result}
     )
@@ -127,21 +148,21 @@ def _down(ctx: Context) -> int:
 
 def _stats(ctx: Context) -> int:
     name = ctx.args.profile
-    result = render.mapping(ctx.call("stats", {"profile": name}))
+    result = ctx.call(ProfileStats, "stats", {"profile": name})
     ctx.emit(render.stats(name, result), {"profile": name, "stats": result})
     return ExitCode.OK
 
 
 def _connections(ctx: Context) -> int:
     name = ctx.args.profile
-    conns = render.records(ctx.call("connections", {"profile": name}))
+    conns = ctx.call(list[ConnectionRow], "connections", {"profile": name})
     human = render.connections_table(conns) if conns else f"{name}: no live connections"
     ctx.emit(human, {"profile": name, "connections": conns})
     return ExitCode.OK
 
 
 def _reload(ctx: Context) -> int:
-    result = render.mapping(ctx.call("reload"))
+    result = ctx.call(ReloadResult, "reload")
     ctx.emit(render.reload_summary(result), {"reload": result})
     return ExitCode.OK
 
@@ -159,9 +180,9 @@ def _watch(ctx: Context) -> int:
 
 
 def _version(ctx: Context) -> int:
-    client = {"version": __version__, "protocol": PROTOCOL_VERSION}
+    client = ClientVersion(version=__version__, protocol=PROTOCOL_VERSION)
     try:
-        daemon = render.mapping(ctx.call("version"))
+        daemon = ctx.call(VersionInfo, "version")
     except NotRunningError:
         if not ctx.args.json:
             print(f"{PROG} {__version__} (protocol {PROTOCOL_VERSION})")

@@ -13,15 +13,16 @@ from pathlib import Path
 from typing import IO, Any
 
 from shuttled.const import ADMIN_SOCKET_SUFFIX
+from shuttled.control import protocol
 from shuttled.control.protocol import (
     MAX_REPLY_BYTES,
     BusyError,
-    Event,
     Reply,
     Request,
     decode_reply,
     encode_request,
 )
+from shuttled.control.schema import Event, OtherEvent, check_event
 from shuttled.errors import (
     NotRunningError,
     PermissionDeniedError,
@@ -52,12 +53,13 @@ class Client:
 
     def call(
         self, verb: str, args: Mapping[str, Any] | None = None, *, timeout: float | None = None
-    ) -> Any:
-        """Send one request and return its result (or raise the daemon's error)."""
+    ) -> object:
+        """Send one request and return its result, for schema.check (or raise the daemon's
+        error)."""
         with self._session(verb, args, timeout or self.timeout) as (_sock, _stream, reply):
             return reply.unwrap()
 
-    def watch(self) -> Iterator[dict[str, Any]]:
+    def watch(self) -> Iterator[Event | OtherEvent]:
         """Events from the daemon until it goes away (or the caller stops iterating)."""
         with self._session("watch", None, self.timeout) as (sock, stream, reply):
             reply.unwrap()
@@ -67,7 +69,7 @@ class Client:
                 if isinstance(message, Reply):
                     message.unwrap()  # an error ends the stream
                     continue
-                yield dict(message.event)
+                yield check_event(message.event)
 
     @contextlib.contextmanager
     def _session(
@@ -165,7 +167,7 @@ class Client:
             raise ProtocolError("the daemon answered another request")
         return message
 
-    def _read(self, stream: IO[bytes], doing: str, timeout: float | None) -> Reply | Event:
+    def _read(self, stream: IO[bytes], doing: str, timeout: float | None) -> Reply | protocol.Event:
         try:
             line = stream.readline(MAX_REPLY_BYTES + 1)
         except TimeoutError:

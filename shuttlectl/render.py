@@ -1,21 +1,35 @@
 """Human rendering of daemon replies: units, durations, tables, health lines.
 
-Every function takes what the daemon sent and copes with missing or odd
-fields (an older or newer daemon): a reply never turns into a traceback.
+Every function takes a result of the type shuttled.control.schema declares for
+it, which the client checked (schema.check) before. The value helpers still cope
+with odd values (a field of a newer daemon, shown as it is): a reply never turns
+into a traceback.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TypeGuard
+
+from shuttled.control.schema import (
+    ConnectionRow,
+    Event,
+    OtherEvent,
+    ProfileRow,
+    ProfileStats,
+    ProfileStatus,
+    ReloadResult,
+    StateEvent,
+    VersionInfo,
+)
 
 NONE = "-"
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 ERROR_WIDTH = 60  # last error in the status table; the health lines have it whole
 
 
-def size(value: Any) -> str:
+def size(value: object) -> str:
     """Bytes with IEC units: 512 B, 1.5 KiB, 12.3 MiB."""
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
         return NONE
@@ -25,7 +39,7 @@ def size(value: Any) -> str:
     return f"{int(amount)} B" if unit == 0 else f"{amount:.1f} {_UNITS[unit]}"
 
 
-def duration(value: Any) -> str:
+def duration(value: object) -> str:
     """Seconds as the two largest units: 45s, 12m03s, 2h03m, 3d04h."""
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
         return NONE
@@ -42,14 +56,14 @@ def duration(value: Any) -> str:
     return f"{secs}s"
 
 
-def milliseconds(value: Any) -> str:
+def milliseconds(value: object) -> str:
     """A round-trip time given in seconds, in ms."""
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
         return NONE
     return f"{value * 1000:.1f} ms" if value < 0.01 else f"{value * 1000:.0f} ms"
 
 
-def text(value: Any, width: int | None = None) -> str:
+def text(value: object, width: int | None = None) -> str:
     if value is None or value == "":
         return NONE
     out = " ".join(str(value).split())  # one line, whatever the daemon sent
@@ -69,26 +83,14 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def mapping(value: Any) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
-
-
-def records(value: Any) -> list[Mapping[str, Any]]:
-    if isinstance(value, Mapping):
-        return [value]
-    if isinstance(value, list):
-        return [v for v in value if isinstance(v, Mapping)]
-    return []
-
-
 # --- list and status --------------------------------------------------------------------------
 
 
-def yes_no(value: Any) -> str:
+def yes_no(value: object) -> str:
     return "yes" if value is True else "no" if value is False else NONE
 
 
-def profiles_table(profiles: Sequence[Mapping[str, Any]]) -> str:
+def profiles_table(profiles: Sequence[ProfileRow]) -> str:
     rows = [
         [
             text(p.get("name")),
@@ -102,7 +104,7 @@ def profiles_table(profiles: Sequence[Mapping[str, Any]]) -> str:
     return table(["PROFILE", "STATE", "REMOTE", "AUTOSTART", "WANTED"], rows)
 
 
-def status_table(profiles: Sequence[Mapping[str, Any]]) -> str:
+def status_table(profiles: Sequence[ProfileStatus]) -> str:
     rows = []
     for p in profiles:
         up = p.get("state") == "up"
@@ -121,13 +123,12 @@ def status_table(profiles: Sequence[Mapping[str, Any]]) -> str:
     return table(["PROFILE", "STATE", "REMOTE", "UPTIME", "RX", "TX", "CONNS", "LAST ERROR"], rows)
 
 
-def expected_up(profile: Mapping[str, Any]) -> bool:
+def expected_up(profile: ProfileStatus) -> bool:
     """Should this profile be up: someone asked for it, or it starts with the daemon."""
-    wanted = profile.get("wanted")
-    return bool(wanted if wanted is not None else profile.get("autostart"))
+    return profile.get("wanted") is True
 
 
-def health(profiles: Sequence[Mapping[str, Any]]) -> list[str]:
+def health(profiles: Sequence[ProfileStatus]) -> list[str]:
     """Problems worth a line after the table, like `tailscale status`."""
     lines = []
     for p in profiles:
@@ -148,25 +149,24 @@ def health_block(lines: Sequence[str]) -> str:
     return "\n".join(["", "# Health check:", *(f"#     - {line}" for line in lines)])
 
 
-def subnets(profile: Mapping[str, Any]) -> str:
+def subnets(profile: ProfileStatus) -> str:
     items = []
-    for s in records(profile.get("subnets")):
+    rows = profile.get("subnets")
+    for s in rows if isinstance(rows, list) else []:
         source = s.get("source")
         items.append(text(s.get("subnet")) + (f" ({source})" if source else ""))
     return ", ".join(items) or NONE
 
 
-def status_detail(profile: Mapping[str, Any]) -> str:
+def status_detail(profile: ProfileStatus) -> str:
     """What a single-profile status adds below its table row."""
     pairs = [
         ("mode", text(profile.get("mode"))),
         ("subnets", subnets(profile)),
         ("health check", milliseconds(profile.get("rtt"))),
     ]
-    if isinstance(profile.get("since"), int | float):
-        pairs.insert(
-            1, ("since", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(profile["since"])))
-        )
+    if isinstance(since := profile.get("since"), int | float):
+        pairs.insert(1, ("since", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))))
     return "\n".join(f"  {label}: {value}" for label, value in pairs)
 
 
@@ -174,10 +174,8 @@ def status_detail(profile: Mapping[str, Any]) -> str:
 
 _STATS_DONE = {
     "name",
-    "profile",
     "state",
     "mode",
-    "remote",
     "rx",
     "tx",
     "active",
@@ -195,29 +193,28 @@ _STATS_DONE = {
 }
 
 
-def _count(value: Any) -> str:
+def _count(value: object) -> str:
     return str(value) if isinstance(value, int) and not isinstance(value, bool) else NONE
 
 
-def stats(name: str, s: Mapping[str, Any]) -> str:
+def stats(name: str, s: ProfileStats) -> str:
     """`wg show`-like: one heading, then indented `label: value` lines."""
-    state = text(s.get("state")) + (f" ({s['mode']})" if s.get("mode") else "")
+    mode = s.get("mode")
+    state = text(s.get("state")) + (f" ({mode})" if mode else "")
     lines = [f"profile: {name}"]
     if "state" in s:
         lines.append(f"  state: {state}")
-    if "remote" in s:
-        lines.append(f"  remote: {text(s.get('remote'))}")
     lines += [
         f"  uptime: {duration(s.get('uptime'))}",
         f"  transfer: {size(s.get('rx'))} received, {size(s.get('tx'))} sent",
         f"  connections: {_count(s.get('active'))} active, {_count(s.get('total'))} total, "
         f"{_count(s.get('failed'))} failed",
-        *([f"  aborted by a local error: {_any(s['aborted'])}"] if "aborted" in s else []),
+        *([f"  aborted by a local error: {_any(s.get('aborted'))}"] if "aborted" in s else []),
         f"  reconnects: {_count(s.get('reconnects'))}",
         f"  latest health check: {milliseconds(s.get('rtt'))} round trip",
         *(
             [
-                f"  ssh connection (kernel): {milliseconds(s['tcp_rtt'])} round trip, "
+                f"  ssh connection (kernel): {milliseconds(s.get('tcp_rtt'))} round trip, "
                 f"{_count(s.get('tcp_retrans'))} retransmitted"
             ]
             if "tcp_rtt" in s
@@ -233,7 +230,7 @@ def stats(name: str, s: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _ssh_process(s: Mapping[str, Any]) -> str:
+def _ssh_process(s: ProfileStats) -> str:
     """The ssh child: pid, CPU time used so far (seconds), resident memory."""
     cpu = s.get("ssh_cpu")
     cpu_text = (
@@ -245,7 +242,7 @@ def _ssh_process(s: Mapping[str, Any]) -> str:
     )
 
 
-def _any(value: Any) -> str:
+def _any(value: object) -> str:
     if isinstance(value, Mapping):
         return ", ".join(f"{k.replace('_', ' ')} {_any(v)}" for k, v in value.items()) or NONE
     if isinstance(value, list):
@@ -253,17 +250,17 @@ def _any(value: Any) -> str:
     return text(value)
 
 
-def daemon_version(v: Mapping[str, Any]) -> str:
+def daemon_version(v: VersionInfo) -> str:
     """`shuttled 0.1.0 (protocol 1, nft, up 2h03m)`: the extras only when sent."""
     extras = [f"protocol {text(v.get('protocol'))}"]
-    if v.get("firewall"):
-        extras.append(text(v["firewall"]))
-    if isinstance(v.get("uptime"), int | float):
-        extras.append(f"up {duration(v['uptime'])}")
+    if firewall := v.get("firewall"):
+        extras.append(text(firewall))
+    if isinstance(uptime := v.get("uptime"), int | float):
+        extras.append(f"up {duration(uptime)}")
     return f"shuttled {text(v.get('version'))} ({', '.join(extras)})"
 
 
-def connections_table(conns: Sequence[Mapping[str, Any]]) -> str:
+def connections_table(conns: Sequence[ConnectionRow]) -> str:
     rows = [
         [
             text(c.get("proto")),
@@ -278,7 +275,7 @@ def connections_table(conns: Sequence[Mapping[str, Any]]) -> str:
     return table(["PROTO", "SOURCE", "DESTINATION", "RX", "TX", "AGE"], rows)
 
 
-def reload_summary(result: Mapping[str, Any]) -> str:
+def reload_summary(result: ReloadResult) -> str:
     lines = []
     for key in ("added", "removed", "changed", "unchanged"):
         names = result.get(key)
@@ -291,13 +288,17 @@ def reload_summary(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def event(e: Mapping[str, Any], now: float | None = None) -> str:
+def _is_state(e: Event | OtherEvent) -> TypeGuard[StateEvent]:
+    return e.get("type") == "state"
+
+
+def event(e: Event | OtherEvent, now: float | None = None) -> str:
     """One line per event: time (the event's own, else now), profile, what happened."""
     when = e.get("time")
     if isinstance(when, bool) or not isinstance(when, int | float):
         when = now if now is not None else time.time()
     stamp = time.strftime("%H:%M:%S", time.localtime(when))
-    if e.get("type") == "state":
+    if _is_state(e):
         line = f"{stamp} {text(e.get('profile'))}: {text(e.get('state'))}"
         return line + (f" ({text(e.get('error'))})" if e.get("error") else "")
     rest = " ".join(f"{k}={text(v)}" for k, v in e.items() if k not in ("type", "profile", "time"))

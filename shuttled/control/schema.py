@@ -235,6 +235,8 @@ class OtherEvent(TypedDict):
     """An event of a type this client does not know (a newer daemon): shown as it is."""
 
     type: str
+    profile: NotRequired[str]
+    time: NotRequired[float]
 
 
 # What a non-streaming verb answers.
@@ -441,11 +443,12 @@ def describe(hint: object) -> str:
 
 
 def fields_line(td: type) -> str:
-    """`name` string, `wanted` boolean, ...; optional keys marked with a ?."""
+    """`name` string, `wanted` boolean, ...; the keys always there first, the others
+    marked with a ?."""
     required: frozenset[str] = getattr(td, "__required_keys__", frozenset())
+    hints = sorted(get_type_hints(td).items(), key=lambda item: item[0] not in required)
     return ", ".join(
-        f"`{key}{'' if key in required else '?'}` {describe(hint)}"
-        for key, hint in get_type_hints(td).items()
+        f"`{key}{'' if key in required else '?'}` {describe(hint)}" for key, hint in hints
     )
 
 

@@ -219,7 +219,13 @@ def test_client_process_calls_status_and_up_and_gets_state_changed(
     assert out["up"]["state"] == "up"
     assert out["signal_up"] == ["up", ""]
     assert out["changed_up"]["State"] == "up" and out["changed_up"]["Since"] > 0
-    assert out["event_up"] == {"type": "state", "profile": "work", "state": "up", "error": None}
+    assert out["event_up"] == {
+        "type": "state",
+        "profile": "work",
+        "state": "up",
+        "error": None,
+        "time": 1_700_000_000.0,
+    }
     assert out["state_prop"] == "up" and out["rx_prop"] == 1288490188
     assert out["down"]["state"] == "down" and out["signal_down"] == ["down", ""]
     assert out["version"]["version"] == "9.9.9"

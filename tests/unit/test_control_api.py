@@ -158,7 +158,9 @@ def test_watch_streams_events_and_unsubscribes_when_stopped() -> None:
         return events
 
     events = asyncio.run(go())
-    assert events == [{"type": "state", "profile": "lab", "state": "up", "error": None}]
+    assert events == [
+        {"type": "state", "profile": "lab", "state": "up", "error": None, "time": 1_700_000_000.0}
+    ]
     assert core.queues == []
 
 

@@ -60,7 +60,13 @@ class FakeCore:
     def _publish(self, name: str, error: str | None = None) -> None:
         for q in self.queues:
             q.put_nowait(
-                {"type": "state", "profile": name, "state": self.states[name], "error": error}
+                {
+                    "type": "state",
+                    "profile": name,
+                    "state": self.states[name],
+                    "error": error,
+                    "time": 1_700_000_000.0,
+                }
             )
 
     def list_profiles(self) -> list[dict[str, Any]]:
@@ -73,7 +79,7 @@ class FakeCore:
             **self._row(name),
             "mode": "direct" if up else None,
             "since": 1_700_000_000.0 if up else None,
-            "uptime": 7384.0 if up else None,
+            "uptime": 7384.0 if up else 0.0,
             "rx": 1288490188 if up else 0,
             "tx": 325058560 if up else 0,
             "connections": 12 if up else 0,
@@ -82,7 +88,9 @@ class FakeCore:
                 {"subnet": s, "source": "config"} for s in self.config.profiles[name].subnets
             ],
             "rtt": 0.023 if up else None,
+            "dns": None,
             "holding": False,
+            "health": [],
         }
 
     def status(self, name: str | None) -> dict[str, Any] | list[dict[str, Any]]:
@@ -115,6 +123,7 @@ class FakeCore:
     def stats(self, name: str) -> dict[str, Any]:
         self.calls.append(("stats", (name,)))
         return {
+            "name": name,
             "state": self.states[name],
             "mode": "direct",
             "rx": 1536,
@@ -128,7 +137,20 @@ class FakeCore:
             "ssh_pid": 321,
             "ssh_cpu": 1.25,
             "ssh_rss": 12 << 20,
-            "dns": {"queries": 40, "failures": 1},
+            "dns": {
+                "mode": "all",
+                "path": "firewall",
+                "queries": 40,
+                "answered": 38,
+                "failed": 1,
+                "timeouts": 1,
+                "cache_hits": 0,
+                "hosts": 0,
+                "tunnel": 40,
+                "local": 0,
+                "peer": 0,
+            },
+            "future_counter": 7,  # a newer daemon's: shown as it is
         }
 
     def connections(self, name: str) -> list[dict[str, Any]]:

@@ -199,7 +199,9 @@ def test_stats_look_like_wg_show(capsys: pytest.CaptureFixture[str], sock: Path)
         "  reconnects: 1",
         "  latest health check: 12 ms round trip",
         "  ssh: pid 321, 1.25 s cpu, 12.0 MiB rss",
-        "  dns: queries 40, failures 1",
+        "  dns: mode all, path firewall, queries 40, answered 38, failed 1, timeouts 1, "
+        "cache hits 0, hosts 0, tunnel 40, local 0, peer 0",
+        "  future counter: 7",
     ]
 
 
