@@ -15,21 +15,12 @@ import inspect
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict, cast
 
 from shuttled import const
+from shuttled.control import schema
 from shuttled.control.auth import is_admin, may_manage
 from shuttled.control.protocol import DEFAULT_UP_TIMEOUT, MAX_UP_TIMEOUT, BadRequestError
-from shuttled.control.schema import (
-    ConnectionRow,
-    Event,
-    ProfileRow,
-    ProfileStats,
-    ProfileStatus,
-    ReloadResult,
-    Result,
-    VersionInfo,
-)
 from shuttled.errors import NoSuchProfileError, PermissionDeniedError
 
 if TYPE_CHECKING:
@@ -41,16 +32,16 @@ class Core(Protocol):
 
     config: Config
 
-    def list_profiles(self) -> list[ProfileRow]: ...
-    def status(self, name: str | None) -> ProfileStatus | list[ProfileStatus]: ...
-    async def up(self, name: str, wait: bool, timeout: float) -> ProfileStatus: ...
-    async def down(self, name: str) -> ProfileStatus: ...
-    def stats(self, name: str) -> ProfileStats: ...
-    def connections(self, name: str) -> list[ConnectionRow]: ...
-    async def reload(self) -> ReloadResult: ...
-    def subscribe(self) -> asyncio.Queue[Event]: ...
-    def unsubscribe(self, queue: asyncio.Queue[Event]) -> None: ...
-    def version(self) -> VersionInfo: ...
+    def list_profiles(self) -> list[schema.ProfileRow]: ...
+    def status(self, name: str | None) -> schema.ProfileStatus | list[schema.ProfileStatus]: ...
+    async def up(self, name: str, wait: bool, timeout: float) -> schema.ProfileStatus: ...
+    async def down(self, name: str) -> schema.ProfileStatus: ...
+    def stats(self, name: str) -> schema.ProfileStats: ...
+    def connections(self, name: str) -> list[schema.ConnectionRow]: ...
+    async def reload(self) -> schema.ReloadResult: ...
+    def subscribe(self) -> asyncio.Queue[schema.Event]: ...
+    def unsubscribe(self, queue: asyncio.Queue[schema.Event]) -> None: ...
+    def version(self) -> schema.VersionInfo: ...
 
 
 class Permission(enum.Enum):
@@ -93,8 +84,8 @@ class Arg:
             raise BadRequestError(
                 f"{verb}: argument {self.name!r} must be {_TYPE_NAMES[self.type]}"
             )
-        if self.type is float:
-            value = float(value)  # type: ignore[arg-type]
+        if self.type is float and isinstance(value, int | float):
+            value = float(value)
         if isinstance(value, int | float) and not isinstance(value, bool):
             self._check_range(verb, value)
         if isinstance(value, str) and not value:
@@ -110,6 +101,24 @@ class Arg:
             )
 
 
+class ArgInfo(TypedDict):
+    name: str
+    type: str
+    required: bool
+    default: object
+    help: str
+
+
+class VerbInfo(TypedDict):
+    """A verb as describe() tells it."""
+
+    name: str
+    permission: str
+    streams: bool
+    help: str
+    args: list[ArgInfo]
+
+
 @dataclass(frozen=True)
 class Verb:
     name: str
@@ -120,7 +129,7 @@ class Verb:
     release: str | None = None
     help: str = ""
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> VerbInfo:
         """A JSON-able description, for D-Bus introspection and generated docs."""
         return {
             "name": self.name,
@@ -207,7 +216,7 @@ VERBS: Mapping[str, Verb] = _table(
 )
 
 
-def describe() -> list[dict[str, Any]]:
+def describe() -> list[VerbInfo]:
     return [verb.describe() for verb in VERBS.values()]
 
 
@@ -292,19 +301,19 @@ def prepare(core: Core, verb_name: str, raw_args: Mapping[str, Any], caller: Cal
     return call
 
 
-async def invoke(core: Core, call: Call) -> Result:
+async def invoke(core: Core, call: Call) -> schema.Result:
     """Run a non-streaming call on the core and return its result (one of schema's types)."""
     assert not call.verb.streams, f"{call.verb.name} streams: use stream()"
     result = getattr(core, call.verb.handler)(*call.args)
     if inspect.isawaitable(result):
         result = await result
-    return cast(Result, result)  # the handler's type in Core: a Result, by the table
+    return cast(schema.Result, result)  # the handler's type in Core: a schema.Result, by the table
 
 
-async def stream(core: Core, call: Call) -> AsyncGenerator[Event, None]:
+async def stream(core: Core, call: Call) -> AsyncGenerator[schema.Event, None]:
     """Events of a streaming call until the consumer stops iterating."""
     assert call.verb.streams and call.verb.release
-    queue: asyncio.Queue[Event] = getattr(core, call.verb.handler)(*call.args)
+    queue: asyncio.Queue[schema.Event] = getattr(core, call.verb.handler)(*call.args)
     try:
         while True:
             yield await queue.get()
