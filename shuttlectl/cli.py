@@ -1,6 +1,6 @@
 """The shuttlectl command line: one table of commands; argparse and completion come from it.
 
-A thin client: it imports only the protocol module, const and errors of the
+A thin client: it imports only the protocol and schema modules, const and errors of the
 daemon's package, and every rendering copes with what an older or newer
 daemon may send.
 """

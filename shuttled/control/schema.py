@@ -91,7 +91,7 @@ class ProfileStatus(TypedDict):
 
 
 class DnsCounters(TypedDict):
-    """The forwarder's counters (tunnel.dns.DnsStats, field for field)."""
+    """The forwarder's counters (dns.forwarder.DnsStats, field for field)."""
 
     queries: int
     answered: int

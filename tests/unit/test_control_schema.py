@@ -28,11 +28,11 @@ from shuttled.control.schema import (
     json_reference,
 )
 from shuttled.daemon import Daemon
+from shuttled.dns.forwarder import DnsStats
+from shuttled.dns.resolver import ProfileResolver
 from shuttled.errors import ProtocolError
 from shuttled.supervisor import CaptureSet, State
-from shuttled.tunnel.dns import DnsStats
 from shuttled.tunnel.nodelay import TcpInfo
-from shuttled.tunnel.resolver import ProfileResolver
 from shuttled.tunnel.session import SshSession
 from shuttled.tunnel.transparent import connection_row
 from shuttled.tunnel.udp import UdpStats

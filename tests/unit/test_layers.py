@@ -3,7 +3,7 @@
 The order is the one README.md's "Working on shuttled" section draws. A module may
 import its own layer and any layer below it, never one above; imports made only for
 type checking and imports inside functions count too (a late import is still a
-dependency). shuttlectl may use only the protocol module and what it rests on.
+dependency). shuttlectl may use only the protocol (and its schema) and what they rest on.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Top to bottom. A module belongs to the first layer one of whose prefixes it has.
+# Top to bottom. A module belongs to the layer of the longest prefix it has.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("entry", ("shuttled.__main__", "shuttled.cli", "shuttled.run", "shuttled.manpages")),
     ("daemon", ("shuttled.daemon",)),
@@ -30,17 +30,30 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("remote", ("shuttled.remote",)),
     ("state", ("shuttled.instance", "shuttled.durable")),
     ("net", ("shuttled.net",)),
+    # The types of the control results: a leaf (stdlib and errors) that every producer
+    # below the control layer builds its part of a result in, and the CLI checks.
+    ("schema", ("shuttled.control.schema",)),
     ("base", ("shuttled.errors", "shuttled.const", "shuttled")),
 ]
 # What the CLI shares with the daemon: the one schema, and what that schema rests on.
-CLI_MAY_IMPORT = ("shuttled.control.protocol", "shuttled.const", "shuttled.errors", "shuttled")
+CLI_MAY_IMPORT = (
+    "shuttled.control.protocol",
+    "shuttled.control.schema",
+    "shuttled.const",
+    "shuttled.errors",
+    "shuttled",
+)
 
 
 def layer_of(module: str) -> int:
-    for index, (_, prefixes) in enumerate(LAYERS):
-        if any(module == p or module.startswith(p + ".") for p in prefixes):
-            return index
-    raise AssertionError(f"{module} is in no layer: add it to LAYERS")
+    found = [
+        (len(p), index)
+        for index, (_, prefixes) in enumerate(LAYERS)
+        for p in prefixes
+        if module == p or module.startswith(p + ".")
+    ]
+    assert found, f"{module} is in no layer: add it to LAYERS"
+    return max(found)[1]
 
 
 def module_name(path: Path) -> str:
