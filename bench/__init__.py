@@ -1,4 +1,4 @@
-"""Side-by-side benchmarks of shuttled against raw ssh, `ssh -L` and sshuttle (issue 7).
+"""Side-by-side benchmarks of shuttled against raw ssh, `ssh -L` and sshuttle.
 
 Run as root from the repository root::
 

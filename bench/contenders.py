@@ -396,7 +396,7 @@ class ShuttledUvloop(ShuttledRun):
     def python_argv(self) -> list[str]:
         self._python = tools.tools_python("uvloop").path
         assert self._python is not None
-        # -O and the shim: see bench/uvloop_shim.py for what keeps shuttled off uvloop.
+        # -O and the shim's patches are left from blockers since fixed: bench/uvloop_shim.py.
         return [
             self._python,
             "-O",

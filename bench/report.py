@@ -1,5 +1,5 @@
 """Results: samples per contender and figure, their medians and spread, the ratios against
-ssh -L, raw ssh and sshuttle, issue 7's targets, and the markdown rendering."""
+ssh -L, raw ssh and sshuttle, the targets, and the markdown rendering."""
 
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ class Target:
 
 
 def targets(results: dict[str, ContenderResult], wanted_concurrent: int) -> list[Target]:
-    """Issue 7's bar, judged on ratios of medians from this one run."""
+    """The targets, the bar shuttled aims for, judged on ratios of medians from this one run."""
     rat = ratios(results)
     out: list[Target] = []
 
@@ -253,7 +253,7 @@ def markdown(
     if tgt:
         lines += [
             "",
-            "Issue 7 targets:",
+            "Targets:",
             "",
             "| contender | figure | target | value | met |",
             "|---|---|---|---|---|",

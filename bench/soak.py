@@ -1,4 +1,4 @@
-"""Soak: good and abandoned connections through a daemon profile for minutes (issue 19).
+"""Soak: good and abandoned connections through a daemon profile for minutes.
 
     sudo python3 -m bench.soak [--minutes 10] [--method nft|iptables] [--rate N]
                                [--concurrency 32] [--max-connections N] [--skip KIND,...]

@@ -5,44 +5,9 @@ either maps profile names to profile bodies, or holds a single top-level
 `profiles:` map that does. Errors are collected over all files and reported
 together, each as `file:line: profile.key: what is wrong`.
 
-Profile keys (the README and man page are generated from PROFILE_KEYS):
-
-    key           type                     default   meaning
-    remote        string                   required  ssh destination ([user@]host, Host alias,
-                                                     ssh://user@host:port)
-    user          user name                root      local account whose ssh config, keys,
-                                                     known_hosts, agent are used; root uses
-                                                     <config dir>/ssh/
-    port          integer 1-65535          ssh's     ssh -p
-    identity      path                     ssh's     ssh -i; relative to the config dir
-    jump          string                   none      ssh -J (ProxyJump)
-    ssh_options   map option: str/int/bool {}        extra ssh -o options (Control*,
-                                                     LocalCommand, BatchMode... refused)
-    subnets       list of subnets          []        what to capture (10.0.0.0/8, fd00::/8,
-                                                     0/0 = both families, net:port[-port],
-                                                     host names)
-    exclude       list of subnets          []        never capture these
-    auto_nets     bool                     false     also capture the remote's networks
-    dns           off|all|split or map     off       DNS through the tunnel
-    remote_hosts  bool                     false     learn host names from the remote
-    autostart     bool                     false     up when the daemon starts
-    lan           bool or list             false     router mode (interfaces/source subnets)
-    allow         list                     []        user:NAME, group:NAME, NAME: who else
-                                                     may up/down it
-    kill_switch   bool                     false     drop captured traffic while not up
-    udp           bool                     with lan  UDP to the subnets too (remote helper)
-    udp_flows     integer 1-1000000        1024      most UDP flows at once (more: refused)
-    udp_idle      seconds 1-3600           60        a UDP flow ends after this long idle
-    lan_dns       box|all                  box       with lan and dns: DNS sent to this host,
-                                                     or all port-53 traffic from the LAN
-    forward       auto|direct|helper       auto      who opens remote connections
-    python        string                   python3   remote python for the helper
-    keepalive     seconds 1-300            10        health ping interval (dead: 3 misses
-                                                     or 6 s of silence)
-    streams       integer 1-8              1         parallel ssh connections
-    max_connections           integer  8192  captured TCP connections at once (more:
-                                             reset); root is never limited
-    max_connections_per_user  integer  2048  the same, per local user (uid of the app)
+Profile keys: PROFILE_KEYS below is the one schema (type, default, meaning, parser).
+README.md's table is its `profile_reference()`, shuttled-profile(5) its
+`profile_reference_man()` (`python3 -m shuttled.manpages packaging/man`).
 
 `dns` as a map: `{mode: off|all|split, domains: [names], nameservers: [IPs]}`;
 split needs domains; nameservers are the remote resolvers to ask (default:
@@ -723,9 +688,12 @@ PROFILE_KEYS: Mapping[str, KeySpec] = MappingProxyType(
             _spec(
                 "kill_switch",
                 "bool",
-                "while the profile is wanted but its tunnel is not up "
-                "(connecting, reconnecting), reject traffic to its subnets (TCP reset, ICMP "
-                "unreachable) instead of letting it out directly",
+                "while the profile is wanted, nothing to its subnets (and, when it catches "
+                "DNS, no DNS) leaves by the normal route: refused (TCP reset, ICMP "
+                "unreachable) while not up, from the first up on, also while the daemon is "
+                "stopped, crashed or not yet started at boot (the lockdown); while up, what "
+                "the tunnel does not carry (UDP when udp is off, ICMP) is refused too. Only "
+                "shuttlectl down lifts it",
                 _bool,
             ),
             _spec(
@@ -780,7 +748,8 @@ PROFILE_KEYS: Mapping[str, KeySpec] = MappingProxyType(
             _spec(
                 "streams",
                 f"integer 1-{const.MAX_STREAMS}",
-                "parallel ssh connections",
+                "ssh connections for this profile; each new connection goes to the one "
+                "carrying the fewest",
                 _int_in(1, const.MAX_STREAMS),
             ),
             _spec(

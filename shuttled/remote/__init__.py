@@ -1,6 +1,6 @@
 """The remote helper: the program the client uploads and the command that starts it.
 
-Client side of the fallback path (issue 6 part 4, issue 9 part 2): open a
+Client side of the fallback path (sshd refuses forwarding, or UDP): open a
 `session` channel on the master, send CHANNEL_REQUEST "exec" with
 `loader_command(len(src), pythons)`, write `src = helper_source()` as channel
 data, then wait (bounded) for the helper's hello, MSG_REQUEST_SUCCESS with

@@ -4,7 +4,7 @@ going, and pair each one with a direct-tcpip channel.
 Admission happens on the raw socket, before any transport exists: a connection
 beyond the profile's limits (in all, per local user, the process's descriptors)
 is reset at once, which costs a flood little and lets no user starve root, the
-control socket or the tunnel itself (README, "Limits").
+control socket or the tunnel itself (README, "Not starvable").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 19: impatient clients must not take the tunnel down.
+"""Impatient clients must not take the tunnel down.
 
 Apps that connect and close or reset at once, close while their channel is still
 opening, send a few bytes and reset, scan ports, send garbage to the DNS listeners or

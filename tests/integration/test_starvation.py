@@ -1,4 +1,4 @@
-"""Not starvable (issue 14, part 4), with a real daemon in the lab: ordinary users who
+"""Not starvable, with a real daemon in the lab: ordinary users who
 flood the tunnel with connections, flood the control socket with connects, or throw
 garbage at it, leave root's `status`, root's traffic and the tunnel itself working.
 

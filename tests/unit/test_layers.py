@@ -120,3 +120,11 @@ def test_the_cli_shares_only_the_protocol_with_the_daemon(path: Path) -> None:
 def test_every_module_has_a_layer() -> None:
     for path in sources("shuttled"):
         layer_of(module_name(path))
+
+
+def test_the_readme_draws_the_same_layers() -> None:
+    text = (ROOT / "README.md").read_text()
+    table = text.split("### Modules and their layers", 1)[1].split("\n\n| layer |", 1)[1]
+    rows = [line for line in table.split("\n\n", 1)[0].splitlines() if line.startswith("| ")]
+    drawn = [row.split("|")[1].strip() for row in rows]
+    assert drawn == [name for name, _ in LAYERS]

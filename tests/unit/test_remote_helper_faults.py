@@ -1,4 +1,4 @@
-"""Issue 19, the helper's side: a connection's failure ends that connection only.
+"""Impatient clients, the helper's side: a connection's failure ends that connection only.
 
 Fault injection: with a long echo transfer running through an in-process helper,
 each channel callback in turn raises ENOTCONN, ECONNRESET, EPIPE, EBADF and a
