@@ -396,10 +396,8 @@ class ShuttledUvloop(ShuttledRun):
     def python_argv(self) -> list[str]:
         self._python = tools.tools_python("uvloop").path
         assert self._python is not None
-        # -O and the shim's patches are left from blockers since fixed: bench/uvloop_shim.py.
         return [
             self._python,
-            "-O",
             str(Path(__file__).with_name("uvloop_shim.py")),
             self.ctx.source,
         ]
