@@ -89,8 +89,8 @@ class IptablesBackend(Backend):
     def apply(self, captures: Sequence[Capture]) -> None:
         check_captures(captures)
         wanted = self._wanted(captures, ipt.families())
-        # Policy routing before any TPROXY rule, taken away after the last; router
-        # mode's mangle/filter chains before nat's (the order wanted has).
+        # Policy routing before any TPROXY rule, taken away after the last. commit()
+        # changes router mode's mangle/filter chains before nat's, as before the merge.
         rules = router_rules(captures)
         if rules.needs_policy:
             policy.ensure(self.table)
