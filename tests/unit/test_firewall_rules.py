@@ -11,7 +11,7 @@ from shuttled.const import NFT_TABLE, RUN_TABLE_PREFIX
 from shuttled.errors import ConfigError
 from shuttled.firewall import Capture, IptablesBackend, NftBackend, Subnet, parse_subnet
 from shuttled.firewall.base import capture_rules
-from shuttled.firewall.iptables import IPT_MAX_CHAIN, capture_chain, top_chain
+from shuttled.firewall.ipt import MAX_CHAIN, chain_name, top_chain
 
 
 def subnets(*texts: str, exclude: bool = False) -> tuple[Subnet, ...]:
@@ -205,12 +205,12 @@ def test_iptables_chain_names() -> None:
     assert top_chain(f"{RUN_TABLE_PREFIX}4194304") == "SHUTTLED_run_4194304"
     top = top_chain(f"{RUN_TABLE_PREFIX}4194304")
     name = "a-rather-long-profile-name"
-    chain = capture_chain(top, name)
-    assert len(chain) == IPT_MAX_CHAIN
+    chain = chain_name(top, name)
+    assert len(chain) == MAX_CHAIN
     assert chain.startswith(f"{top}-a")
-    assert chain == capture_chain(top, name)  # stable across runs: found again at cleanup
-    assert chain != capture_chain(top, name + "2")
-    assert capture_chain("SHUTTLED", "work") == "SHUTTLED-work"
+    assert chain == chain_name(top, name)  # stable across runs: found again at cleanup
+    assert chain != chain_name(top, name + "2")
+    assert chain_name("SHUTTLED", "work") == "SHUTTLED-work"
     with pytest.raises(ValueError, match="too long"):
         IptablesBackend("shuttled_" + "x" * 20)
 
