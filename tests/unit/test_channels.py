@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import struct
-from collections.abc import Callable, Coroutine
-from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -14,6 +11,7 @@ from hypothesis import strategies as st
 from shuttled import const
 from shuttled.tunnel import sshmsg
 from shuttled.tunnel.channels import Channel, ChannelMux
+from tests.helpers import ChannelEvents, run_async
 
 REMOTE_ID = 77
 
@@ -37,43 +35,6 @@ class FakePipe:
         return out
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[Any] = []
-        self.data = bytearray()
-        self.paused = False
-        self.channel: Channel | None = None
-
-    def on_open(self, channel: Channel) -> None:
-        self.channel = channel
-        self.events.append("open")
-
-    def on_open_failed(self, reason: int, description: str) -> None:
-        self.events.append(("failed", reason, description))
-
-    def on_data(self, data: memoryview) -> None:
-        self.data += data
-
-    def on_extended_data(self, code: int, data: bytes) -> None:
-        self.events.append(("stderr", data))
-
-    def on_eof(self) -> None:
-        self.events.append("eof")
-
-    def on_close(self) -> None:
-        self.events.append("close")
-
-    def pause_reading(self) -> None:
-        self.paused = True
-
-    def resume_reading(self) -> None:
-        self.paused = False
-
-
-def run(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    asyncio.run(test())
-
-
 def flush(mux: ChannelMux) -> None:
     mux._flush()
 
@@ -84,10 +45,10 @@ def confirm(mux: ChannelMux, local_id: int, window: int = 1 << 20, max_packet: i
 
 def opened(
     window: int = 1 << 20, max_packet: int = 32768
-) -> tuple[ChannelMux, FakePipe, Recorder, Channel]:
+) -> tuple[ChannelMux, FakePipe, ChannelEvents, Channel]:
     pipe = FakePipe()
     mux = ChannelMux(pipe)
-    rec = Recorder()
+    rec = ChannelEvents()
     channel = mux.open_direct_tcpip("10.1.2.3", 443, "127.0.0.1", 5555, rec)
     confirm(mux, channel.local_id, window, max_packet)
     flush(mux)
@@ -109,7 +70,7 @@ def test_open_sends_direct_tcpip_with_our_window_and_destination() -> None:
     async def body() -> None:
         pipe = FakePipe()
         mux = ChannelMux(pipe)
-        mux.open_direct_tcpip("10.1.2.3", 443, "127.0.0.1", 5555, Recorder())
+        mux.open_direct_tcpip("10.1.2.3", 443, "127.0.0.1", 5555, ChannelEvents())
         flush(mux)
         [(msg_type, payload)] = pipe.take()
         reader = sshmsg.Reader(payload)
@@ -122,7 +83,7 @@ def test_open_sends_direct_tcpip_with_our_window_and_destination() -> None:
         )
         assert (reader.text(), reader.u32()) == ("10.1.2.3", 443)
 
-    run(body)
+    run_async(body())
 
 
 def test_send_never_exceeds_window_and_resumes_on_adjust() -> None:
@@ -138,7 +99,7 @@ def test_send_never_exceeds_window_and_resumes_on_adjust() -> None:
         assert sum(len(d) for d in data_msgs(pipe.take())) == 70_000
         assert not rec.paused
 
-    run(body)
+    run_async(body())
 
 
 def test_eof_waits_for_queued_data() -> None:
@@ -152,7 +113,7 @@ def test_eof_waits_for_queued_data() -> None:
         flush(mux)
         assert [t for t, _ in pipe.take()] == [sshmsg.MSG_CHANNEL_DATA, sshmsg.MSG_CHANNEL_EOF]
 
-    run(body)
+    run_async(body())
 
 
 def test_eof_both_ways_closes_and_frees_the_id() -> None:
@@ -166,9 +127,9 @@ def test_eof_both_ways_closes_and_frees_the_id() -> None:
         mux.feed(sshmsg.close(channel.local_id))
         assert rec.events[-1] == "close"
         assert mux.channels == {}
-        assert mux.open("session", Recorder()).local_id == channel.local_id
+        assert mux.open("session", ChannelEvents()).local_id == channel.local_id
 
-    run(body)
+    run_async(body())
 
 
 def test_nothing_is_sent_after_close() -> None:
@@ -180,7 +141,7 @@ def test_nothing_is_sent_after_close() -> None:
         flush(mux)
         assert [t for t, _ in pipe.take()] == [sshmsg.MSG_CHANNEL_CLOSE]
 
-    run(body)
+    run_async(body())
 
 
 def test_window_is_granted_only_after_consumption_and_not_while_held() -> None:
@@ -201,7 +162,7 @@ def test_window_is_granted_only_after_consumption_and_not_while_held() -> None:
         assert struct.unpack(">II", payload) == (REMOTE_ID, half)
         assert len(rec.data) == half
 
-    run(body)
+    run_async(body())
 
 
 def test_data_past_our_window_ends_the_mux() -> None:
@@ -212,21 +173,21 @@ def test_data_past_our_window_ends_the_mux() -> None:
         assert mux.closed and pipe.closed
         assert rec.events[-1] == "close"
 
-    run(body)
+    run_async(body())
 
 
 def test_open_failure_reports_reason_and_recycles_id() -> None:
     async def body() -> None:
         pipe = FakePipe()
         mux = ChannelMux(pipe)
-        rec = Recorder()
+        rec = ChannelEvents()
         channel = mux.open_direct_tcpip("10.9.9.9", 1, "127.0.0.1", 1, rec)
         mux.feed(sshmsg.open_failure(channel.local_id, sshmsg.OPEN_CONNECT_FAILED, "refused"))
         assert rec.events == [("failed", 2, "refused")]
         assert mux.channels == {}
         assert not mux.closed
 
-    run(body)
+    run_async(body())
 
 
 @pytest.mark.parametrize(
@@ -247,7 +208,7 @@ def test_malformed_messages_end_the_mux_without_raising(packet: bytes) -> None:
         mux.feed(packet)
         assert mux.closed and lost and rec.events[-1] == "close"
 
-    run(body)
+    run_async(body())
 
 
 def test_trailing_bytes_after_a_message_end_the_mux() -> None:
@@ -290,7 +251,7 @@ def test_requests_get_replies_in_order() -> None:
         assert first is not None and second is not None
         assert (await first, await second) == (False, True)
 
-    run(body)
+    run_async(body())
 
 
 def test_packets_split_across_reads_are_reassembled() -> None:
@@ -301,7 +262,7 @@ def test_packets_split_across_reads_are_reassembled() -> None:
             mux.feed(stream[i : i + 1])
         assert bytes(rec.data) == b"hello" * 3
 
-    run(body)
+    run_async(body())
 
 
 @settings(max_examples=300, deadline=None)
@@ -312,7 +273,7 @@ def test_fuzzed_input_never_raises(junk: bytes) -> None:
         mux.feed(junk)
         mux.feed(sshmsg.eof(channel.local_id))
 
-    run(body)
+    run_async(body())
 
 
 @settings(max_examples=200, deadline=None)
@@ -335,4 +296,4 @@ def test_any_split_of_the_stream_delivers_the_same_bytes(sizes: list[int], cuts:
         mux.feed(stream[pos:])
         assert bytes(rec.data) == payload and not mux.closed
 
-    run(body)
+    run_async(body())
