@@ -29,7 +29,7 @@ from shuttled.tunnel import accept
 from shuttled.tunnel.accept import Throttled
 from shuttled.tunnel.proxy import ConnLimits, LocalConnection, TransparentProxy
 from shuttled.tunnel.sockdiag import ORPHAN, SockDiag
-from tests.unit.test_control_support import FakeCore
+from tests.fake_core import FakeCore
 
 REPO = Path(__file__).resolve().parents[2]
 linux_only = pytest.mark.skipif(sys.platform != "linux", reason="Linux only")
@@ -137,7 +137,7 @@ CONTROL_AT_EMFILE = (
     + """
 import asyncio, json, pathlib, sys
 from shuttled.control.unix import UnixControlServer
-from tests.unit.test_control_support import FakeCore
+from tests.fake_core import FakeCore
 
 async def main():
     server = UnixControlServer(FakeCore())
@@ -394,7 +394,7 @@ def test_a_user_gets_a_share_of_the_daemons_time_and_root_all_it_needs(
     import asyncio
 
     from shuttled.control import unix
-    from tests.unit.test_control_support import STRANGER_UID, caller
+    from tests.fake_core import STRANGER_UID, caller
 
     monkeypatch.setattr(unix, "SHARE_BURST", 0.1)
     monkeypatch.setattr(unix, "SHARE_PER_UID", 0.25)
