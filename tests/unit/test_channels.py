@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -36,7 +37,7 @@ class FakePipe:
 
 
 def flush(mux: ChannelMux) -> None:
-    mux._flush()
+    mux.push()
 
 
 def confirm(mux: ChannelMux, local_id: int, window: int = 1 << 20, max_packet: int = 32768) -> None:
@@ -44,10 +45,12 @@ def confirm(mux: ChannelMux, local_id: int, window: int = 1 << 20, max_packet: i
 
 
 def opened(
-    window: int = 1 << 20, max_packet: int = 32768
+    window: int = 1 << 20,
+    max_packet: int = 32768,
+    on_lost: Callable[[BaseException | None], None] | None = None,
 ) -> tuple[ChannelMux, FakePipe, ChannelEvents, Channel]:
     pipe = FakePipe()
-    mux = ChannelMux(pipe)
+    mux = ChannelMux(pipe, on_lost=on_lost)
     rec = ChannelEvents()
     channel = mux.open_direct_tcpip("10.1.2.3", 443, "127.0.0.1", 5555, rec)
     confirm(mux, channel.local_id, window, max_packet)
@@ -202,9 +205,8 @@ def test_open_failure_reports_reason_and_recycles_id() -> None:
 )
 def test_malformed_messages_end_the_mux_without_raising(packet: bytes) -> None:
     async def body() -> None:
-        mux, _pipe, rec, _channel = opened()
         lost: list[BaseException | None] = []
-        mux._on_lost = lost.append
+        mux, _pipe, rec, _channel = opened(on_lost=lost.append)
         mux.feed(packet)
         assert mux.closed and lost and rec.events[-1] == "close"
 

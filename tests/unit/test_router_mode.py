@@ -366,7 +366,7 @@ def test_datagram_is_sent_whole_or_dropped_never_split_or_queued() -> None:
         assert channel.send_whole(b"x" * 600)
         assert not channel.send_whole(b"y" * 600)  # 400 bytes of window left
         assert channel.remote_window == 400 and not channel.send_blocked
-        mux._flush()
+        mux.push()
         messages, _ = sshmsg.split_packets(bytes(pipe.buf), 1 << 20)
         sizes = [len(p) - 8 for t, p in messages if t == sshmsg.MSG_CHANNEL_DATA]
         assert sizes == [600]

@@ -26,8 +26,7 @@ def spec(subnet: str, kill_switch: bool = True) -> TunnelSpec:
 async def held(tunnel: Tunnel) -> None:
     """As a connect attempt holds: listener up, ssh -G answered (nothing to exclude)."""
     await tunnel.proxy.start(0)
-    tunnel._excludes = ()
-    tunnel._hold()
+    tunnel.hold(excludes=())
 
 
 def test_a_changed_profile_stays_held_until_its_successor_holds() -> None:
