@@ -380,11 +380,11 @@ def test_flows_beyond_the_limit_are_refused_and_counted() -> None:
             raise ShuttledError("UDP unavailable: no python")
 
         proxy = UdpProxy(no_helper, max_flows=2)
-        flows = [proxy._new_flow(("192.168.1.9", port)) for port in (1000, 1001, 1002)]
+        flows = [proxy.new_flow(("192.168.1.9", port)) for port in (1000, 1001, 1002)]
         assert flows[2] is None and proxy.stats.refused == 1 and len(proxy.flows) == 2
         await asyncio.sleep(0.01)  # the opens fail: counted, and the slots are free again
         assert proxy.stats.failed == 2 and proxy.flows == {}
-        assert proxy._new_flow(("192.168.1.9", 1003)) is not None
+        assert proxy.new_flow(("192.168.1.9", 1003)) is not None
         proxy.close()
 
     asyncio.run(body())
