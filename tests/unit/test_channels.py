@@ -220,18 +220,18 @@ def test_trailing_bytes_after_a_message_end_the_mux() -> None:
         mux.feed(sshmsg.packet(sshmsg.MSG_CHANNEL_WINDOW_ADJUST, adjust[6:] + b"\x00"))
         assert mux.closed and rec.events[-1] == "close"
 
-    run(body)
+    run_async(body())
 
 
 def test_an_open_failure_without_its_language_tag_is_malformed() -> None:
     async def body() -> None:
         mux = ChannelMux(FakePipe())
-        channel = mux.open_direct_tcpip("10.9.9.9", 1, "127.0.0.1", 1, Recorder())
+        channel = mux.open_direct_tcpip("10.9.9.9", 1, "127.0.0.1", 1, ChannelEvents())
         body = struct.pack(">II", channel.local_id, 2) + sshmsg.sstring("refused")
         mux.feed(sshmsg.packet(sshmsg.MSG_CHANNEL_OPEN_FAILURE, body))
         assert mux.closed
 
-    run(body)
+    run_async(body())
 
 
 def test_reader_end_rejects_what_is_left() -> None:
