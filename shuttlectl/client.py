@@ -44,11 +44,14 @@ RETRY_MAX = 0.2
 
 
 class Client:
-    """Talks to the daemon at `path`; every failure is a ShuttledError subclass."""
+    """Talks to the daemon at `path`; every failure is a ShuttledError subclass.
+    `admin=False`: always through the public socket, even where the administrators' door
+    is open to us."""
 
-    def __init__(self, path: Path, timeout: float = REPLY_TIMEOUT) -> None:
+    def __init__(self, path: Path, timeout: float = REPLY_TIMEOUT, admin: bool = True) -> None:
         self.path = path
         self.timeout = timeout
+        self.admin = admin  # try the administrators' door first (see _connect_admin)
         self._ids = itertools.count(1)
 
     def call(
@@ -111,7 +114,8 @@ class Client:
         raise ShuttledError(f"cannot send to the daemon: {exc.strerror or exc}") from None
 
     def _connect(self) -> socket.socket:
-        return self._connect_admin() or self._connect_public()
+        admin = self._connect_admin() if self.admin else None
+        return admin or self._connect_public()
 
     def _connect_admin(self) -> socket.socket | None:
         """Root and group shuttle use the administrators' door when they can: the

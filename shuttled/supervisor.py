@@ -307,6 +307,13 @@ class Tunnel:
         capture = self.captures.captures.get(self.spec.name)
         return capture is not None and capture.hold
 
+    def hold(self, excludes: tuple[Subnet, ...]) -> None:
+        """Engage the kill switch as a connect attempt does once ssh -G has answered:
+        `excludes` (the ssh server's own addresses) stay out of the held capture, and
+        later holds (between reconnects) keep them out. Raises FirewallError."""
+        self._excludes = excludes
+        self._hold()
+
     def _hold(self) -> None:
         """Kill switch: while not up, traffic to the subnets is rejected (TCP reset,
         ICMP unreachable), never routed around the tunnel. Raises FirewallError."""
@@ -423,8 +430,7 @@ class Tunnel:
                 if self.spec.auto_exclude
                 else ()
             )
-            self._excludes = excludes
-            self._hold()  # from the very first connect: CONNECTING holds too
+            self.hold(excludes)  # from the very first connect: CONNECTING holds too
             await session.start()
             await self._capture(excludes)
         except (FirewallError, UsageError) as exc:

@@ -600,7 +600,7 @@ class DbusControl:
     async def _answer(self, msg: Message, bus_method: BusMethod, profile: str | None) -> None:
         uid: int | None = None
         try:
-            caller = await self._caller(msg.sender)
+            caller = await self.caller(msg.sender)
             uid = caller.uid
             call = api.prepare(
                 self.core, bus_method.verb.name, bus_method.raw_args(msg.body, profile), caller
@@ -618,16 +618,17 @@ class DbusControl:
             with contextlib.suppress(Exception):  # the caller or the bus went away
                 await self.bus.send(reply)
 
-    async def _caller(self, sender: str | None) -> api.Caller:
+    async def caller(self, sender: str | None) -> api.Caller:
+        """Who sent a call, as the bus daemon vouches for it; ShuttledError if it cannot."""
         if not sender:
             raise ShuttledError("the call has no sender: cannot tell who is asking")
         try:
-            uid, pid, groups = await self._credentials(sender)
+            uid, pid, groups = await self.credentials(sender)
         except DBusError as exc:
             raise ShuttledError(f"cannot read the caller's credentials: {exc.text}") from None
         return make_caller(uid, pid, groups)
 
-    async def _credentials(self, sender: str) -> tuple[int, int | None, tuple[int, ...] | None]:
+    async def credentials(self, sender: str) -> tuple[int, int | None, tuple[int, ...] | None]:
         """uid, pid (if known) and groups (if the bus knows them) of a connection."""
         reply = await self._driver("GetConnectionCredentials", sender)
         if reply.message_type is MessageType.METHOD_RETURN:

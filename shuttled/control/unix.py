@@ -205,6 +205,11 @@ class UnixControlServer:
         self._busy_replies: dict[str, bytes] = {}
         self._shares: dict[int, _Share] = {}
 
+    @property
+    def client_count(self) -> int:
+        """Connections being served right now (accepted, not yet finished)."""
+        return len(self._clients)
+
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(self, path: Path = const.CONTROL_SOCKET) -> None:

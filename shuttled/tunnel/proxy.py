@@ -308,7 +308,7 @@ class TransparentProxy:
             _reset_socket(sock)  # a direct connect to our listener, not a redirect: refuse
             return
         uid = DIAG.uid(src, dst)
-        refusal = self._refusal(uid)
+        refusal = self.refusal(uid)
         if refusal is not None:
             self.counters.refused += 1
             self._refusals(
@@ -322,11 +322,11 @@ class TransparentProxy:
             return
         conn = LocalConnection(self, src, dst, uid)
         task = asyncio.get_running_loop().create_task(self._attach(conn, sock))
-        self._admit(conn)  # counted from here until forget() or a failed _attach
+        self.admit(conn)  # counted from here until forget() or a failed _attach
         self._attaching.add(task)
         task.add_done_callback(self._attaching.discard)
 
-    def _refusal(self, uid: int | None) -> str | None:
+    def refusal(self, uid: int | None) -> str | None:
         """Which limit a new connection of `uid` is over; None to take it."""
         if BUDGET.live >= BUDGET.limit(root=uid == 0):
             return f"the file descriptors left to connections ({BUDGET.limit(uid == 0)})"
@@ -340,7 +340,8 @@ class TransparentProxy:
             return f"the limit per user ({share})"
         return None
 
-    def _admit(self, conn: LocalConnection) -> None:
+    def admit(self, conn: LocalConnection) -> None:
+        """Count `conn` against the limits `refusal` checks, until it is released."""
         conn.admitted = True
         self.admitted += 1
         BUDGET.live += 1

@@ -379,7 +379,7 @@ class SshSession:
             liveness = link.interactive
             if liveness is None or self.closed.done():
                 return
-            reason = self._dead(link)
+            reason = self.link_dead(link)
             if reason is not None:
                 self._lost(SshError(reason))
                 return
@@ -397,7 +397,7 @@ class SshSession:
         silence = const.LINK_SILENCE_DEAD if tcp_view else const.LINK_SILENCE_DEAD_BLIND
         return min(silence, self.keepalive * const.KEEPALIVE_MISSES)
 
-    def _dead(self, link: SshLink) -> str | None:
+    def link_dead(self, link: SshLink) -> str | None:
         """Why the link is dead, or None while it lives."""
         now = time.monotonic()
         tcp = link.master.tcp_info()

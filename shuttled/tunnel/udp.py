@@ -270,12 +270,13 @@ class UdpProxy:
             if dst is None or dst == itself:  # sent to the listener, not TPROXY'd: not ours
                 self.stats.dropped += 1
                 continue
-            flow = self.flows.get(src) or self._new_flow(src)
+            flow = self.flows.get(src) or self.new_flow(src)
             if flow is None:
                 continue
             flow.send(dst, payload)
 
-    def _new_flow(self, src: Address) -> Flow | None:
+    def new_flow(self, src: Address) -> Flow | None:
+        """Open a flow for datagrams from `src`; None (counted refused) past max_flows."""
         if len(self.flows) >= self.max_flows:
             self.stats.refused += 1
             self.stats.dropped += 1

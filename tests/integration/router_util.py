@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from tests.integration.daemon_util import Daemon, DaemonSet, root_profile
-from tests.lab import Lab
+from tests.lab import Lab, clients
 
 METHODS = ["nft", "iptables"]
 PROFILE = "router"
@@ -157,29 +157,11 @@ class _quiet:
 def tcp_connections(lab: Lab, count: int) -> None:
     """`count` echo connections from the LAN host, all open before any data moves."""
 
-    async def many() -> None:
-        opened = await asyncio.wait_for(
-            asyncio.gather(
-                *(
-                    asyncio.open_connection(lab.tgt_v4 if i % 2 else lab.tgt_v6, lab.ports.echo)
-                    for i in range(count)
-                )
-            ),
-            60,
-        )
-        payloads = [hashlib.sha256(str(i).encode()).digest() * 8 for i in range(count)]
-        for (_reader, writer), payload in zip(opened, payloads, strict=True):
-            writer.write(payload)
-            writer.write_eof()
-        replies = await asyncio.wait_for(
-            asyncio.gather(*(reader.read() for reader, _writer in opened)), 60
-        )
-        for _reader, writer in opened:
-            writer.close()
-        assert replies == payloads
-
+    hosts = [lab.tgt_v4 if i % 2 else lab.tgt_v6 for i in range(count)]
+    payloads = [hashlib.sha256(str(i).encode()).digest() * 8 for i in range(count)]
     with lab.netns("lan"):
-        asyncio.run(many())
+        replies = asyncio.run(clients.aecho_all_open(hosts, lab.ports.echo, payloads, 60))
+    assert replies == payloads
 
 
 # --- the daemon as the router -----------------------------------------------------------------

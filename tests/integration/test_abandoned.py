@@ -25,8 +25,8 @@ from functools import partial
 import pytest
 
 from tests.integration.daemon_util import DaemonSet, http_ok, wait_for
-from tests.integration.test_tunnel import VARIANTS, start_run, stop_run
 from tests.lab import Lab, clients
+from tests.lab.runner import VARIANTS, start_run, stop_run
 from tests.lab.services import DNS_PORT, UDP_ECHO_PORT, build_query
 
 pytestmark = pytest.mark.integration

@@ -10,10 +10,8 @@ import grp
 import json
 import subprocess
 import sys
-import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -28,9 +26,10 @@ from shuttled.control.dbus import (
     profile_path,
 )
 from shuttled.errors import ShuttledError
+from tests.fake_core import FakeCore, fake_config
+from tests.helpers import LoopThread
 from tests.lab import require_root_tools, which
 from tests.lab.bus import SYSTEM_LIKE_POLICY, Bus, private_bus
-from tests.unit.test_control_support import FakeCore, fake_config
 
 REPO = Path(__file__).resolve().parents[2]
 POLICY = REPO / "systemd" / "io.github.shuttled.conf"
@@ -113,24 +112,20 @@ def bus() -> Iterator[Bus]:
         yield running
 
 
-class Service:
+class Service(LoopThread):
     """DbusControl on its own event loop in a thread, so that clients may block."""
 
     def __init__(self, core: FakeCore, address: str) -> None:
+        super().__init__()
         self.core = core
-        self.loop = asyncio.new_event_loop()
         self.control = DbusControl(core, bus_address=address)
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-
-    def run(self, coro: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro(), self.loop).result(30)
 
     def __enter__(self) -> Service:
-        self._thread.start()
+        self.start_loop()
         try:
             self.run(self.control.start)
         except BaseException:
-            self._stop_loop()
+            self.stop_loop()
             raise
         return self
 
@@ -142,12 +137,7 @@ class Service:
         try:
             self.run(stop)
         finally:
-            self._stop_loop()
-
-    def _stop_loop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
+            self.stop_loop()
 
 
 @pytest.fixture

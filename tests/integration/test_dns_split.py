@@ -27,8 +27,8 @@ from tests.integration.dns_util import (
     our_links,
     timed_ask,
 )
-from tests.integration.test_tunnel import start_run, stop_run
 from tests.lab import Lab
+from tests.lab.runner import start_run, stop_run
 
 pytestmark = pytest.mark.integration
 

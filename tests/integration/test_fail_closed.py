@@ -22,6 +22,7 @@ from tests.integration.daemon_util import (
 from tests.integration.dns_util import leak_counter
 from tests.integration.router_util import block_ssh
 from tests.lab import Lab, clients
+from tests.lab.runner import start_run, stop_run
 
 pytestmark = pytest.mark.integration
 
@@ -87,8 +88,6 @@ def test_hand_run_cleanup_refuses_while_a_daemon_runs_unless_forced(
 
 
 def test_cleanup_leaves_a_running_shuttled_run_alone(lab: Lab) -> None:
-    from tests.integration.test_tunnel import start_run, stop_run
-
     proc = start_run(lab, *lab.target_nets, name="run-beside-cleanup")
     try:
         refused = shuttled(lab, "cleanup")

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_tunnel import start_run, stop_run
 from tests.lab import Lab, clients
 from tests.lab.faulty import FLOW_POINTS, TCP_POINTS
+from tests.lab.runner import start_run, stop_run
 
 pytestmark = pytest.mark.integration
 

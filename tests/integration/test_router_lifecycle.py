@@ -22,8 +22,8 @@ from tests.integration.router_util import (
     timed,
     udp_from,
 )
-from tests.integration.test_tunnel import start_run, stop_run
 from tests.lab import Lab, clients
+from tests.lab.runner import start_run, stop_run
 
 pytestmark = pytest.mark.integration
 

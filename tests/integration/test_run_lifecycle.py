@@ -12,8 +12,8 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.integration.test_tunnel import start_run, stop_run
 from tests.lab import Lab, clients
+from tests.lab.runner import start_run, stop_run
 
 pytestmark = pytest.mark.integration
 

@@ -294,9 +294,7 @@ def json_line(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
 def timed_status(d: Daemon, public: bool = False) -> float:
     """Seconds root's status call took (in this process: no interpreter start-up);
     `public`: through the socket everyone uses, not the administrators' door."""
-    client = Client(d.socket, timeout=10)
-    if public:
-        client._connect_admin = lambda: None  # type: ignore[method-assign]
+    client = Client(d.socket, timeout=10, admin=not public)
     t0 = time.monotonic()
     client.call("status")
     return time.monotonic() - t0

@@ -15,8 +15,8 @@ import psutil
 import pytest
 
 from tests.integration.daemon_util import DaemonSet, http_ok, wait_for
-from tests.integration.test_tunnel import start_run, stop_run
 from tests.lab import Lab, clients
+from tests.lab.runner import start_run, stop_run
 
 pytestmark = pytest.mark.integration
 

@@ -10,22 +10,19 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import os
-import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
 import pytest
 
 from tests.lab import Lab, LabUser, clients
+from tests.lab.runner import VARIANTS, start_run, stop_run
 from tests.lab.services import CLOSE_FIRST_LINE
 
 pytestmark = pytest.mark.integration
 
-UP_TIMEOUT = 30.0
 BIG = 100 << 20
 
 
@@ -41,63 +38,10 @@ class Tunnel:
         return self.lab.log_tail(self.name, 60)
 
 
-def start_run(
-    lab: Lab,
-    *args: str,
-    method: str = "nft",
-    remote: str | None = None,
-    name: str = "shuttled",
-    user: LabUser | None = None,
-    module: str = "shuttled",
-    env: dict[str, str] | None = None,
-) -> subprocess.Popen[bytes]:
-    """`shuttled run` in cli; with `user`, as if started by that user through sudo.
-    `module`: what runs it (tests.lab.faulty for fault injection); `env`: added."""
-    ssh = [] if user else ["-e", lab.ssh_cmd]
-    argv = [
-        sys.executable,
-        "-m",
-        module,
-        "run",
-        "-v",
-        "--method",
-        method,
-        *ssh,
-        "-r",
-        remote or lab.remote,
-        *args,
-    ]
-    sudo = {"SUDO_UID": str(user.uid), "SUDO_GID": str(user.gid)} if user else {}
-    env = {**os.environ, **sudo, **(env or {})} if user or env else None
-    proc: subprocess.Popen[bytes] = lab.popen("cli", argv, name=name, env=env)
-    deadline = time.monotonic() + UP_TIMEOUT
-    while "is up" not in lab.log_tail(name, 200):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"shuttled did not come up:\n{lab.log_tail(name, 60)}")
-        time.sleep(0.05)
-    return proc
-
-
-def stop_run(lab: Lab, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
-    proc.send_signal(sig)
-    try:
-        return proc.wait(10)
-    finally:
-        lab.stop(proc)
-
-
 def remote_files(lab: Lab, user: LabUser) -> set[str]:
     """Everything the remote account owns in its home and the temp dirs: the helper
     runs as that account, so anything it wrote would show up here."""
     return lab.fs_snapshot(("/tmp", "/var/tmp", "/dev/shm", user.home), uid=user.uid)
-
-
-VARIANTS = [
-    pytest.param(("nft", False), id="nft-direct"),
-    pytest.param(("iptables", False), id="iptables-direct"),
-    pytest.param(("nft", True), id="nft-helper"),
-    pytest.param(("iptables", True), id="iptables-helper"),
-]
 
 
 @pytest.fixture(scope="module", params=VARIANTS)
@@ -180,27 +124,12 @@ def test_2000_concurrent_connections_complete(tunnel: Tunnel) -> None:
     lab = tunnel.lab
     count = 2000
 
-    async def many() -> None:
-        # All connections are open at the same time before any data moves.
-        opened = await asyncio.wait_for(
-            asyncio.gather(
-                *(asyncio.open_connection(lab.tgt_v4, lab.ports.echo) for _ in range(count))
-            ),
-            120,
-        )
-        payloads = [hashlib.sha256(str(i).encode()).digest() * 4 for i in range(count)]
-        for (_reader, writer), payload in zip(opened, payloads, strict=True):
-            writer.write(payload)
-            writer.write_eof()
-        replies = await asyncio.wait_for(
-            asyncio.gather(*(reader.read() for reader, _writer in opened)), 120
-        )
-        for _reader, writer in opened:
-            writer.close()
-        assert replies == payloads
-
+    payloads = [hashlib.sha256(str(i).encode()).digest() * 4 for i in range(count)]
     with lab.netns("cli"):
-        asyncio.run(many())
+        replies = asyncio.run(
+            clients.aecho_all_open([lab.tgt_v4] * count, lab.ports.echo, payloads, 120)
+        )
+    assert replies == payloads
 
 
 def refused_outcome(host: str, port: int) -> tuple[str, float]:

@@ -17,7 +17,7 @@ import http.client
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from .services import (
@@ -345,6 +345,26 @@ async def aecho(
         return await asyncio.wait_for(reader.read(), timeout)
     finally:
         writer.close()
+
+
+async def aecho_all_open(
+    hosts: Sequence[str], port: int, payloads: Sequence[bytes], timeout: float
+) -> list[bytes]:
+    """One echo connection per payload (to ``hosts[i]``), all open at the same time before
+    any data moves; then each writes its payload and half-closes. The replies, in order;
+    `timeout` bounds the opening and, again, the reading."""
+    opened = await asyncio.wait_for(
+        asyncio.gather(*(asyncio.open_connection(host, port) for host in hosts)), timeout
+    )
+    for (_reader, writer), payload in zip(opened, payloads, strict=True):
+        writer.write(payload)
+        writer.write_eof()
+    replies = await asyncio.wait_for(
+        asyncio.gather(*(reader.read() for reader, _writer in opened)), timeout
+    )
+    for _reader, writer in opened:
+        writer.close()
+    return list(replies)
 
 
 async def abulk_upload(

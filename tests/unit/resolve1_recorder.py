@@ -1,6 +1,6 @@
 """A stand-in for systemd-resolved's D-Bus API that records the calls, and a private bus.
 
-`Recorder` owns org.freedesktop.resolve1 and implements the four Manager methods
+`Resolve1Recorder` owns org.freedesktop.resolve1 and implements the four Manager methods
 shuttled uses (SetLinkDNS, SetLinkDomains, SetLinkDefaultRoute, RevertLink);
 each call is appended to `calls` as (member, args). `no_such_link` makes the
 first N SetLinkDNS calls fail the way resolved does for a link it has not seen
@@ -29,7 +29,7 @@ def private_bus() -> Iterator[str]:
         yield bus.address
 
 
-class Recorder(ServiceInterface):  # type: ignore[misc]
+class Resolve1Recorder(ServiceInterface):  # type: ignore[misc]
     def __init__(self, no_such_link: int = 0) -> None:
         super().__init__("org.freedesktop.resolve1.Manager")
         self.calls: list[tuple[str, list[Any]]] = []
@@ -55,7 +55,7 @@ class Recorder(ServiceInterface):  # type: ignore[misc]
         self.calls.append(("RevertLink", [ifindex]))
 
 
-async def serve_recorder(address: str, recorder: "Recorder") -> MessageBus:
+async def serve_recorder(address: str, recorder: "Resolve1Recorder") -> MessageBus:
     bus = await MessageBus(bus_address=address).connect()
     bus.export("/org/freedesktop/resolve1", recorder)
     await bus.request_name("org.freedesktop.resolve1")

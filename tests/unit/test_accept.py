@@ -29,7 +29,7 @@ from shuttled.tunnel import accept
 from shuttled.tunnel.accept import Throttled
 from shuttled.tunnel.proxy import ConnLimits, LocalConnection, TransparentProxy
 from shuttled.tunnel.sockdiag import ORPHAN, SockDiag
-from tests.unit.test_control_support import FakeCore
+from tests.fake_core import FakeCore
 
 REPO = Path(__file__).resolve().parents[2]
 linux_only = pytest.mark.skipif(sys.platform != "linux", reason="Linux only")
@@ -54,14 +54,17 @@ def child(code: str, timeout: float = 30) -> dict[str, Any]:
 # --- the log line for what recurs -------------------------------------------------------------
 
 
-def test_throttled_logs_once_per_interval_with_the_count(caplog: pytest.LogCaptureFixture) -> None:
+def test_throttled_logs_once_per_interval_with_the_count(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     logger = logging.getLogger("test.throttled")
     warn = Throttled(logger, interval=3600)
     with caplog.at_level(logging.WARNING, logger="test.throttled"):
         for i in range(5):
             warn("refused %d", i)
         assert [r.getMessage() for r in caplog.records] == ["refused 0 (1 times)"]
-        warn._last -= 3600  # the interval is over
+        now = time.monotonic()
+        monkeypatch.setattr(time, "monotonic", lambda: now + 3600)  # the interval is over
         warn("refused %d", 5)
     assert caplog.records[-1].getMessage().startswith("refused 5 (5 times in 36")
 
@@ -137,7 +140,7 @@ CONTROL_AT_EMFILE = (
     + """
 import asyncio, json, pathlib, sys
 from shuttled.control.unix import UnixControlServer
-from tests.unit.test_control_support import FakeCore
+from tests.fake_core import FakeCore
 
 async def main():
     server = UnixControlServer(FakeCore())
@@ -208,10 +211,10 @@ def budget(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[int, int], Non
 
 def admitted(proxy: TransparentProxy, uid: int | None) -> LocalConnection | None:
     """What the proxy does with a new connection of `uid`: admitted, or None (refused)."""
-    if proxy._refusal(uid) is not None:
+    if proxy.refusal(uid) is not None:
         return None
     conn = LocalConnection(proxy, uid=uid)
-    proxy._admit(conn)
+    proxy.admit(conn)
     return conn
 
 
@@ -394,7 +397,7 @@ def test_a_user_gets_a_share_of_the_daemons_time_and_root_all_it_needs(
     import asyncio
 
     from shuttled.control import unix
-    from tests.unit.test_control_support import STRANGER_UID, caller
+    from tests.fake_core import STRANGER_UID, caller
 
     monkeypatch.setattr(unix, "SHARE_BURST", 0.1)
     monkeypatch.setattr(unix, "SHARE_PER_UID", 0.25)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import struct
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -14,6 +12,7 @@ from hypothesis import strategies as st
 from shuttled import const
 from shuttled.tunnel import sshmsg
 from shuttled.tunnel.channels import Channel, ChannelMux
+from tests.helpers import ChannelEvents, run_async
 
 REMOTE_ID = 77
 
@@ -37,45 +36,8 @@ class FakePipe:
         return out
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[Any] = []
-        self.data = bytearray()
-        self.paused = False
-        self.channel: Channel | None = None
-
-    def on_open(self, channel: Channel) -> None:
-        self.channel = channel
-        self.events.append("open")
-
-    def on_open_failed(self, reason: int, description: str) -> None:
-        self.events.append(("failed", reason, description))
-
-    def on_data(self, data: memoryview) -> None:
-        self.data += data
-
-    def on_extended_data(self, code: int, data: bytes) -> None:
-        self.events.append(("stderr", data))
-
-    def on_eof(self) -> None:
-        self.events.append("eof")
-
-    def on_close(self) -> None:
-        self.events.append("close")
-
-    def pause_reading(self) -> None:
-        self.paused = True
-
-    def resume_reading(self) -> None:
-        self.paused = False
-
-
-def run(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    asyncio.run(test())
-
-
 def flush(mux: ChannelMux) -> None:
-    mux._flush()
+    mux.push()
 
 
 def confirm(mux: ChannelMux, local_id: int, window: int = 1 << 20, max_packet: int = 32768) -> None:
@@ -83,11 +45,13 @@ def confirm(mux: ChannelMux, local_id: int, window: int = 1 << 20, max_packet: i
 
 
 def opened(
-    window: int = 1 << 20, max_packet: int = 32768
-) -> tuple[ChannelMux, FakePipe, Recorder, Channel]:
+    window: int = 1 << 20,
+    max_packet: int = 32768,
+    on_lost: Callable[[BaseException | None], None] | None = None,
+) -> tuple[ChannelMux, FakePipe, ChannelEvents, Channel]:
     pipe = FakePipe()
-    mux = ChannelMux(pipe)
-    rec = Recorder()
+    mux = ChannelMux(pipe, on_lost=on_lost)
+    rec = ChannelEvents()
     channel = mux.open_direct_tcpip("10.1.2.3", 443, "127.0.0.1", 5555, rec)
     confirm(mux, channel.local_id, window, max_packet)
     flush(mux)
@@ -109,7 +73,7 @@ def test_open_sends_direct_tcpip_with_our_window_and_destination() -> None:
     async def body() -> None:
         pipe = FakePipe()
         mux = ChannelMux(pipe)
-        mux.open_direct_tcpip("10.1.2.3", 443, "127.0.0.1", 5555, Recorder())
+        mux.open_direct_tcpip("10.1.2.3", 443, "127.0.0.1", 5555, ChannelEvents())
         flush(mux)
         [(msg_type, payload)] = pipe.take()
         reader = sshmsg.Reader(payload)
@@ -122,7 +86,7 @@ def test_open_sends_direct_tcpip_with_our_window_and_destination() -> None:
         )
         assert (reader.text(), reader.u32()) == ("10.1.2.3", 443)
 
-    run(body)
+    run_async(body())
 
 
 def test_send_never_exceeds_window_and_resumes_on_adjust() -> None:
@@ -138,7 +102,7 @@ def test_send_never_exceeds_window_and_resumes_on_adjust() -> None:
         assert sum(len(d) for d in data_msgs(pipe.take())) == 70_000
         assert not rec.paused
 
-    run(body)
+    run_async(body())
 
 
 def test_eof_waits_for_queued_data() -> None:
@@ -152,7 +116,7 @@ def test_eof_waits_for_queued_data() -> None:
         flush(mux)
         assert [t for t, _ in pipe.take()] == [sshmsg.MSG_CHANNEL_DATA, sshmsg.MSG_CHANNEL_EOF]
 
-    run(body)
+    run_async(body())
 
 
 def test_eof_both_ways_closes_and_frees_the_id() -> None:
@@ -166,9 +130,9 @@ def test_eof_both_ways_closes_and_frees_the_id() -> None:
         mux.feed(sshmsg.close(channel.local_id))
         assert rec.events[-1] == "close"
         assert mux.channels == {}
-        assert mux.open("session", Recorder()).local_id == channel.local_id
+        assert mux.open("session", ChannelEvents()).local_id == channel.local_id
 
-    run(body)
+    run_async(body())
 
 
 def test_nothing_is_sent_after_close() -> None:
@@ -180,7 +144,7 @@ def test_nothing_is_sent_after_close() -> None:
         flush(mux)
         assert [t for t, _ in pipe.take()] == [sshmsg.MSG_CHANNEL_CLOSE]
 
-    run(body)
+    run_async(body())
 
 
 def test_window_is_granted_only_after_consumption_and_not_while_held() -> None:
@@ -201,7 +165,7 @@ def test_window_is_granted_only_after_consumption_and_not_while_held() -> None:
         assert struct.unpack(">II", payload) == (REMOTE_ID, half)
         assert len(rec.data) == half
 
-    run(body)
+    run_async(body())
 
 
 def test_data_past_our_window_ends_the_mux() -> None:
@@ -212,21 +176,21 @@ def test_data_past_our_window_ends_the_mux() -> None:
         assert mux.closed and pipe.closed
         assert rec.events[-1] == "close"
 
-    run(body)
+    run_async(body())
 
 
 def test_open_failure_reports_reason_and_recycles_id() -> None:
     async def body() -> None:
         pipe = FakePipe()
         mux = ChannelMux(pipe)
-        rec = Recorder()
+        rec = ChannelEvents()
         channel = mux.open_direct_tcpip("10.9.9.9", 1, "127.0.0.1", 1, rec)
         mux.feed(sshmsg.open_failure(channel.local_id, sshmsg.OPEN_CONNECT_FAILED, "refused"))
         assert rec.events == [("failed", 2, "refused")]
         assert mux.channels == {}
         assert not mux.closed
 
-    run(body)
+    run_async(body())
 
 
 @pytest.mark.parametrize(
@@ -241,13 +205,12 @@ def test_open_failure_reports_reason_and_recycles_id() -> None:
 )
 def test_malformed_messages_end_the_mux_without_raising(packet: bytes) -> None:
     async def body() -> None:
-        mux, _pipe, rec, _channel = opened()
         lost: list[BaseException | None] = []
-        mux._on_lost = lost.append
+        mux, _pipe, rec, _channel = opened(on_lost=lost.append)
         mux.feed(packet)
         assert mux.closed and lost and rec.events[-1] == "close"
 
-    run(body)
+    run_async(body())
 
 
 def test_trailing_bytes_after_a_message_end_the_mux() -> None:
@@ -257,18 +220,18 @@ def test_trailing_bytes_after_a_message_end_the_mux() -> None:
         mux.feed(sshmsg.packet(sshmsg.MSG_CHANNEL_WINDOW_ADJUST, adjust[6:] + b"\x00"))
         assert mux.closed and rec.events[-1] == "close"
 
-    run(body)
+    run_async(body())
 
 
 def test_an_open_failure_without_its_language_tag_is_malformed() -> None:
     async def body() -> None:
         mux = ChannelMux(FakePipe())
-        channel = mux.open_direct_tcpip("10.9.9.9", 1, "127.0.0.1", 1, Recorder())
+        channel = mux.open_direct_tcpip("10.9.9.9", 1, "127.0.0.1", 1, ChannelEvents())
         body = struct.pack(">II", channel.local_id, 2) + sshmsg.sstring("refused")
         mux.feed(sshmsg.packet(sshmsg.MSG_CHANNEL_OPEN_FAILURE, body))
         assert mux.closed
 
-    run(body)
+    run_async(body())
 
 
 def test_reader_end_rejects_what_is_left() -> None:
@@ -290,7 +253,7 @@ def test_requests_get_replies_in_order() -> None:
         assert first is not None and second is not None
         assert (await first, await second) == (False, True)
 
-    run(body)
+    run_async(body())
 
 
 def test_packets_split_across_reads_are_reassembled() -> None:
@@ -301,7 +264,7 @@ def test_packets_split_across_reads_are_reassembled() -> None:
             mux.feed(stream[i : i + 1])
         assert bytes(rec.data) == b"hello" * 3
 
-    run(body)
+    run_async(body())
 
 
 @settings(max_examples=300, deadline=None)
@@ -312,7 +275,7 @@ def test_fuzzed_input_never_raises(junk: bytes) -> None:
         mux.feed(junk)
         mux.feed(sshmsg.eof(channel.local_id))
 
-    run(body)
+    run_async(body())
 
 
 @settings(max_examples=200, deadline=None)
@@ -335,4 +298,4 @@ def test_any_split_of_the_stream_delivers_the_same_bytes(sizes: list[int], cuts:
         mux.feed(stream[pos:])
         assert bytes(rec.data) == payload and not mux.closed
 
-    run(body)
+    run_async(body())

@@ -13,7 +13,7 @@ from shuttled.control.api import VERBS, Permission
 from shuttled.control.protocol import BadRequestError
 from shuttled.errors import NoSuchProfileError, PermissionDeniedError, TimeoutError_
 from shuttled.net import gid_of
-from tests.unit.test_control_support import MEMBER_UID, STRANGER_UID, FakeCore, caller
+from tests.fake_core import MEMBER_UID, STRANGER_UID, FakeCore, caller
 
 ROOT = caller(0)
 STRANGER = caller(STRANGER_UID, 100)

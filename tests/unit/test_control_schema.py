@@ -36,7 +36,7 @@ from shuttled.tunnel.nodelay import TcpInfo
 from shuttled.tunnel.session import SshSession
 from shuttled.tunnel.transparent import connection_row
 from shuttled.tunnel.udp import UdpStats
-from tests.unit.test_supervisor_hold import Recorder
+from tests.helpers import RecordingBackend
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -83,7 +83,7 @@ async def connected_daemon(tmp_path: Path) -> Daemon:
     """A daemon whose profile `work` is up, with no ssh and no kernel behind it."""
     (tmp_path / "profiles.yaml").write_text(PROFILES)
     daemon = Daemon(tmp_path, tmp_path, None)
-    daemon.captures = CaptureSet(Recorder())
+    daemon.captures = CaptureSet(RecordingBackend())
     reload = await daemon.reload()
     assert reload == {"added": ["work"], "removed": [], "changed": [], "unchanged": []}
     tunnel = daemon._tunnel("work")

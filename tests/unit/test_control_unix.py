@@ -18,12 +18,13 @@ from shuttled.control import api
 from shuttled.control.protocol import MAX_REQUEST_BYTES, Request, encode_request
 from shuttled.control.unix import UnixControlServer, peer_credentials, proc_groups
 from shuttled.errors import ShuttledError
-from tests.unit.test_control_support import MEMBER_UID, STRANGER_UID, FakeCore, caller
+from tests.fake_core import MEMBER_UID, STRANGER_UID, FakeCore, caller
+from tests.helpers import run_async
 
 Test = Callable[[UnixControlServer, Path], Awaitable[None]]
 
 
-def run(
+def with_server(
     test: Test, tmp_path: Path, core: FakeCore | None = None, uid: int | None = None, **kw: Any
 ) -> None:
     """Start a server in tmp (credentials of `uid` injected, else from the kernel)."""
@@ -40,7 +41,7 @@ def run(
             server.close()
             await server.wait_closed()
 
-    asyncio.run(main())
+    run_async(main())
 
 
 class Conn:
@@ -90,7 +91,7 @@ def test_status_over_the_socket_with_kernel_credentials(tmp_path: Path) -> None:
         assert stat.S_IMODE(path.stat().st_mode) == 0o666
         assert stat.S_IMODE(path.parent.stat().st_mode) == 0o755
 
-    run(test, tmp_path)
+    with_server(test, tmp_path)
 
 
 def test_peer_credentials_are_the_connecting_process(tmp_path: Path) -> None:
@@ -123,9 +124,9 @@ def test_up_is_denied_to_a_stranger_and_allowed_to_a_member(tmp_path: Path) -> N
         reply = await ask(path, "up", profile="work")
         assert reply["ok"] and reply["result"]["state"] == "up"
 
-    run(stranger, tmp_path, core, uid=STRANGER_UID)
+    with_server(stranger, tmp_path, core, uid=STRANGER_UID)
     assert core.states["work"] == "down"
-    run(member, tmp_path, core, uid=MEMBER_UID)
+    with_server(member, tmp_path, core, uid=MEMBER_UID)
     assert core.states["work"] == "up"
 
 
@@ -138,7 +139,7 @@ def test_requests_on_one_connection_are_answered_in_order_with_their_ids(tmp_pat
         assert [(await conn.recv())["id"] for _ in range(5)] == [10, 11, 12, 13, 14]
         conn.close()
 
-    run(test, tmp_path)
+    with_server(test, tmp_path)
 
 
 def test_a_bug_in_the_core_is_an_internal_error_and_the_server_carries_on(tmp_path: Path) -> None:
@@ -157,7 +158,7 @@ def test_a_bug_in_the_core_is_an_internal_error_and_the_server_carries_on(tmp_pa
         }
         assert (await ask(path, "version"))["ok"]
 
-    run(test, tmp_path, core)
+    with_server(test, tmp_path, core)
 
 
 def test_a_connection_error_inside_the_core_is_not_mistaken_for_the_client_leaving(
@@ -174,7 +175,7 @@ def test_a_connection_error_inside_the_core_is_not_mistaken_for_the_client_leavi
         reply = await ask(path, "connections", profile="work")
         assert reply["error"]["code"] == "internal"
 
-    run(test, tmp_path, core)
+    with_server(test, tmp_path, core)
 
 
 def test_unreadable_credentials_get_an_error_reply(tmp_path: Path) -> None:
@@ -188,7 +189,7 @@ def test_unreadable_credentials_get_an_error_reply(tmp_path: Path) -> None:
         assert "peer credentials" in reply["error"]["message"]
         assert await conn.closed()
 
-    run(test, tmp_path, credentials=broken)
+    with_server(test, tmp_path, credentials=broken)
 
 
 # --- socket file lifecycle -----------------------------------------------------------------------
@@ -204,7 +205,7 @@ def test_stale_socket_is_replaced_and_removed_on_close(tmp_path: Path) -> None:
     async def test(server: UnixControlServer, p: Path) -> None:
         assert (await ask(p, "version"))["ok"]
 
-    run(test, tmp_path)
+    with_server(test, tmp_path)
     assert not path.exists()
 
 
@@ -214,7 +215,7 @@ def test_a_live_socket_or_a_plain_file_is_not_stolen(tmp_path: Path) -> None:
             await UnixControlServer(FakeCore()).start(path)
         assert (await ask(path, "version"))["ok"]
 
-    run(second, tmp_path)
+    with_server(second, tmp_path)
     plain = tmp_path / "plain.sock"
     plain.write_text("")
     with pytest.raises(ShuttledError, match="not a socket"):
@@ -232,7 +233,7 @@ def test_oversized_request_gets_an_error_and_is_hung_up(tmp_path: Path) -> None:
         assert "longer than 65536 bytes" in reply["error"]["message"]
         assert await conn.closed()
 
-    run(test, tmp_path)
+    with_server(test, tmp_path)
 
 
 def test_slow_client_gets_an_error_and_is_hung_up(tmp_path: Path) -> None:
@@ -243,7 +244,7 @@ def test_slow_client_gets_an_error_and_is_hung_up(tmp_path: Path) -> None:
         assert reply["error"]["message"] == "no complete request within 0.2 s"
         assert await conn.closed()
 
-    run(test, tmp_path, idle_timeout=0.2)
+    with_server(test, tmp_path, idle_timeout=0.2)
 
 
 def test_too_many_clients_are_told_busy(tmp_path: Path) -> None:
@@ -257,7 +258,7 @@ def test_too_many_clients_are_told_busy(tmp_path: Path) -> None:
         await asyncio.sleep(0.05)
         assert (await ask(path, "version"))["ok"]
 
-    run(test, tmp_path, uid=STRANGER_UID, max_clients=2)
+    with_server(test, tmp_path, uid=STRANGER_UID, max_clients=2)
 
 
 def _garbage(rng: random.Random, i: int) -> bytes:
@@ -307,9 +308,9 @@ def test_a_thousand_malformed_requests_leave_the_server_answering(tmp_path: Path
         await asyncio.gather(*(flood(path, 190, k * 1000) for k in range(5)))  # 950
         await asyncio.gather(*(huge(path) for _ in range(50)))  # + 50 = 1000
         assert (await ask(path, "status", profile="work"))["result"]["name"] == "work"
-        assert not server._clients or len(server._clients) <= 1
+        assert server.client_count <= 1
 
-    run(test, tmp_path, uid=STRANGER_UID, max_per_uid=64)
+    with_server(test, tmp_path, uid=STRANGER_UID, max_per_uid=64)
 
 
 def test_one_user_cannot_hold_more_than_its_share_but_root_always_gets_in(tmp_path: Path) -> None:
@@ -321,8 +322,8 @@ def test_one_user_cannot_hold_more_than_its_share_but_root_always_gets_in(tmp_pa
         for conn in held:
             conn.close()
 
-    run(test, tmp_path, uid=STRANGER_UID, max_per_uid=3)
-    run(lambda server, path: _root_gets_in(path), tmp_path, uid=0, max_clients=1)
+    with_server(test, tmp_path, uid=STRANGER_UID, max_per_uid=3)
+    with_server(lambda server, path: _root_gets_in(path), tmp_path, uid=0, max_clients=1)
 
 
 async def _root_gets_in(path: Path) -> None:
@@ -355,7 +356,7 @@ def test_watch_streams_events_until_the_client_goes(tmp_path: Path) -> None:
             await asyncio.sleep(0.01)
         assert core.queues == []
 
-    run(test, tmp_path, core, idle_timeout=0.2)
+    with_server(test, tmp_path, core, idle_timeout=0.2)
 
 
 def test_close_ends_watching_clients(tmp_path: Path) -> None:
@@ -372,4 +373,4 @@ def test_close_ends_watching_clients(tmp_path: Path) -> None:
         assert not path.exists()
         assert core.queues == []
 
-    run(test, tmp_path, core)
+    with_server(test, tmp_path, core)

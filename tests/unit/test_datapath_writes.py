@@ -4,17 +4,16 @@ inside one."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from shuttled.tunnel import channels, sshmsg
 from shuttled.tunnel.channels import ChannelMux, MuxProtocol, write_views
-from tests.unit.test_channels import Recorder
+from tests.helpers import ChannelEvents, run_async
 
 REMOTE_ID = 5
 
@@ -82,10 +81,6 @@ def drain(sock: socket.socket) -> bytes:
         out += chunk
 
 
-def run(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    asyncio.run(test())
-
-
 def test_an_idle_transport_gets_nothing_the_kernel_took(pair: Any, writevs: list[int]) -> None:
     a, b = pair
     transport = FakeTransport(a)
@@ -144,20 +139,20 @@ def test_a_send_leaves_at_once_in_one_write() -> None:
     async def body() -> None:
         pipe = Pipe()
         mux = ChannelMux(pipe)
-        channel = mux.open("session", Recorder())
+        channel = mux.open("session", ChannelEvents())
         assert len(pipe.writes) == 1  # the open did not wait for a loop turn
         mux.feed(sshmsg.open_confirmation(channel.local_id, REMOTE_ID, 1 << 20, 1000))
         channel.send(b"x" * 2500)
         assert types(pipe.writes[-1]) == [sshmsg.MSG_CHANNEL_DATA] * 3
 
-    run(body)
+    run_async(body())
 
 
 def test_what_a_read_unblocks_leaves_in_one_write_at_its_end() -> None:
     async def body() -> None:
         pipe = Pipe()
         mux = ChannelMux(pipe)
-        channels_ = [mux.open("session", Recorder()) for _ in range(2)]
+        channels_ = [mux.open("session", ChannelEvents()) for _ in range(2)]
         for channel in channels_:
             mux.feed(sshmsg.open_confirmation(channel.local_id, REMOTE_ID, 10, 1000))
             channel.send(b"y" * 25)
@@ -166,7 +161,7 @@ def test_what_a_read_unblocks_leaves_in_one_write_at_its_end() -> None:
         assert len(pipe.writes) == before + 1
         assert types(pipe.writes[-1]) == [sshmsg.MSG_CHANNEL_DATA] * 2
 
-    run(body)
+    run_async(body())
 
 
 def test_uvloop_style_transports_are_accepted() -> None:
@@ -175,14 +170,14 @@ def test_uvloop_style_transports_are_accepted() -> None:
         protocol.connection_made(FakeTransport())  # type: ignore[arg-type]
         assert protocol.mux is not None
 
-    run(body)
+    run_async(body())
 
 
 def test_a_channel_pipe_gets_the_batch_in_bounded_pieces_in_order() -> None:
     async def body() -> None:
         pipe = Pipe()
         mux = ChannelMux(pipe)
-        channel = mux.open("session", Recorder())
+        channel = mux.open("session", ChannelEvents())
         mux.feed(sshmsg.open_confirmation(channel.local_id, REMOTE_ID, 1 << 20, 1 << 15))
         payload = bytes(range(256)) * 1000
         before = len(pipe.writes)
@@ -193,4 +188,4 @@ def test_a_channel_pipe_gets_the_batch_in_bounded_pieces_in_order() -> None:
         assert used == sum(map(len, pieces))
         assert b"".join(bytes(p[8:]) for _t, p in messages) == payload
 
-    run(body)
+    run_async(body())

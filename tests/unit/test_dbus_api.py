@@ -274,7 +274,7 @@ def test_credentials_come_from_one_call_on_current_buses() -> None:
             )
         }
     )
-    assert asyncio.run(driver._credentials(":1.5")) == (1000, 77, (1000, 27))
+    assert asyncio.run(driver.credentials(":1.5")) == (1000, 77, (1000, 27))
     assert driver.asked == ["GetConnectionCredentials"]
 
 
@@ -286,7 +286,7 @@ def test_old_buses_are_asked_the_two_older_questions() -> None:
             "GetConnectionUnixProcessID": _error("org.freedesktop.DBus.Error.Failed"),
         }
     )
-    assert asyncio.run(driver._credentials(":1.5")) == (1000, None, None)
+    assert asyncio.run(driver.credentials(":1.5")) == (1000, None, None)
 
 
 def test_a_caller_the_bus_does_not_know_is_refused() -> None:
@@ -294,6 +294,6 @@ def test_a_caller_the_bus_does_not_know_is_refused() -> None:
         {"GetConnectionCredentials": _error("org.freedesktop.DBus.Error.NameHasNoOwner")}
     )
     with pytest.raises(ShuttledError, match="cannot read the caller's credentials"):
-        asyncio.run(driver._caller(":1.5"))
+        asyncio.run(driver.caller(":1.5"))
     with pytest.raises(ShuttledError, match="no sender"):
-        asyncio.run(driver._caller(None))
+        asyncio.run(driver.caller(None))

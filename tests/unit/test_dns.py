@@ -8,7 +8,7 @@ import errno
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -20,130 +20,19 @@ from shuttled.dns import resolvconf, wire
 from shuttled.dns.forwarder import DnsForwarder, DnsStats
 from shuttled.dns.listeners import DnsListener
 from shuttled.dns.wire import FLAG_QR, FLAG_RA, FLAG_RD, FLAG_TC, DnsMessageError, Rcode
+from tests.helpers import run_async
+from tests.unit.dns_fakes import (
+    BODY_TIMEOUT,
+    TYPE_TXT,
+    FakeServer,
+    direct,
+    encode_name,
+    make_answer,
+    make_query,
+    qname,
+)
 
-TYPE_A = 1
-TYPE_TXT = 16
 SLACK = 0.5
-
-
-def run(coro: Coroutine[Any, Any, Any]) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, 15))
-
-
-# --- building messages ------------------------------------------------------------
-
-
-def encode_name(name: str) -> bytes:
-    labels = [label.encode() for label in name.strip(".").split(".") if label]
-    return b"".join(bytes([len(label)]) + label for label in labels) + b"\0"
-
-
-def make_query(
-    name: str, ident: int = 0x1234, qtype: int = TYPE_A, edns: int | None = None
-) -> bytes:
-    opt = b"\0" + struct.pack(">HHIH", 41, edns, 0, 0) if edns is not None else b""
-    header = struct.pack(">6H", ident, FLAG_RD, 1, 0, 0, 1 if opt else 0)
-    return header + encode_name(name) + struct.pack(">HH", qtype, 1) + opt
-
-
-def txt_rdata(size: int) -> bytes:
-    out = b""
-    while len(out) < size:
-        chunk = min(255, size - len(out) - 1)
-        out += bytes([chunk]) + b"x" * chunk
-    return out
-
-
-def make_answer(query: bytes, size: int = 0) -> bytes:
-    """A reply: the query's id and question, one A record (or TXT of about size bytes)."""
-    ident, flags, qdcount = struct.unpack_from(">3H", query)
-    _, end = wire.read_questions(query)
-    rtype, rdata = (TYPE_TXT, txt_rdata(size)) if size else (TYPE_A, bytes([10, 0, 0, 1]))
-    record = b"\xc0\x0c" + struct.pack(">HHIH", rtype, 1, 60, len(rdata)) + rdata
-    header = struct.pack(">6H", ident, flags | FLAG_QR | FLAG_RA, qdcount, 1, 0, 0)
-    return header + query[12:end] + record
-
-
-def qname(message: bytes) -> str:
-    return wire.read_questions(message)[0][0].name
-
-
-# --- a fake DNS-over-TCP server ---------------------------------------------------
-
-
-class FakeServer:
-    """DNS over TCP on loopback; each test sets how it misbehaves."""
-
-    def __init__(
-        self,
-        *,
-        delay: Callable[[int], float] = lambda index: 0.0,
-        silent: Callable[[int], bool] = lambda connection: False,
-        drop_after: Callable[[int], int | None] = lambda connection: None,
-        before_reply: Callable[[bytes], list[bytes]] = lambda query: [],
-        answer_size: int = 0,
-    ) -> None:
-        self.delay = delay
-        self.silent = silent
-        self.drop_after = drop_after
-        self.before_reply = before_reply
-        self.answer_size = answer_size
-        self.connections = 0
-        self.received: list[bytes] = []
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    async def __aenter__(self) -> FakeServer:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in self._writers:  # end the handlers (blocked in reads) before the loop ends
-            writer.transport.abort()
-        await asyncio.sleep(0.01)
-
-    @property
-    def nameserver(self) -> str:
-        return f"127.0.0.1@{self.port}"
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.add(writer)
-        self.connections += 1
-        number = self.connections
-        replies: set[asyncio.Task[None]] = set()
-        count = 0
-        try:
-            while (query := await wire.read_frame(reader)) is not None:
-                self.received.append(query)
-                count += 1
-                if count == self.drop_after(number):
-                    writer.transport.abort()
-                    return
-                if not self.silent(number):
-                    index = len(self.received) - 1
-                    task = asyncio.create_task(self._reply(query, index, writer))
-                    replies.add(task)
-                    task.add_done_callback(replies.discard)
-        except (OSError, EOFError):
-            pass
-        finally:
-            for task in replies:
-                task.cancel()
-            writer.close()
-
-    async def _reply(self, query: bytes, index: int, writer: asyncio.StreamWriter) -> None:
-        await asyncio.sleep(self.delay(index))
-        for junk in self.before_reply(query):
-            writer.write(struct.pack(">H", len(junk)) + junk)
-        writer.write(wire.frame(make_answer(query, self.answer_size)))
-
-
-def direct(host: str, port: int) -> Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
-    return asyncio.open_connection(host, port)
 
 
 class CountingOpener:
@@ -380,7 +269,7 @@ def test_pipelined_out_of_order_on_one_connection() -> None:
             assert wire.parse_header(reply).ancount == 1
         assert forwarder.stats == DnsStats(queries=10, answered=10, tunnel=10)
 
-    run(main())
+    run_async(main(), BODY_TIMEOUT)
 
 
 def test_thousand_concurrent_queries_one_connection() -> None:
@@ -396,7 +285,7 @@ def test_thousand_concurrent_queries_one_connection() -> None:
         assert server.connections == 1
         assert forwarder.stats == DnsStats(queries=1000, answered=1000, tunnel=1000)
 
-    run(main())
+    run_async(main(), BODY_TIMEOUT)
 
 
 def test_same_client_id_from_many_clients() -> None:
@@ -409,7 +298,7 @@ def test_same_client_id_from_many_clients() -> None:
         assert [qname(r) for r in replies] == [f"c{i}.example" for i in range(5)]
         assert all(wire.query_id(r) == 0x4242 for r in replies)
 
-    run(main())
+    run_async(main(), BODY_TIMEOUT)
 
 
 def test_silent_server_servfail_within_timeout() -> None:
@@ -426,7 +315,7 @@ def test_silent_server_servfail_within_timeout() -> None:
         assert header.ident == 77 and header.flags & 0xF == Rcode.SERVFAIL
         assert forwarder.stats == DnsStats(queries=1, timeouts=1, tunnel=1)
 
-    run(main())
+    run_async(main(), BODY_TIMEOUT)
 
 
 def test_silent_connection_is_replaced() -> None:
@@ -440,7 +329,7 @@ def test_silent_connection_is_replaced() -> None:
         assert wire.parse_header(second).ancount == 1
         assert server.connections == 2
 
-    run(main())
+    run_async(main(), BODY_TIMEOUT)
 
 
 def test_slow_answer_keeps_a_busy_connection() -> None:
@@ -459,7 +348,7 @@ def test_slow_answer_keeps_a_busy_connection() -> None:
         assert wire.parse_header(again).ancount == 1
         assert server.connections == 1
 
-    run(main())
+    run_async(main(), BODY_TIMEOUT)
 
 
 def test_dropped_connection_retried_once() -> None:
@@ -479,7 +368,7 @@ def test_dropped_connection_retried_once() -> None:
         assert server.connections == 2 and elapsed < 1.0
         assert forwarder.stats.answered == 3
 
-    run(main())
+    run_async(main(), BODY_TIMEOUT)
 
 
 def test_always_dropping_server_fails_fast() -> None:
@@ -494,7 +383,7 @@ def test_always_dropping_server_fails_fast() -> None:
         assert server.connections == 2 and elapsed < 1.0
         assert forwarder.stats == DnsStats(queries=1, failed=1, tunnel=1)
 
-    run(main())
+    run_async(main(), BODY_TIMEOUT)
 
 
 def test_failover_from_refusing_nameserver_and_preference() -> None:
@@ -511,7 +400,7 @@ def test_failover_from_refusing_nameserver_and_preference() -> None:
         assert opener.calls == [dead, server.port]  # the dead one tried once, not again
         assert forwarder.stats == DnsStats(queries=2, answered=2, tunnel=2)
 
-    run(main())
+    run_async(main(), BODY_TIMEOUT)
 
 
 def test_failover_from_silent_nameserver_within_timeout() -> None:
@@ -529,7 +418,7 @@ def test_failover_from_silent_nameserver_within_timeout() -> None:
         assert 0.4 <= elapsed < 1.0
         assert len(mute.received) == 1 and len(good.received) == 1
 
-    run(main())
+    run_async(main(), BODY_TIMEOUT)
 
 
 def test_all_nameservers_refuse() -> None:
@@ -543,7 +432,7 @@ def test_all_nameservers_refuse() -> None:
         assert forwarder.stats == DnsStats(queries=1, failed=1, tunnel=1)
         forwarder.close()
 
-    run(main())
+    run_async(main(), BODY_TIMEOUT)
 
 
 def test_opener_errors_of_any_kind_mean_failover() -> None:
@@ -565,7 +454,7 @@ def test_opener_errors_of_any_kind_mean_failover() -> None:
             forwarder.close()
         assert wire.parse_header(reply).ancount == 1
 
-    run(main())
+    run_async(main(), BODY_TIMEOUT)
 
 
 def test_garbage_replies_are_dropped() -> None:
@@ -587,7 +476,7 @@ def test_garbage_replies_are_dropped() -> None:
         assert qname(reply) == "real.example" and wire.query_id(reply) == 5
         assert wire.parse_header(reply).ancount == 1
 
-    run(main())
+    run_async(main(), BODY_TIMEOUT)
 
 
 def test_outstanding_bound() -> None:
@@ -604,7 +493,7 @@ def test_outstanding_bound() -> None:
         assert wire.parse_header(over).flags & 0xF == Rcode.SERVFAIL
         assert forwarder.stats == DnsStats(queries=3, failed=1, timeouts=2, tunnel=2)
 
-    run(main())
+    run_async(main(), BODY_TIMEOUT)
 
 
 def test_malformed_queries() -> None:
@@ -621,7 +510,7 @@ def test_malformed_queries() -> None:
         assert forwarder.stats == DnsStats(queries=1, failed=1)
         forwarder.close()
 
-    run(main())
+    run_async(main(), BODY_TIMEOUT)
 
 
 def test_closed_forwarder_answers_servfail() -> None:
@@ -631,7 +520,7 @@ def test_closed_forwarder_answers_servfail() -> None:
         reply = await forwarder.resolve(make_query("late.example"))
         assert wire.parse_header(reply).flags & 0xF == Rcode.SERVFAIL
 
-    run(main())
+    run_async(main(), BODY_TIMEOUT)
 
 
 def test_close_answers_queries_in_flight_at_once() -> None:
@@ -647,7 +536,7 @@ def test_close_answers_queries_in_flight_at_once() -> None:
         assert all(wire.parse_header(r).flags & 0xF == Rcode.SERVFAIL for r in replies)
         assert forwarder.stats == DnsStats(queries=3, failed=3, tunnel=3)
 
-    run(main())
+    run_async(main(), BODY_TIMEOUT)
 
 
 # --- listeners ------------------------------------------------------------------------
@@ -698,7 +587,7 @@ def test_udp_listener_large_answer_whole() -> None:
         assert wire.query_id(reply) == 0x5151 and not wire.parse_header(reply).flags & FLAG_TC
         assert reply == wire.with_id(make_answer(server.received[0], 4500), 0x5151)
 
-    run(main())
+    run_async(main(), BODY_TIMEOUT)
 
 
 def test_udp_too_large_sets_tc_then_tcp_gets_it() -> None:
@@ -714,7 +603,7 @@ def test_udp_too_large_sets_tc_then_tcp_gets_it() -> None:
         assert qname(short) == "big.example"
         assert len(full) > 4500 and wire.query_id(full) == 0x6161
 
-    run(main())
+    run_async(main(), BODY_TIMEOUT)
 
 
 def test_tcp_listener_pipelined() -> None:
@@ -730,7 +619,7 @@ def test_tcp_listener_pipelined() -> None:
         }
         assert server.connections == 1
 
-    run(main())
+    run_async(main(), BODY_TIMEOUT)
 
 
 @pytest.mark.skipif(not has_ipv6(), reason="no IPv6 loopback")
@@ -754,7 +643,7 @@ def test_same_port_on_every_address_and_protocol() -> None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT
                 sock.bind((address, port))
 
-    run(main())
+    run_async(main(), BODY_TIMEOUT)
 
 
 def test_malformed_udp_dropped_listener_survives() -> None:
@@ -777,7 +666,7 @@ def test_malformed_udp_dropped_listener_survives() -> None:
         assert qname(tcp_good) == "tcp.example"
         assert server.received and all(len(q) >= 12 for q in server.received)
 
-    run(main())
+    run_async(main(), BODY_TIMEOUT)
 
 
 def test_explicit_busy_port_raises() -> None:
@@ -789,7 +678,7 @@ def test_explicit_busy_port_raises() -> None:
             with pytest.raises(OSError):
                 await listener.start(["127.0.0.1"], port)
 
-    run(main())
+    run_async(main(), BODY_TIMEOUT)
 
 
 def test_port_collision_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -809,7 +698,7 @@ def test_port_collision_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
         assert port > 0 and len(taken) == 1
         listener.close()
 
-    run(main())
+    run_async(main(), BODY_TIMEOUT)
 
 
 def test_address_without_ipv6_is_skipped() -> None:
@@ -823,4 +712,4 @@ def test_address_without_ipv6_is_skipped() -> None:
             forwarder.close()
         assert qname(reply) == "v4.example"
 
-    run(main())
+    run_async(main(), BODY_TIMEOUT)

@@ -12,7 +12,8 @@ import pytest
 from shuttled.const import DNS_BYPASS_MARK
 from shuttled.dns import resolver, wire
 from shuttled.dns.resolver import DnsPlan, ProfileResolver
-from tests.unit.test_dns import direct, make_query, run
+from tests.helpers import run_async
+from tests.unit.dns_fakes import BODY_TIMEOUT, direct, make_query
 
 SERVER = {"bastion.example.com": (ipaddress.ip_address("198.51.100.7"),)}
 
@@ -47,7 +48,7 @@ def test_mode_all_catches_every_resolver_without_a_bypass() -> None:
         }
         await profile.close()
 
-    run(main())
+    run_async(main(), BODY_TIMEOUT)
 
 
 def test_split_without_resolved_catches_resolv_conf_and_marks_its_own_queries() -> None:
@@ -61,7 +62,7 @@ def test_split_without_resolved_catches_resolv_conf_and_marks_its_own_queries() 
         assert profile.status()["domains"] == ["corp.example", "1.10.in-addr.arpa"]
         await profile.close()
 
-    run(main())
+    run_async(main(), BODY_TIMEOUT)
 
 
 def test_the_ssh_servers_name_is_answered_when_the_tunnel_would_take_it() -> None:
@@ -79,5 +80,5 @@ def test_the_ssh_servers_name_is_answered_when_the_tunnel_would_take_it() -> Non
         await split.close()
         return pinned, local.answer(query, wire.read_questions(query)[0]) if local else None
 
-    pinned, local = run(main())
+    pinned, local = run_async(main(), BODY_TIMEOUT)
     assert pinned.endswith(bytes([198, 51, 100, 7])) and local is None

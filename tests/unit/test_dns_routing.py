@@ -18,7 +18,15 @@ from shuttled.dns.forwarder import DnsForwarder, DnsPeers, DnsStats
 from shuttled.dns.local import LocalUpstream
 from shuttled.dns.routing import HostsTable, SplitRoutes, reverse_zones
 from shuttled.dns.wire import FLAG_QR, FLAG_RA, FLAG_TC, Rcode
-from tests.unit.test_dns import FakeServer, direct, make_answer, make_query, qname, run
+from tests.helpers import run_async
+from tests.unit.dns_fakes import (
+    BODY_TIMEOUT,
+    FakeServer,
+    direct,
+    make_answer,
+    make_query,
+    qname,
+)
 
 TYPE_A, TYPE_NS, TYPE_SOA, TYPE_PTR, TYPE_MX, TYPE_AAAA, TYPE_OPT = 1, 2, 6, 12, 15, 28, 41
 RCODE_NXDOMAIN = 3
@@ -330,7 +338,7 @@ def test_local_upstream_udp_then_tcp_when_truncated() -> None:
         assert len(local.udp) == 1 and len(local.tcp) == 1
         assert wire.query_id(local.udp[0]) != 7 or wire.query_id(local.tcp[0]) != 7  # fresh ids
 
-    run(main())
+    run_async(main(), BODY_TIMEOUT)
 
 
 def test_local_upstream_ignores_a_reply_with_the_wrong_id() -> None:
@@ -341,7 +349,7 @@ def test_local_upstream_ignores_a_reply_with_the_wrong_id() -> None:
             reply = await upstream.query(make_query("s.example", ident=3), loop.time() + 2)
         assert wire.query_id(reply) == 3 and wire.parse_header(reply).ancount == 1
 
-    run(main())
+    run_async(main(), BODY_TIMEOUT)
 
 
 def test_local_upstream_fails_over_from_a_silent_resolver() -> None:
@@ -354,7 +362,7 @@ def test_local_upstream_fails_over_from_a_silent_resolver() -> None:
             assert time.monotonic() - started < 1.0
         assert wire.parse_header(reply).ancount == 1 and len(mute.udp) == 1
 
-    run(main())
+    run_async(main(), BODY_TIMEOUT)
 
 
 # --- the forwarder, split -------------------------------------------------------------------------
@@ -382,7 +390,7 @@ def test_split_private_names_through_the_tunnel_the_rest_local() -> None:
         assert [qname(q) for q in local.udp] == ["www.public.example"]
         assert forwarder.stats == DnsStats(queries=2, answered=2, tunnel=1, local=1)
 
-    run(main())
+    run_async(main(), BODY_TIMEOUT)
 
 
 def test_repeated_query_comes_from_the_cache() -> None:
@@ -398,7 +406,7 @@ def test_repeated_query_comes_from_the_cache() -> None:
         assert len(tunnel.received) == 1 and len(local.udp) == 1
         assert forwarder.stats.cache_hits == 3 and forwarder.stats.answered == 5
 
-    run(main())
+    run_async(main(), BODY_TIMEOUT)
 
 
 def test_new_routes_empty_the_cache() -> None:
@@ -411,7 +419,7 @@ def test_new_routes_empty_the_cache() -> None:
             forwarder.close()
         assert len(local.udp) == 1 and len(tunnel.received) == 1
 
-    run(main())
+    run_async(main(), BODY_TIMEOUT)
 
 
 def test_remote_hosts_answered_without_asking_anyone() -> None:
@@ -424,7 +432,7 @@ def test_remote_hosts_answered_without_asking_anyone() -> None:
         assert reply.endswith(bytes([10, 20, 0, 11])) and not tunnel.received and not local.udp
         assert forwarder.stats == DnsStats(queries=1, answered=1, hosts=1)
 
-    run(main())
+    run_async(main(), BODY_TIMEOUT)
 
 
 def test_unclaimed_name_without_a_local_upstream_is_refused() -> None:
@@ -437,7 +445,7 @@ def test_unclaimed_name_without_a_local_upstream_is_refused() -> None:
             forwarder.close()
         assert rcode(reply) == Rcode.REFUSED and not tunnel.received
 
-    run(main())
+    run_async(main(), BODY_TIMEOUT)
 
 
 def test_silent_local_resolver_servfail_within_the_timeout() -> None:
@@ -451,7 +459,7 @@ def test_silent_local_resolver_servfail_within_the_timeout() -> None:
         assert rcode(reply) == Rcode.SERVFAIL and elapsed < 0.5 + 0.3
         assert forwarder.stats.timeouts == 1
 
-    run(main())
+    run_async(main(), BODY_TIMEOUT)
 
 
 def test_peer_profiles_answer_each_others_names() -> None:
@@ -486,4 +494,4 @@ def test_peer_profiles_answer_each_others_names() -> None:
         assert [qname(q) for q in local.udp] == ["x.c.example", "y.b.example"]
         assert a.stats.peer == 1 and b.stats.tunnel == 1 and rcode(gone) == 0
 
-    run(main())
+    run_async(main(), BODY_TIMEOUT)

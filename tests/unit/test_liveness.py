@@ -25,7 +25,7 @@ def _verdict(keepalive: float, heard_ago: float, tcp_heard_ago: float | None) ->
         link.heard = time.monotonic() - heard_ago
         tcp = None if tcp_heard_ago is None else _tcp(tcp_heard_ago)
         link.master.tcp_info = lambda: tcp  # type: ignore[method-assign]
-        return session._dead(link)
+        return session.link_dead(link)
 
     return asyncio.run(main())
 

@@ -8,8 +8,6 @@ small limits (channel count, UDP idle time) or to look at its queues.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import glob
 import hashlib
 import os
@@ -18,7 +16,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,343 +30,24 @@ from shuttled.remote import (
 )
 from shuttled.remote import helper as helper_mod
 from shuttled.tunnel import sshmsg
+from tests.helpers import async_test
+from tests.unit.helper_client import (
+    TIMEOUT,
+    Chan,
+    Proc,
+    echo_server,
+    helper_inprocess,
+    helper_process,
+    udp_echo,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
-TIMEOUT = 30.0
-
-
-def run(coro_fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
-    """Run an async test body in a fresh event loop, bounded in time."""
-
-    @functools.wraps(coro_fn)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        async def bounded() -> None:
-            await asyncio.wait_for(coro_fn(*args, **kwargs), TIMEOUT)
-
-        asyncio.run(bounded())
-
-    return wrapper
-
-
-# --- a minimal client channel layer for the tests ----------------------------------------
-
-
-class Chan:
-    """The client's view of one channel."""
-
-    def __init__(self, peer: Peer, lid: int, window: int, max_packet: int, grant: bool) -> None:
-        self.peer = peer
-        self.lid = lid
-        self.rid = -1
-        self.lwin = window  # what the helper may still send us
-        self.lwin_max = window
-        self.lmax = max_packet
-        self.grant = grant
-        self.consumed = 0
-        self.rwin = 0
-        self.rmax = 0
-        self.data = bytearray()
-        self.datagrams: list[bytes] = []
-        self.packet_sizes: list[int] = []
-        self.events: list[int] = []  # message types in arrival order
-        self.changed = asyncio.Event()
-        self.window_event = asyncio.Event()
-        self.replies: asyncio.Queue[int] = asyncio.Queue()
-        self.got_eof = False
-        self.got_close = False
-        self.sent_close = False
-        self.opened: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-
-    # sending
-    async def send(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            while self.rwin == 0:
-                self.window_event.clear()
-                await self.window_event.wait()
-            size = min(len(view), self.rwin, self.rmax)
-            self.peer.write(sshmsg.data_header(self.rid, size) + bytes(view[:size]))
-            self.rwin -= size
-            view = view[size:]
-            await self.peer.drain()
-
-    def send_datagram(self, host: str, port: int, payload: bytes) -> None:
-        frame = sshmsg.pack_datagram(host, port, payload)
-        assert len(frame) <= self.rwin and len(frame) <= self.rmax
-        self.rwin -= len(frame)
-        self.peer.write(sshmsg.data_header(self.rid, len(frame)) + frame)
-
-    def send_eof(self) -> None:
-        self.peer.write(sshmsg.eof(self.rid))
-
-    def send_close(self) -> None:
-        self.sent_close = True
-        self.peer.write(sshmsg.close(self.rid))
-
-    def adjust(self, amount: int) -> None:
-        self.lwin += amount
-        self.peer.write(sshmsg.window_adjust(self.rid, amount))
-
-    # receiving
-    def on_data(self, data: bytes) -> None:
-        if len(data) > self.lwin:
-            self.peer.violations.append(
-                f"channel {self.lid}: {len(data)} bytes past a window of {self.lwin}"
-            )
-        if len(data) > self.lmax:
-            self.peer.violations.append(
-                f"channel {self.lid}: {len(data)} bytes past max packet {self.lmax}"
-            )
-        self.lwin -= len(data)
-        self.packet_sizes.append(len(data))
-        self.data += data
-        self.datagrams.append(data)
-        if self.grant:
-            self.consumed += len(data)
-            if self.consumed >= self.lwin_max // 2:
-                self.adjust(self.consumed)
-                self.consumed = 0
-
-    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 20.0) -> None:
-        async def loop() -> None:
-            while not predicate():
-                self.changed.clear()
-                await self.changed.wait()
-
-        await asyncio.wait_for(loop(), timeout)
-
-
-class Peer:
-    """Reads the helper's packets in a task; writes ours to its stdin."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: Any) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.hello: asyncio.Future[tuple[str, str]] = asyncio.get_running_loop().create_future()
-        self.channels: dict[int, Chan] = {}
-        self.opening: dict[int, Chan] = {}
-        self.globals: asyncio.Queue[int] = asyncio.Queue()
-        self.violations: list[str] = []
-        self.ended = asyncio.Event()
-        self.gate = asyncio.Event()
-        self.gate.set()
-        self.next_id = 100
-        self.task = asyncio.get_running_loop().create_task(self._pump())
-
-    def write(self, data: bytes) -> None:
-        self.writer.write(data)
-
-    async def drain(self) -> None:
-        await self.writer.drain()
-
-    async def _pump(self) -> None:
-        try:
-            while True:
-                await self.gate.wait()
-                head = await self.reader.readexactly(4)
-                body = await self.reader.readexactly(int.from_bytes(head, "big"))
-                assert body[0] == 0, "padding in an unencrypted packet"
-                self._dispatch(body[1], memoryview(body)[2:])
-        except asyncio.IncompleteReadError as exc:
-            if exc.partial:
-                self.violations.append("stdout ended inside a packet")
-        except Exception as exc:  # a bug in this test client, or a bad packet
-            self.violations.append(f"reading packets: {exc!r}")
-        finally:
-            self.ended.set()
-            for chan in self.channels.values():
-                chan.changed.set()
-
-    def _dispatch(self, msg_type: int, payload: memoryview) -> None:
-        if not self.hello.done():
-            if msg_type != sshmsg.MSG_REQUEST_SUCCESS:
-                self.violations.append(f"first packet is type {msg_type}, not the hello")
-                return
-            reader = sshmsg.Reader(payload)
-            self.hello.set_result((reader.text(), reader.text()))
-            return
-        if msg_type in (sshmsg.MSG_REQUEST_SUCCESS, sshmsg.MSG_REQUEST_FAILURE):
-            self.globals.put_nowait(msg_type)
-            return
-        reader = sshmsg.Reader(payload)
-        lid = reader.u32()
-        if msg_type == sshmsg.MSG_CHANNEL_OPEN_CONFIRMATION:
-            chan = self.opening.pop(lid)
-            chan.rid, chan.rwin, chan.rmax = reader.u32(), reader.u32(), reader.u32()
-            self.channels[lid] = chan
-            chan.opened.set_result(chan)
-            return
-        if msg_type == sshmsg.MSG_CHANNEL_OPEN_FAILURE:
-            self.opening.pop(lid).opened.set_result((reader.u32(), reader.text()))
-            return
-        chan = self.channels[lid]
-        if chan.got_close:
-            self.violations.append(f"channel {lid}: type {msg_type} after CLOSE")
-        chan.events.append(msg_type)
-        if msg_type == sshmsg.MSG_CHANNEL_DATA:
-            chan.on_data(reader.string())
-        elif msg_type == sshmsg.MSG_CHANNEL_WINDOW_ADJUST:
-            chan.rwin += reader.u32()
-            chan.window_event.set()
-        elif msg_type == sshmsg.MSG_CHANNEL_EOF:
-            if chan.got_eof:
-                self.violations.append(f"channel {lid}: second EOF")
-            chan.got_eof = True
-        elif msg_type == sshmsg.MSG_CHANNEL_CLOSE:
-            chan.got_close = True
-            if not chan.sent_close:
-                chan.send_close()
-        elif msg_type in (sshmsg.MSG_CHANNEL_SUCCESS, sshmsg.MSG_CHANNEL_FAILURE):
-            chan.replies.put_nowait(msg_type)
-        else:
-            self.violations.append(f"unexpected type {msg_type}")
-        chan.changed.set()
-
-    async def open(
-        self,
-        kind: str,
-        extra: bytes,
-        window: int = const.CHANNEL_WINDOW,
-        max_packet: int = const.CHANNEL_MAX_PACKET,
-        grant: bool = True,
-    ) -> Any:
-        """Chan on confirmation, else (reason, description)."""
-        lid = self.next_id
-        self.next_id += 1
-        self.opening[lid] = Chan(self, lid, window, max_packet, grant)
-        self.write(sshmsg.channel_open(kind, lid, window, max_packet, extra))
-        return await asyncio.wait_for(self.opening[lid].opened, 20)
-
-    async def open_tcp(self, port: int, host: str = "127.0.0.1", **kw: Any) -> Any:
-        return await self.open(
-            "direct-tcpip", sshmsg.direct_tcpip_extra(host, port, "127.0.0.1", 4444), **kw
-        )
-
-    async def open_udp(self, family: str = "inet", **kw: Any) -> Any:
-        return await self.open(sshmsg.UDP_CHANNEL_TYPE, sshmsg.sstring(family), **kw)
-
-
-# --- running the helper ----------------------------------------------------------------------
-
-
-class Proc:
-    def __init__(self, proc: asyncio.subprocess.Process, peer: Peer) -> None:
-        self.proc = proc
-        self.peer = peer
-
-    async def finish(self, timeout: float = 10.0) -> tuple[int, str]:
-        """Close stdin; the exit status and stderr."""
-        assert self.proc.stdin is not None and self.proc.stderr is not None
-        if not self.proc.stdin.is_closing():
-            self.proc.stdin.close()
-        code = await asyncio.wait_for(self.proc.wait(), timeout)
-        err = await self.proc.stderr.read()
-        return code, err.decode()
-
-
-@contextlib.asynccontextmanager
-async def helper_process(
-    pythons: tuple[str, ...] = ("python3",), shell: str = "sh"
-) -> AsyncIterator[Proc]:
-    source = helper_source()
-    proc = await asyncio.create_subprocess_exec(
-        shell,
-        "-c",
-        loader_command(len(source), pythons),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    assert proc.stdin is not None and proc.stdout is not None
-    proc.stdin.write(source)
-    peer = Peer(proc.stdout, proc.stdin)
-    try:
-        yield Proc(proc, peer)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        peer.task.cancel()
-        assert not peer.violations, peer.violations
-
-
-@contextlib.asynccontextmanager
-async def helper_inprocess(
-    expect_exit: int = 0, **kw: Any
-) -> AsyncIterator[tuple[helper_mod.Helper, Peer]]:
-    ours, theirs = socket.socketpair()
-    helper = helper_mod.Helper(theirs.fileno(), theirs.fileno(), **kw)
-    task = asyncio.get_running_loop().create_task(helper.run())
-    reader, writer = await asyncio.open_connection(sock=ours)
-    peer = Peer(reader, writer)
-    try:
-        await asyncio.wait_for(peer.hello, 5)
-        yield helper, peer
-        if expect_exit == 0:
-            writer.write_eof()
-        assert await asyncio.wait_for(task, 10) == expect_exit
-        assert not peer.violations, peer.violations
-    finally:
-        task.cancel()
-        peer.task.cancel()
-        writer.close()
-        theirs.close()
-
-
-# --- loopback servers --------------------------------------------------------------------------
-
-
-async def echo_server(received: list[int] | None = None) -> tuple[asyncio.Server, int]:
-    """Echoes until EOF, then closes. `received` gets the byte count of each connection."""
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        total = 0
-        try:
-            while data := await reader.read(256 * 1024):
-                total += len(data)
-                writer.write(data)
-                await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            if received is not None:
-                received.append(total)
-            writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    return server, server.sockets[0].getsockname()[1]
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-class UdpEcho:
-    """A UDP echo on a plain socket (asyncio's transport silently skips empty datagrams)."""
-
-    def __init__(self, host: str) -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_DGRAM)
-        self.sock.bind((host, 0))
-        self.sock.setblocking(False)
-        self.port = self.sock.getsockname()[1]
-        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._echo)
-
-    def _echo(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            data, addr = self.sock.recvfrom(65536)
-            self.sock.sendto(data, addr)
-
-    def close(self) -> None:
-        asyncio.get_running_loop().remove_reader(self.sock.fileno())
-        self.sock.close()
-
-
-async def udp_echo(host: str) -> tuple[UdpEcho, int]:
-    echo = UdpEcho(host)
-    return echo, echo.port
 
 
 def python38() -> str | None:
@@ -526,7 +204,7 @@ def test_vermin_says_python_38() -> None:
 # --- the helper over stdio ---------------------------------------------------------------------
 
 
-@run
+@async_test(TIMEOUT)
 async def test_hello_and_clean_exit_on_stdin_eof() -> None:
     async with helper_process() as h:
         banner, version = await asyncio.wait_for(h.peer.hello, 10)
@@ -556,7 +234,7 @@ async def _round_trip(h: Proc) -> None:
     server.close()
 
 
-@run
+@async_test(TIMEOUT)
 async def test_tcp_round_trip_eof_both_ways_close() -> None:
     async with helper_process() as h:
         await _round_trip(h)
@@ -566,7 +244,7 @@ async def test_tcp_round_trip_eof_both_ways_close() -> None:
         assert (code, err) == (0, "")
 
 
-@run
+@async_test(TIMEOUT)
 async def test_runs_on_python_38() -> None:
     path = python38()
     if path is None:
@@ -583,7 +261,7 @@ async def test_runs_on_python_38() -> None:
         assert await h.finish() == (0, "")
 
 
-@run
+@async_test(TIMEOUT)
 async def test_server_closes_first_and_client_half_close() -> None:
     """The target says its piece and half-closes; we still send and then finish."""
     got = asyncio.get_running_loop().create_future()
@@ -612,7 +290,7 @@ async def test_server_closes_first_and_client_half_close() -> None:
     server.close()
 
 
-@run
+@async_test(TIMEOUT)
 async def test_refused_port_fails_quickly_with_reason_2() -> None:
     async with helper_process() as h:
         await h.peer.hello
@@ -624,7 +302,7 @@ async def test_refused_port_fails_quickly_with_reason_2() -> None:
         assert await h.finish() == (0, "")
 
 
-@run
+@async_test(TIMEOUT)
 async def test_unknown_channel_type_and_requests() -> None:
     async with helper_process() as h:
         assert await h.peer.open("session", b"") == (
@@ -649,7 +327,7 @@ async def test_unknown_channel_type_and_requests() -> None:
         server.close()
 
 
-@run
+@async_test(TIMEOUT)
 async def test_window_and_max_packet_respected_then_resumed() -> None:
     async with helper_process() as h:
         server, port = await echo_server()
@@ -673,7 +351,7 @@ async def test_window_and_max_packet_respected_then_resumed() -> None:
         server.close()
 
 
-@run
+@async_test(TIMEOUT)
 async def test_8_mib_each_way_sha256(capsys: pytest.CaptureFixture[str]) -> None:
     size = 8 << 20
     async with helper_process() as h:
@@ -695,7 +373,7 @@ async def test_8_mib_each_way_sha256(capsys: pytest.CaptureFixture[str]) -> None
         server.close()
 
 
-@run
+@async_test(TIMEOUT)
 async def test_many_channels_at_once() -> None:
     async with helper_process() as h:
         server, port = await echo_server()
@@ -711,7 +389,7 @@ async def test_many_channels_at_once() -> None:
         server.close()
 
 
-@run
+@async_test(TIMEOUT)
 async def test_close_right_after_data_still_delivers_it() -> None:
     received: list[int] = []
     server, port = await echo_server(received)
@@ -731,7 +409,7 @@ async def test_close_right_after_data_still_delivers_it() -> None:
     server.close()
 
 
-@run
+@async_test(TIMEOUT)
 async def test_stdin_eof_closes_every_socket() -> None:
     closed = asyncio.get_running_loop().create_future()
 
@@ -748,7 +426,7 @@ async def test_stdin_eof_closes_every_socket() -> None:
 
 
 @pytest.mark.parametrize("family, host", [("inet", "127.0.0.1"), ("inet6", "::1")])
-@run
+@async_test(TIMEOUT)
 async def test_udp_round_trip(family: str, host: str) -> None:
     try:
         udp, port = await udp_echo(host)
@@ -770,7 +448,7 @@ async def test_udp_round_trip(family: str, host: str) -> None:
     udp.close()
 
 
-@run
+@async_test(TIMEOUT)
 async def test_udp_drops_what_the_window_cannot_take() -> None:
     udp, port = await udp_echo("127.0.0.1")
     async with helper_process() as h:
@@ -808,7 +486,7 @@ MALFORMED = {
 
 
 @pytest.mark.parametrize("name", sorted(MALFORMED))
-@run
+@async_test(TIMEOUT)
 async def test_malformed_packet_exits_3_with_one_line(name: str) -> None:
     async with helper_process() as h:
         await h.peer.hello
@@ -834,7 +512,7 @@ async def sink_server() -> tuple[asyncio.AbstractServer, int]:
 
 
 @pytest.mark.parametrize("violation", ["past max packet", "data after eof", "window overflow"])
-@run
+@async_test(TIMEOUT)
 async def test_state_violations_exit_3(violation: str) -> None:
     async with helper_process() as h:
         server, port = await sink_server()
@@ -854,7 +532,7 @@ async def test_state_violations_exit_3(violation: str) -> None:
 # --- in-process: limits, timers and queues -------------------------------------------------
 
 
-@run
+@async_test(TIMEOUT)
 async def test_channel_limit_gives_reason_4() -> None:
     async with helper_inprocess(max_channels=2) as (_, peer):
         first = await peer.open_udp()
@@ -866,7 +544,7 @@ async def test_channel_limit_gives_reason_4() -> None:
         assert isinstance(await peer.open_udp(), Chan)  # the freed slot is usable again
 
 
-@run
+@async_test(TIMEOUT)
 async def test_data_past_the_window_is_a_protocol_error(
     monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -884,7 +562,7 @@ async def test_data_past_the_window_is_a_protocol_error(
     server.close()
 
 
-@run
+@async_test(TIMEOUT)
 async def test_internal_error_exits_70_with_one_line(
     monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -906,7 +584,7 @@ async def test_internal_error_exits_70_with_one_line(
     assert len(err.splitlines()) == 1
 
 
-@run
+@async_test(TIMEOUT)
 async def test_udp_idle_timeout_sends_eof_and_close() -> None:
     async with helper_inprocess(udp_idle=0.3) as (helper, peer):
         chan = await peer.open_udp()
@@ -916,7 +594,7 @@ async def test_udp_idle_timeout_sends_eof_and_close() -> None:
         assert helper.channels == {}
 
 
-@run
+@async_test(TIMEOUT)
 async def test_udp_channel_asks_for_its_own_idle_timeout() -> None:
     # The client's flow idle travels with the open: the helper's default (here 30 s)
     # must not outlive nor cut short what the client promised.
@@ -926,7 +604,7 @@ async def test_udp_channel_asks_for_its_own_idle_timeout() -> None:
         assert chan.events == [sshmsg.MSG_CHANNEL_EOF, sshmsg.MSG_CHANNEL_CLOSE]
 
 
-@run
+@async_test(TIMEOUT)
 async def test_stdout_backlog_is_bounded_and_resumes() -> None:
     """A client that stops reading holds back every socket: bounded output queue."""
     blob = os.urandom(4 << 20)

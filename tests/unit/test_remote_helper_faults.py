@@ -26,13 +26,14 @@ import pytest
 
 from shuttled.remote import helper as helper_mod
 from shuttled.tunnel import sshmsg
-from tests.unit.test_remote_helper import (
+from tests.helpers import async_test
+from tests.unit.helper_client import (
+    TIMEOUT,
     Chan,
     Peer,
     echo_server,
     helper_inprocess,
     helper_process,
-    run,
     udp_echo,
 )
 
@@ -281,7 +282,7 @@ CASES: dict[str, tuple[type, str, Victim, dict[str, Any]]] = {
 
 
 @pytest.mark.parametrize("name", list(CASES))
-@run
+@async_test(TIMEOUT)
 async def test_fault_in_a_callback_ends_that_channel_only(
     name: str, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -320,7 +321,7 @@ async def test_fault_in_a_callback_ends_that_channel_only(
     udp.close()
 
 
-@run
+@async_test(TIMEOUT)
 async def test_fault_while_connecting_fails_that_open_only(
     monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -385,7 +386,7 @@ async def still_serving(peer: Peer, echo_port: int) -> None:
 
 @pytest.mark.parametrize("window", [0, 1 << 20])
 @pytest.mark.parametrize("send", ["data then eof", "eof only"])
-@run
+@async_test(TIMEOUT)
 async def test_target_resets_right_after_accept(window: int, send: str) -> None:
     """Data then EOF, or EOF alone, to a socket the target has already reset: EPIPE
     or ECONNRESET from the write, ENOTCONN from shutdown. With window 0 the helper
@@ -414,7 +415,7 @@ async def test_target_resets_right_after_accept(window: int, send: str) -> None:
     echo.close()
 
 
-@run
+@async_test(TIMEOUT)
 async def test_targets_that_reset_during_the_connect() -> None:
     """A reset at once races the helper's connect: OPEN_FAILURE or a channel that
     closes, 50 times over, and the helper goes on."""
@@ -433,7 +434,7 @@ async def test_targets_that_reset_during_the_connect() -> None:
     echo.close()
 
 
-@run
+@async_test(TIMEOUT)
 async def test_names_and_addresses_that_used_to_end_the_helper() -> None:
     """A label the IDNA codec refuses (UnicodeError, not OSError) and a datagram to
     an address with a NUL in it (ValueError): one failed open, one dropped datagram."""
@@ -456,7 +457,7 @@ async def test_names_and_addresses_that_used_to_end_the_helper() -> None:
     udp.close()
 
 
-@run
+@async_test(TIMEOUT)
 async def test_epoll_refusing_a_socket_ends_that_channel(
     monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:

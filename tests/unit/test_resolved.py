@@ -14,7 +14,7 @@ import pytest
 from shuttled import const
 from shuttled.dns import resolved
 from shuttled.dns.resolved import DnsLink, Resolved, ResolvedError, link_name, stale_link_names
-from tests.unit.resolve1_recorder import Recorder, private_bus, serve_recorder
+from tests.unit.resolve1_recorder import Resolve1Recorder, private_bus, serve_recorder
 
 LINK = DnsLink("shuttled-work", 7, ipaddress.IPv4Address("169.254.53.9"))
 
@@ -67,7 +67,7 @@ def bus_address(monkeypatch: pytest.MonkeyPatch) -> Any:
 
 def test_configure_and_revert_make_exactly_these_calls(bus_address: str) -> None:
     async def main() -> list[tuple[str, list[Any]]]:
-        recorder = Recorder(no_such_link=2)  # resolved has not seen the link yet, twice
+        recorder = Resolve1Recorder(no_such_link=2)  # resolved has not seen the link yet, twice
         service = await serve_recorder(bus_address, recorder)
         client = await Resolved.connect()
         assert client is not None
@@ -103,7 +103,7 @@ def test_resolved_in_another_network_namespace_is_not_used(
     monkeypatch.setattr(resolved, "_same_netns", lambda pid: False)
 
     async def main() -> Resolved | None:
-        service = await serve_recorder(bus_address, Recorder())
+        service = await serve_recorder(bus_address, Resolve1Recorder())
         client = await Resolved.connect()
         service.disconnect()
         return client
@@ -113,7 +113,7 @@ def test_resolved_in_another_network_namespace_is_not_used(
 
 def test_a_refused_call_is_an_error(bus_address: str) -> None:
     async def main() -> None:
-        service = await serve_recorder(bus_address, Recorder(no_such_link=1000))
+        service = await serve_recorder(bus_address, Resolve1Recorder(no_such_link=1000))
         client = await Resolved.connect()
         assert client is not None
         try:

@@ -373,7 +373,7 @@ def test_datagram_is_sent_whole_or_dropped_never_split_or_queued() -> None:
         assert channel.send_whole(b"x" * 600)
         assert not channel.send_whole(b"y" * 600)  # 400 bytes of window left
         assert channel.remote_window == 400 and not channel.send_blocked
-        mux._flush()
+        mux.push()
         messages, _ = sshmsg.split_packets(bytes(pipe.buf), 1 << 20)
         sizes = [len(p) - 8 for t, p in messages if t == sshmsg.MSG_CHANNEL_DATA]
         assert sizes == [600]
@@ -387,11 +387,11 @@ def test_flows_beyond_the_limit_are_refused_and_counted() -> None:
             raise ShuttledError("UDP unavailable: no python")
 
         proxy = UdpProxy(no_helper, max_flows=2)
-        flows = [proxy._new_flow(("192.168.1.9", port)) for port in (1000, 1001, 1002)]
+        flows = [proxy.new_flow(("192.168.1.9", port)) for port in (1000, 1001, 1002)]
         assert flows[2] is None and proxy.stats.refused == 1 and len(proxy.flows) == 2
         await asyncio.sleep(0.01)  # the opens fail: counted, and the slots are free again
         assert proxy.stats.failed == 2 and proxy.flows == {}
-        assert proxy._new_flow(("192.168.1.9", 1003)) is not None
+        assert proxy.new_flow(("192.168.1.9", 1003)) is not None
         proxy.close()
 
     asyncio.run(body())

@@ -9,10 +9,10 @@ from collections.abc import Sequence
 from shuttled.firewall.base import Capture
 from shuttled.net import Subnet
 from shuttled.supervisor import CaptureSet
-from tests.unit.test_supervisor_hold import Recorder
+from tests.helpers import RecordingBackend
 
 
-class Kernel(Recorder):
+class Kernel(RecordingBackend):
     """The recorder, with a listing of its 'kernel' that the test can tamper with."""
 
     name = "fake"

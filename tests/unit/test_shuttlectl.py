@@ -18,7 +18,7 @@ from shuttlectl import render
 from shuttlectl.__main__ import main
 from shuttlectl.client import Client
 from shuttled.const import ExitCode
-from tests.unit.test_control_support import (
+from tests.fake_core import (
     MEMBER_UID,
     STRANGER_UID,
     FakeCore,

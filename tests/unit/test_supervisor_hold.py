@@ -5,41 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import Sequence
 
-from shuttled.firewall.base import Backend, Capture
+from shuttled.firewall.base import Capture
 from shuttled.net import Subnet
 from shuttled.router import RouterSettings
 from shuttled.supervisor import CaptureSet, Tunnel, TunnelSpec
 from shuttled.tunnel.ssh import SshTarget
-
-
-class Recorder(Backend):
-    """Every transaction as the captures it installs; nothing reaches a kernel."""
-
-    name = "recorder"
-    applied: list[list[Capture]]
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.applied = []
-
-    @classmethod
-    def unsupported_reason(cls) -> str | None:
-        return None
-
-    @classmethod
-    def instances(cls) -> list[str]:
-        return []
-
-    def render(self, captures: Sequence[Capture]) -> str:
-        return ""
-
-    def apply(self, captures: Sequence[Capture]) -> None:
-        self.applied.append(list(captures))
-
-    def remove(self) -> None:
-        self.applied.append([])
+from tests.helpers import RecordingBackend
 
 
 def spec(subnet: str, kill_switch: bool = True) -> TunnelSpec:
@@ -54,19 +26,18 @@ def spec(subnet: str, kill_switch: bool = True) -> TunnelSpec:
 async def held(tunnel: Tunnel) -> None:
     """As a connect attempt holds: listener up, ssh -G answered (nothing to exclude)."""
     await tunnel.proxy.start(0)
-    tunnel._excludes = ()
-    tunnel._hold()
+    tunnel.hold(excludes=())
 
 
 def test_a_changed_profile_stays_held_until_its_successor_holds() -> None:
     async def scenario() -> tuple[list[list[Capture]], Capture]:
-        captures = CaptureSet(Recorder())
+        captures = CaptureSet(RecordingBackend())
         old = Tunnel(spec("10.1.0.0/16"), captures)
         await held(old)
         await old.down(keep_hold=True)
         new = Tunnel(spec("10.2.0.0/16"), captures)
         await held(new)
-        assert isinstance(captures.backend, Recorder)
+        assert isinstance(captures.backend, RecordingBackend)
         applied, final = list(captures.backend.applied), captures.captures["work"]
         await new.down()
         return applied, final
@@ -78,7 +49,7 @@ def test_a_changed_profile_stays_held_until_its_successor_holds() -> None:
 
 def test_without_keep_hold_down_lifts_the_kill_switch() -> None:
     async def scenario() -> dict[str, Capture]:
-        captures = CaptureSet(Recorder())
+        captures = CaptureSet(RecordingBackend())
         tunnel = Tunnel(spec("10.1.0.0/16"), captures)
         await held(tunnel)
         await tunnel.down()
@@ -89,7 +60,7 @@ def test_without_keep_hold_down_lifts_the_kill_switch() -> None:
 
 def test_keep_hold_is_ignored_without_a_kill_switch() -> None:
     async def scenario() -> dict[str, Capture]:
-        captures = CaptureSet(Recorder())
+        captures = CaptureSet(RecordingBackend())
         tunnel = Tunnel(spec("10.1.0.0/16", kill_switch=False), captures)
         captures.put(Capture(name="work", subnets=tunnel.spec.subnets, tcp_port=1))
         await tunnel.down(keep_hold=True)

@@ -1,13 +1,10 @@
-"""A fake daemon core and a server running in a thread, shared by the control tests.
-
-(Named test_* only so that it sits with the tests it serves; it holds no tests.)
-"""
+"""A fake daemon core and a control server running in a thread, shared by the control
+tests (the socket, D-Bus and shuttlectl ones, unit and integration)."""
 
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -16,6 +13,7 @@ from shuttled.config import Config, DnsSettings, Profile
 from shuttled.control import api
 from shuttled.control.unix import UnixControlServer
 from shuttled.errors import ShuttledError, TimeoutError_
+from tests.helpers import LoopThread
 
 MEMBER_UID = 4242  # in work's allow list
 STRANGER_UID = 4343
@@ -186,20 +184,16 @@ def caller(uid: int, *groups: int) -> api.Caller:
     return api.Caller(uid, uid, 1, groups)
 
 
-class ServerThread:
+class ServerThread(LoopThread):
     """A UnixControlServer on its own event loop in a thread, for blocking clients."""
 
     def __init__(self, core: FakeCore, path: Path, **kw: Any) -> None:
+        super().__init__()
         self.core, self.path = core, path
-        self.loop = asyncio.new_event_loop()
         self.server = UnixControlServer(core, **kw)
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-
-    def run(self, coro: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro(), self.loop).result(30)
 
     def __enter__(self) -> ServerThread:
-        self._thread.start()
+        self.start_loop()
         self.run(lambda: self.server.start(self.path))
         return self
 
@@ -209,9 +203,7 @@ class ServerThread:
 
     def __exit__(self, *exc: object) -> None:
         self.run(self.stop)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
+        self.stop_loop()
 
 
 @contextmanager
