@@ -127,7 +127,7 @@ class Daemon:
         for name in sorted(self.wanted):
             try:
                 self._check_overlap(name)
-                self._tunnel(name).up()
+                self.tunnel_for(name).up()
             except ShuttledError as exc:
                 log.error("not starting %s: %s", name, exc, extra={"PROFILE": name})
 
@@ -181,11 +181,12 @@ class Daemon:
             raise NoSuchProfileError(f"no profile named {name!r}")
         return profile
 
-    def _tunnel(self, name: str) -> Tunnel:
+    def tunnel_for(self, name: str) -> Tunnel:
+        """The profile's Tunnel, made (down) on first use."""
         tunnel = self.tunnels.get(name)
         if tunnel is None:
             assert self.captures is not None
-            tunnel = Tunnel(spec_for(self._profile(name)), self.captures, self._on_state)
+            tunnel = Tunnel(spec_for(self._profile(name)), self.captures, self.on_state)
             self.tunnels[name] = tunnel
         return tunnel
 
@@ -317,7 +318,7 @@ class Daemon:
         async with self._lock:
             self._profile(name)
             self._check_overlap(name)
-            tunnel = self._tunnel(name)
+            tunnel = self.tunnel_for(name)
             if not tunnel.running:
                 tunnel.up()
             self.wanted.add(name)
@@ -372,7 +373,7 @@ class Daemon:
         self.state.save(self.wanted)
         for name in sorted(wanted):
             if name not in self.tunnels or not self.tunnels[name].running:
-                self._tunnel(name).up()
+                self.tunnel_for(name).up()
         self._sync_lockdown()  # kill_switch may have changed, or profiles gone
         log.info("reloaded: added %s, removed %s, changed %s", added, removed, changed)
         for hook in self.on_reload:
@@ -391,7 +392,8 @@ class Daemon:
     def unsubscribe(self, queue: asyncio.Queue[Event]) -> None:
         self._subscribers.discard(queue)
 
-    def _on_state(self, name: str, state: State, error: str | None) -> None:
+    def on_state(self, name: str, state: State, error: str | None) -> None:
+        """A tunnel changed state: log it, tell watchers, update systemd's status line."""
         log.info("%s is %s%s", name, state, f": {error}" if error else "", extra={"PROFILE": name})
         self._emit(
             {

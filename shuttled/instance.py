@@ -15,7 +15,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from shuttled.const import RUN_DIR
+from shuttled.const import LOCKDOWN_TABLE, NFT_TABLE, RUN_DIR, RUN_TABLE_PREFIX
 from shuttled.errors import ShuttledError
 
 
@@ -83,3 +83,27 @@ def owner(path: Path | None = None) -> int | None:
         return None
     finally:
         os.close(fd)
+
+
+def is_cleanup_target(table: str, *, live: bool = False, lockdown: bool = False) -> bool:
+    """May `cleanup` remove what this owner left (tables, resolved links, records carry
+    its name)? The daemon's, or a one-shot run's whose process is gone (`live`: running
+    or not); the kill switch's lockdown table only with `lockdown`."""
+    if table == NFT_TABLE:
+        return True
+    if table == LOCKDOWN_TABLE:
+        return lockdown
+    pid = table.removeprefix(RUN_TABLE_PREFIX)
+    return table.startswith(RUN_TABLE_PREFIX) and pid.isdigit() and (live or not _alive(int(pid)))
+
+
+def _alive(pid: int) -> bool:
+    # A reused pid keeps a stale run table until that process ends too: rare,
+    # and the rules only redirect to a dead port (fail closed), never leak.
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, it just isn't ours to signal
+    return True

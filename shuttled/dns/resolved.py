@@ -43,7 +43,7 @@ from typing import Any
 
 from shuttled import const
 from shuttled.errors import ShuttledError
-from shuttled.firewall.base import is_cleanup_target
+from shuttled.instance import is_cleanup_target
 from shuttled.net import communicate, run_tool, tool_env, which_tool
 
 log = logging.getLogger(__name__)

@@ -17,10 +17,11 @@ import sys
 from shuttled.const import NFT_TABLE, RUN_TABLE_PREFIX
 from shuttled.errors import ConfigError, FirewallError
 from shuttled.firewall import policy
-from shuttled.firewall.base import Backend, Capture, Rule, capture_rules, is_cleanup_target
+from shuttled.firewall.base import Backend, Capture, Rule, capture_rules
 from shuttled.firewall.iptables import IptablesBackend
 from shuttled.firewall.nft import NftBackend
 from shuttled.firewall.pf import PfBackend
+from shuttled.instance import is_cleanup_target
 from shuttled.net import Subnet, order_subnets, parse_subnet
 
 __all__ = [

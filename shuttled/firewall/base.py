@@ -10,13 +10,12 @@ from __future__ import annotations
 import abc
 import ipaddress
 import logging
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from shuttled.const import DNS_PORT, LOCKDOWN_TABLE, NFT_TABLE, RUN_TABLE_PREFIX
+from shuttled.const import DNS_PORT, NFT_TABLE
 from shuttled.errors import ConfigError
 from shuttled.net import (
     IPAddress,
@@ -269,26 +268,3 @@ def address_set(nets: Sequence[IPNetwork]) -> str:
     """Destinations as nft and pf spell them: one, or "{ a, b }"; a host without /32, /128."""
     items = [str(n.network_address) if n.prefixlen == n.max_prefixlen else str(n) for n in nets]
     return items[0] if len(items) == 1 else "{ " + ", ".join(items) + " }"
-
-
-def is_cleanup_target(table: str, *, live: bool = False, lockdown: bool = False) -> bool:
-    """The daemon's table, or a one-shot run's table whose process is gone (`live`:
-    running or not); the kill switch's lockdown table only with `lockdown`."""
-    if table == NFT_TABLE:
-        return True
-    if table == LOCKDOWN_TABLE:
-        return lockdown
-    pid = table.removeprefix(RUN_TABLE_PREFIX)
-    return table.startswith(RUN_TABLE_PREFIX) and pid.isdigit() and (live or not _alive(int(pid)))
-
-
-def _alive(pid: int) -> bool:
-    # A reused pid keeps a stale run table until that process ends too: rare,
-    # and the rules only redirect to a dead port (fail closed), never leak.
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # it exists, it just isn't ours to signal
-    return True

@@ -86,7 +86,7 @@ async def connected_daemon(tmp_path: Path) -> Daemon:
     daemon.captures = CaptureSet(RecordingBackend())
     reload = await daemon.reload()
     assert reload == {"added": ["work"], "removed": [], "changed": [], "unchanged": []}
-    tunnel = daemon._tunnel("work")
+    tunnel = daemon.tunnel_for("work")
     tunnel.state, tunnel.up_since, tunnel.reconnects = State.UP, time.time() - 65, 1
     tunnel.session = FakeSession()  # type: ignore[assignment]
     plan = tunnel.spec.dns_plan()
@@ -99,7 +99,7 @@ def test_daemon_results_type_check_and_render(tmp_path: Path) -> None:
     async def scenario() -> tuple[Daemon, object, object]:
         daemon = await connected_daemon(tmp_path)
         events = daemon.subscribe()
-        daemon._on_state("work", State.UP, None)
+        daemon.on_state("work", State.UP, None)
         reload = through_the_wire(await daemon.reload())
         return daemon, events.get_nowait(), reload
 

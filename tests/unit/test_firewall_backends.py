@@ -13,8 +13,8 @@ from shuttled import net
 from shuttled.const import NFT_TABLE, RUN_TABLE_PREFIX
 from shuttled.errors import ConfigError, FirewallError
 from shuttled.firewall import IptablesBackend, NftBackend, detect, ipt
-from shuttled.firewall.base import is_cleanup_target
 from shuttled.firewall.ipt import ChainSet, parse
+from shuttled.instance import is_cleanup_target
 from shuttled.net import one_line
 
 SAVE = textwrap.dedent("""\
