@@ -99,34 +99,63 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_run(p: argparse.ArgumentParser) -> None:
-    # Also accepted after `run`, as sshuttle users type them; SUPPRESS keeps the
-    # top-level value when the flag is not repeated here.
-    p.add_argument(
-        "-v",
-        "--verbose",
-        action="count",
-        default=argparse.SUPPRESS,
-        help="more log output (repeat for debug)",
-    )
-    p.add_argument(
-        "-q",
-        "--quiet",
-        action="store_true",
-        default=argparse.SUPPRESS,
-        help="only warnings and errors",
-    )
-    p.add_argument(
-        "subnets",
-        nargs="*",
-        metavar="SUBNET",
-        help="IP/MASK[:PORT[-PORT]] to capture; 0/0 means all IPv4 and IPv6; hostnames allowed",
-    )
+    _add_run_remote(p.add_argument_group("the ssh side"))
+    _add_run_capture(p.add_argument_group("what to capture"))
+    _add_run_dns(p.add_argument_group("DNS"))
+    _add_run_local(p.add_argument_group("the local side"))
+    add_router_arguments(p.add_argument_group("router mode and UDP"))
+
+
+def _add_run_remote(p: argparse._ActionsContainer) -> None:
     p.add_argument(
         "-r",
         "--remote",
         required=True,
         metavar="[USER@]HOST[:PORT]",
         help="ssh destination (anything ssh accepts, including Host aliases)",
+    )
+    p.add_argument(
+        "-e",
+        "--ssh-cmd",
+        default=const.SSH_BIN,
+        metavar="CMD",
+        help="the ssh command and options, e.g. 'ssh -i key -p 2222'",
+    )
+    p.add_argument(
+        "--forward",
+        choices=[f.value for f in Forward],
+        default="auto",
+        help="who makes the remote connections: sshd (direct) or the uploaded "
+        "helper; auto uses the helper only where sshd refuses forwarding",
+    )
+    p.add_argument(
+        "--python",
+        metavar="PATH",
+        help="python on the remote for the helper (default: python3 and others)",
+    )
+    p.add_argument(
+        "--keepalive",
+        type=float,
+        default=const.KEEPALIVE_INTERVAL,
+        metavar="SECONDS",
+        help="health ping interval (pings go at least every "
+        "2 s); dead after three misses or 6 s of silence",
+    )
+    p.add_argument(
+        "--streams",
+        type=_streams,
+        default=1,
+        metavar="N",
+        help=f"ssh connections to spread new connections over (1-{const.MAX_STREAMS}; default 1)",
+    )
+
+
+def _add_run_capture(p: argparse._ActionsContainer) -> None:
+    p.add_argument(
+        "subnets",
+        nargs="*",
+        metavar="SUBNET",
+        help="IP/MASK[:PORT[-PORT]] to capture; 0/0 means all IPv4 and IPv6; hostnames allowed",
     )
     p.add_argument(
         "-s",
@@ -148,25 +177,22 @@ def _add_run(p: argparse.ArgumentParser) -> None:
         "-X", "--exclude-from", type=Path, metavar="FILE", help="read excluded subnets from FILE"
     )
     p.add_argument(
-        "-e",
-        "--ssh-cmd",
-        default=const.SSH_BIN,
-        metavar="CMD",
-        help="the ssh command and options, e.g. 'ssh -i key -p 2222'",
+        "-N",
+        "--auto-nets",
+        action="store_true",
+        help="also capture the networks the remote routes (learnt at connect)",
     )
     p.add_argument(
-        "--method",
-        choices=METHODS,
-        default="auto",
-        help="firewall backend (default: nft, else iptables; pf on macOS and FreeBSD)",
+        "--disable-ipv6", action="store_true", help="do not listen on ::1 nor capture IPv6"
     )
     p.add_argument(
-        "--forward",
-        choices=[f.value for f in Forward],
-        default="auto",
-        help="who makes the remote connections: sshd (direct) or the uploaded "
-        "helper; auto uses the helper only where sshd refuses forwarding",
+        "--no-auto-exclude",
+        action="store_true",
+        help="do not exclude the ssh server's own address and port",
     )
+
+
+def _add_run_dns(p: argparse._ActionsContainer) -> None:
     p.add_argument(
         "--dns",
         action="store_true",
@@ -180,12 +206,6 @@ def _add_run(p: argparse.ArgumentParser) -> None:
         metavar="DOMAIN",
         help="split DNS: only names under DOMAIN (repeatable) and the reverse "
         "zones of the subnets go through the tunnel; the rest stay local",
-    )
-    p.add_argument(
-        "-N",
-        "--auto-nets",
-        action="store_true",
-        help="also capture the networks the remote routes (learnt at connect)",
     )
     p.add_argument(
         "-H",
@@ -203,6 +223,25 @@ def _add_run(p: argparse.ArgumentParser) -> None:
         metavar="IP[,IP]",
         help="remote nameservers to ask (default: the remote's /etc/resolv.conf)",
     )
+
+
+def _add_run_local(p: argparse._ActionsContainer) -> None:
+    # -v and -q are also accepted after `run`, as sshuttle users type them; SUPPRESS
+    # keeps the top-level value when the flag is not repeated here.
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS,
+        help="more log output (repeat for debug)",
+    )
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="only warnings and errors",
+    )
     p.add_argument(
         "-l",
         "--listen",
@@ -210,37 +249,14 @@ def _add_run(p: argparse.ArgumentParser) -> None:
         help="listener port (default: any free port on 127.0.0.1 and ::1)",
     )
     p.add_argument(
+        "--method",
+        choices=METHODS,
+        default="auto",
+        help="firewall backend (default: nft, else iptables; pf on macOS and FreeBSD)",
+    )
+    p.add_argument(
         "--user", metavar="USER", help="capture only connections made by this local user"
     )
-    p.add_argument(
-        "--python",
-        metavar="PATH",
-        help="python on the remote for the helper (default: python3 and others)",
-    )
-    p.add_argument(
-        "--disable-ipv6", action="store_true", help="do not listen on ::1 nor capture IPv6"
-    )
-    p.add_argument(
-        "--keepalive",
-        type=float,
-        default=const.KEEPALIVE_INTERVAL,
-        metavar="SECONDS",
-        help="health ping interval (pings go at least every "
-        "2 s); dead after three misses or 6 s of silence",
-    )
-    p.add_argument(
-        "--streams",
-        type=_streams,
-        default=1,
-        metavar="N",
-        help=f"ssh connections to spread new connections over (1-{const.MAX_STREAMS}; default 1)",
-    )
-    p.add_argument(
-        "--no-auto-exclude",
-        action="store_true",
-        help="do not exclude the ssh server's own address and port",
-    )
-    add_router_arguments(p)
 
 
 def _streams(text: str) -> int:

@@ -157,7 +157,7 @@ class RouterSide:
 # --- `shuttled run` flags -----------------------------------------------------------
 
 
-def add_run_arguments(p: argparse.ArgumentParser) -> None:
+def add_run_arguments(p: argparse._ActionsContainer) -> None:
     """Router mode, UDP and kill switch flags of `shuttled run`."""
     p.add_argument(
         "--lan",
