@@ -39,7 +39,7 @@ import weakref
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import services as svc
 from .env import SBIN_PATH, which
@@ -54,6 +54,9 @@ from .netns import (
     sweep_netns,
     terminate_popen,
 )
+
+if TYPE_CHECKING:
+    from .dropbear import DropbearServer
 
 log = logging.getLogger("tests.lab")
 
@@ -538,6 +541,12 @@ class Lab:
         self._delete_user(u)
         self.users.remove(u)
         self._write_state()
+
+    def start_dropbear(self, user: LabUser, **kw: Any) -> DropbearServer:
+        """A real Dropbear on srv beside sshd, logging in ``user`` (see dropbear.py)."""
+        from .dropbear import start_dropbear
+
+        return start_dropbear(self, user, **kw)
 
     # ------------------------------------------------------------------ network control
     def set_link(self, up: bool, *, wait: bool = True, timeout: float = 10.0) -> None:
