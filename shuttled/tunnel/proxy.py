@@ -263,6 +263,7 @@ class TransparentProxy:
         self._attaching: set[asyncio.Task[None]] = set()
         self._closed = False
         self._on_prohibited = on_prohibited
+        self._shortage_told = False
         self._refusals = Throttled(log)
 
     async def start(self, port: int = 0) -> int:
@@ -382,6 +383,17 @@ class TransparentProxy:
     def open_failed(self, conn: LocalConnection, reason: int) -> None:
         if reason == sshmsg.OPEN_ADMINISTRATIVELY_PROHIBITED and self._on_prohibited:
             self._on_prohibited(conn)
+        elif reason == sshmsg.OPEN_RESOURCE_SHORTAGE and not self._shortage_told:
+            # Dropbear holds at most 1000 channels per ssh connection (MAX_CHANNELS;
+            # measured: 999 app connections beside our own session channel); sshd
+            # has no such limit. Each connection past it says only "resource
+            # shortage" at INFO: say once what to change.
+            self._shortage_told = True
+            log.warning(
+                "the server refuses more channels on one ssh connection (resource "
+                "shortage; Dropbear allows 1000): raise `streams` to spread connections "
+                "over more ssh connections, or use `forward: helper`"
+            )
 
     def forget(self, conn: LocalConnection) -> None:
         self.connections.discard(conn)

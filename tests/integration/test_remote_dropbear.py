@@ -10,10 +10,15 @@ What was measured against Dropbear 2022.83 (and is pinned here):
 - direct-tcpip to a closed port: OPEN_FAILURE "connect failed"; with `-j`:
   "administratively prohibited", so `forward: auto` picks the helper, which runs
   in the remote's python3 like with sshd.
+- At most 1000 channels per ssh connection (MAX_CHANNELS, our session channel
+  included): the 1000th app connection gets "resource shortage".
+- Dropbear's default receive window (-W 24576) makes uploads slower than downloads
+  (100 MB: ~250 Mbit/s up, ~500 down; with -W 1048576 ~560 up), a server setting.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import signal
@@ -34,6 +39,7 @@ from tests.lab.runner import start_run, stop_run
 pytestmark = pytest.mark.integration
 
 NOFWD_PORT = 2023
+DROPBEAR_MAX_CHANNELS = 1000  # per ssh connection, our own session channel included
 KEEPALIVE = 1  # "no answer" after 3 s: an unanswered ping would show within the test
 
 
@@ -104,6 +110,35 @@ def test_shuttled_run_with_dns_through_dropbear(dlab: DropbearLab) -> None:
         assert response.status == 200 and lab.tgt_v4 in answer.addresses
     finally:
         assert stop_run(lab, proc) == 0, lab.log_tail("run-dropbear", 60)
+
+
+def test_dropbears_channel_limit_is_named_once_and_more_streams_lift_it(
+    dlab: DropbearLab,
+) -> None:
+    """Dropbear holds 1000 channels per ssh connection: past that each open fails with
+    "resource shortage" (a reset for the app), the log says once what to change, and
+    `--streams 2` carries them all."""
+    lab = dlab.lab
+    over = DROPBEAR_MAX_CHANNELS + 100
+    proc = start_run(lab, *lab.target_nets, remote=dlab.fwd.remote, name="run-limit")
+    try:
+        with lab.netns("cli"):
+            answered = asyncio.run(_echoes_held_open(lab.tgt_v4, lab.ports.echo, over))
+        log = lab.log_tail("run-limit", 5000)
+    finally:
+        assert stop_run(lab, proc) == 0, lab.log_tail("run-limit", 60)
+    assert DROPBEAR_MAX_CHANNELS - 10 <= answered < over, answered
+    assert log.count("Dropbear allows 1000") == 1, log[-3000:]
+
+    proc = start_run(
+        lab, "--streams", "2", *lab.target_nets, remote=dlab.fwd.remote, name="run-streams"
+    )
+    try:
+        with lab.netns("cli"):
+            answered = asyncio.run(_echoes_held_open(lab.tgt_v4, lab.ports.echo, over))
+    finally:
+        assert stop_run(lab, proc) == 0, lab.log_tail("run-streams", 60)
+    assert answered == over
 
 
 def test_tcp_dns_and_ipv6_through_dropbears_direct_tcpip(dlab: DropbearLab, daemon: Daemon) -> None:
@@ -192,3 +227,24 @@ def test_dropbear_refusing_forwarding_gets_the_helper(dlab: DropbearLab, daemon:
             assert clients.dns_query(lab.fake_dns_v4, lab.dns_name, "A").addresses
     finally:
         daemon.ctl("down", "helper")
+
+
+async def _echoes_held_open(host: str, port: int, count: int) -> int:
+    """Open ``count`` echo connections and keep each open once answered: how many were."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def one() -> bool:
+        try:
+            reader, writer = await asyncio.open_connection(host, port)
+            held.append(writer)
+            writer.write(b"ping")
+            return await reader.readexactly(4) == b"ping"
+        except (OSError, asyncio.IncompleteReadError):
+            return False
+
+    try:
+        results = await asyncio.wait_for(asyncio.gather(*(one() for _ in range(count))), 120)
+    finally:
+        for writer in held:
+            writer.close()
+    return sum(results)
