@@ -272,7 +272,7 @@ class Daemon:
             ],
             "dns": tunnel.dns_status() if tunnel else None,
             "holding": tunnel.holding if tunnel else False,
-            "health": tunnel.router.health if tunnel else [],
+            "health": tunnel.health if tunnel else [],
         }
 
     def stats(self, name: str) -> ProfileStats:

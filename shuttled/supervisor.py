@@ -20,9 +20,9 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from shuttled import const
 from shuttled.const import Forward
@@ -48,12 +48,13 @@ from shuttled.router import RouterSettings, RouterSide
 from shuttled.tunnel.channels import ChannelMux
 from shuttled.tunnel.faults import Faults
 from shuttled.tunnel.proxy import ConnLimits, TransparentProxy
-from shuttled.tunnel.remote_info import remote_hosts, remote_routes
+from shuttled.tunnel.remote_info import Learnt, read_remote_file, remote_hosts, remote_routes
 from shuttled.tunnel.session import SshSession
 from shuttled.tunnel.ssh import SshTarget, resolve_host, server_host
 from shuttled.tunnel.transparent import connection_row, endpoint_text
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 BACKOFF_MIN = 1.0
 BACKOFF_MAX = 60.0
@@ -241,12 +242,17 @@ async def ssh_excludes(
 
 
 async def remote_nameservers(session: SshSession) -> list[str]:
-    status, out, err = await session.run("cat /etc/resolv.conf")
-    servers = parse_resolv_conf(out.decode(errors="replace")) if status == 0 else []
+    """The nameservers of the remote's /etc/resolv.conf; ShuttledError if none."""
+    return nameservers_or_error(await read_remote_file(session.run, "/etc/resolv.conf"))
+
+
+def nameservers_or_error(read: tuple[bytes | None, str, str]) -> list[str]:
+    data, _, why = read
+    servers = parse_resolv_conf(data.decode(errors="replace")) if data is not None else []
     if not servers:
         raise ShuttledError(
-            f"no nameserver in the remote's /etc/resolv.conf "
-            f"({err.decode(errors='replace').strip() or 'empty'})"
+            f"dns: the remote has {why or 'no nameserver in /etc/resolv.conf'}: "
+            "no nameservers learned (set the profile's dns nameservers, or --to-ns)"
         )
     return servers
 
@@ -273,6 +279,7 @@ class Tunnel:
         self._excludes: tuple[Subnet, ...] | None = None  # known once ssh -G answered
         self.resolver: ProfileResolver | None = None
         self.auto_nets: tuple[Subnet, ...] = ()  # learnt from the remote at the last connect
+        self.unlearnt: tuple[str, ...] = ()  # what the remote could not tell (remote_info)
         self.server_pin: dict[str, tuple[IPAddress, ...]] = {}  # see ssh_excludes
         self.reconnects = 0
         self.recycled = 0  # worn sessions replaced (see SshSession.worn)
@@ -502,6 +509,7 @@ class Tunnel:
         )
 
     async def _capture(self, excludes: tuple[Subnet, ...]) -> None:
+        self.unlearnt = ()
         self.auto_nets = await self._learn_routes(excludes) if self.spec.auto_nets else ()
         plan = self.spec.dns_plan()
         dns = await self._start_dns(plan) if plan is not None else DnsCapture()
@@ -521,7 +529,8 @@ class Tunnel:
 
     async def _learn_routes(self, excludes: tuple[Subnet, ...]) -> tuple[Subnet, ...]:
         assert self.session is not None
-        learnt = await _from_remote("routes", remote_routes(self.session.run), [])
+        routes = remote_routes(self.session.run)
+        learnt = self._note(await _from_remote("routes", routes, [])).value
         others = [
             s
             for name, c in self.captures.captures.items()
@@ -550,7 +559,7 @@ class Tunnel:
                 self.faults,
             )
         hosts = (
-            await _from_remote("/etc/hosts", remote_hosts(session.run), {})
+            self._note(await _from_remote("/etc/hosts", remote_hosts(session.run), {})).value
             if self.spec.remote_hosts
             else None
         )
@@ -560,6 +569,15 @@ class Tunnel:
             return await self.resolver.start(lambda: remote_nameservers(session))
         except OSError as exc:  # our listener could not bind
             raise ShuttledError(f"DNS listener: {exc.strerror or exc}") from None
+
+    def _note(self, learnt: Learnt[T]) -> Learnt[T]:
+        self.unlearnt += learnt.missing
+        return learnt
+
+    @property
+    def health(self) -> list[str]:
+        """Problems worth a line after the status table."""
+        return [*self.router.health, *self.unlearnt]
 
     @property
     def forwarder(self) -> DnsForwarder | None:
@@ -592,6 +610,7 @@ class Tunnel:
             await self.resolver.close()
             self.resolver = None
         self.auto_nets = ()
+        self.unlearnt = ()
         if self.session is not None:
             await self.session.stop()
             self.session = None
@@ -653,14 +672,15 @@ async def _ended_or_worn(session: SshSession) -> str | None:
     return session.closed.result() if session.closed.done() else None
 
 
-async def _from_remote(what: str, coro: Any, default: Any) -> Any:
-    """What a remote command gave, or `default` with a warning: a remote that will not
+async def _from_remote(what: str, coro: Awaitable[Learnt[T]], empty: T) -> Learnt[T]:
+    """What remote commands gave, or nothing with the reason: a remote that will not
     run commands (a restricted shell) still gets its tunnel, without what it would tell."""
     try:
         return await coro
     except (ShuttledError, TimeoutError) as exc:
-        log.warning("cannot read the remote's %s: %s", what, exc or "no answer in time")
-        return default
+        missing = f"cannot read the remote's {what}: {exc or 'no answer in time'}"
+        log.warning("%s", missing)
+        return Learnt(empty, (), (missing,))
 
 
 def local_addresses() -> list[IPAddress]:

@@ -1,8 +1,11 @@
 """What the remote tells us about its networks and names, read without code on the remote.
 
-Over an exec channel of the tunnel's own ssh connection: `ip -j route show
-table main` (and `-6`), falling back to /proc/net/route and /proc/net/ipv6_route
-where iproute2 has no JSON or is missing; and `cat /etc/hosts`.
+Over exec channels of the tunnel's own ssh connection, each fact from the first
+source the remote has: routes from `ip -j route show table main` (and `-6`),
+else `ip route` as text (BusyBox, iproute2 without JSON), else /proc/net/route
+and /proc/net/ipv6_route; files (/etc/hosts, /etc/resolv.conf) with `cat`, else
+the shell's own `read` (a BusyBox without the cat applet). What no source gave
+is one line in `Learnt.missing`, for the log, `status` and `doctor`.
 
 Everything the remote sends is input from another machine: sizes are bounded,
 every field is checked, and what does not parse or make sense is left out with
@@ -19,7 +22,8 @@ import json
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from shuttled.net import IPAddress, IPNetwork, is_address, valid_host_name
 
@@ -34,11 +38,42 @@ MAX_HOST_NAMES = 4096
 MAX_ADDRESSES_PER_NAME = 16
 SAMPLE_LENGTH = 80  # of the first ignored entry, in the log line
 
-ROUTE_COMMANDS = {
-    4: ("ip -j route show table main", "cat /proc/net/route"),
-    6: ("ip -j -6 route show table main", "cat /proc/net/ipv6_route"),
+# Per family: iproute2's JSON, `ip route` as text, the kernel's own table.
+ROUTE_SOURCES = {
+    4: ("ip -j route show table main", "ip route show table main", "/proc/net/route"),
+    6: ("ip -j -6 route show table main", "ip -6 route show table main", "/proc/net/ipv6_route"),
 }
-HOSTS_COMMAND = "cat /etc/hosts"
+HOSTS_FILE = "/etc/hosts"
+COMMAND_NOT_FOUND = 127  # the exit status of a POSIX shell for a missing command
+# A file through the shell alone, where there is no `cat`: sh, bash, dash, ash, zsh.
+_READ_LOOP = 'while IFS= read -r l || [ -n "$l" ]; do printf \'%s\\n\' "$l"; done < '
+# `ip route` text: the route types that come first on their line (ip-route(8)).
+_ROUTE_TYPES = frozenset(
+    [
+        "unicast",
+        "local",
+        "broadcast",
+        "multicast",
+        "blackhole",
+        "unreachable",
+        "prohibit",
+        "throw",
+        "nat",
+        "anycast",
+    ]
+)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Learnt(Generic[T]):
+    """A fact read from the remote: its value, where it came from, what is missing."""
+
+    value: T
+    sources: tuple[str, ...] = ()  # the commands that gave it
+    missing: tuple[str, ...] = ()  # one line each: what was not learned, and why
+
 
 # Ranges whose presence inside a route makes it a default route in disguise.
 _NOT_NETWORKS: dict[int, tuple[IPNetwork, ...]] = {
@@ -181,7 +216,8 @@ def _byte_order(masks: Iterable[int]) -> str:
 
 def _proc_v4(row: tuple[str, int, int, int], order: str, ignored: _Ignored) -> IPNetwork | None:
     dev, dst, flags, mask = row
-    if dev == "lo" or not flags & RTF_UP or flags & RTF_REJECT:
+    # "*": no device, how the kernel shows blackhole, unreachable and prohibit routes.
+    if dev in ("lo", "*") or not flags & RTF_UP or flags & RTF_REJECT:
         return None
     prefix = _prefix(mask.to_bytes(4, order))  # type: ignore[arg-type]
     if prefix is None:
@@ -226,27 +262,77 @@ def _proc_v6(line: str, ignored: _Ignored) -> IPNetwork | None:
     return _checked(f"{ipaddress.IPv6Address(int(fields[0], 16))}/{prefix}", 6, ignored)
 
 
-async def remote_routes(run: Runner) -> list[IPNetwork]:
-    """The remote's routes, IPv4 then IPv6, usable ones only."""
-    return [net for family in (4, 6) for net in await _family_routes(run, family)]
+def parse_ip_route_text(data: bytes | str, family: int) -> list[IPNetwork]:
+    """`ip route show` as text (BusyBox's applet, iproute2 without -j): unicast
+    routes through a device other than lo; nexthop lines (indented) are skipped."""
+    ignored = _Ignored(f"IPv{family} routes")
+    text = _text_of(data, ignored)
+    nets = [
+        net for line in (text or "").splitlines() if (net := _text_route(line, family, ignored))
+    ]
+    return _finish(nets, ignored)
 
 
-async def _family_routes(run: Runner, family: int) -> list[IPNetwork]:
-    json_command, proc_command = ROUTE_COMMANDS[family]
-    status, out, _ = await run(json_command)
+def _text_route(line: str, family: int, ignored: _Ignored) -> IPNetwork | None:
+    if not line.strip() or line[0].isspace():
+        return None
+    fields = line.split()
+    kind = fields.pop(0) if fields[0] in _ROUTE_TYPES else "unicast"
+    if not fields:
+        ignored.add(line, "not a route line")
+        return None
+    dev = fields[fields.index("dev") + 1] if "dev" in fields[:-1] else ""
+    if kind != "unicast" or dev == "lo" or fields[0] == "default":
+        return None  # not a network reached through the remote: left out quietly
+    return _checked(fields[0], family, ignored)
+
+
+async def read_remote_file(run: Runner, path: str) -> tuple[bytes | None, str, str]:
+    """(contents or None, the command that read it, why not): `cat`, else the
+    shell's own `read` where there is no cat."""
+    status, out, err = await run(f"cat {path}")
     if status == 0:
-        nets = parse_ip_route_json(out, family)
-        if nets is not None:
-            return nets
-    status, out, err = await run(proc_command)
-    if status != 0:
-        log.warning(
-            "cannot read the remote's IPv%d routes: %s",
-            family,
-            err.decode(errors="replace").strip()[:200] or f"status {status}",
-        )
-        return []
-    return parse_proc_route(out) if family == 4 else parse_proc_ipv6_route(out)
+        return out, f"cat {path}", ""
+    if status == COMMAND_NOT_FOUND:
+        status, out, err = await run(_READ_LOOP + path)
+        if status == 0:
+            return out, f"the shell's read < {path}", ""
+    text = err.decode(errors="replace").strip()
+    if "no such file" in text.lower() or "nonexistent" in text.lower():
+        return None, "", f"no {path}"
+    detail = text.splitlines()[-1][:200] if text else f"status {status}"
+    return None, "", f"an unreadable {path} ({detail})"
+
+
+async def remote_routes(run: Runner) -> Learnt[list[IPNetwork]]:
+    """The remote's routes, IPv4 then IPv6, usable ones only."""
+    both = [await _family_routes(run, family) for family in (4, 6)]
+    return Learnt(
+        [net for learnt in both for net in learnt.value],
+        tuple(source for learnt in both for source in learnt.sources),
+        tuple(line for learnt in both for line in learnt.missing),
+    )
+
+
+async def _family_routes(run: Runner, family: int) -> Learnt[list[IPNetwork]]:
+    json_command, text_command, proc_path = ROUTE_SOURCES[family]
+    status, out, err = await run(json_command)
+    if status == 0 and (nets := parse_ip_route_json(out, family)) is not None:
+        return Learnt(nets, (json_command,))
+    no_ip = "no `ip`"
+    if status != COMMAND_NOT_FOUND:  # an ip without -j (BusyBox, old iproute2)
+        status, out, err = await run(text_command)
+        if status == 0:
+            return Learnt(parse_ip_route_text(out, family), (text_command,))
+        detail = err.decode(errors="replace").strip().splitlines()
+        no_ip = f"an `ip route` that fails ({detail[-1][:120] if detail else f'status {status}'})"
+    data, source, why = await read_remote_file(run, proc_path)
+    if data is not None:
+        nets = parse_proc_route(data) if family == 4 else parse_proc_ipv6_route(data)
+        return Learnt(nets, (source,))
+    missing = f"auto_nets: the remote has {no_ip} and {why}: no IPv{family} routes learned"
+    log.warning("%s", missing)
+    return Learnt([], (), (missing,))
 
 
 # --- /etc/hosts -------------------------------------------------------------------------
@@ -307,12 +393,10 @@ def _hosts_line(fields: list[str], table: dict[str, list[IPAddress]], ignored: _
             known.append(address)
 
 
-async def remote_hosts(run: Runner) -> dict[str, tuple[IPAddress, ...]]:
-    status, out, err = await run(HOSTS_COMMAND)
-    if status != 0:
-        log.warning(
-            "cannot read the remote's /etc/hosts: %s",
-            err.decode(errors="replace").strip()[:200] or f"status {status}",
-        )
-        return {}
-    return parse_hosts(out)
+async def remote_hosts(run: Runner) -> Learnt[dict[str, tuple[IPAddress, ...]]]:
+    data, source, why = await read_remote_file(run, HOSTS_FILE)
+    if data is None:
+        missing = f"remote_hosts: the remote has {why}: no host names learned"
+        log.warning("%s", missing)
+        return Learnt({}, (), (missing,))
+    return Learnt(parse_hosts(data), (source,))

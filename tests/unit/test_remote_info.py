@@ -18,8 +18,10 @@ from shuttled.tunnel.remote_info import (
     MAX_ROUTES,
     parse_hosts,
     parse_ip_route_json,
+    parse_ip_route_text,
     parse_proc_ipv6_route,
     parse_proc_route,
+    read_remote_file,
     remote_hosts,
     remote_routes,
     usable_route,
@@ -230,6 +232,8 @@ def test_fuzz_route_parsers_never_raise(data: bytes) -> None:
         assert result is None or all(n.version == family for n in result)
     assert all(n.version == 4 for n in parse_proc_route(data))
     assert all(n.version == 6 for n in parse_proc_ipv6_route(data))
+    for family in (4, 6):
+        assert all(n.version == family for n in parse_ip_route_text(data, family))
 
 
 _FIELD = st.one_of(
@@ -304,31 +308,110 @@ def test_hosts_names_are_bounded() -> None:
 # --- the commands --------------------------------------------------------------------------
 
 
+# `busybox ip route show table main` and `busybox ip -6 route show table main` (BusyBox
+# 1.35.0, as OpenWrt ships it), captured in a namespace with a default route, OpenVPN's
+# 0.0.0.0/1, a gateway route, a host route, a multipath route, prohibit, unreachable and
+# blackhole routes, and IPv6 multicast and link-local ones. Note the double spaces.
+BUSYBOX_V4 = (
+    "0.0.0.0/1 via 192.0.2.1 dev d0 \n"
+    "default via 192.0.2.1 dev d0 \n"
+    "10.20.0.0/16 via 192.0.2.254 dev d0  metric 5 \n"
+    "10.30.0.5 via 192.0.2.9 dev d0 \n"
+    "10.40.0.0/16 \n"
+    "prohibit 10.97.0.0/16 \n"
+    "unreachable 10.98.0.0/16 \n"
+    "blackhole 10.99.0.0/16 \n"
+    "192.0.2.0/24 dev d0 scope link  src 192.0.2.2 \n"
+)
+BUSYBOX_V6 = (
+    "2001:db8:1::/64 dev d0  metric 256 \n"
+    "2001:db8:9::/48 via 2001:db8:1::1 dev d0  metric 1024 \n"
+    "unreachable 2001:db8:dead::/48 dev lo  metric 1024 \n"
+    "fe80::/64 dev d1  metric 256 \n"
+    "fe80::/64 dev d0  metric 256 \n"
+    "default via 2001:db8:1::1 dev d0  metric 1024 \n"
+    "multicast ff00::/8 dev d1  metric 256 \n"
+    "multicast ff00::/8 dev d0  metric 256 \n"
+)
+# What BusyBox's ip says to -j (stderr, exit status 1).
+BUSYBOX_IP_USAGE = (
+    "BusyBox v1.35.0 (Debian 1:1.35.0-4+deb12u1+b1) multi-call binary.\n\n"
+    "Usage: ip [OPTIONS] address|route|link|tunnel|neigh|rule [ARGS]\n"
+)
+# iproute2 6.1's text for the same table: the multipath route's nexthops are indented.
+IPROUTE2_TEXT_V4 = (
+    "10.40.0.0/16 \n"
+    "\tnexthop via 192.0.2.3 dev d0 weight 1 \n"
+    "\tnexthop via 192.0.2.4 dev d0 weight 1 \n"
+    "192.0.2.0/24 dev d0 proto kernel scope link src 192.0.2.2 \n"
+)
+# /proc/net/route of that namespace: the blackhole, unreachable and prohibit routes have
+# no device ("*"); the blackhole has no RTF_REJECT.
+PROC_V4_REJECTS = (
+    "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
+    "d0\t0000140A\tFE0200C0\t0003\t0\t0\t5\t0000FFFF\t0\t0\t0\n"
+    "*\t0000610A\t00000000\t0201\t0\t0\t0\t0000FFFF\t0\t0\t0\n"
+    "*\t0000620A\t00000000\t0201\t0\t0\t0\t0000FFFF\t0\t0\t0\n"
+    "*\t0000630A\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n"
+)
+
+
+def test_busybox_ip_route_text_keeps_unicast_networks_only() -> None:
+    assert parse_ip_route_text(BUSYBOX_V4, 4) == nets(
+        "10.20.0.0/16", "10.30.0.5/32", "10.40.0.0/16", "192.0.2.0/24"
+    )
+    assert parse_ip_route_text(BUSYBOX_V6, 6) == nets("2001:db8:1::/64", "2001:db8:9::/48")
+
+
+def test_iproute2_text_skips_nexthop_lines() -> None:
+    assert parse_ip_route_text(IPROUTE2_TEXT_V4, 4) == nets("10.40.0.0/16", "192.0.2.0/24")
+
+
+def test_route_text_of_the_wrong_family_or_garbage_is_left_out(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    assert parse_ip_route_text("fd00::/64 dev eth0\nnot-a-net dev eth0\nblackhole\n", 4) == []
+    assert "ignored 3 IPv4 routes" in caplog.text
+
+
+def test_proc_route_leaves_out_deviceless_reject_routes() -> None:
+    assert parse_proc_route(PROC_V4_REJECTS) == nets("10.20.0.0/16")
+
+
 class FakeRemote:
-    def __init__(self, outputs: dict[str, tuple[int, str]]) -> None:
+    """A remote shell: `outputs` maps a command to (exit status, stdout); any other
+    command is not found (127), as a POSIX shell says."""
+
+    def __init__(self, outputs: dict[str, tuple[int, str]], stderr: str = "sh: not found") -> None:
         self.outputs = outputs
+        self.stderr = stderr
         self.commands: list[str] = []
 
     async def run(self, command: str) -> tuple[int | None, bytes, bytes]:
         self.commands.append(command)
         status, out = self.outputs.get(command, (127, ""))
-        return status, out.encode(), b"" if status == 0 else b"sh: not found"
+        return status, out.encode(), b"" if status == 0 else self.stderr.encode()
+
+
+def read_loop(path: str) -> str:
+    return f'while IFS= read -r l || [ -n "$l" ]; do printf \'%s\\n\' "$l"; done < {path}'
 
 
 def test_routes_from_ip_json() -> None:
     remote = FakeRemote(
         {"ip -j route show table main": (0, LAB_V4), "ip -j -6 route show table main": (0, LAB_V6)}
     )
-    assert asyncio.run(remote_routes(remote.run)) == nets(
-        "10.81.1.0/24", "10.81.2.0/24", "fd00:81:1::/64", "fd00:81:2::/64"
-    )
+    learnt = asyncio.run(remote_routes(remote.run))
+    assert learnt.value == nets("10.81.1.0/24", "10.81.2.0/24", "fd00:81:1::/64", "fd00:81:2::/64")
+    assert learnt.sources == ("ip -j route show table main", "ip -j -6 route show table main")
+    assert learnt.missing == ()
 
 
 def test_routes_fall_back_to_proc_without_iproute2() -> None:
     remote = FakeRemote(
         {"cat /proc/net/route": (0, LAB_PROC_V4), "cat /proc/net/ipv6_route": (0, LAB_PROC_V6)}
     )
-    assert asyncio.run(remote_routes(remote.run)) == nets(
+    assert asyncio.run(remote_routes(remote.run)).value == nets(
         "10.81.1.0/24", "10.81.2.0/24", "fd00:81:1::/64", "fd00:81:2::/64", "2001:db8::/32"
     )
     assert remote.commands == [
@@ -339,22 +422,97 @@ def test_routes_fall_back_to_proc_without_iproute2() -> None:
     ]
 
 
-def test_old_iproute2_without_json_falls_back() -> None:
+def test_busybox_ip_without_json_gives_its_text_routes() -> None:
+    remote = FakeRemote(
+        {
+            "ip -j route show table main": (1, ""),
+            "ip route show table main": (0, BUSYBOX_V4),
+            "ip -j -6 route show table main": (1, ""),
+            "ip -6 route show table main": (0, BUSYBOX_V6),
+        },
+        stderr=BUSYBOX_IP_USAGE,
+    )
+    learnt = asyncio.run(remote_routes(remote.run))
+    assert learnt.value == nets(
+        "10.20.0.0/16",
+        "10.30.0.5/32",
+        "10.40.0.0/16",
+        "192.0.2.0/24",
+        "2001:db8:1::/64",
+        "2001:db8:9::/48",
+    )
+    assert learnt.sources == ("ip route show table main", "ip -6 route show table main")
+
+
+def test_old_iproute2_printing_text_for_json_falls_back_to_text() -> None:
     remote = FakeRemote(
         {
             "ip -j route show table main": (0, "10.0.0.0/8 dev eth0\n"),
-            "cat /proc/net/route": (0, LAB_PROC_V4),
+            "ip route show table main": (0, "10.0.0.0/8 dev eth0\n"),
         }
     )
-    assert asyncio.run(remote_routes(remote.run)) == nets("10.81.1.0/24", "10.81.2.0/24")
+    assert asyncio.run(remote_routes(remote.run)).value[:1] == nets("10.0.0.0/8")
+
+
+def test_no_cat_reads_proc_with_the_shells_own_read() -> None:
+    remote = FakeRemote(
+        {read_loop("/proc/net/route"): (0, LAB_PROC_V4), read_loop("/proc/net/ipv6_route"): (0, "")}
+    )
+    learnt = asyncio.run(remote_routes(remote.run))
+    assert learnt.value == nets("10.81.1.0/24", "10.81.2.0/24")
+    assert learnt.sources[0] == "the shell's read < /proc/net/route"
+    assert learnt.missing == ()
+
+
+def test_no_ip_and_no_proc_is_one_line_each_family(caplog: pytest.LogCaptureFixture) -> None:
+    # BusyBox ash without the ip applet, in a chroot without /proc.
+    remote = FakeRemote(
+        {
+            "cat /proc/net/route": (1, ""),
+            "cat /proc/net/ipv6_route": (1, ""),
+        },
+        stderr="cat: can't open '/proc/net/route': No such file or directory",
+    )
+    learnt = asyncio.run(remote_routes(remote.run))
+    assert learnt.value == []
+    assert learnt.missing == (
+        "auto_nets: the remote has no `ip` and no /proc/net/route: no IPv4 routes learned",
+        "auto_nets: the remote has no `ip` and no /proc/net/ipv6_route: no IPv6 routes learned",
+    )
+    assert learnt.missing[0] in caplog.text
+
+
+def test_a_failing_ip_is_named_with_its_error() -> None:
+    remote = FakeRemote({}, stderr="RTNETLINK answers: Permission denied")
+    remote.outputs = {
+        c: (2, "") for c in ("ip -j route show table main", "ip route show table main")
+    }
+    learnt = asyncio.run(remote_routes(remote.run))
+    assert learnt.missing[0].startswith(
+        "auto_nets: the remote has an `ip route` that fails (RTNETLINK answers: Permission denied)"
+    )
 
 
 def test_hosts_command() -> None:
     remote = FakeRemote({"cat /etc/hosts": (0, "10.1.1.1 a.example\n")})
-    assert asyncio.run(remote_hosts(remote.run)) == {
-        "a.example": (ipaddress.ip_address("10.1.1.1"),)
-    }
-    assert asyncio.run(remote_hosts(FakeRemote({}).run)) == {}
+    learnt = asyncio.run(remote_hosts(remote.run))
+    assert learnt.value == {"a.example": (ipaddress.ip_address("10.1.1.1"),)}
+    assert learnt.sources == ("cat /etc/hosts",)
+
+
+def test_no_hosts_file_is_said_once() -> None:
+    remote = FakeRemote({"cat /etc/hosts": (1, "")}, stderr="cat: /etc/hosts: No such file")
+    learnt = asyncio.run(remote_hosts(remote.run))
+    assert learnt.value == {}
+    assert learnt.missing == ("remote_hosts: the remote has no /etc/hosts: no host names learned",)
+
+
+def test_read_file_without_cat_nor_a_posix_shell() -> None:
+    # fish or csh: neither cat nor the sh loop; the shell's own complaint is kept.
+    remote = FakeRemote({}, stderr="fish: Unknown command: cat")
+    data, source, why = asyncio.run(read_remote_file(remote.run, "/etc/resolv.conf"))
+    assert (data, source) == (None, "")
+    assert why == "an unreadable /etc/resolv.conf (fish: Unknown command: cat)"
 
 
 # --- which routes become subnets ---------------------------------------------------------------
