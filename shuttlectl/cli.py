@@ -29,6 +29,7 @@ from shuttled.control.protocol import (
 from shuttled.control.schema import (
     ClientVersion,
     ConnectionRow,
+    DoctorReport,
     Document,
     ProfileRow,
     ProfileStats,
@@ -45,6 +46,8 @@ PROG = "shuttlectl"
 SOCKET_ENV = "SHUTTLECTL_SOCKET"
 # The daemon gives up on `up --wait` after --timeout; we wait a little longer for its reply.
 REPLY_GRACE = 10.0
+# doctor's ssh may take the master's whole start time, then the helper's.
+DOCTOR_TIMEOUT = 180.0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -167,6 +170,13 @@ def _reload(ctx: Context) -> int:
     return ExitCode.OK
 
 
+def _doctor(ctx: Context) -> int:
+    name = ctx.args.profile
+    report = ctx.call(DoctorReport, "doctor", {"profile": name}, timeout=DOCTOR_TIMEOUT)
+    ctx.emit(render.doctor(report), {"doctor": report})
+    return ExitCode.OK if report.get("ok") else ExitCode.FAILED
+
+
 def _watch(ctx: Context) -> int:
     try:
         for event in ctx.client.watch():
@@ -257,6 +267,12 @@ COMMANDS: Mapping[str, Command] = {
         Command("stats", "counters of a profile, like `wg show`", _stats, "required"),
         Command("connections", "live connections of a profile", _connections, "required"),
         Command("reload", "re-read the configuration (root or group shuttle)", _reload),
+        Command(
+            "doctor",
+            "check a profile's remote (ssh, forwarding, DNS, ...); exits 1 when one fails",
+            _doctor,
+            "required",
+        ),
         Command("watch", "print state changes as they happen", _watch),
         Command("version", "client and daemon versions", _version),
         Command(

@@ -9,7 +9,7 @@ into a traceback.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TypeGuard
 
 from shuttled.control.schema import (
@@ -23,8 +23,10 @@ from shuttled.control.schema import (
     StateEvent,
     VersionInfo,
 )
+from shuttled.control.tables import NONE, doctor, table, text
 
-NONE = "-"
+__all__ = ["NONE", "doctor", "table", "text"]  # shuttlectl's renderings, shared with shuttled
+
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 ERROR_WIDTH = 60  # last error in the status table; the health lines have it whole
 
@@ -61,26 +63,6 @@ def milliseconds(value: object) -> str:
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
         return NONE
     return f"{value * 1000:.1f} ms" if value < 0.01 else f"{value * 1000:.0f} ms"
-
-
-def text(value: object, width: int | None = None) -> str:
-    if value is None or value == "":
-        return NONE
-    out = " ".join(str(value).split())  # one line, whatever the daemon sent
-    if width is not None and len(out) > width:
-        out = out[: width - 3] + "..."
-    return out
-
-
-def table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    """Left-aligned columns two spaces apart; the last column is not padded."""
-    rows = [list(headers), *[list(r) for r in rows]]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(headers))]
-    lines = [
-        "  ".join([*(c.ljust(w) for c, w in zip(r[:-1], widths, strict=False)), r[-1]])
-        for r in rows
-    ]
-    return "\n".join(line.rstrip() for line in lines)
 
 
 # --- list and status --------------------------------------------------------------------------

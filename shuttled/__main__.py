@@ -57,6 +57,10 @@ def _dispatch(argv: Sequence[str]) -> int:
         from shuttled.run import run
 
         spec = run_spec(args)
+        if args.check:  # nothing captured: no root needed
+            from shuttled.doctor import check
+
+            return asyncio.run(check(spec, args.json))
         _need_root("run")
         return asyncio.run(run(spec, args.method))
     if args.command == "cleanup":

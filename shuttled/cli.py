@@ -104,6 +104,18 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     _add_run_dns(p.add_argument_group("DNS"))
     _add_run_local(p.add_argument_group("the local side"))
     add_router_arguments(p.add_argument_group("router mode and UDP"))
+    _add_run_check(p.add_argument_group("diagnose"))
+
+
+def _add_run_check(p: argparse._ActionsContainer) -> None:
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="check the remote as the tunnel would use it (ssh, host key, forwarding, "
+        "python, DNS, routes), capture nothing, print a table and exit (1 when a "
+        "needed check fails); needs no root",
+    )
+    p.add_argument("--json", action="store_true", help="with --check: the report as JSON")
 
 
 def _add_run_remote(p: argparse._ActionsContainer) -> None:
@@ -288,7 +300,8 @@ def _read_list(path: Path | None, what: str) -> list[str]:
 def _subnets(args: argparse.Namespace) -> tuple[Subnet, ...]:
     includes = [*args.subnets, *_read_list(args.subnet_file, "--subnets")]
     excludes = [*args.exclude, *_read_list(args.exclude_from, "--exclude-from")]
-    if not (includes or args.dns or args.dns_domain or args.auto_nets or args.remote_hosts):
+    wants = (args.dns, args.dns_domain, args.auto_nets, args.remote_hosts, args.check)
+    if not (includes or any(wants)):
         raise UsageError(
             "shuttled run: give at least one SUBNET (or --dns, --dns-domain, "
             "--auto-nets, --remote-hosts)"

@@ -24,6 +24,7 @@ from shuttled.config import Config, Profile, check_overlaps, load_config
 from shuttled.control.protocol import PROTOCOL_VERSION
 from shuttled.control.schema import (
     ConnectionRow,
+    DoctorReport,
     Event,
     ProfileRow,
     ProfileStats,
@@ -305,6 +306,12 @@ class Daemon:
             "firewall": self.captures.backend.name if self.captures else None,
             "uptime": time.time() - self.started,
         }
+
+    async def doctor(self, name: str) -> DoctorReport:
+        """The profile's remote checked with a connection of its own (shuttled.doctor)."""
+        from shuttled.doctor import diagnose
+
+        return await diagnose(spec_for(self._profile(name)))
 
     # --- Core: changing ---------------------------------------------------------------
 

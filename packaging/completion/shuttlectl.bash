@@ -30,7 +30,7 @@ _shuttlectl()
         if [[ $cur == -* ]]; then
             COMPREPLY=($(compgen -W "-h --help --socket --json" -- "$cur"))
         else
-            COMPREPLY=($(compgen -W "list status up down stats connections reload watch version completion" -- "$cur"))
+            COMPREPLY=($(compgen -W "list status up down stats connections reload doctor watch version completion" -- "$cur"))
         fi
         return
     fi
@@ -43,6 +43,7 @@ _shuttlectl()
             stats) COMPREPLY=($(compgen -W "-h --help --socket --json" -- "$cur")) ;;
             connections) COMPREPLY=($(compgen -W "-h --help --socket --json" -- "$cur")) ;;
             reload) COMPREPLY=($(compgen -W "-h --help --socket --json" -- "$cur")) ;;
+            doctor) COMPREPLY=($(compgen -W "-h --help --socket --json" -- "$cur")) ;;
             watch) COMPREPLY=($(compgen -W "-h --help --socket --json" -- "$cur")) ;;
             version) COMPREPLY=($(compgen -W "-h --help --socket --json" -- "$cur")) ;;
             completion) COMPREPLY=($(compgen -W "-h --help --socket --json" -- "$cur")) ;;
@@ -56,6 +57,7 @@ _shuttlectl()
         down) COMPREPLY=($(compgen -W "$(_shuttlectl_profiles "$socket")" -- "$cur")) ;;
         stats) COMPREPLY=($(compgen -W "$(_shuttlectl_profiles "$socket")" -- "$cur")) ;;
         connections) COMPREPLY=($(compgen -W "$(_shuttlectl_profiles "$socket")" -- "$cur")) ;;
+        doctor) COMPREPLY=($(compgen -W "$(_shuttlectl_profiles "$socket")" -- "$cur")) ;;
         completion) COMPREPLY=($(compgen -W "bash zsh" -- "$cur")) ;;
     esac
 }

@@ -42,6 +42,7 @@ class Core(Protocol):
     def subscribe(self) -> asyncio.Queue[schema.Event]: ...
     def unsubscribe(self, queue: asyncio.Queue[schema.Event]) -> None: ...
     def version(self) -> schema.VersionInfo: ...
+    async def doctor(self, name: str) -> schema.DoctorReport: ...
 
 
 class Permission(enum.Enum):
@@ -213,6 +214,16 @@ VERBS: Mapping[str, Verb] = _table(
         help="stream state-change events",
     ),
     Verb("version", "version", Permission.READ, help="daemon version and protocol"),
+    # Like `up`: it logs in with the profile's user's keys and runs commands on the
+    # remote, which only those who may use the profile should make it do.
+    Verb(
+        "doctor",
+        "doctor",
+        Permission.MUTATE_PROFILE,
+        (_PROFILE,),
+        help="check the profile's remote (ssh, forwarding, python, DNS, routes); "
+        "nothing is captured",
+    ),
 )
 
 

@@ -211,6 +211,24 @@ class VersionInfo(TypedDict):
     uptime: float  # seconds the daemon has run
 
 
+class CheckRow(TypedDict):
+    """One check of `doctor`."""
+
+    check: str  # ssh, host key, forwarding, python, dns tcp ADDRESS, routes, hosts, ...
+    status: str  # ok, warn (failed, not needed by this profile), fail, or skip
+    result: str
+    fix: str | None  # one line, for warn and fail
+
+
+class DoctorReport(TypedDict):
+    """`doctor`: the remote checked as the profile would use it, nothing captured."""
+
+    profile: str
+    remote: str
+    ok: bool  # no needed check failed
+    checks: list[CheckRow]
+
+
 class StateEvent(TypedDict):
     type: Literal["state"]
     profile: str
@@ -248,6 +266,7 @@ Result = (
     | list[ConnectionRow]
     | ReloadResult
     | VersionInfo
+    | DoctorReport
 )
 
 
@@ -292,6 +311,10 @@ class ReloadDocument(TypedDict):
     reload: ReloadResult
 
 
+class DoctorDocument(TypedDict):
+    doctor: DoctorReport
+
+
 class WatchDocument(TypedDict):
     event: Event | OtherEvent
 
@@ -317,6 +340,7 @@ Document = (
     | StatsDocument
     | ConnectionsDocument
     | ReloadDocument
+    | DoctorDocument
     | WatchDocument
     | VersionDocument
     | ErrorDocument
@@ -330,6 +354,7 @@ DOCUMENTS: Mapping[str, type] = {
     "stats": StatsDocument,
     "connections": ConnectionsDocument,
     "reload": ReloadDocument,
+    "doctor, `shuttled run --check --json`": DoctorDocument,
     "watch (one line each)": WatchDocument,
     "version": VersionDocument,
     "any error": ErrorDocument,

@@ -233,6 +233,7 @@ class SshSession:
         self._udp_starting: asyncio.Future[ChannelMux] | None = None
         self._udp_retry_at = 0.0
         self._udp_error = ""
+        self.helper_python: str | None = None  # the version the last helper started in
 
     @property
     def primary(self) -> SshLink:
@@ -305,18 +306,22 @@ class SshSession:
     async def _choose_mode(self) -> Forward:
         if self.forward is not Forward.AUTO:
             return self.forward
-        # Ask sshd for a harmless forward (port 1 on its own loopback): refused
-        # means forwarding works, "administratively prohibited" means helper.
+        if await self.probe_forwarding() == sshmsg.OPEN_ADMINISTRATIVELY_PROHIBITED:
+            log.info("%s refuses TCP forwarding: using the remote helper", self.target.remote)
+            return Forward.HELPER
+        return Forward.DIRECT
+
+    async def probe_forwarding(self) -> int | None:
+        """Ask sshd for a harmless forward (port 1 on its own loopback): the open's
+        failure reason (OPEN_CONNECT_FAILED means forwarding works, "administratively
+        prohibited" that sshd refuses it), None when it even opened."""
         assert self.control is not None
         probe = _Probe()
         self.control.open_direct_tcpip("127.0.0.1", 1, "127.0.0.1", 0, probe)
         channel = await asyncio.wait_for(probe.opened, const.MUX_HELLO_TIMEOUT)
         if channel is not None:
             channel.close()
-        if probe.reason == sshmsg.OPEN_ADMINISTRATIVELY_PROHIBITED:
-            log.info("%s refuses TCP forwarding: using the remote helper", self.target.remote)
-            return Forward.HELPER
-        return Forward.DIRECT
+        return probe.reason
 
     async def start_helper(self, control: ChannelMux, on_lost: LostHandler) -> ChannelMux:
         """Upload and start the remote helper in a session channel of `control`."""
@@ -351,7 +356,9 @@ class SshSession:
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         if not hello.done():
             raise RemoteError(self._helper_failure(pipe))
-        log.info("remote helper started: %s", sshmsg.Reader(hello.result()).text())
+        reader = sshmsg.Reader(hello.result())
+        log.info("remote helper started: %s", reader.text())
+        self.helper_python = reader.text() if reader.pos < len(reader.buf) else None
         return pipe.inner
 
     def _helper_failure(self, pipe: HelperPipe) -> str:

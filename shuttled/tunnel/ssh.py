@@ -289,6 +289,38 @@ async def server_host(target: SshTarget) -> tuple[str | None, int, str | None]:
     return options.get("hostname", target.remote), int(options.get("port", "22")), None
 
 
+async def known_host_key(target: SshTarget) -> tuple[bool, str]:
+    """Whether the user's known_hosts files hold a key for the server, looked up
+    the way ssh does (HostKeyAlias, `[host]:port`): (known, what was found or where
+    it was looked for). Before any connection: a closed port does not hide it."""
+    options = await ssh_config(target)
+    alias = options.get("hostkeyalias", "none")
+    host = alias if alias != "none" else options.get("hostname", target.remote)
+    port = options.get("port", "22")
+    name = host if port == "22" or alias != "none" else f"[{host}]:{port}"
+    files = [
+        *options.get("userknownhostsfile", "").split(),
+        *options.get("globalknownhostsfile", "").split(),
+    ]
+    for known in files:
+        proc = await asyncio.create_subprocess_exec(
+            "ssh-keygen",
+            "-F",
+            name,
+            "-f",
+            str(resolve_home(known, target.user)),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+            env=_child_env(target.user),
+            **_spawn_kwargs(target.user),
+        )
+        out, _ = await communicate(proc, 10)
+        if proc.returncode == 0 and out.strip():
+            return True, f"{name} is in {known}"
+    return False, f"no key for {name} in {' or '.join(files) or 'any known_hosts file'}"
+
+
 async def resolve_host(host: str) -> list[str]:
     """The addresses of a host name (an address stands for itself); SshError if none."""
     return await _resolve(host)

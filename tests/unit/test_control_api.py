@@ -63,6 +63,7 @@ def test_table_is_introspectable_for_other_transports() -> None:
         "reload",
         "watch",
         "version",
+        "doctor",
     }
 
 
@@ -166,6 +167,7 @@ def test_watch_streams_events_and_unsubscribes_when_stopped() -> None:
 
 def test_permissions_of_the_table() -> None:
     perms = {name: v.permission for name, v in VERBS.items()}
-    assert {n for n, p in perms.items() if p is Permission.MUTATE_PROFILE} == {"up", "down"}
+    mutating = {n for n, p in perms.items() if p is Permission.MUTATE_PROFILE}
+    assert mutating == {"up", "down", "doctor"}
     assert {n for n, p in perms.items() if p is Permission.ADMIN} == {"reload"}
-    assert api.profile_verbs() == ["status", "up", "down", "stats", "connections"]
+    assert api.profile_verbs() == ["status", "up", "down", "stats", "connections", "doctor"]

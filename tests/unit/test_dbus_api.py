@@ -34,7 +34,7 @@ def test_every_answering_verb_is_a_manager_method_with_the_table_arguments() -> 
 
 def test_profile_methods_take_the_profile_from_the_object() -> None:
     methods = dbus.profile_methods()
-    assert set(methods) == {"Status", "Up", "Down", "Stats", "Connections"}
+    assert set(methods) == {"Status", "Up", "Down", "Stats", "Connections", "Doctor"}
     assert methods["Up"].in_signature == "bd" and methods["Down"].in_signature == ""
     assert methods["Up"].raw_args([False, 2.5], "work") == {
         "wait": False,

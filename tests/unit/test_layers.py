@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("entry", ("shuttled.__main__", "shuttled.cli", "shuttled.run", "shuttled.manpages")),
     ("daemon", ("shuttled.daemon",)),
+    ("doctor", ("shuttled.doctor",)),
     ("control", ("shuttled.control",)),
     ("supervisor", ("shuttled.supervisor",)),
     ("router", ("shuttled.router",)),
@@ -32,13 +33,14 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("net", ("shuttled.net",)),
     # The types of the control results: a leaf (stdlib and errors) that every producer
     # below the control layer builds its part of a result in, and the CLI checks.
-    ("schema", ("shuttled.control.schema",)),
+    ("schema", ("shuttled.control.schema", "shuttled.control.tables")),
     ("base", ("shuttled.errors", "shuttled.const", "shuttled")),
 ]
 # What the CLI shares with the daemon: the one schema, and what that schema rests on.
 CLI_MAY_IMPORT = (
     "shuttled.control.protocol",
     "shuttled.control.schema",
+    "shuttled.control.tables",
     "shuttled.const",
     "shuttled.errors",
     "shuttled",

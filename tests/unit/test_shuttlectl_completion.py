@@ -73,6 +73,7 @@ def complete(tmp_path: Path, line: str) -> list[str]:
                 "stats",
                 "connections",
                 "reload",
+                "doctor",
                 "watch",
                 "version",
                 "completion",
