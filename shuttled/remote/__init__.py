@@ -28,6 +28,11 @@ HELPER_TRUNCATED_EXIT = 96  # stdin closed before the whole source arrived
 MIN_PYTHON = (3, 8)
 
 HELPER_BANNER = "shuttled-helper 1"
+# The loader's first output, before it reads the source: a login shell's rc files
+# may print banners or junk on stdout before our command runs (sshuttle's users
+# met this for years), so the client drops whatever comes before this line. A
+# remote that never sends it ran something else than our command (ForceCommand).
+HELPER_SYNC = b"<shuttled-helper-loader>\n"
 
 _HERE = Path(__file__).resolve().parent
 _WIRE_FILE = _HERE.parent / "tunnel" / "sshmsg.py"
@@ -39,6 +44,7 @@ _HELPER_FILE = _HERE / "helper.py"
 # os.read so that nothing past the source leaves the pipe.
 _LOADER = (
     "import os,sys;"
+    'os.write(1,b"{sync}"+chr(10).encode());'
     "n={size};b=bytearray();"
     '[b.extend(os.read(0,n-len(b))or(os.write(2,("shuttled: helper source truncated'
     ' at %d of %d bytes"%(len(b),n)+chr(10)).encode()),os._exit({truncated})))'
@@ -47,6 +53,8 @@ _LOADER = (
 )
 # Exits 0 only on a Python new enough; parses on Python 2 as well.
 _PROBE = "import sys;sys.exit(sys.version_info<(%d,%d))" % MIN_PYTHON
+# What a candidate too old says it is, for the error (Python 2 too).
+_VERSION = "import sys;print(sys.version.split()[0])"
 
 # What a python candidate may look like: a command name or an absolute path.
 _PYTHON_NAME = re.compile(r"[A-Za-z0-9_./+-]+\Z")
@@ -77,21 +85,26 @@ def loader_command(source_len: int, pythons: Sequence[str] = REMOTE_PYTHONS) -> 
     for name in pythons:
         if not _PYTHON_NAME.match(name):
             raise ValueError("unusable python name %r" % name)
-    loader = _LOADER.format(size=source_len, truncated=HELPER_TRUNCATED_EXIT)
-    message = "shuttled: no python found on the remote (tried %s): need Python %d.%d or newer" % (
-        ", ".join(pythons),
-        *MIN_PYTHON,
+    loader = _LOADER.format(
+        size=source_len, truncated=HELPER_TRUNCATED_EXIT, sync=HELPER_SYNC.decode().strip()
     )
+    message = "shuttled: no Python %d.%d or newer on the remote (tried %s)" % (
+        *MIN_PYTHON,
+        ", ".join(pythons),
+    )
+    # Each candidate present but too old adds "; NAME is VERSION" to the message.
     script = (
-        "for p in %s; do "
-        'if command -v "$p" >/dev/null 2>&1 && "$p" -E -S -c %s >/dev/null 2>&1; then '
-        'exec "$p" -B -E -s -c %s; '
+        "old=; for p in %s; do "
+        'if command -v "$p" >/dev/null 2>&1; then '
+        'if "$p" -E -S -c %s >/dev/null 2>&1; then exec "$p" -B -E -s -c %s; fi; '
+        'old="$old; $p is $("$p" -E -S -c %s 2>/dev/null | head -n 1)"; '
         "fi; done; "
-        "echo %s >&2; exit %d"
+        'echo %s"$old" >&2; exit %d'
         % (
             " ".join(shlex.quote(p) for p in pythons),
             shlex.quote(_PROBE),
             shlex.quote(loader),
+            shlex.quote(_VERSION),
             shlex.quote(message),
             HELPER_NO_PYTHON_EXIT,
         )
@@ -105,6 +118,7 @@ __all__ = [
     "HELPER_INTERNAL_EXIT",
     "HELPER_NO_PYTHON_EXIT",
     "HELPER_PROTOCOL_EXIT",
+    "HELPER_SYNC",
     "HELPER_TRUNCATED_EXIT",
     "helper_source",
     "loader_command",

@@ -9,12 +9,27 @@ from collections.abc import Callable
 from typing import Any
 
 from shuttled.errors import ProtocolError, RemoteError
+from shuttled.remote import HELPER_SYNC
 from shuttled.tunnel import faults, sshmsg
 from shuttled.tunnel.channels import Channel, ChannelMux
 
 log = logging.getLogger(__name__)
 
 OUTPUT_LIMIT = 1 << 20
+# What a remote prints before the helper loader's sync line is kept this far, to
+# say in the error what ran instead (a ForceCommand's output, a shell's banner).
+PRELUDE_LIMIT = 4096
+# Our command's output starts after this line: a login shell's rc files may print
+# before it (see run_command).
+OUTPUT_MARK = b"shuttled-output-begin"
+
+
+class OpenRefused(RemoteError):
+    """sshd refused to open a channel (MaxSessions reached, forwarding off...)."""
+
+    def __init__(self, reason: int, description: str) -> None:
+        super().__init__(f"channel open refused: {description} (reason {reason})")
+        self.reason = reason
 
 
 class _BaseEndpoint:
@@ -31,9 +46,7 @@ class _BaseEndpoint:
 
     def on_open_failed(self, reason: int, description: str) -> None:
         if not self.opened.done():
-            self.opened.set_exception(
-                RemoteError(f"channel open refused: {description} (reason {reason})")
-            )
+            self.opened.set_exception(OpenRefused(reason, description))
 
     def on_extended_data(self, code: int, data: bytes) -> None:
         pass
@@ -84,19 +97,29 @@ class CommandEndpoint(_BaseEndpoint):
 async def run_command(
     mux: ChannelMux, command: str, timeout: float = 30.0
 ) -> tuple[int | None, bytes, bytes]:
-    """Run `command` on the remote (an exec channel): (status, stdout, stderr)."""
+    """Run `command` on the remote (an exec channel): (status, stdout, stderr).
+
+    sshd runs it through the user's login shell, whose rc files may print first;
+    an echo of OUTPUT_MARK (the same in every shell) says where ours begins."""
     endpoint = CommandEndpoint()
     mux.open("session", endpoint)
     async with asyncio.timeout(timeout):
         channel = await endpoint.opened
-        reply = channel.request("exec", sshmsg.sstring(command))
+        marked = f"echo {OUTPUT_MARK.decode()}; {command}"
+        reply = channel.request("exec", sshmsg.sstring(marked))
         assert reply is not None
         if not await reply:
             channel.close()
             raise RemoteError(f"the server refused to run {command!r}")
         channel.send_eof()
         await endpoint.done
-    return endpoint.status, bytes(endpoint.stdout), bytes(endpoint.stderr)
+    return endpoint.status, _after_mark(bytes(endpoint.stdout)), bytes(endpoint.stderr)
+
+
+def _after_mark(stdout: bytes) -> bytes:
+    """Our command's output: what follows the mark line (all of it without one)."""
+    before, mark, after = stdout.partition(OUTPUT_MARK + b"\n")
+    return after if mark and (not before or before.endswith(b"\n")) else stdout
 
 
 class ChannelTransport(_BaseEndpoint, asyncio.Transport):
@@ -197,6 +220,8 @@ class HelperPipe(_BaseEndpoint):
         self.stderr_tail: list[str] = []
         self._partial = b""
         self._on_stderr = on_stderr
+        self.synced = False  # the loader's sync line came (see HELPER_SYNC)
+        self.prelude = b""  # what came before it, kept up to PRELUDE_LIMIT
         self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     # pipe side, used by the inner mux
@@ -210,10 +235,26 @@ class HelperPipe(_BaseEndpoint):
 
     # endpoint side
     def on_data(self, data: memoryview) -> None:
-        if self.inner is not None:
-            self.inner.feed(bytes(data))
         if self.channel is not None:
             self.channel.consumed(len(data))
+        chunk = bytes(data)
+        if not self.synced:
+            chunk = self._skip_prelude(chunk)
+        if chunk and self.inner is not None:
+            self.inner.feed(chunk)
+
+    def _skip_prelude(self, chunk: bytes) -> bytes:
+        """Drop what a login shell printed before the loader ran; the rest, once synced."""
+        seen = self.prelude + chunk
+        before, sync, after = seen.partition(HELPER_SYNC)
+        if sync:
+            self.synced = True
+            self.prelude = before[:PRELUDE_LIMIT]
+            return after
+        # Keep the start (for the error) and the tail (a sync line split across chunks).
+        tail = len(HELPER_SYNC) - 1
+        self.prelude = seen if len(seen) <= PRELUDE_LIMIT else seen[:PRELUDE_LIMIT] + seen[-tail:]
+        return b""
 
     def on_extended_data(self, code: int, data: bytes) -> None:
         text = self._partial + data

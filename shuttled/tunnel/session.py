@@ -17,7 +17,13 @@ from shuttled.control.schema import LinkStats, StreamStats
 from shuttled.errors import RemoteError, ShuttledError, SshError
 from shuttled.tunnel import sshmsg
 from shuttled.tunnel.channels import Channel, ChannelMux, MuxProtocol
-from shuttled.tunnel.endpoints import CommandEndpoint, HelperPipe, open_stream, run_command
+from shuttled.tunnel.endpoints import (
+    CommandEndpoint,
+    HelperPipe,
+    OpenRefused,
+    open_stream,
+    run_command,
+)
 from shuttled.tunnel.faults import Faults
 from shuttled.tunnel.nodelay import set_nodelay
 from shuttled.tunnel.ssh import SshMaster, SshTarget
@@ -25,6 +31,9 @@ from shuttled.tunnel.ssh import SshMaster, SshTarget
 log = logging.getLogger(__name__)
 
 HELPER_START_TIMEOUT = 30.0
+# After closing our session for the helper (MaxSessions 1), sshd frees its slot
+# once the session's command has exited: this is time enough for that.
+SESSION_RELEASE_WAIT = 0.5
 # The master keeps a proxied channel whose open failed for good (channels.c frees
 # proxy channels only on CLOSE both ways), and closing the mux connection that
 # holds one is fatal for it (the master then sends CLOSE for a channel that never
@@ -105,7 +114,17 @@ class SshLink:
         ):
             log.debug("TCP_NODELAY set on the ssh master's connection")
         self.control = await self.connect_mux(self.lost)
-        self.interactive = await self._open_session()
+        try:
+            self.interactive = await self._open_session()
+        except OpenRefused as exc:
+            # MaxSessions 0: forwarding only. The tunnel works without our session:
+            # Nagle stays on at sshd, and liveness is ssh's own ServerAlive.
+            log.info(
+                "%s opens no session channel for us (%s; MaxSessions 0?): no RTT pings, "
+                "liveness from ssh's ServerAliveInterval",
+                self.session.target.remote,
+                exc,
+            )
         self._tasks.append(asyncio.create_task(self._watch_master()))
 
     async def connect_mux(self, on_lost: LostHandler) -> ChannelMux:
@@ -307,7 +326,13 @@ class SshSession:
         if self.forward is not Forward.AUTO:
             return self.forward
         if await self.probe_forwarding() == sshmsg.OPEN_ADMINISTRATIVELY_PROHIBITED:
-            log.info("%s refuses TCP forwarding: using the remote helper", self.target.remote)
+            # AllowTcpForwarding no and a PermitOpen list without our probe's address
+            # answer alike (serverloop.c, channels.c: same reason, same text).
+            log.info(
+                "%s refuses TCP forwarding: using the remote helper (where sshd limits "
+                "destinations with PermitOpen instead, forward: direct keeps to that list)",
+                self.target.remote,
+            )
             return Forward.HELPER
         return Forward.DIRECT
 
@@ -325,6 +350,31 @@ class SshSession:
 
     async def start_helper(self, control: ChannelMux, on_lost: LostHandler) -> ChannelMux:
         """Upload and start the remote helper in a session channel of `control`."""
+        try:
+            return await self._start_helper(control, on_lost)
+        except OpenRefused:
+            if not await self._give_up_session():
+                raise
+        return await self._start_helper(control, on_lost)
+
+    async def _give_up_session(self) -> bool:
+        """MaxSessions reached (1 counts our pty session): close our session so the
+        helper gets its slot; its channel carries the pings from then on."""
+        link = self.primary
+        if link.interactive is None:
+            return False
+        log.info(
+            "%s allows no second session (MaxSessions 1?): the helper takes our own "
+            "session's place (Nagle stays on at sshd)",
+            self.target.remote,
+        )
+        channel, link.interactive = link.interactive, None
+        channel.close()
+        # sshd counts the session until its command (our cat) exits, after the close.
+        await asyncio.sleep(SESSION_RELEASE_WAIT)
+        return True
+
+    async def _start_helper(self, control: ChannelMux, on_lost: LostHandler) -> ChannelMux:
         from shuttled.remote import helper_source, loader_command
 
         source = helper_source()
@@ -359,13 +409,38 @@ class SshSession:
         reader = sshmsg.Reader(hello.result())
         log.info("remote helper started: %s", reader.text())
         self.helper_python = reader.text() if reader.pos < len(reader.buf) else None
+        if self.primary.interactive is None and control is self.control:
+            self.primary.interactive = channel  # sshd answers pings on any session
         return pipe.inner
 
     def _helper_failure(self, pipe: HelperPipe) -> str:
+        """One line: why the helper did not start, and what the user can change."""
+        remote = self.target.remote
+        why = (
+            f"{remote} refuses TCP forwarding, so the helper must run there"
+            if self.mode is Forward.HELPER
+            else f"UDP needs the helper on {remote}"
+        )
         if pipe.status == const.HELPER_NO_PYTHON_EXIT:
+            found = pipe.last_error().removeprefix("shuttled: ")
             return (
-                f"no python on {self.target.remote} for the helper "
-                f"(tried {', '.join(self.pythons)})"
+                f"{why}, but there is {found}; install Python 3.8+ there or name one with --python "
+                "(profile key python)"
+                + (
+                    "; or allow forwarding (AllowTcpForwarding yes)"
+                    if self.mode is Forward.HELPER
+                    else ""
+                )
+            )
+        if not pipe.synced:
+            # Our loader never ran: the server ran a command of its own instead.
+            said = pipe.prelude.decode(errors="replace").strip().splitlines()
+            printed = repr(said[0][:80]) if said else "nothing"
+            return (
+                f"{why}, but {remote} ran another command instead of ours (status "
+                f"{pipe.status}, printed {printed}): a "
+                "ForceCommand in sshd_config or command= in authorized_keys; use an account "
+                "without one, or forward: direct where sshd forwards TCP"
             )
         return f"the remote helper did not start (status {pipe.status}): {pipe.last_error()}"
 
@@ -386,19 +461,23 @@ class SshSession:
         last_ping = link.heard = time.monotonic()
         while not self.closed.done():
             await asyncio.sleep(const.LIVENESS_CHECK)
-            liveness = link.interactive
-            if liveness is None or self.closed.done():
+            if self.closed.done():
                 return
             reason = self.link_dead(link)
             if reason is not None:
                 self._lost(SshError(reason))
                 return
-            if time.monotonic() - last_ping >= ping_every:
+            liveness = link.interactive
+            if liveness is not None and time.monotonic() - last_ping >= ping_every:
                 last_ping = time.monotonic()
                 try:
                     reply = liveness.request("keepalive@openssh.com")
                 except ShuttledError:
-                    return
+                    # Our session ended under us (ForceCommand ran instead of our cat):
+                    # go on without pings rather than declare the link dead.
+                    log.info("%s closed our session: no RTT pings", self.target.remote)
+                    link.interactive = None
+                    continue
                 assert reply is not None
                 reply.add_done_callback(functools.partial(self._answered, last_ping))
 
@@ -411,13 +490,15 @@ class SshSession:
         """Why the link is dead, or None while it lives."""
         now = time.monotonic()
         tcp = link.master.tcp_info()
+        if link.interactive is None and tcp is None:
+            return None  # no pings, no TCP view: ssh's ServerAlive is the judge (it exits)
         heard = link.heard if tcp is None else max(link.heard, now - tcp.heard)
         limit = self.silence_limit(tcp is not None)
         if now - heard > limit:
             return f"nothing heard from {self.target.remote} in {limit:.0f} s: link dead"
-        # The TCP connection lives but sshd or the master does not answer.
+        # The TCP connection lives but sshd or the master does not answer our pings.
         limit = self.keepalive * const.KEEPALIVE_MISSES
-        if now - link.heard > limit:
+        if link.interactive is not None and now - link.heard > limit:
             return f"no answer from {self.target.remote} in {limit:.0f} s"
         return None
 

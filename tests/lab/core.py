@@ -68,6 +68,7 @@ LAN_ROLE = "lan"  # the optional LAN host behind cli (``Lab(lan=True)``)
 PREFIX_RE = re.compile(r"^sd\d{1,4}[a-z0-9]{1,4}$")
 USER_PREFIX = "sdtest"
 WAIT_PORT_TIMEOUT = 15.0
+EXTRA_SSHD_PORT = 2300  # the first port of Lab.start_sshd's servers
 
 _counter = itertools.count()
 _counter_lock = threading.Lock()
@@ -263,6 +264,7 @@ class Lab:
         self.host_key = ""
 
         self.users: list[LabUser] = []
+        self._extra_sshd_ports = itertools.count(EXTRA_SSHD_PORT)  # start_sshd's
         self._procs: list[tuple[str, subprocess.Popen[Any]]] = []
         self._ns_ids: dict[str, tuple[int, int]] = {}
         self._opened = False
@@ -924,9 +926,9 @@ class Lab:
         hostpub = " ".join(Path(self.host_key + ".pub").read_text().split()[:2])
         names = [
             self.srv_v4,
-            f"[{self.srv_v4}]:{self.ports.ssh_nofwd}",
+            f"[{self.srv_v4}]:*",  # every port: :2222 and those of start_sshd
             self.srv_v6,
-            f"[{self.srv_v6}]:{self.ports.ssh_nofwd}",
+            f"[{self.srv_v6}]:*",
         ]
         self.known_hosts = str(tmp / "known_hosts")
         Path(self.known_hosts).write_text(f"{','.join(names)} {hostpub}\n")
@@ -943,10 +945,12 @@ class Lab:
         path.write_text(pubkey)
         os.chmod(path, 0o644)
 
-    def _sshd_config(self, port: int, forwarding: bool) -> str:
+    def _sshd_config(self, port: int, forwarding: bool, first: Sequence[str] = ()) -> str:
         tmp = self.tmpdir
         lines = [
             f"# shuttled lab {self.prefix}: sshd on port {port}",
+            # sshd takes a keyword's first value: these override the lab's own below.
+            *first,
             f"Port {port}",
             "AddressFamily any",
             "ListenAddress 0.0.0.0",
@@ -980,26 +984,40 @@ class Lab:
         return "\n".join(lines)
 
     def _start_sshd(self) -> None:
+        for port, forwarding in ((self.ports.ssh, True), (self.ports.ssh_nofwd, False)):
+            self._run_sshd(port, self._sshd_config(port, forwarding))
+
+    def start_sshd(self, options: Sequence[str]) -> int:
+        """One more sshd in srv, the lab's forwarding one with ``options`` (sshd_config
+        lines, e.g. ``["PermitOpen 10.N.2.2:80", "MaxSessions 0"]``) taking precedence, on
+        a port of its own; returns the port (``ssh -p PORT srv``). Stopped by PID at
+        teardown, like the lab's own two."""
+        if not self.is_open:
+            raise LabError("lab is not open")
+        port = next(self._extra_sshd_ports)
+        self._run_sshd(port, self._sshd_config(port, True, first=options))
+        return port
+
+    def _run_sshd(self, port: int, config: str) -> None:
         sshd = which("sshd")
         if sshd is None:
             raise LabError("sshd not found")
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # privilege separation dir
-        for port, forwarding in ((self.ports.ssh, True), (self.ports.ssh_nofwd, False)):
-            cfg = os.path.join(self.tmpdir, f"sshd_config-{port}")
-            Path(cfg).write_text(self._sshd_config(port, forwarding))
-            check = self.run("srv", [sshd, "-t", "-f", cfg], check=False)
-            if check.returncode != 0:
-                raise LabError(f"sshd -t rejected {cfg}: {check.stderr.strip()}")
-            proc = self.popen("srv", [sshd, "-D", "-e", "-f", cfg], name=f"sshd-{port}")
-            with self.netns("srv"):
-                _wait_port(
-                    self.srv_v4,
-                    port,
-                    WAIT_PORT_TIMEOUT,
-                    what=f"sshd :{port}",
-                    proc=proc,
-                    log_tail=lambda p=port: self.log_tail(f"sshd-{p}"),
-                )
+        cfg = os.path.join(self.tmpdir, f"sshd_config-{port}")
+        Path(cfg).write_text(config)
+        check = self.run("srv", [sshd, "-t", "-f", cfg], check=False)
+        if check.returncode != 0:
+            raise LabError(f"sshd -t rejected {cfg}: {check.stderr.strip()}")
+        proc = self.popen("srv", [sshd, "-D", "-e", "-f", cfg], name=f"sshd-{port}")
+        with self.netns("srv"):
+            _wait_port(
+                self.srv_v4,
+                port,
+                WAIT_PORT_TIMEOUT,
+                what=f"sshd :{port}",
+                proc=proc,
+                log_tail=lambda: self.log_tail(f"sshd-{port}"),
+            )
 
     def _start_services(self) -> None:
         tmp = Path(self.tmpdir)

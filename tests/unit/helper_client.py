@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from shuttled import const
+from shuttled.remote import HELPER_SYNC, helper_source, loader_command
 from shuttled.remote import helper as helper_mod
-from shuttled.remote import helper_source, loader_command
 from shuttled.tunnel import sshmsg
 
 TIMEOUT = 30.0  # how long one test's event loop may run
@@ -250,6 +250,7 @@ async def helper_process(
     )
     assert proc.stdin is not None and proc.stdout is not None
     proc.stdin.write(source)
+    await asyncio.wait_for(proc.stdout.readuntil(HELPER_SYNC), 10)  # the loader's first line
     peer = Peer(proc.stdout, proc.stdin)
     try:
         yield Proc(proc, peer)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any, cast
 
 import pytest
 
@@ -18,10 +19,13 @@ def _tcp(heard: float) -> TcpInfo:
     return TcpInfo(state=1, heard=heard, unacked=0, backoff=0, rtt=0.001, retrans=0)
 
 
-def _verdict(keepalive: float, heard_ago: float, tcp_heard_ago: float | None) -> str | None:
+def _verdict(
+    keepalive: float, heard_ago: float, tcp_heard_ago: float | None, pings: bool = True
+) -> str | None:
     async def main() -> str | None:
         session = SshSession(SshTarget("h"), "t", keepalive=keepalive)
         link = session.primary
+        link.interactive = cast(Any, object()) if pings else None  # a session to ping on
         link.heard = time.monotonic() - heard_ago
         tcp = None if tcp_heard_ago is None else _tcp(tcp_heard_ago)
         link.master.tcp_info = lambda: tcp  # type: ignore[method-assign]
@@ -54,3 +58,11 @@ def test_a_short_keepalive_shortens_the_limit(keepalive: float) -> None:
     limit = keepalive * const.KEEPALIVE_MISSES
     assert _verdict(keepalive, limit + 0.5, limit + 0.5) is not None
     assert _verdict(keepalive, limit - 0.5, limit - 0.5) is None
+
+
+def test_without_a_session_to_ping_on_only_the_kernels_view_counts() -> None:
+    # MaxSessions 0, or a ForceCommand that ended our session: no pings, so a quiet
+    # master is no sign of death (else an idle tunnel would reconnect for ever).
+    assert _verdict(10, 10_000, None, pings=False) is None
+    assert _verdict(10, 10_000, 0.1, pings=False) is None
+    assert "link dead" in (_verdict(10, 10_000, const.LINK_SILENCE_DEAD + 1, pings=False) or "")

@@ -24,6 +24,7 @@ import pytest
 from shuttled import const
 from shuttled.remote import (
     HELPER_BANNER,
+    HELPER_SYNC,
     HELPER_TRUNCATED_EXIT,
     helper_source,
     loader_command,
@@ -88,8 +89,8 @@ def test_missing_python_exits_97_naming_what_was_tried() -> None:
     )
     assert result.returncode == const.HELPER_NO_PYTHON_EXIT == 97
     assert result.stderr.decode().splitlines() == [
-        "shuttled: no python found on the remote (tried nonexistent-python-xyz, "
-        "nonexistent-python-abc): need Python 3.8 or newer"
+        "shuttled: no Python 3.8 or newer on the remote (tried nonexistent-python-xyz, "
+        "nonexistent-python-abc)"
     ]
     assert result.stdout == b""
 
@@ -127,7 +128,10 @@ def test_too_old_pythons_are_skipped() -> None:
         timeout=20,
     )
     assert only_old.returncode == 97
-    assert "need Python 3.8 or newer" in only_old.stderr.decode()
+    message = only_old.stderr.decode()
+    assert "no Python 3.8 or newer on the remote" in message
+    for python in old:  # each one named with the version it reported
+        assert f"; {python} is {Path(python).parents[1].name}" in message, message
 
 
 @pytest.mark.parametrize(
@@ -147,7 +151,9 @@ def test_login_shells_run_the_loader(shell: str) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stderr == b""
-    hello, _ = sshmsg.split_packets(bytearray(result.stdout), 1 << 16)
+    before, sync, after = result.stdout.partition(HELPER_SYNC)
+    assert (before, sync) == (b"", HELPER_SYNC)  # the loader's first line, then messages
+    hello, _ = sshmsg.split_packets(bytearray(after), 1 << 16)
     assert [t for t, _ in hello] == [sshmsg.MSG_REQUEST_SUCCESS]
 
 
