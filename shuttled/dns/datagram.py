@@ -1,0 +1,250 @@
+"""DNS over UDP sent from the remote, through the helper's udp@shuttled channels.
+
+The fallback for a nameserver that will not take DNS over TCP (many small
+resolvers, appliances and firewalls close TCP 53): the query goes to the remote
+helper (shuttled.remote.helper) framed with its destination
+(sshmsg.pack_datagram), the helper sends it from an ordinary UDP socket there,
+and the reply comes back framed with its source. One channel per address
+family (the helper's socket has one), shared by every nameserver and query;
+opened on first use, opened again after the helper ends it (idle, or lost).
+
+A reply is matched by its source, its id and its question: ids are random on
+this path (RFC 5452), since anyone on the remote's network can send to the
+helper's socket. Each query is sent again every DNS_UDP_RETRANSMIT seconds
+until its deadline, at most DNS_UDP_SENDS times. Bounded: at most
+DNS_UDP_MAX_PENDING queries in flight; a datagram the channel's window cannot
+take now is dropped and counted (the next send covers it), never queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from shuttled import const
+from shuttled.dns.wire import (
+    FLAG_QR,
+    DnsMessageError,
+    parse_header,
+    query_id,
+    question_keys,
+    with_id,
+)
+from shuttled.tunnel import sshmsg
+from shuttled.tunnel.channels import Channel, ChannelMux
+
+log = logging.getLogger(__name__)
+
+# The mux that carries udp@shuttled channels (SshSession.udp_mux): raises when the
+# helper cannot start, with why.
+DatagramMux = Callable[[], Awaitable[ChannelMux]]
+
+RETRANSMIT = 0.5  # seconds between sends of one query
+SENDS = 4  # sends of one query at most
+MAX_PENDING = 1024  # queries in flight on this path
+GARBAGE_LOG_LIMIT = 10  # bad replies logged per channel, then only counted
+
+Key = tuple[str, int, int]  # (nameserver address, port, query id on the wire)
+
+
+class DatagramError(Exception):
+    """The query could not be sent or its channel went away."""
+
+
+class HelperUnavailableError(DatagramError):
+    """No helper to send from (no python on the remote, helper refused): says why."""
+
+
+@dataclass
+class _Pending:
+    waiter: asyncio.Future[bytes]
+    questions: tuple[tuple[str, int, int], ...]
+
+
+@dataclass
+class DatagramStats:
+    sent: int = 0  # datagrams handed to the channel, retransmissions included
+    dropped: int = 0  # datagrams the channel's window could not take
+    garbage: int = 0  # replies that do not parse or carry the wrong question
+    late: int = 0  # replies to no query in flight: a retransmission's second answer
+
+
+def canonical(host: str) -> str:
+    """One spelling per address, as the helper reports a source (recvfrom)."""
+    try:
+        return ipaddress.ip_address(host).compressed
+    except ValueError:
+        return host
+
+
+class _DnsChannel:
+    """One udp@shuttled channel (one address family): the Endpoint of its channel."""
+
+    def __init__(self, owner: DatagramUpstream, family: str) -> None:
+        self.owner = owner
+        self.family = family
+        self.channel: Channel | None = None
+        self.closed = False
+        self.opened: asyncio.Future[Channel] = asyncio.get_running_loop().create_future()
+        self._garbage = 0
+
+    def on_open(self, channel: Channel) -> None:
+        self.channel = channel
+        if self.closed:
+            channel.close()
+        elif not self.opened.done():
+            self.opened.set_result(channel)
+
+    def on_open_failed(self, reason: int, description: str) -> None:
+        if not self.opened.done():
+            self.opened.set_exception(
+                DatagramError(f"the helper refused a UDP channel: {description or reason}")
+            )
+        self.close()
+
+    def on_data(self, data: memoryview) -> None:
+        assert self.channel is not None
+        self.channel.consumed(len(data))
+        try:
+            host, port, payload = sshmsg.unpack_datagram(data)
+            self.owner.deliver((canonical(host), port), payload)
+        except (sshmsg.WireError, DnsMessageError) as exc:
+            self.owner.stats.garbage += 1
+            self._garbage += 1
+            if self._garbage <= GARBAGE_LOG_LIMIT:
+                log.warning("dropped a bad DNS reply over UDP: %s", exc)
+
+    def on_extended_data(self, code: int, data: bytes) -> None:
+        pass
+
+    def on_eof(self) -> None:
+        pass
+
+    def on_close(self) -> None:
+        self.close()
+
+    def pause_reading(self) -> None:
+        pass  # send_whole drops what the window cannot take
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if not self.opened.done():
+            self.opened.set_exception(DatagramError("UDP channel closed"))
+        self.opened.add_done_callback(lambda f: None if f.cancelled() else f.exception())
+        if self.channel is not None and not self.channel.close_sent:
+            self.channel.close()
+        self.owner.forget(self)
+
+
+class DatagramUpstream:
+    """Queries over UDP from the remote, to any nameserver: `ask()` one of them."""
+
+    def __init__(self, mux: DatagramMux, *, max_pending: int = MAX_PENDING) -> None:
+        self._mux = mux
+        self._max_pending = max_pending
+        self._channels: dict[str, _DnsChannel] = {}
+        self._pending: dict[Key, _Pending] = {}
+        self.stats = DatagramStats()
+
+    async def ask(self, host: str, port: int, message: bytes, deadline: float) -> bytes:
+        """The reply to `message` (a validated query) from host:port, its id restored.
+
+        Raises HelperUnavailableError, DatagramError, or TimeoutError at `deadline`."""
+        host = canonical(host)
+        if len(self._pending) >= self._max_pending:
+            raise DatagramError("too many DNS queries over UDP in flight")
+        channel = await self._channel(host)
+        key = self._allocate((host, port))
+        waiter = asyncio.get_running_loop().create_future()
+        self._pending[key] = _Pending(waiter, question_keys(message))
+        datagram = sshmsg.pack_datagram(host, port, with_id(message, key[2]))
+        try:
+            reply = await self._send_until(channel, datagram, waiter, deadline)
+        finally:
+            del self._pending[key]
+        return with_id(reply, query_id(message))
+
+    async def _send_until(
+        self, channel: _DnsChannel, datagram: bytes, waiter: asyncio.Future[bytes], deadline: float
+    ) -> bytes:
+        loop = asyncio.get_running_loop()
+        for _ in range(SENDS):
+            if channel.closed or channel.channel is None:
+                raise DatagramError("UDP channel closed")
+            if channel.channel.send_whole(datagram):
+                self.stats.sent += 1
+            else:
+                self.stats.dropped += 1
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            await asyncio.wait([waiter], timeout=min(RETRANSMIT, left))
+            if waiter.done():
+                return waiter.result()
+        await asyncio.wait([waiter], timeout=max(0.0, deadline - loop.time()))
+        if waiter.done():
+            return waiter.result()
+        raise TimeoutError
+
+    def _allocate(self, peer: tuple[str, int]) -> Key:
+        for _ in range(64):
+            key = (*peer, secrets.randbelow(0x10000))
+            if key not in self._pending:
+                return key
+        raise DatagramError("no free query id for UDP")
+
+    async def _channel(self, host: str) -> _DnsChannel:
+        family = "inet6" if ":" in host else "inet"
+        channel = self._channels.get(family)
+        if channel is None:
+            try:
+                mux = await self._mux()
+            except Exception as exc:  # the session's: any failure means no helper
+                raise HelperUnavailableError(str(exc) or type(exc).__name__) from exc
+            channel = self._channels.get(family)  # another query opened it meanwhile
+            if channel is None:
+                channel = _DnsChannel(self, family)
+                self._channels[family] = channel
+                extra = sshmsg.sstring(family) + sshmsg.U32.pack(round(const.UDP_IDLE))
+                try:
+                    mux.open(sshmsg.UDP_CHANNEL_TYPE, channel, extra)
+                except Exception as exc:  # a mux that closed under us
+                    channel.close()
+                    raise DatagramError(f"cannot open a UDP channel: {exc}") from exc
+        await asyncio.shield(channel.opened)
+        return channel
+
+    def deliver(self, source: tuple[str, int], message: bytes) -> None:
+        """A datagram from `source`: the reply to one of our queries, or dropped."""
+        header = parse_header(message)
+        if not header.flags & FLAG_QR:
+            raise DnsMessageError("QR bit clear")
+        pending = self._pending.get((*source, header.ident))
+        if pending is None or pending.waiter.done():
+            self.stats.late += 1  # normal after a retransmission: not worth a warning
+            return
+        questions = question_keys(message)
+        if questions and questions != pending.questions:
+            raise DnsMessageError(f"question of id {header.ident} does not match the query")
+        pending.waiter.set_result(message)
+
+    def forget(self, channel: _DnsChannel) -> None:
+        if self._channels.get(channel.family) is channel:
+            del self._channels[channel.family]
+        for (host, _, _), pending in self._pending.items():
+            family = "inet6" if ":" in host else "inet"
+            if family == channel.family and not pending.waiter.done():
+                pending.waiter.set_exception(DatagramError("UDP channel closed"))
+
+    def close(self) -> None:
+        for channel in list(self._channels.values()):
+            channel.close()
