@@ -160,9 +160,9 @@ class DatagramUpstream:
 
         Raises HelperUnavailableError, DatagramError, or TimeoutError at `deadline`."""
         host = canonical(host)
-        if len(self._pending) >= self._max_pending:
-            raise DatagramError("too many DNS queries over UDP in flight")
         channel = await self._channel(host)
+        if len(self._pending) >= self._max_pending:  # counted once the channel is there
+            raise DatagramError("too many DNS queries over UDP in flight")
         key = self._allocate((host, port))
         waiter = asyncio.get_running_loop().create_future()
         self._pending[key] = _Pending(waiter, question_keys(message))

@@ -289,11 +289,14 @@ class TunnelUpstream:
         else:
             server.transport = "tcp"
             return reply
+        assert self._udp is not None
         try:
-            reply = await self._ask_udp(server, message, share_end)
+            reply = await self._udp.ask(server.host, server.port, message, share_end)
         except HelperUnavailableError as exc:
+            # The session's words for it start with "UDP unavailable: ", said here already.
+            why = str(exc).removeprefix("UDP unavailable: ")
             raise UpstreamError(
-                f"{server.label} {tcp} and DNS over UDP needs the remote helper: {exc}"
+                f"{server.label} {tcp} and DNS over UDP needs the remote helper: {why}"
             ) from None
         except (DatagramError, OSError) as exc:
             raise UpstreamError(f"{server.label} {tcp}, and over UDP: {describe(exc)}") from None
