@@ -5,8 +5,8 @@ its TCP 53 (a reset) or black-holes it (no answer) while UDP keeps answering, as
 many small resolvers, appliances and firewalls do. shuttled tries DNS over TCP
 through a channel first, then sends the query over UDP from the remote through the
 helper (srv has python3), and keeps that choice; with no python for the helper
-(`--python /nonexistent`) it says why in one line. Through `shuttled run --dns`
-and daemon profiles (dns all and split).
+(`--python /nonexistent`) it says why in one line. Through `shuttled run --dns`,
+daemon profiles (dns all and split) and router mode's DNS for LAN hosts.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 
 from tests.integration.daemon_util import DaemonSet, root_profile, split_profile, wait_for
 from tests.integration.dns_util import ask, dns_lab, local_resolver, timed_ask
-from tests.lab import Lab
+from tests.lab import Lab, clients
 from tests.lab.runner import start_run, stop_run
 
 pytestmark = pytest.mark.integration
@@ -110,3 +110,26 @@ def test_profile_without_python_says_why_in_its_status(lab: Lab, daemons: Daemon
     assert line.startswith(f"DNS: no nameserver answers: {lab.dns_v4} refuses DNS over TCP")
     assert "needs the remote helper" in line and NO_PYTHON in line
     assert line in text
+
+
+def test_lan_hosts_dns_takes_the_same_udp_fallback(rlab: Lab) -> None:
+    name = "run-lan-udp-dns"
+    rlab.clear_dns_queries()
+    with rlab.dns_tcp_closed("refuse"):
+        proc = start_run(
+            rlab,
+            "--dns",
+            "--lan",
+            rlab.if_cli_lan,
+            "--lan-dns",
+            "all",
+            *rlab.target_nets,
+            name=name,
+        )
+        try:
+            with rlab.netns("lan"):
+                answer = clients.dns_query(rlab.fake_dns_v4, rlab.dns_name, "A")
+        finally:
+            assert stop_run(rlab, proc) == 0, rlab.log_tail(name)
+    assert rlab.tgt_v4 in answer.addresses
+    assert protocols_seen(rlab, rlab.dns_name) == {"udp"}
