@@ -19,6 +19,7 @@ take now is dropped and counted (the next send covers it), never queued.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import secrets
@@ -34,8 +35,11 @@ from shuttled.dns.wire import (
     question_keys,
     with_id,
 )
-from shuttled.tunnel import sshmsg
+from shuttled.errors import ShuttledError
+from shuttled.tunnel import faults, sshmsg
 from shuttled.tunnel.channels import Channel, ChannelMux
+from shuttled.tunnel.endpoints import BaseEndpoint
+from shuttled.tunnel.udp import receive_datagram
 
 log = logging.getLogger(__name__)
 
@@ -81,36 +85,30 @@ def canonical(host: str) -> str:
         return host
 
 
-class _DnsChannel:
+class _DnsChannel(BaseEndpoint):
     """One udp@shuttled channel (one address family): the Endpoint of its channel."""
 
+    fault_kind = faults.DNS
+
     def __init__(self, owner: DatagramUpstream, family: str) -> None:
+        super().__init__()
         self.owner = owner
         self.family = family
-        self.channel: Channel | None = None
         self.closed = False
-        self.opened: asyncio.Future[Channel] = asyncio.get_running_loop().create_future()
         self._garbage = 0
 
     def on_open(self, channel: Channel) -> None:
-        self.channel = channel
+        super().on_open(channel)
         if self.closed:
             channel.close()
-        elif not self.opened.done():
-            self.opened.set_result(channel)
 
     def on_open_failed(self, reason: int, description: str) -> None:
-        if not self.opened.done():
-            self.opened.set_exception(
-                DatagramError(f"the helper refused a UDP channel: {description or reason}")
-            )
+        super().on_open_failed(reason, description)
         self.close()
 
     def on_data(self, data: memoryview) -> None:
-        assert self.channel is not None
-        self.channel.consumed(len(data))
         try:
-            host, port, payload = sshmsg.unpack_datagram(data)
+            host, port, payload = receive_datagram(self.channel, data)
             self.owner.deliver((canonical(host), port), payload)
         except (sshmsg.WireError, DnsMessageError) as exc:
             self.owner.stats.garbage += 1
@@ -118,20 +116,15 @@ class _DnsChannel:
             if self._garbage <= GARBAGE_LOG_LIMIT:
                 log.warning("dropped a bad DNS reply over UDP: %s", exc)
 
-    def on_extended_data(self, code: int, data: bytes) -> None:
-        pass
-
     def on_eof(self) -> None:
         pass
 
     def on_close(self) -> None:
         self.close()
 
-    def pause_reading(self) -> None:
-        pass  # send_whole drops what the window cannot take
-
-    def resume_reading(self) -> None:
-        pass
+    def abort_connection(self) -> None:
+        super().abort_connection()
+        self.close()
 
     def close(self) -> None:
         if self.closed:
@@ -145,6 +138,10 @@ class _DnsChannel:
         self.owner.forget(self)
 
 
+def _family(host: str) -> str:
+    return "inet6" if ":" in host else "inet"
+
+
 class DatagramUpstream:
     """Queries over UDP from the remote, to any nameserver: `ask()` one of them."""
 
@@ -153,6 +150,7 @@ class DatagramUpstream:
         self._max_pending = max_pending
         self._channels: dict[str, _DnsChannel] = {}
         self._pending: dict[Key, _Pending] = {}
+        self._opening: dict[str, asyncio.Future[_DnsChannel]] = {}
         self.stats = DatagramStats()
 
     async def ask(self, host: str, port: int, message: bytes, deadline: float) -> bytes:
@@ -195,6 +193,13 @@ class DatagramUpstream:
             return waiter.result()
         raise TimeoutError
 
+    def prepare(self, host: str) -> None:
+        """Open the channel to `host`'s family now (starting the helper if need be), for
+        queries to come; its failure is theirs to report."""
+        family = _family(host)
+        if family not in self._channels:
+            self._opening_of(family)
+
     def _allocate(self, peer: tuple[str, int]) -> Key:
         for _ in range(64):
             key = (*peer, secrets.randbelow(0x10000))
@@ -203,24 +208,44 @@ class DatagramUpstream:
         raise DatagramError("no free query id for UDP")
 
     async def _channel(self, host: str) -> _DnsChannel:
-        family = "inet6" if ":" in host else "inet"
+        family = _family(host)
         channel = self._channels.get(family)
         if channel is None:
-            try:
-                mux = await self._mux()
-            except Exception as exc:  # the session's: any failure means no helper
-                raise HelperUnavailableError(str(exc) or type(exc).__name__) from exc
-            channel = self._channels.get(family)  # another query opened it meanwhile
-            if channel is None:
-                channel = _DnsChannel(self, family)
-                self._channels[family] = channel
-                extra = sshmsg.sstring(family) + sshmsg.U32.pack(round(const.UDP_IDLE))
-                try:
-                    mux.open(sshmsg.UDP_CHANNEL_TYPE, channel, extra)
-                except Exception as exc:  # a mux that closed under us
-                    channel.close()
-                    raise DatagramError(f"cannot open a UDP channel: {exc}") from exc
-        await asyncio.shield(channel.opened)
+            channel = await asyncio.shield(self._opening_of(family))
+        try:
+            await asyncio.shield(channel.opened)
+        except (ShuttledError, OSError) as exc:  # refused by the helper, or aborted
+            raise DatagramError(f"no UDP channel: {exc}") from exc
+        return channel
+
+    def _opening_of(self, family: str) -> asyncio.Future[_DnsChannel]:
+        """The one open of a family's channel in progress: every query waits on it."""
+        opening = self._opening.get(family)
+        if opening is None:
+            opening = asyncio.ensure_future(self._open(family))
+            self._opening[family] = opening
+            opening.add_done_callback(functools.partial(self._opened, family))
+        return opening
+
+    def _opened(self, family: str, opening: asyncio.Future[_DnsChannel]) -> None:
+        if self._opening.get(family) is opening:
+            del self._opening[family]
+        if not opening.cancelled():
+            opening.exception()  # retrieved: the queries that wait for it report it
+
+    async def _open(self, family: str) -> _DnsChannel:
+        try:
+            mux = await self._mux()
+        except Exception as exc:  # the session's: any failure means no helper
+            raise HelperUnavailableError(str(exc) or type(exc).__name__) from exc
+        channel = _DnsChannel(self, family)
+        self._channels[family] = channel
+        extra = sshmsg.sstring(family) + sshmsg.U32.pack(round(const.UDP_IDLE))
+        try:
+            mux.open(sshmsg.UDP_CHANNEL_TYPE, channel, extra)
+        except Exception as exc:  # a mux that closed under us
+            channel.close()
+            raise DatagramError(f"cannot open a UDP channel: {exc}") from exc
         return channel
 
     def deliver(self, source: tuple[str, int], message: bytes) -> None:
@@ -241,10 +266,11 @@ class DatagramUpstream:
         if self._channels.get(channel.family) is channel:
             del self._channels[channel.family]
         for (host, _, _), pending in self._pending.items():
-            family = "inet6" if ":" in host else "inet"
-            if family == channel.family and not pending.waiter.done():
+            if _family(host) == channel.family and not pending.waiter.done():
                 pending.waiter.set_exception(DatagramError("UDP channel closed"))
 
     def close(self) -> None:
+        for opening in list(self._opening.values()):
+            opening.cancel()
         for channel in list(self._channels.values()):
             channel.close()

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 Opener = Callable[[str, int], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 
 GARBAGE_LOG_LIMIT = 10  # bad replies logged per upstream connection, then only counted
+UDP_WARM_AFTER = 0.2  # seconds TCP may take to answer before the helper for UDP starts
 
 
 class UpstreamError(Exception):
@@ -96,6 +97,7 @@ class Nameserver:
     host: str
     port: int
     transport: str = "untried"  # tcp or udp once one answered
+    tcp_failed: str | None = None  # how TCP failed while no transport answered yet
     health: str = "untried"  # answering or failing, after the latest query
     error: str | None = None  # why the latest query failed
 
@@ -279,16 +281,17 @@ class TunnelUpstream:
         return reply
 
     async def _try_both(self, index: int, message: bytes, share_end: float) -> bytes:
-        """A nameserver not heard from yet: TCP in half the share, then UDP in the rest."""
+        """A nameserver not heard from yet: TCP in half the share, then UDP in the rest.
+
+        After TCP failed it once (the helper may have been too slow to start in the
+        time left), UDP goes first, with the whole share."""
         server = self._servers[index]
-        now = asyncio.get_running_loop().time()
-        try:
-            reply = await self._ask_tcp(index, message, now + (share_end - now) / 2)
-        except (UpstreamError, OSError) as exc:
-            tcp = tcp_failure(exc)
-        else:
-            server.transport = "tcp"
-            return reply
+        tcp = server.tcp_failed
+        if tcp is None:
+            try:
+                return await self._first_tcp(index, message, share_end)
+            except (UpstreamError, OSError) as exc:
+                tcp = server.tcp_failed = tcp_failure(exc)
         assert self._udp is not None
         try:
             reply = await self._udp.ask(server.host, server.port, message, share_end)
@@ -299,9 +302,24 @@ class TunnelUpstream:
                 f"{server.label} {tcp} and DNS over UDP needs the remote helper: {why}"
             ) from None
         except (DatagramError, OSError) as exc:
+            server.tcp_failed = None  # neither answers: TCP first again next time
             raise UpstreamError(f"{server.label} {tcp}, and over UDP: {describe(exc)}") from None
         server.transport = "udp"
         log.info("nameserver %s %s: asking it over UDP from now on", server.label, tcp)
+        return reply
+
+    async def _first_tcp(self, index: int, message: bytes, share_end: float) -> bytes:
+        """TCP in the first half of the share; when it is slow to answer, the helper for
+        UDP starts meanwhile (uploading it takes a while), so UDP is ready in time."""
+        assert self._udp is not None
+        server = self._servers[index]
+        loop = asyncio.get_running_loop()
+        warm = loop.call_later(UDP_WARM_AFTER, self._udp.prepare, server.host)
+        try:
+            reply = await self._ask_tcp(index, message, loop.time() + (share_end - loop.time()) / 2)
+        finally:
+            warm.cancel()
+        server.transport = "tcp"
         return reply
 
     async def _ask_udp(self, server: Nameserver, message: bytes, share_end: float) -> bytes:

@@ -12,11 +12,13 @@ daemon profiles (dns all and split) and router mode's DNS for LAN hosts.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from tests.integration.daemon_util import DaemonSet, root_profile, split_profile, wait_for
+from tests.integration.daemon_util import Daemon, DaemonSet, root_profile, split_profile, wait_for
 from tests.integration.dns_util import ask, dns_lab, local_resolver, timed_ask
+from tests.integration.router_util import start_lan_run
 from tests.lab import Lab, clients
 from tests.lab.runner import start_run, stop_run
 
@@ -34,6 +36,15 @@ def lab() -> Iterator[Lab]:
 def protocols_seen(lab: Lab, name: str) -> set[str]:
     """How the remote's resolver was asked for `name`: udp, tcp (-silent when dropped)."""
     return {proto for proto, seen, _ in lab.dns_queries() if seen == name}
+
+
+def profile_up(daemons: DaemonSet, body: dict[str, Any]) -> Daemon:
+    """A daemon with profile `corp` (body), brought up."""
+    d = daemons.new()
+    d.write_profile("corp", body)
+    d.start()
+    d.up("corp")
+    return d
 
 
 @pytest.mark.parametrize("how", ["refuse", "drop"])
@@ -80,10 +91,7 @@ def test_profile_falls_back_to_udp_and_shows_it(lab: Lab, daemons: DaemonSet, mo
         else split_profile(lab, nets, lab.dns_zone)
     )
     with local_resolver(lab), lab.dns_tcp_closed("refuse"):
-        d = daemons.new()
-        d.write_profile("corp", body)
-        d.start()
-        d.up("corp")
+        d = profile_up(daemons, body)
         answer = ask(lab, lab.fake_dns_v4, lab.dns_name)
         stats = d.stats("corp")["dns"]
         status = d.status("corp")
@@ -98,10 +106,7 @@ def test_profile_falls_back_to_udp_and_shows_it(lab: Lab, daemons: DaemonSet, mo
 def test_profile_without_python_says_why_in_its_status(lab: Lab, daemons: DaemonSet) -> None:
     body = root_profile(lab, [f"{lab.tgt_v4}/32"], dns={"mode": "all"}, python=NO_PYTHON)
     with local_resolver(lab), lab.dns_tcp_closed("refuse"):
-        d = daemons.new()
-        d.write_profile("corp", body)
-        d.start()
-        d.up("corp")
+        d = profile_up(daemons, body)
         failed = ask(lab, lab.fake_dns_v4, lab.dns_name)
         health = wait_for("a DNS health line", lambda: d.status("corp")["health"], 5.0)
         text = d.ctl("status", "corp").stdout
@@ -116,16 +121,7 @@ def test_lan_hosts_dns_takes_the_same_udp_fallback(rlab: Lab) -> None:
     name = "run-lan-udp-dns"
     rlab.clear_dns_queries()
     with rlab.dns_tcp_closed("refuse"):
-        proc = start_run(
-            rlab,
-            "--dns",
-            "--lan",
-            rlab.if_cli_lan,
-            "--lan-dns",
-            "all",
-            *rlab.target_nets,
-            name=name,
-        )
+        proc = start_lan_run(rlab, name)
         try:
             with rlab.netns("lan"):
                 answer = clients.dns_query(rlab.fake_dns_v4, rlab.dns_name, "A")

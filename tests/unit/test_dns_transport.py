@@ -97,6 +97,50 @@ def test_tcp_black_hole_falls_back_to_udp_within_the_budget() -> None:
     run_async(main(), BODY_TIMEOUT)
 
 
+class SlowHelper(FakeHelperMux):
+    """A helper that takes `delay` seconds to start (uploading it is not instant)."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+        self.started_at: float | None = None
+
+    async def __call__(self) -> Any:
+        if self.started_at is None:
+            self.started_at = time.monotonic()
+        await asyncio.sleep(self.delay)
+        return self
+
+
+def test_a_slow_helper_starts_while_tcp_is_silent() -> None:
+    async def main() -> None:
+        helper = SlowHelper(DNS_TIMEOUT * 0.7)  # longer than UDP's half of the budget
+        forwarder = DnsForwarder(Opener(lambda host: "hang"), ["10.0.0.2"], datagrams=helper)
+        started = time.monotonic()
+        reply = await forwarder.resolve(make_query("warm.example"))
+        forwarder.close()
+        assert answered(reply)
+        assert helper.started_at is not None and helper.started_at - started < DNS_TIMEOUT / 2
+
+    run_async(main(), BODY_TIMEOUT)
+
+
+def test_after_tcp_failed_once_udp_goes_first() -> None:
+    async def main() -> None:
+        helper = SlowHelper(DNS_TIMEOUT * 1.5)  # too slow for the first query
+        opener = Opener(lambda host: "refuse")
+        forwarder = DnsForwarder(opener, ["10.0.0.2"], datagrams=helper)
+        first = await forwarder.resolve(make_query("one.example"))
+        helper.delay = 0.0
+        second = await forwarder.resolve(make_query("two.example"))
+        forwarder.close()
+        assert rcode(first) == Rcode.SERVFAIL and answered(second)
+        assert opener.calls == ["10.0.0.2"]  # TCP asked once only
+        assert rows(forwarder) == [("10.0.0.2", "udp", "answering")]
+
+    run_async(main(), BODY_TIMEOUT)
+
+
 def test_tcp_that_answers_is_kept_and_udp_never_used() -> None:
     async def main() -> None:
         helper = FakeHelperMux()
