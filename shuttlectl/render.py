@@ -204,12 +204,28 @@ def stats(name: str, s: ProfileStats) -> str:
         ),
         f"  ssh: {_ssh_process(s)}",
     ]
-    lines += [
-        f"  {key.replace('_', ' ')}: {_any(value)}"
-        for key, value in s.items()
-        if key not in _STATS_DONE
-    ]
+    for key, value in s.items():
+        if key == "dns" and isinstance(value, Mapping):
+            lines += _dns(value)
+        elif key not in _STATS_DONE:
+            lines.append(f"  {key.replace('_', ' ')}: {_any(value)}")
     return "\n".join(lines)
+
+
+def _dns(dns: Mapping[str, object]) -> list[str]:
+    """The DNS counters on one line, then a line a nameserver: transport and health."""
+    rows = dns.get("nameservers")
+    counters = {k: v for k, v in dns.items() if k != "nameservers"}
+    lines = [f"  dns: {_any(counters)}"]
+    for row in rows if isinstance(rows, list) else []:
+        if not isinstance(row, Mapping):
+            continue
+        error = row.get("error")
+        lines.append(
+            f"  nameserver {text(row.get('address'))}: {text(row.get('transport'))}, "
+            f"{text(row.get('health'))}" + (f": {text(error)}" if error else "")
+        )
+    return lines
 
 
 def _ssh_process(s: ProfileStats) -> str:

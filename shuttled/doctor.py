@@ -27,7 +27,7 @@ from shuttled.control.protocol import JSON_SCHEMA
 from shuttled.control.schema import CheckRow, DoctorReport
 from shuttled.control.tables import doctor as doctor_text
 from shuttled.dns.resolvconf import parse_nameserver
-from shuttled.dns.upstream import TcpPipelinedUpstream, describe
+from shuttled.dns.upstream import TunnelUpstream, describe
 from shuttled.dns.wire import FLAG_RD, HEADER, RCODE_MASK, Rcode, parse_header
 from shuttled.errors import ShuttledError
 from shuttled.net import Subnet
@@ -255,7 +255,7 @@ async def _dns_tcp(checks: _Checks, server: str, check: str, needed: bool) -> No
     if data is None:
         checks.skip(check, "not checked: nothing carries TCP (see forwarding and python)")
         return
-    upstream = TcpPipelinedUpstream(
+    upstream = TunnelUpstream(
         lambda host, port: open_stream(data, host, port),
         [server],
         connect_timeout=DNS_CHECK_TIMEOUT,

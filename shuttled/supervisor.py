@@ -557,6 +557,7 @@ class Tunnel:
                 self._open_stream,
                 self.captures.dns_peers,
                 self.faults,
+                datagrams=self._udp_mux,
             )
         hosts = (
             self._note(await _from_remote("/etc/hosts", remote_hosts(session.run), {})).value
@@ -576,8 +577,10 @@ class Tunnel:
 
     @property
     def health(self) -> list[str]:
-        """Problems worth a line after the status table."""
-        return [*self.router.health, *self.unlearnt]
+        """Problems worth a line after the status table: router mode's, what the remote
+        did not tell, and why DNS answers nothing."""
+        dns = self.resolver.problem() if self.resolver is not None else None
+        return [*self.router.health, *self.unlearnt, *([dns] if dns else [])]
 
     @property
     def forwarder(self) -> DnsForwarder | None:
@@ -646,7 +649,12 @@ class Tunnel:
         assert self.resolver is not None and self.resolver.forwarder is not None
         # DnsCounters is DnsStats field for field (a unit test pins it).
         counters = cast(DnsCounters, vars(self.resolver.forwarder.stats))
-        return {"mode": self.resolver.plan.mode, "path": self.resolver.path, **counters}
+        return {
+            "mode": self.resolver.plan.mode,
+            "path": self.resolver.path,
+            **counters,
+            "nameservers": self.resolver.forwarder.nameservers(),
+        }
 
     def dns_status(self) -> DnsStatus | None:
         return self.resolver.status() if self.resolver is not None else None

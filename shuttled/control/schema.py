@@ -60,6 +60,15 @@ class SubnetRow(TypedDict):
     source: str  # profile or auto_nets
 
 
+class NameserverRow(TypedDict):
+    """One of the remote's nameservers, as this ssh session knows it."""
+
+    address: str  # "10.0.0.2", or "10.0.0.2@5353" off port 53
+    transport: str  # tcp or udp (through the remote helper) once one answered; untried
+    health: str  # answering or failing (after the latest query to it), or untried
+    error: str | None  # why the latest query failed, in one line
+
+
 class DnsStatus(TypedDict):
     mode: str  # all or split
     path: str | None  # firewall or resolved, once started
@@ -67,6 +76,7 @@ class DnsStatus(TypedDict):
     link: NotRequired[str]  # path resolved: our link and the server on it
     server: NotRequired[str]
     resolvers: NotRequired[list[str] | Literal["all"]]  # path firewall: what is caught
+    nameservers: NotRequired[list[NameserverRow]]  # the remote's, once started
 
 
 class ProfileStatus(TypedDict):
@@ -107,6 +117,7 @@ class DnsCounters(TypedDict):
 class DnsStats(DnsCounters):
     mode: str
     path: str
+    nameservers: NotRequired[list[NameserverRow]]  # the remote's: transport and health
 
 
 class UdpCounters(TypedDict):

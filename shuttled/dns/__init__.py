@@ -4,7 +4,9 @@ Reading order, from the bytes up:
 
 - wire.py       DNS messages as bytes (RFC 1035): parse, build errors, truncate, TCP framing
 - resolvconf.py resolv.conf and nameserver addresses
-- upstream.py   DNS over TCP through a direct-tcpip channel, pipelined (RFC 7766)
+- datagram.py   DNS over UDP sent from the remote by the helper (udp@shuttled channels)
+- upstream.py   the remote's nameservers: DNS over TCP through a direct-tcpip channel,
+                pipelined (RFC 7766), else over UDP (datagram.py); failover between them
 - local.py      the machine's own resolvers, for names split DNS keeps local
 - cache.py      a TTL cache of replies
 - routing.py    split DNS: which names go through which profile; the remote's /etc/hosts

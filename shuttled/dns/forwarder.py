@@ -1,11 +1,13 @@
 """DNS through the tunnel: the forwarder that answers every query the listeners take.
 
 Queries the firewall redirected to our listeners (UDP and TCP, one port number on
-every address) are answered by `DnsForwarder.resolve()`, which sends each one as
-DNS over TCP (RFC 1035 4.2.2 framing, RFC 7766 pipelining: many queries in
-flight on one connection, matched by message id) through a direct-tcpip channel
-to the remote's nameserver. `resolve()` always answers: the nameserver's reply,
-or a SERVFAIL built here once the timeout has passed (sshuttle hung for 30 s).
+every address) are answered by `DnsForwarder.resolve()`, which sends each one to
+the remote's nameserver as DNS over TCP (RFC 1035 4.2.2 framing, RFC 7766
+pipelining: many queries in flight on one connection, matched by message id)
+through a direct-tcpip channel, or as DNS over UDP from the remote helper where
+the nameserver will not take TCP (upstream.TunnelUpstream decides). `resolve()`
+always answers: the nameserver's reply, or a SERVFAIL built here once the
+timeout has passed (sshuttle hung for 30 s).
 
 Split DNS: `DnsForwarder._route()` picks the upstream for a query by its
 question name (routes: routing.SplitRoutes; the local upstream to the
@@ -23,7 +25,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from shuttled.const import DNS_TIMEOUT
-from shuttled.dns.upstream import Opener, TcpPipelinedUpstream, Upstream, UpstreamError, describe
+from shuttled.control.schema import NameserverRow
+from shuttled.dns.datagram import DatagramMux
+from shuttled.dns.upstream import Opener, TunnelUpstream, Upstream, UpstreamError, describe
 from shuttled.dns.wire import (
     RCODE_MASK,
     DnsMessageError,
@@ -132,14 +136,15 @@ class DnsForwarder:
         local: Upstream | None = None,
         cache: Cache | None = None,
         peers: DnsPeers | None = None,
+        datagrams: DatagramMux | None = None,
     ) -> None:
         self.timeout = timeout
         self.stats = DnsStats()
         self.routes = routes
         self.hosts: Hosts | None = None
         self.cache = cache
-        self._upstream: Upstream = TcpPipelinedUpstream(
-            opener, nameservers, connect_timeout=timeout
+        self._upstream = TunnelUpstream(
+            opener, nameservers, connect_timeout=timeout, datagrams=datagrams
         )
         self._local = local
         self._peers = peers
@@ -152,6 +157,17 @@ class DnsForwarder:
         self.hosts = hosts
         if self.cache is not None:  # an answer may now belong to the other side
             self.cache.clear()
+
+    def new_session(self) -> None:
+        """The tunnel reconnected: learn each nameserver's transport again."""
+        self._upstream.reset()
+
+    def nameservers(self) -> list[NameserverRow]:
+        return self._upstream.nameservers()
+
+    def problem(self) -> str | None:
+        """Why the remote's nameservers answer nothing, in one line; None while one does."""
+        return self._upstream.problem()
 
     async def resolve(self, query: bytes) -> bytes:
         """The reply to query, or SERVFAIL/FORMERR/REFUSED built here; never raises for

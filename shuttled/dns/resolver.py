@@ -28,6 +28,7 @@ from pathlib import Path
 from shuttled import const
 from shuttled.control.schema import DnsStatus
 from shuttled.dns.cache import DnsCache
+from shuttled.dns.datagram import DatagramMux
 from shuttled.dns.forwarder import DnsForwarder, DnsPeers
 from shuttled.dns.listeners import DnsListener
 from shuttled.dns.local import LocalUpstream
@@ -89,6 +90,7 @@ class ProfileResolver:
         opener: Opener,
         peers: DnsPeers | None = None,
         fault_log: Faults | None = None,
+        datagrams: DatagramMux | None = None,
     ) -> None:
         self.name = name
         self.faults = fault_log if fault_log is not None else Faults()
@@ -97,6 +99,7 @@ class ProfileResolver:
         self.forwarder: DnsForwarder | None = None
         self.path = ""  # "firewall" or "resolved", once started
         self._opener = opener
+        self._datagrams = datagrams  # the helper's UDP, for nameservers closed to TCP
         self._peers = peers
         self._listener: DnsListener | None = None
         self._link: DnsLink | None = None  # the resolved path's link
@@ -152,7 +155,12 @@ class ProfileResolver:
 
     def _forwarder(self, upstream: Sequence[str], local: LocalUpstream | None) -> DnsForwarder:
         forwarder = DnsForwarder(
-            self._opener, upstream, local=local, cache=DnsCache(), peers=self._peers
+            self._opener,
+            upstream,
+            local=local,
+            cache=DnsCache(),
+            peers=self._peers,
+            datagrams=self._datagrams,
         )
         forwarder.set_routes(self._forwarder_routes(), self._hosts)
         if self._peers is not None:
@@ -224,6 +232,7 @@ class ProfileResolver:
         self._routes = routes
         if self.forwarder is not None:
             self.forwarder.set_routes(self._forwarder_routes(), self._hosts)
+            self.forwarder.new_session()  # a reconnect: maybe another remote's resolvers
         if self._link is not None:
             await self._reconfigure(self._link)
 
@@ -277,4 +286,11 @@ class ProfileResolver:
             info |= {"link": self._link.name, "server": str(self._link.address)}
         elif self.path == "firewall":
             info["resolvers"] = list(self._local) or "all"
+        if self.forwarder is not None:
+            info["nameservers"] = self.forwarder.nameservers()
         return info
+
+    def problem(self) -> str | None:
+        """Why DNS through the tunnel answers nothing, in one line; None while it works."""
+        problem = self.forwarder.problem() if self.forwarder is not None else None
+        return f"DNS: no nameserver answers: {problem}" if problem else None

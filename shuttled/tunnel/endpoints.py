@@ -32,7 +32,7 @@ class OpenRefused(RemoteError):
         self.reason = reason
 
 
-class _BaseEndpoint:
+class BaseEndpoint:
     """Opening bookkeeping shared by our own endpoints: a future for the open."""
 
     def __init__(self) -> None:
@@ -63,7 +63,7 @@ class _BaseEndpoint:
             self.opened.set_exception(RemoteError("channel aborted by a local error"))
 
 
-class CommandEndpoint(_BaseEndpoint):
+class CommandEndpoint(BaseEndpoint):
     """A session channel running one remote command; output kept up to a bound."""
 
     def __init__(self) -> None:
@@ -122,14 +122,14 @@ def _after_mark(stdout: bytes) -> bytes:
     return after if mark and (not before or before.endswith(b"\n")) else stdout
 
 
-class ChannelTransport(_BaseEndpoint, asyncio.Transport):
+class ChannelTransport(BaseEndpoint, asyncio.Transport):
     """An asyncio transport over one channel, so stream clients (DNS over TCP)
     can use StreamReader/StreamWriter through the tunnel."""
 
     fault_kind = faults.DNS  # its one user
 
     def __init__(self, protocol: asyncio.Protocol) -> None:
-        _BaseEndpoint.__init__(self)
+        BaseEndpoint.__init__(self)
         asyncio.Transport.__init__(self)
         self._protocol = protocol
         self._closing = False
@@ -209,7 +209,7 @@ async def open_stream(
     return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
 
-class HelperPipe(_BaseEndpoint):
+class HelperPipe(BaseEndpoint):
     """The session channel running the remote helper, seen from both sides: an
     endpoint of the outer mux and the pipe of the inner mux."""
 

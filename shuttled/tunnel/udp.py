@@ -66,6 +66,14 @@ class UdpStats:
     dropped: int = 0  # datagrams dropped: window full, queue full, send failed
 
 
+def receive_datagram(channel: Channel | None, data: memoryview) -> tuple[str, int, bytes]:
+    """One datagram off a udp@shuttled channel: its window given back, then unpacked
+    (sshmsg.WireError when the frame is malformed)."""
+    assert channel is not None
+    channel.consumed(len(data))
+    return sshmsg.unpack_datagram(data)
+
+
 class Flow:
     """One local source's datagrams and their answers; the channel's Endpoint.
 
@@ -178,10 +186,8 @@ class Flow:
         self.close()
 
     def on_data(self, data: memoryview) -> None:
-        assert self.channel is not None
-        self.channel.consumed(len(data))
         try:
-            host, port, payload = sshmsg.unpack_datagram(data)
+            host, port, payload = receive_datagram(self.channel, data)
         except sshmsg.WireError as exc:
             log.warning("UDP flow from %s:%d: bad datagram frame: %s", *self.src, exc)
             return

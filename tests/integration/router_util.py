@@ -10,11 +10,13 @@ import hashlib
 import os
 import select
 import socket
+import subprocess
 import time
 from typing import Any
 
 from tests.integration.daemon_util import Daemon, DaemonSet, root_profile
 from tests.lab import Lab, clients
+from tests.lab.runner import start_run
 
 METHODS = ["nft", "iptables"]
 PROFILE = "router"
@@ -178,6 +180,21 @@ def router_profile(lab: Lab, **keys: Any) -> dict[str, Any]:
         **keys,
     )
     return body
+
+
+def start_lan_run(lab: Lab, name: str, method: str = "nft") -> subprocess.Popen[bytes]:
+    """`shuttled run` as a router: DNS, the LAN interface, and every LAN host's DNS."""
+    return start_run(
+        lab,
+        "--dns",
+        "--lan",
+        lab.if_cli_lan,
+        "--lan-dns",
+        "all",
+        *lab.target_nets,
+        method=method,
+        name=name,
+    )
 
 
 def start_daemon(daemons: DaemonSet, method: str, body: dict[str, Any]) -> Daemon:

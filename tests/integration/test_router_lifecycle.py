@@ -19,6 +19,7 @@ from tests.integration.router_util import (
     kernel_state,
     router_profile,
     start_daemon,
+    start_lan_run,
     timed,
     udp_from,
 )
@@ -111,17 +112,7 @@ def test_exit_and_cleanup_after_sigkill_leave_the_kernel_as_before(rlab: Lab, me
 @pytest.mark.parametrize("method", METHODS)
 def test_run_with_lan_interface_carries_tcp_udp_and_dns(rlab: Lab, method: str) -> None:
     before = kernel_state(rlab)
-    proc = start_run(
-        rlab,
-        "--dns",
-        "--lan",
-        rlab.if_cli_lan,
-        "--lan-dns",
-        "all",
-        *rlab.target_nets,
-        method=method,
-        name=f"run-lan-{method}",
-    )
+    proc = start_lan_run(rlab, f"run-lan-{method}", method)
     try:
         for host in (rlab.tgt_v4, rlab.tgt_v6):
             assert http_from(rlab, host) == "ok"

@@ -37,7 +37,7 @@ import threading
 import time
 import weakref
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -577,6 +577,20 @@ class Lab:
             flag.touch()
         else:
             flag.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def dns_tcp_closed(self, how: str) -> Iterator[None]:
+        """The DNS responder in tgt answers over UDP only while in the block: TCP 53 is
+        refused (``how="refuse"``: a reset, as a closed port) or black-holed
+        (``"drop"``: no answer at all), by an nft table of its own in tgt."""
+        verdict = {"refuse": "reject with tcp reset", "drop": "drop"}[how]
+        table = "table inet lab_dns_tcp {\n chain input {\n  type filter hook input "
+        table += f"priority 0; policy accept;\n  tcp dport {svc.DNS_PORT} {verdict}\n }}\n}}\n"
+        self.run("tgt", ["nft", "-f", "-"], input=table)
+        try:
+            yield
+        finally:
+            self.run("tgt", ["nft", "delete", "table", "inet", "lab_dns_tcp"], check=False)
 
     def dns_queries(self) -> list[tuple[str, str, str]]:
         """Queries the responder saw, oldest first: (proto, name, type); proto is udp, tcp,

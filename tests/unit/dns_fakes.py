@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from shuttled.dns import wire
 from shuttled.dns.wire import FLAG_QR, FLAG_RA, FLAG_RD
+from shuttled.tunnel import sshmsg
 
 TYPE_A = 1
 TYPE_TXT = 16
@@ -130,3 +132,62 @@ class FakeServer:
 
 def direct(host: str, port: int) -> Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
     return asyncio.open_connection(host, port)
+
+
+# --- a fake helper for DNS over UDP -------------------------------------------------
+
+# (nameserver, port, query as sent) -> the datagrams that come back: (source, port, bytes)
+UdpAnswer = Callable[[str, int, bytes], list[tuple[str, int, bytes]]]
+
+
+def answer_udp(host: str, port: int, query: bytes) -> list[tuple[str, int, bytes]]:
+    """A nameserver that answers every query over UDP, from where it was sent."""
+    return [(host, port, make_answer(query))]
+
+
+class FakeUdpChannel:
+    """What DatagramUpstream uses of a udp@shuttled channel: whole sends, window, close."""
+
+    def __init__(self, helper: FakeHelperMux, endpoint: Any) -> None:
+        self.helper = helper
+        self.endpoint = endpoint
+        self.close_sent = False
+
+    def send_whole(self, data: bytes) -> bool:
+        if self.close_sent:
+            return False
+        host, port, payload = sshmsg.unpack_datagram(data)
+        self.helper.sent.append((host, port, payload))
+        for source, sport, reply in self.helper.answer(host, port, payload):
+            frame = sshmsg.pack_datagram(source, sport, reply)
+            asyncio.get_running_loop().call_soon(self._deliver, frame)
+        return True
+
+    def _deliver(self, frame: bytes) -> None:
+        if not self.close_sent:
+            self.endpoint.on_data(memoryview(frame))
+
+    def consumed(self, size: int) -> None:
+        pass
+
+    def close(self) -> None:
+        self.close_sent = True
+
+
+class FakeHelperMux:
+    """The helper's mux as DatagramUpstream sees it: opens udp@shuttled channels that
+    answer with `answer`; every datagram sent is kept in `sent`."""
+
+    def __init__(self, answer: UdpAnswer = answer_udp) -> None:
+        self.answer = answer
+        self.sent: list[tuple[str, int, bytes]] = []
+        self.opened: list[str] = []
+
+    def open(self, kind: str, endpoint: Any, extra: bytes = b"") -> FakeUdpChannel:
+        self.opened.append(kind)
+        channel = FakeUdpChannel(self, endpoint)
+        asyncio.get_running_loop().call_soon(endpoint.on_open, channel)
+        return channel
+
+    async def __call__(self) -> Any:  # the DatagramMux getter
+        return self

@@ -45,6 +45,9 @@ def test_mode_all_catches_every_resolver_without_a_bypass() -> None:
             "path": "firewall",
             "domains": ["."],
             "resolvers": ["10.9.3.53", "fd00::53"],
+            "nameservers": [
+                {"address": "10.0.0.53", "transport": "untried", "health": "untried", "error": None}
+            ],
         }
         await profile.close()
 
