@@ -26,6 +26,7 @@ from shuttled.const import ExitCode, Forward
 from shuttled.control.protocol import JSON_SCHEMA
 from shuttled.control.schema import CheckRow, DoctorReport
 from shuttled.control.tables import doctor as doctor_text
+from shuttled.dns.datagram import DatagramUpstream, HelperUnavailableError
 from shuttled.dns.resolvconf import parse_nameserver
 from shuttled.dns.upstream import TunnelUpstream, describe
 from shuttled.dns.wire import FLAG_RD, HEADER, RCODE_MASK, Rcode, parse_header
@@ -246,8 +247,18 @@ async def _dns(checks: _Checks) -> None:
             return
         checks.add("nameservers", True, needed, f"{', '.join(servers)} (remote's resolv.conf)")
     for server in servers:
+        first = len(checks.rows)
         for name, transport in DNS_TRANSPORTS:
             await transport(checks, server, f"dns {name} {server}", needed)
+        _one_transport_is_enough(checks.rows[first:])
+
+
+def _one_transport_is_enough(rows: list[CheckRow]) -> None:
+    """A nameserver that answers over one transport needs no other: their failures warn."""
+    if any(row["status"] == "ok" for row in rows):
+        for row in rows:
+            if row["status"] == "fail":
+                row["status"] = "warn"
 
 
 async def _dns_tcp(checks: _Checks, server: str, check: str, needed: bool) -> None:
@@ -260,32 +271,66 @@ async def _dns_tcp(checks: _Checks, server: str, check: str, needed: bool) -> No
         [server],
         connect_timeout=DNS_CHECK_TIMEOUT,
     )
+    try:
+        await _dns_query(checks, check, needed, upstream.query, server, "TCP")
+    finally:
+        upstream.close()
+
+
+async def _dns_udp(checks: _Checks, server: str, check: str, needed: bool) -> None:
+    """UDP from the remote through the helper: what DNS falls back to where the
+    nameserver refuses or drops TCP. Needed only where TCP failed."""
+    session = checks.session
+    assert session is not None
+    tcp_failed = any(
+        row["check"] == f"dns tcp {server}" and row["status"] != "ok" for row in checks.rows
+    )
+    host, port = parse_nameserver(server)
+    upstream = DatagramUpstream(session.udp_mux)
+
+    async def ask(query: bytes, deadline: float) -> bytes:
+        return await upstream.ask(host, port, query, deadline)
+
+    try:
+        await _dns_query(checks, check, needed and tcp_failed, ask, server, "UDP")
+    finally:
+        upstream.close()
+
+
+async def _dns_query(
+    checks: _Checks,
+    check: str,
+    needed: bool,
+    ask: Callable[[bytes, float], Awaitable[bytes]],
+    server: str,
+    transport: str,
+) -> None:
+    """One `. NS` query through one transport: a row with the time taken, or the fix."""
     loop = asyncio.get_running_loop()
     started = loop.time()
     query = HEADER.pack(random.getrandbits(16), FLAG_RD, 1, 0, 0, 0) + _ROOT_NS_QUESTION
     try:
-        reply = await upstream.query(query, started + DNS_CHECK_TIMEOUT)
+        reply = await ask(query, started + DNS_CHECK_TIMEOUT)
         rcode = Rcode(parse_header(reply).flags & RCODE_MASK).name
+    except HelperUnavailableError as exc:
+        fix = "install Python 3.8+ on the remote (or name it with `python:`), or let it answer TCP"
+        checks.add(check, False, needed, describe(exc), fix)
+        return
     except Exception as exc:  # the upstream's failures are any transport's: say which
         host, port = parse_nameserver(server)
-        checks.add(
-            check,
-            False,
-            needed,
-            describe(exc),
-            f"the remote cannot reach {host} port {port} over TCP: fix the nameserver "
-            "(`dns: {nameservers: [...]}`, --to-ns) or let it answer TCP",
+        fix = (
+            f"the remote cannot reach {host} port {port} over {transport}: fix the nameserver "
+            "(`dns: {nameservers: [...]}`, --to-ns) or let it answer"
         )
+        checks.add(check, False, needed, describe(exc), fix)
         return
-    finally:
-        upstream.close()
     elapsed = (loop.time() - started) * 1000
     checks.add(check, True, needed, f"answers in {elapsed:.0f} ms ({rcode})")
 
 
-# Transport name -> its check; a new transport (UDP through the helper) is one more entry.
+# Transport name -> its check, in the order DNS tries them.
 DnsCheck = Callable[[_Checks, str, str, bool], Awaitable[None]]
-DNS_TRANSPORTS: list[tuple[str, DnsCheck]] = [("tcp", _dns_tcp)]
+DNS_TRANSPORTS: list[tuple[str, DnsCheck]] = [("tcp", _dns_tcp), ("udp", _dns_udp)]
 
 
 # --- the facts auto_nets and remote_hosts take --------------------------------------------

@@ -142,3 +142,13 @@ def test_shuttlectl_doctor_through_the_daemon(lab: Lab) -> None:
         assert {row["status"] for row in report["checks"]} == {"ok"}, report
         human = d.ctl("doctor", "work")
         assert human.stdout.splitlines()[0] == f"work ({lab.srv_v4}): all needed checks pass"
+
+
+def test_a_nameserver_without_tcp_passes_on_udp_through_the_helper(lab: Lab) -> None:
+    with lab.dns_tcp_closed("refuse"):
+        status, report = check(lab, "-r", lab.remote, "--dns")
+    found = rows(report)
+    assert status == 0 and report["ok"], report
+    assert found[f"dns tcp {lab.dns_v4}"]["status"] == "warn"  # UDP is enough
+    assert "refused" in found[f"dns tcp {lab.dns_v4}"]["result"].lower()
+    assert found[f"dns udp {lab.dns_v4}"]["status"] == "ok"
