@@ -19,6 +19,7 @@ take now is dropped and counted (the next send covers it), never queued.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import ipaddress
 import logging
@@ -33,7 +34,9 @@ from shuttled.dns.wire import (
     parse_header,
     query_id,
     question_keys,
+    with_edns,
     with_id,
+    without_opt,
 )
 from shuttled.errors import ShuttledError
 from shuttled.tunnel import faults, sshmsg
@@ -164,11 +167,16 @@ class DatagramUpstream:
         key = self._allocate((host, port))
         waiter = asyncio.get_running_loop().create_future()
         self._pending[key] = _Pending(waiter, question_keys(message))
-        datagram = sshmsg.pack_datagram(host, port, with_id(message, key[2]))
+        sent = with_edns(message)
+        datagram = sshmsg.pack_datagram(host, port, with_id(sent, key[2]))
         try:
             reply = await self._send_until(channel, datagram, waiter, deadline)
         finally:
             del self._pending[key]
+        # The client asked without EDNS: it gets no OPT record it did not ask for.
+        if sent is not message:
+            with contextlib.suppress(DnsMessageError):  # records that do not parse: as is
+                reply = without_opt(reply)
         return with_id(reply, query_id(message))
 
     async def _send_until(

@@ -32,6 +32,9 @@ RCODE_MASK = 0x000F
 TYPE_OPT = 41
 MAX_NAME_WIRE = 255
 MIN_UDP_PAYLOAD = 512
+# What we offer when we carry a query over UDP: DNS flag day 2020's size, which fits
+# an IPv6 packet of the minimum MTU without fragments.
+EDNS_UDP_PAYLOAD = 1232
 
 
 class Rcode(enum.IntEnum):
@@ -153,20 +156,51 @@ def question_keys(message: bytes) -> tuple[tuple[str, int, int], ...]:
     return tuple(question.key() for question in read_questions(message)[0])
 
 
-def _edns_payload_size(message: bytes) -> int | None:
-    """The UDP payload size of the query's OPT record (RFC 6891 6.1.2), if it has one."""
+def _opt_record(message: bytes) -> tuple[int, int, int] | None:
+    """Where the OPT record of the additional section is (RFC 6891 6.1.1): its start,
+    its end and its class (the UDP payload size); None when there is none."""
     header = parse_header(message)
     _, pos = read_questions(message)
     additional_from = header.ancount + header.nscount
     for index in range(additional_from + header.arcount):
+        start = pos
         _, pos = read_name(message, pos)
         if pos + _RECORD_TAIL.size > len(message):
             raise DnsMessageError("record cut short")
         rtype, rclass, _ttl, rdlength = _RECORD_TAIL.unpack_from(message, pos)
-        if rtype == TYPE_OPT and index >= additional_from:
-            return int(rclass)
         pos += _RECORD_TAIL.size + rdlength
+        if rtype == TYPE_OPT and index >= additional_from:
+            return start, pos, int(rclass)
     return None
+
+
+def _edns_payload_size(message: bytes) -> int | None:
+    """The UDP payload size of the query's OPT record (RFC 6891 6.1.2), if it has one."""
+    opt = _opt_record(message)
+    return None if opt is None else opt[2]
+
+
+def with_edns(query: bytes, size: int = EDNS_UDP_PAYLOAD) -> bytes:
+    """The query offering `size` bytes of UDP reply, unless it has an OPT record already:
+    without one a nameserver truncates at 512 bytes (RFC 1035), and a query we carry over
+    UDP would get only a TC reply however the client asked us."""
+    if _opt_record(query) is not None:
+        return query
+    h = parse_header(query)
+    opt = b"\0" + _RECORD_TAIL.pack(TYPE_OPT, size, 0, 0)
+    header = HEADER.pack(h.ident, h.flags, h.qdcount, h.ancount, h.nscount, h.arcount + 1)
+    return header + query[HEADER_SIZE:] + opt
+
+
+def without_opt(reply: bytes) -> bytes:
+    """The reply without its OPT record: for a client whose query had none (RFC 6891 7)."""
+    opt = _opt_record(reply)
+    if opt is None:
+        return reply
+    start, end, _ = opt
+    h = parse_header(reply)
+    header = HEADER.pack(h.ident, h.flags, h.qdcount, h.ancount, h.nscount, h.arcount - 1)
+    return header + reply[HEADER_SIZE:start] + reply[end:]
 
 
 def udp_payload_limit(query: bytes) -> int:

@@ -713,3 +713,13 @@ def test_address_without_ipv6_is_skipped() -> None:
         assert qname(reply) == "v4.example"
 
     run_async(main(), BODY_TIMEOUT)
+
+
+def test_with_edns_adds_one_opt_record_and_without_opt_takes_it_away() -> None:
+    query = make_query("a.example")
+    offered = wire.with_edns(query)
+    assert wire.parse_header(offered).arcount == 1
+    assert wire.udp_payload_limit(offered) == wire.EDNS_UDP_PAYLOAD
+    assert wire.with_edns(offered) is offered  # one OPT at most
+    assert wire.without_opt(offered) == query
+    assert wire.without_opt(query) is query

@@ -6,6 +6,7 @@ when none answers. TCP openers and the helper are fakes: this is the pure logic.
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 from collections.abc import Callable
 from typing import Any
@@ -274,5 +275,32 @@ def test_udp_queries_in_flight_are_bounded() -> None:
         timed_out = [r for r in results if isinstance(r, TimeoutError)]
         assert len(refused) == 3 and len(timed_out) == 3
         assert len(silent.sent) <= 3 * SENDS
+
+    run_async(main(), BODY_TIMEOUT)
+
+
+def test_udp_queries_offer_edns_and_the_client_gets_no_opt_it_did_not_ask_for() -> None:
+    async def main() -> None:
+        def with_opt(host: str, port: int, query: bytes) -> list[tuple[str, int, bytes]]:
+            # A nameserver answering EDNS with EDNS: its reply carries an OPT record.
+            reply = make_answer(query)
+            h = wire.parse_header(reply)
+            opt = b"\0" + struct.pack(">HHIH", 41, 1232, 0, 0)
+            header = wire.HEADER.pack(h.ident, h.flags, h.qdcount, h.ancount, 0, 1)
+            return [(host, port, header + reply[wire.HEADER_SIZE :] + opt)]
+
+        helper = FakeHelperMux(with_opt)
+        upstream = DatagramUpstream(helper)
+        loop = asyncio.get_running_loop()
+        plain = make_query("big.example")
+        reply = await upstream.ask("10.0.0.2", 53, plain, loop.time() + DNS_TIMEOUT)
+        asked = make_query("big.example", edns=4096)
+        kept = await upstream.ask("10.0.0.2", 53, asked, loop.time() + DNS_TIMEOUT)
+        upstream.close()
+        sent_plain, sent_edns = (payload for _, _, payload in helper.sent)
+        assert wire.udp_payload_limit(sent_plain) == wire.EDNS_UDP_PAYLOAD
+        assert wire.udp_payload_limit(sent_edns) == 4096  # the client's own, untouched
+        assert wire.parse_header(reply).arcount == 0 and len(reply) == len(make_answer(plain))
+        assert wire.parse_header(kept).arcount == 1
 
     run_async(main(), BODY_TIMEOUT)
