@@ -67,6 +67,10 @@ def _dispatch(argv: Sequence[str]) -> int:
         return _cleanup(args.force, args.all, args.state_dir)
     if args.command == "lockdown":
         return _lockdown(args.state_dir)
+    if args.command == "install-service":
+        from shuttled.install import install_service
+
+        return install_service(args.root.absolute(), args.uninstall)
     from shuttled.daemon import main as daemon_main
 
     _need_root("daemon")

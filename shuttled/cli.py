@@ -95,7 +95,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="put the kill switch of every wanted profile in place "
         "from the state directory (at boot, before the network)",
     )
+    _add_install_service(sub)
     return parser
+
+
+def _add_install_service(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser(
+        "install-service",
+        help="after pip or pipx: install the systemd units (running this installation's "
+        "shuttled), D-Bus policy, group shuttle, man pages, completion and /etc/shuttled",
+    )
+    p.add_argument("--uninstall", action="store_true", help="remove what install-service wrote")
+    p.add_argument(
+        "--root", type=Path, default=Path("/"), help="write under this directory (default /)"
+    )
 
 
 def _add_run(p: argparse.ArgumentParser) -> None:

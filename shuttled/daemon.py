@@ -46,6 +46,7 @@ from shuttled.firewall import cleanup_all, detect
 from shuttled.firewall.base import Capture
 from shuttled.firewall.lockdown import LockdownFile, lockdown_backend, locked
 from shuttled.instance import InstanceLock
+from shuttled.journal import JournalHandler, notify
 from shuttled.router import settings_from_profile as router_settings
 from shuttled.supervisor import CaptureSet, State, Tunnel, TunnelSpec, current_profile
 from shuttled.tunnel.accept import quiet_accept_failures, raise_nofile
@@ -441,20 +442,6 @@ def status_line(daemon: Daemon) -> str:
 # --- systemd -----------------------------------------------------------------------
 
 
-def notify(message: str) -> None:
-    """sd_notify, silently a no-op outside systemd (no NOTIFY_SOCKET)."""
-    if not os.environ.get("NOTIFY_SOCKET"):
-        return
-    try:
-        from systemd.daemon import notify as sd_notify  # type: ignore[import-not-found]
-    except ImportError:
-        return
-    try:
-        sd_notify(message)
-    except OSError as exc:  # the manager went away: nothing to tell
-        log.debug("sd_notify failed: %s", exc)
-
-
 async def watchdog() -> None:
     """WATCHDOG=1 from the event loop itself: a stuck loop stops the pings."""
     usec = os.environ.get("WATCHDOG_USEC", "")
@@ -476,12 +463,7 @@ class _ProfileFilter(logging.Filter):
 def _journal_handler() -> logging.Handler | None:
     if not (os.environ.get("JOURNAL_STREAM") or os.environ.get("SHUTTLED_JOURNAL") == "1"):
         return None
-    try:
-        from systemd.journal import JournalHandler
-    except ImportError:
-        return None
-    handler: logging.Handler = JournalHandler(SYSLOG_IDENTIFIER="shuttled")
-    return handler
+    return JournalHandler()
 
 
 class _PrefixFormatter(logging.Formatter):
