@@ -72,7 +72,7 @@ class JournalHandler(logging.Handler):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
 
     def fields(self, record: logging.LogRecord) -> dict[str, str]:
-        fields = {
+        fields: dict[str, str | None] = {
             "MESSAGE": self.format(record),
             "PRIORITY": str(syslog_priority(record.levelno)),
             "SYSLOG_IDENTIFIER": IDENTIFIER,
@@ -81,8 +81,8 @@ class JournalHandler(logging.Handler):
             "CODE_LINE": str(record.lineno),
             "CODE_FUNC": record.funcName,
         }
-        extras = {k: str(v) for k, v in vars(record).items() if k.isupper() and v != ""}
-        return fields | extras
+        extras = {k: str(v) for k, v in vars(record).items() if k.isupper()}
+        return {k: v for k, v in (fields | extras).items() if v}  # an empty field: none
 
     def emit(self, record: logging.LogRecord) -> None:
         try:

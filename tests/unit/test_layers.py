@@ -20,7 +20,13 @@ ROOT = Path(__file__).resolve().parents[2]
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     (
         "entry",
-        ("shuttled.__main__", "shuttled.cli", "shuttled.run", "shuttled.manpages", "shuttled.install"),
+        (
+            "shuttled.__main__",
+            "shuttled.cli",
+            "shuttled.run",
+            "shuttled.manpages",
+            "shuttled.install",
+        ),
     ),
     ("daemon", ("shuttled.daemon",)),
     ("doctor", ("shuttled.doctor",)),

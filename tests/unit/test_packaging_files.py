@@ -85,7 +85,6 @@ def test_debian_dependencies() -> None:
     for package in (
         "python3-yaml",
         "python3-psutil",
-        "python3-systemd",
         "python3-dbus-fast",
         "nftables | iptables",
         "openssh-client",
@@ -110,7 +109,6 @@ def test_rpm_version_and_scriptlets() -> None:
     for package in (
         "python3-pyyaml",
         "python3-psutil",
-        "python3-systemd",
         "python3-dbus-fast",
         "openssh-clients",
     ):
