@@ -10,7 +10,7 @@ Written here in a few dozen lines rather than with the official `prometheus_clie
 that package is a registry and an HTTP server we would not use, 5,300 lines in 650 KB
 whose import takes ~60 ms (`python3 -X importtime -c 'import prometheus_client'`: 57-81
 ms, +70 modules, +14 MB RSS), more than all of shuttlectl's own start (~45 ms), and
-shuttlectl runs on a timer every few seconds with only the standard library. What we
+the README's timer runs shuttlectl every 15 s, with only the standard library. What we
 need of the format is escaping and number syntax; the unit tests pin the text, and its
 strictness was checked once with `promtool check metrics` and prometheus_client's parser.
 
