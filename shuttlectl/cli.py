@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from shuttlectl import render
+from shuttlectl import prometheus, render
 from shuttlectl.client import Client
 from shuttled import __version__, const
 from shuttled.const import ExitCode
@@ -38,7 +38,7 @@ from shuttled.control.schema import (
     VersionInfo,
     check,
 )
-from shuttled.errors import NotRunningError, UsageError
+from shuttled.errors import NoSuchProfileError, NotRunningError, UsageError
 
 T = TypeVar("T")
 
@@ -151,8 +151,32 @@ def _down(ctx: Context) -> int:
 
 def _stats(ctx: Context) -> int:
     name = ctx.args.profile
+    if ctx.args.prometheus:
+        return _stats_prometheus(ctx)
+    if name is None:
+        raise UsageError("stats: which PROFILE? (every profile's only with --prometheus)")
     result = ctx.call(ProfileStats, "stats", {"profile": name})
     ctx.emit(render.stats(name, result), {"profile": name, "stats": result})
+    return ExitCode.OK
+
+
+def _stats_prometheus(ctx: Context) -> int:
+    """Every profile's counters (or PROFILE's) for node_exporter, written in one go."""
+    if ctx.args.json:
+        raise UsageError("stats: --json and --prometheus do not go together")
+    names = (
+        [ctx.args.profile]
+        if ctx.args.profile
+        else [p["name"] for p in ctx.call(list[ProfileRow], "list")]
+    )
+    stats = []
+    for name in names:
+        try:
+            stats.append(ctx.call(ProfileStats, "stats", {"profile": name}))
+        except NoSuchProfileError:
+            if ctx.args.profile:
+                raise  # asked for by name; else removed by a reload since `list`
+    sys.stdout.write(prometheus.exposition(stats))
     return ExitCode.OK
 
 
@@ -243,6 +267,15 @@ def _up_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _stats_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="in the Prometheus text format, for node_exporter's textfile collector; "
+        "every profile's without PROFILE",
+    )
+
+
 def _completion_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("shell", choices=("bash", "zsh"), help="shell to complete for")
 
@@ -264,7 +297,9 @@ COMMANDS: Mapping[str, Command] = {
         Command("status", "state, traffic and health; exits 7 when not up", _status, "optional"),
         Command("up", "bring a profile up (idempotent)", _up, "required", _up_options),
         Command("down", "take a profile down (idempotent)", _down, "required"),
-        Command("stats", "counters of a profile, like `wg show`", _stats, "required"),
+        Command(
+            "stats", "counters of a profile, like `wg show`", _stats, "optional", _stats_options
+        ),
         Command("connections", "live connections of a profile", _connections, "required"),
         Command("reload", "re-read the configuration (root or group shuttle)", _reload),
         Command(

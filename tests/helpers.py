@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
@@ -130,3 +131,57 @@ class ChannelEvents:
 
     def resume_reading(self) -> None:
         self.paused = False
+
+
+# --- the Prometheus text format, read strictly ------------------------------------------------
+
+_METRIC_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+_PROM_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"')
+_PROM_SAMPLE = re.compile(
+    rf"(?P<name>{_METRIC_NAME})"
+    rf"(?:\{{(?P<labels>{_PROM_LABEL.pattern}(?:,{_PROM_LABEL.pattern})*)\}})? "
+    r"(?P<value>[-+]?(?:[0-9]+(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?|Inf|NaN))"
+)
+_PROM_META = re.compile(rf"# (HELP|TYPE) ({_METRIC_NAME}) (.*)")
+_PROM_ESCAPES = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
+
+PromSeries = tuple[str, tuple[tuple[str, str], ...]]  # name, labels in their order
+
+
+def parse_prometheus(text: str) -> dict[PromSeries, float]:
+    """Every sample of a text exposition (format 0.0.4), read by its grammar and then some:
+    AssertionError unless each family has one HELP and one TYPE (counter or gauge) before
+    its samples, its samples together, counters end in _total and gauges do not, and no
+    series repeats."""
+    assert text.endswith("\n") and "\n\n" not in text, "lines end in one newline each"
+    samples: dict[PromSeries, float] = {}
+    meta: dict[str, dict[str, str]] = {}
+    done: set[str] = set()  # families whose samples are behind us
+    current = ""
+    for number, line in enumerate(text.splitlines(), 1):
+        where = f"line {number}: {line!r}"
+        if line.startswith("#"):
+            found = _PROM_META.fullmatch(line)
+            assert found, f"{where}: not a HELP or TYPE line"
+            kind, name, rest = found.groups()
+            assert name not in done and kind not in meta.setdefault(name, {}), f"{where}: again"
+            meta[name][kind] = rest
+            if current != name:
+                done.add(current)
+            current = name
+            continue
+        found = _PROM_SAMPLE.fullmatch(line)
+        assert found, f"{where}: not a sample"
+        name = found.group("name")
+        assert name == current and set(meta[name]) == {"HELP", "TYPE"}, f"{where}: out of place"
+        labels = tuple(
+            (key, re.sub(r"\\.", lambda m: _PROM_ESCAPES[m.group(0)], value))
+            for key, value in _PROM_LABEL.findall(found.group("labels") or "")
+        )
+        assert len({k for k, _ in labels}) == len(labels), f"{where}: a label twice"
+        assert (name, labels) not in samples, f"{where}: a series twice"
+        samples[(name, labels)] = float(found.group("value"))
+    for name, lines in meta.items():
+        assert lines.get("TYPE") in ("counter", "gauge"), f"{name}: TYPE {lines.get('TYPE')}"
+        assert (lines["TYPE"] == "counter") == name.endswith("_total"), f"{name}: _total"
+    return samples

@@ -40,7 +40,7 @@ _shuttlectl()
             status) COMPREPLY=($(compgen -W "-h --help --socket --json" -- "$cur")) ;;
             up) COMPREPLY=($(compgen -W "-h --help --socket --json --wait --no-wait --timeout" -- "$cur")) ;;
             down) COMPREPLY=($(compgen -W "-h --help --socket --json" -- "$cur")) ;;
-            stats) COMPREPLY=($(compgen -W "-h --help --socket --json" -- "$cur")) ;;
+            stats) COMPREPLY=($(compgen -W "-h --help --socket --json --prometheus" -- "$cur")) ;;
             connections) COMPREPLY=($(compgen -W "-h --help --socket --json" -- "$cur")) ;;
             reload) COMPREPLY=($(compgen -W "-h --help --socket --json" -- "$cur")) ;;
             doctor) COMPREPLY=($(compgen -W "-h --help --socket --json" -- "$cur")) ;;

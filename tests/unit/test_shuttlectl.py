@@ -26,6 +26,7 @@ from tests.fake_core import (
     caller,
     serving,
 )
+from tests.helpers import parse_prometheus
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -203,6 +204,50 @@ def test_stats_look_like_wg_show(capsys: pytest.CaptureFixture[str], sock: Path)
         "cache hits 0, hosts 0, tunnel 40, local 0, peer 0",
         "  future counter: 7",
     ]
+
+
+def test_stats_prometheus_shows_every_profile_without_a_name_and_one_with(
+    capsys: pytest.CaptureFixture[str], sock: Path
+) -> None:
+    core = FakeCore()
+    core.states["work"] = "up"
+    with serving(sock, core):
+        code, out, err = ctl(capsys, sock, "stats", "--prometheus")
+        one_code, one, _ = ctl(capsys, sock, "stats", "lab", "--prometheus")
+    assert code == one_code == ExitCode.OK and err == ""
+    up = {labels: v for (name, labels), v in parse_prometheus(out).items() if name == "shuttled_up"}
+    assert up == {
+        (("profile", "work"),): 1,
+        (("profile", "lab"),): 0,
+        (("profile", "slow"),): 0,
+        (("profile", "broken"),): 0,
+    }
+    assert {labels[0] for _, labels in parse_prometheus(one)} == {("profile", "lab")}
+    assert 'shuttled_dns_queries_total{profile="lab"} 40\n' in one
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "message"),
+    [
+        (
+            ("stats",),
+            ExitCode.USAGE,
+            "stats: which PROFILE? (every profile's only with --prometheus)",
+        ),
+        (("stats", "--prometheus", "--json"), ExitCode.USAGE, "--json and --prometheus"),
+        (("stats", "nope", "--prometheus"), ExitCode.NO_SUCH_PROFILE, "no profile named 'nope'"),
+    ],
+)
+def test_stats_without_a_profile_needs_prometheus_and_prometheus_errors_are_one_line(
+    capsys: pytest.CaptureFixture[str],
+    sock: Path,
+    argv: tuple[str, ...],
+    code: ExitCode,
+    message: str,
+) -> None:
+    with serving(sock):
+        got, _, err = ctl(capsys, sock, *argv)
+    assert got == code and message in err and err.count("\n") == 1
 
 
 def test_connections_table(capsys: pytest.CaptureFixture[str], sock: Path) -> None:
