@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="one tunnel in the foreground, sshuttle-style",
             fromfile_prefix_chars="@",
             epilog=_refused_epilog(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,  # the epilog's lines
         )
     )
     cleanup = sub.add_parser(
@@ -209,8 +210,9 @@ def _add_refused(p: argparse.ArgumentParser) -> None:
 
 
 def _refused_epilog() -> str:
-    return "left out on purpose: " + "; ".join(
-        f"{'/'.join(flags)} ({reason})" for flags, _, reason in REFUSED_RUN_FLAGS
+    return "\n".join(
+        ["left out on purpose:"]
+        + [f"  {'/'.join(flags)}: {reason}" for flags, _, reason in REFUSED_RUN_FLAGS]
     )
 
 

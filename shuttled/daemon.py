@@ -337,10 +337,10 @@ class Daemon:
                     state = await tunnel.wait_settled()
             except TimeoutError:
                 raise TimeoutError_(
-                    f"{name} is not up after {timeout:g} s ({tunnel.state}: {tunnel.last_error})"
+                    f"{name} is not up after {timeout:g} s ({_state_text(tunnel)})"
                 ) from None
             if state is not State.UP:
-                raise ShuttledError(f"{name} is {state}: {tunnel.last_error}")
+                raise ShuttledError(f"{name} is {_state_text(tunnel)}")
         return self._status_one(name)
 
     async def down(self, name: str) -> ProfileStatus:
@@ -458,6 +458,12 @@ class _ProfileFilter(logging.Filter):
         if not hasattr(record, "PROFILE"):
             record.PROFILE = current_profile.get()
         return True
+
+
+def _state_text(tunnel: Tunnel) -> str:
+    """`failed: why`, or the state alone while there is no error yet (never `: None`)."""
+    error = tunnel.last_error
+    return f"{tunnel.state}: {error}" if error else str(tunnel.state)
 
 
 def _journal_handler() -> logging.Handler | None:
