@@ -119,6 +119,17 @@ def test_usage_errors_are_one_line_with_one_prefix_and_exit_2(
     assert shuttled(capsys, *argv) == (ExitCode.USAGE, "", err)
 
 
+@pytest.mark.parametrize("command", ["run", "cleanup", "lockdown"])
+def test_root_only_commands_say_so_with_one_prefix(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    argv = ["run", "-r", "h", "10.0.0.0/8"] if command == "run" else [command]
+    code, out, err = shuttled(capsys, *argv)
+    assert (code, out) == (ExitCode.USAGE, "")
+    assert err.startswith(f"shuttled: {command}: must run as root") and err.count("\n") == 1
+
+
 def test_every_refused_flag_answers_with_its_reason(capsys: pytest.CaptureFixture[str]) -> None:
     for flags, _, reason in REFUSED_RUN_FLAGS:
         for flag in flags:
