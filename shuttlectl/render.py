@@ -121,6 +121,8 @@ def health(profiles: Sequence[ProfileStatus]) -> list[str]:
             lines.append(f"{name}: reconnecting" + (f" after: {text(error)}" if error else ""))
         elif state == "down" and expected_up(p):
             lines.append(f"{name}: should be up but is down")
+        elif len(text(error)) > ERROR_WIDTH:  # cut in the table: whole here
+            lines.append(f"{name}: last error: {text(error)}")
         if p.get("holding"):
             lines.append(f"{name}: kill switch on: its traffic is dropped until it is up")
         lines += [f"{name}: {text(h)}" for h in p.get("health") or [] if isinstance(h, str)]
@@ -145,7 +147,7 @@ def status_detail(profile: ProfileStatus) -> str:
     pairs = [
         ("mode", text(profile.get("mode"))),
         ("subnets", subnets(profile)),
-        ("health check", milliseconds(profile.get("rtt"))),
+        ("health check", milliseconds(profile.get("rtt")).replace(NONE, "none yet")),
     ]
     if isinstance(since := profile.get("since"), int | float):
         pairs.insert(1, ("since", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))))
@@ -179,6 +181,11 @@ def _count(value: object) -> str:
     return str(value) if isinstance(value, int) and not isinstance(value, bool) else NONE
 
 
+def _health_check(rtt: object) -> str:
+    took = milliseconds(rtt)
+    return "  no health check yet" if took == NONE else f"  latest health check: {took} round trip"
+
+
 def stats(name: str, s: ProfileStats) -> str:
     """`wg show`-like: one heading, then indented `label: value` lines."""
     mode = s.get("mode")
@@ -193,7 +200,7 @@ def stats(name: str, s: ProfileStats) -> str:
         f"{_count(s.get('failed'))} failed",
         *([f"  aborted by a local error: {_any(s.get('aborted'))}"] if "aborted" in s else []),
         f"  reconnects: {_count(s.get('reconnects'))}",
-        f"  latest health check: {milliseconds(s.get('rtt'))} round trip",
+        _health_check(s.get("rtt")),
         *(
             [
                 f"  ssh connection (kernel): {milliseconds(s.get('tcp_rtt'))} round trip, "

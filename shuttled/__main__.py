@@ -16,7 +16,7 @@ from shuttled.firewall.lockdown import LockdownFile, load_at_boot
 
 def _need_root(what: str) -> None:
     if os.geteuid() != 0:
-        raise UsageError(f"shuttled {what} must run as root (firewall rules); try sudo")
+        raise UsageError(f"{what}: must run as root (firewall rules); try sudo")
 
 
 def _cleanup(force: bool, everything: bool, state_dir: Path) -> int:

@@ -28,11 +28,19 @@ ENV_ARGS = "SHUTTLED_ARGS"
 METHODS = ("auto", "nft", "iptables", "pf")
 
 
+# sshuttle's --method names, as what we do: nat is our default redirect (nft, else
+# iptables); tproxy is how we carry UDP (TCP is still redirected).
+SSHUTTLE_METHODS = {"nat": "auto", "tproxy": "auto"}
+RUN_METHODS = (*METHODS, *SSHUTTLE_METHODS)
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse, but bad arguments become a UsageError (one line, exit code 2)."""
+    """argparse, but bad arguments become a UsageError (one line, exit code 2); the
+    entry point adds the one `shuttled: ` prefix, so a subcommand names only itself."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{self.prog}: {message}")
+        where = self.prog.removeprefix("shuttled").strip()
+        raise UsageError(f"{where}: {message}" if where else message)
 
 
 # The daemon's paths: option, default, what it is.
@@ -40,6 +48,35 @@ _DAEMON_PATHS = (
     ("--config-dir", const.CONFIG_DIR, "profile directory of the daemon"),
     ("--socket", const.CONTROL_SOCKET, "control socket of the daemon"),
     ("--state-dir", const.STATE_DIR, "where wanted-up profiles are kept"),
+)
+
+# Flags `run` refuses with a reason rather than "unrecognized": sshuttle's, left out
+# on purpose (the README's "One-shot use"), and the daemon's, which `run` has no use
+# for. (option strings, takes a value, why)
+_USE_SERVICE = "no daemon mode: use the service (shuttled daemon, shuttlectl)"
+_DAEMON_ONLY = "a daemon option (before or after `daemon`); run takes no profiles"
+REFUSED_RUN_FLAGS: tuple[tuple[tuple[str, ...], bool, str], ...] = (
+    (("-D", "--daemon"), False, _USE_SERVICE),
+    (("--pidfile",), True, _USE_SERVICE),
+    (("--syslog",), False, "logs go to stderr, or to the journal under systemd"),
+    (
+        ("--sudoers-no-modify", "--sudoers-user"),
+        True,
+        "root is the daemon's job: the service and shuttlectl (a profile's `allow`) "
+        "instead of sudoers",
+    ),
+    (
+        ("--no-latency-control", "--latency-buffer-size"),
+        True,
+        "per-channel windows replace sshuttle's global one: nothing to turn off or size",
+    ),
+    (
+        ("--seed-hosts",),
+        True,
+        "-H answers the remote's names through the resolver instead of writing /etc/hosts",
+    ),
+    (("--config-dir", "--socket", "--state-dir"), True, _DAEMON_ONLY),
+    (("--no-dbus",), False, _DAEMON_ONLY),
 )
 
 
@@ -54,23 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="count", default=0, help="more log output (repeat for debug)"
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-    for flag, default, what in _DAEMON_PATHS:
-        parser.add_argument(flag, type=Path, default=default, help=f"{what} (default {default})")
-    parser.add_argument(
-        "--method",
-        choices=METHODS,
-        default="auto",
-        help="firewall backend of the daemon (default: nft, else iptables; "
-        "pf on macOS and FreeBSD)",
-    )
-    parser.add_argument(
-        "--no-dbus", action="store_true", help="do not export the API on the D-Bus system bus"
-    )
+    _add_daemon_options(parser, here=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("daemon", help="run the daemon in the foreground (the default)")
+    daemon = sub.add_parser("daemon", help="run the daemon in the foreground (the default)")
+    _add_verbosity(daemon)
+    _add_daemon_options(daemon, here=False)
     _add_run(
         sub.add_parser(
-            "run", help="one tunnel in the foreground, sshuttle-style", fromfile_prefix_chars="@"
+            "run",
+            help="one tunnel in the foreground, sshuttle-style",
+            fromfile_prefix_chars="@",
+            epilog=_refused_epilog(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,  # the epilog's lines
         )
     )
     cleanup = sub.add_parser(
@@ -111,6 +143,79 @@ def _add_install_service(sub: argparse._SubParsersAction[_Parser]) -> None:
     )
 
 
+def _add_daemon_options(p: argparse.ArgumentParser, here: bool) -> None:
+    """The daemon's options, before `daemon` (`here`: with the defaults) and after it
+    (SUPPRESS: a flag not given after `daemon` keeps the value given before it)."""
+    keep = argparse.SUPPRESS
+    for flag, default, what in _DAEMON_PATHS:
+        p.add_argument(
+            flag, type=Path, default=default if here else keep, help=f"{what} (default {default})"
+        )
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        default="auto" if here else keep,
+        help="firewall backend of the daemon (default: nft, else iptables; "
+        "pf on macOS and FreeBSD)",
+    )
+    p.add_argument(
+        "--no-dbus",
+        action="store_true",
+        default=False if here else keep,
+        help="do not export the API on the D-Bus system bus",
+    )
+
+
+def _add_verbosity(p: argparse._ActionsContainer) -> None:
+    # Also accepted after the subcommand, as sshuttle users type them; SUPPRESS
+    # keeps the top-level value when the flag is not repeated here.
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS,
+        help="more log output (repeat for debug)",
+    )
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="only warnings and errors",
+    )
+
+
+class _Refused(argparse.Action):
+    """A flag we know but do not have: its reason, as a usage error."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: object) -> None:
+        self.reason = str(kwargs.pop("reason"))
+        super().__init__(option_strings, dest, **kwargs)  # type: ignore[arg-type]
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        parser.error(f"{option_string}: {self.reason}")
+
+
+def _add_refused(p: argparse.ArgumentParser) -> None:
+    for flags, takes_value, reason in REFUSED_RUN_FLAGS:
+        # A value is taken ("?") so that it is never read as a SUBNET.
+        nargs = "?" if takes_value else 0
+        p.add_argument(*flags, action=_Refused, nargs=nargs, reason=reason, help=argparse.SUPPRESS)
+
+
+def _refused_epilog() -> str:
+    return "\n".join(
+        ["left out on purpose:"]
+        + [f"  {'/'.join(flags)}: {reason}" for flags, _, reason in REFUSED_RUN_FLAGS]
+    )
+
+
 def _add_run(p: argparse.ArgumentParser) -> None:
     _add_run_remote(p.add_argument_group("the ssh side"))
     _add_run_capture(p.add_argument_group("what to capture"))
@@ -118,6 +223,7 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     _add_run_local(p.add_argument_group("the local side"))
     add_router_arguments(p.add_argument_group("router mode and UDP"))
     _add_run_check(p.add_argument_group("diagnose"))
+    _add_refused(p)
 
 
 def _add_run_check(p: argparse._ActionsContainer) -> None:
@@ -235,6 +341,7 @@ def _add_run_dns(p: argparse._ActionsContainer) -> None:
     p.add_argument(
         "-H",
         "--remote-hosts",
+        "--auto-hosts",
         action="store_true",
         help="answer the names of the remote's /etc/hosts (nothing is written to the local one)",
     )
@@ -251,22 +358,7 @@ def _add_run_dns(p: argparse._ActionsContainer) -> None:
 
 
 def _add_run_local(p: argparse._ActionsContainer) -> None:
-    # -v and -q are also accepted after `run`, as sshuttle users type them; SUPPRESS
-    # keeps the top-level value when the flag is not repeated here.
-    p.add_argument(
-        "-v",
-        "--verbose",
-        action="count",
-        default=argparse.SUPPRESS,
-        help="more log output (repeat for debug)",
-    )
-    p.add_argument(
-        "-q",
-        "--quiet",
-        action="store_true",
-        default=argparse.SUPPRESS,
-        help="only warnings and errors",
-    )
+    _add_verbosity(p)
     p.add_argument(
         "-l",
         "--listen",
@@ -275,9 +367,11 @@ def _add_run_local(p: argparse._ActionsContainer) -> None:
     )
     p.add_argument(
         "--method",
-        choices=METHODS,
+        choices=RUN_METHODS,
         default="auto",
-        help="firewall backend (default: nft, else iptables; pf on macOS and FreeBSD)",
+        help="firewall backend (default: nft, else iptables; pf on macOS and FreeBSD); "
+        "sshuttle's nat is that default (a redirect to our listener), its tproxy is "
+        "the default plus --udp (UDP by TPROXY, TCP still redirected)",
     )
     p.add_argument(
         "--user", metavar="USER", help="capture only connections made by this local user"
@@ -297,7 +391,11 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     env = os.environ.get(ENV_ARGS)
     if env and args[:1] == ["run"]:
         args = ["run", *shlex.split(env), *args[1:]]
-    return build_parser().parse_args(args)
+    parsed = build_parser().parse_args(args)
+    if parsed.command == "run" and parsed.method in SSHUTTLE_METHODS:
+        parsed.udp = parsed.udp or parsed.method == "tproxy"
+        parsed.method = SSHUTTLE_METHODS[parsed.method]
+    return parsed
 
 
 def _read_list(path: Path | None, what: str) -> list[str]:
@@ -316,8 +414,7 @@ def _subnets(args: argparse.Namespace) -> tuple[Subnet, ...]:
     wants = (args.dns, args.dns_domain, args.auto_nets, args.remote_hosts, args.check)
     if not (includes or any(wants)):
         raise UsageError(
-            "shuttled run: give at least one SUBNET (or --dns, --dns-domain, "
-            "--auto-nets, --remote-hosts)"
+            "run: give at least one SUBNET (or --dns, --dns-domain, --auto-nets, --remote-hosts)"
         )
     result = [s for text in includes for s in parse_subnet(text)]
     result += [s for text in excludes for s in parse_subnet(text, exclude=True)]
@@ -404,9 +501,11 @@ def run_spec(args: argparse.Namespace) -> TunnelSpec:
 
 
 def setup_logging(verbose: int, quiet: bool) -> None:
+    from shuttled.daemon import LineFormatter
+
     level = logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="shuttled: %(levelname)s %(message)s" if verbose else "shuttled: %(message)s",
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LineFormatter(levels=verbose > 0))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    # `shuttled run`'s own milestones (up, stopped) are shown even with -q.
+    logging.getLogger("shuttled.run").setLevel(logging.INFO)

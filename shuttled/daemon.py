@@ -337,10 +337,10 @@ class Daemon:
                     state = await tunnel.wait_settled()
             except TimeoutError:
                 raise TimeoutError_(
-                    f"{name} is not up after {timeout:g} s ({tunnel.state}: {tunnel.last_error})"
+                    f"{name} is not up after {timeout:g} s ({_state_text(tunnel)})"
                 ) from None
             if state is not State.UP:
-                raise ShuttledError(f"{name} is {state}: {tunnel.last_error}")
+                raise ShuttledError(f"{name} is {_state_text(tunnel)}")
         return self._status_one(name)
 
     async def down(self, name: str) -> ProfileStatus:
@@ -460,16 +460,35 @@ class _ProfileFilter(logging.Filter):
         return True
 
 
+def _state_text(tunnel: Tunnel) -> str:
+    """`failed: why`, or the state alone while there is no error yet (never `: None`)."""
+    error = tunnel.last_error
+    return f"{tunnel.state}: {error}" if error else str(tunnel.state)
+
+
 def _journal_handler() -> logging.Handler | None:
     if not (os.environ.get("JOURNAL_STREAM") or os.environ.get("SHUTTLED_JOURNAL") == "1"):
         return None
     return JournalHandler()
 
 
-class _PrefixFormatter(logging.Formatter):
+class LineFormatter(logging.Formatter):
+    """`2024-05-01 12:00:00 shuttled: [profile] message` on stderr; without the time
+    when stderr is the journal (JOURNAL_STREAM), which stamps every line itself."""
+
+    def __init__(self, levels: bool = False) -> None:
+        super().__init__(datefmt="%Y-%m-%d %H:%M:%S")
+        self.levels = levels
+        self.stamped = not os.environ.get("JOURNAL_STREAM")
+
     def format(self, record: logging.LogRecord) -> str:
         profile = getattr(record, "PROFILE", "")
-        return f"shuttled: {f'[{profile}] ' if profile else ''}{record.getMessage()}"
+        line = (
+            f"{f'{self.formatTime(record, self.datefmt)} ' if self.stamped else ''}shuttled: "
+            f"{f'{record.levelname} ' if self.levels else ''}"
+            f"{f'[{profile}] ' if profile else ''}{record.getMessage()}"
+        )
+        return f"{line}\n{self.formatException(record.exc_info)}" if record.exc_info else line
 
 
 def setup_logging(verbose: int) -> None:
@@ -477,7 +496,7 @@ def setup_logging(verbose: int) -> None:
     handler = _journal_handler()
     if handler is None:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(_PrefixFormatter())
+        handler.setFormatter(LineFormatter())
     handler.addFilter(_ProfileFilter())
     logging.basicConfig(
         level=logging.DEBUG if verbose > 1 else logging.INFO, handlers=[handler], force=True
@@ -502,6 +521,7 @@ async def serve(args: argparse.Namespace) -> int:
         await daemon.start()
         await server.start(Path(args.socket))
         bus = await _start_dbus(daemon, args)
+        log.info("listening on %s%s", args.socket, " and the D-Bus system bus" if bus else "")
         notify("READY=1\n" + status_line(daemon))
         dog = asyncio.create_task(watchdog())
         guard = asyncio.create_task(daemon.guard_forever())
@@ -516,6 +536,8 @@ async def serve(args: argparse.Namespace) -> int:
             bus.close()
         await daemon.stop()
         lock.close()
+        if stop.is_set():
+            log.info("stopped: rules removed, tunnels closed")
 
 
 async def _reload(daemon: Daemon) -> None:

@@ -103,7 +103,7 @@ def _check_host(root: Path) -> None:
     if not Path("/run/systemd/system").is_dir():
         raise UsageError("install-service: no systemd here (/run/systemd/system is missing)")
     if os.geteuid() != 0:
-        raise UsageError("shuttled install-service must run as root; try sudo")
+        raise UsageError("install-service: must run as root; try sudo")
 
 
 def install(root: Path) -> list[str]:

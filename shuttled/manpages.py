@@ -145,6 +145,7 @@ def shuttled_page() -> str:
     for name, sub in subs.items():
         lines += [f".SS {name}", roff(helps.get(name, "")) + "."]
         lines += option_items(sub) if sub._actions[1:] else []
+        lines += paragraph(sub.epilog) if sub.epilog else []  # run: what it leaves out
     lines += section("FILES", *_files())
     lines += section("EXIT STATUS", *_exit_codes())
     lines += section(

@@ -7,6 +7,7 @@ the run ends (exit 1) and every rule it added goes with it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 
@@ -15,6 +16,8 @@ from shuttled.errors import ShuttledError
 from shuttled.firewall import detect
 from shuttled.supervisor import CaptureSet, State, Tunnel, TunnelSpec
 from shuttled.tunnel.accept import quiet_accept_failures, raise_nofile
+
+log = logging.getLogger(__name__)
 
 
 async def run(spec: TunnelSpec, method: str | None = None) -> int:
@@ -37,16 +40,19 @@ async def run(spec: TunnelSpec, method: str | None = None) -> int:
         if tunnel.state is not State.UP:
             raise ShuttledError(tunnel.last_error or "tunnel did not come up")
         mode = tunnel.session.mode if tunnel.session else "?"
-        print(
-            f"shuttled: tunnel to {spec.target.remote} is up ({mode} mode, "
-            f"{captures.backend.name}); Ctrl-C to stop",
-            flush=True,
+        log.info(
+            "tunnel to %s is up (%s mode, %s); Ctrl-C to stop",
+            spec.target.remote,
+            mode,
+            captures.backend.name,
         )
         ended = asyncio.create_task(tunnel.wait_not(State.UP))
         await asyncio.wait([ended, stopper], return_when=asyncio.FIRST_COMPLETED)
         if stop.is_set():
             return 0
-        raise ShuttledError(f"tunnel lost: {tunnel.last_error}")
+        raise ShuttledError(f"tunnel lost: {tunnel.last_error or 'ssh ended'}")
     finally:
         await tunnel.down()
         captures.backend.remove()
+        if stop.is_set():
+            log.info("stopped: rules removed, tunnel closed")

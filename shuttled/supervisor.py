@@ -406,6 +406,7 @@ class Tunnel:
         except OSError as exc:
             self._set(State.FAILED, f"cannot listen: {exc.strerror}")
             return
+        log.info("listening on %s", ", ".join(self.proxy.listening))
         while True:
             started = time.monotonic()
             error, permanent = await self._one_session()

@@ -260,7 +260,9 @@ class HelperPipe(BaseEndpoint):
         text = self._partial + data
         *lines, self._partial = text.split(b"\n")
         for raw in lines:
-            line = raw.decode(errors="replace").rstrip()
+            # The helper signs its lines for whoever reads the remote's stderr; ours
+            # already say "remote helper".
+            line = raw.decode(errors="replace").rstrip().removeprefix("shuttled: ")
             self.stderr_tail = [*self.stderr_tail[-9:], line]
             self._on_stderr(line)
 

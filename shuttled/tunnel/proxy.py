@@ -28,7 +28,7 @@ from shuttled.tunnel.channels import Channel, ChannelMux, State
 from shuttled.tunnel.faults import Faults, contained
 from shuttled.tunnel.origdst import original_dst
 from shuttled.tunnel.sockdiag import DIAG
-from shuttled.tunnel.transparent import set_transparent
+from shuttled.tunnel.transparent import endpoint_text, set_transparent
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +280,11 @@ class TransparentProxy:
             acceptor.start()
             self._acceptors.append(acceptor)
         return self.port
+
+    @property
+    def listening(self) -> list[str]:
+        """Where the listeners are bound, as host:port ([::1]:12300 for IPv6)."""
+        return [endpoint_text(a.sock.getsockname()) for a in self._acceptors]
 
     def destination(self, sock: socket.socket) -> tuple[str, int]:
         """Where the connection was going. TPROXY leaves the packets alone, so a

@@ -17,6 +17,7 @@ import ipaddress
 import logging
 import os
 import pwd
+import re
 import shlex
 import shutil
 import signal
@@ -44,7 +45,10 @@ from shuttled.tunnel.nodelay import (
 )
 
 log = logging.getLogger(__name__)
-_EXPECTED_AT_EXIT = ": no remote_id"  # nchan.c chan_send_close2, at the master's exit
+# ssh's bookkeeping that no user needs: channel and mux notes (nchan.c, channels.c,
+# mux.c), e.g. `chan_send_close2: channel 3: no remote_id` when a master that kept
+# failed opens exits as our mux connections close (see shuttled.tunnel.session).
+_NOISE = re.compile(r"^(chan_\w+: |channel \d+: |mux_\w+: |client_\w+: |control_\w+: |debug\d: )")
 
 MUX_MSG_HELLO = 0x00000001
 MUX_C_PROXY = 0x1000000F
@@ -337,6 +341,13 @@ async def _resolve(host: str) -> list[str]:
     return sorted({str(info[4][0]).split("%")[0] for info in infos})
 
 
+def ssh_line(raw: bytes) -> tuple[str, bool]:
+    """One line of ssh's stderr without ssh's own `ssh: ` (our log adds it once), and
+    whether a user needs it: errors (connect, auth, host key) yes, bookkeeping no."""
+    line = raw.decode(errors="replace").rstrip().removeprefix("ssh: ")
+    return line, bool(line) and not _NOISE.match(line)
+
+
 class SshMaster:
     """One `ssh -M -S PATH -N` child and its private control-socket directory."""
 
@@ -453,13 +464,11 @@ class SshMaster:
     async def _read_stderr(self) -> None:
         assert self.proc is not None and self.proc.stderr is not None
         async for raw in self.proc.stderr:
-            line = raw.decode(errors="replace").rstrip()
-            if line:
+            line, needed = ssh_line(raw)
+            if needed:
                 self._output.lines.append(line)
-                # How a master that kept failed opens exits once our mux connections
-                # close (see shuttled.tunnel.session): expected, so not worth a line.
-                quiet = _EXPECTED_AT_EXIT in line
-                log.log(logging.DEBUG if quiet else logging.INFO, "ssh: %s", line)
+            if line:
+                log.log(logging.INFO if needed else logging.DEBUG, "ssh: %s", line)
 
     async def _wait_for_socket(self) -> None:
         assert self.proc is not None

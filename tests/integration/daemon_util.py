@@ -249,6 +249,7 @@ class Daemon:
         self.killed = self.exit_seen = False
         self.orphans: list[psutil.Process] = []
         self.stale_dirs: list[str] = []
+        self.options_after = False  # the daemon's options after `daemon`, not before
 
     # --- configuration ----------------------------------------------------------------
     def write_profile(self, name: str, body: Mapping[str, Any]) -> Path:
@@ -276,6 +277,14 @@ class Daemon:
         return self.proc is not None and self.proc.poll() is None
 
     def argv(self, dbus: bool = False) -> list[str]:
+        """`shuttled -v OPTIONS daemon`; with `options_after`, `shuttled daemon -v OPTIONS`."""
+        argv = self._argv(dbus)
+        if self.options_after:
+            argv.remove("daemon")
+            argv.insert(3, "daemon")
+        return argv
+
+    def _argv(self, dbus: bool) -> list[str]:
         return [
             sys.executable,
             "-m",

@@ -4,6 +4,7 @@ and after. A module of its own so that no other tunnel is up meanwhile."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import time
@@ -31,6 +32,28 @@ def test_sigint_exit_restores_the_ruleset(lab: Lab, method: str) -> None:
     assert lab.firewall_snapshot() != before
     assert stop_run(lab, proc, signal.SIGINT) == 0
     assert lab.firewall_snapshot() == before
+
+
+_STAMPED = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d shuttled: ")
+
+
+@pytest.mark.parametrize("forward", ["direct", "helper"])
+def test_foreground_run_says_where_it_listens_and_that_it_cleaned_up(
+    lab: Lab, forward: str
+) -> None:
+    """What a user reads: stamped lines, the listeners, and after Ctrl-C the rules gone
+    (exit 0), without ssh's bookkeeping (`chan_send_close2: ... no remote_id`)."""
+    remote = lab.remote_nofwd if forward == "helper" else lab.remote
+    name = f"foreground-{forward}"
+    proc = start_run(lab, lab.target_net_v4, remote=remote, name=name)
+    with lab.netns("cli"):
+        assert clients.http_get(lab.tgt_v4).status == 200
+    assert stop_run(lab, proc, signal.SIGINT) == 0
+    lines = lab.log_tail(name, 200).splitlines()
+    assert lines and all(_STAMPED.match(line) for line in lines), lines
+    assert any(re.search(r"listening on 127\.0\.0\.1:\d+, \[::1\]:\d+$", x) for x in lines)
+    assert lines[-1].endswith("shuttled: INFO stopped: rules removed, tunnel closed"), lines
+    assert not any("no remote_id" in x or "ssh: ssh:" in x for x in lines), lines
 
 
 def test_bad_subnet_is_one_line_error_and_leaves_rules(lab: Lab) -> None:

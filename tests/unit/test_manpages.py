@@ -12,6 +12,7 @@ import pytest
 from shuttlectl.cli import COMMANDS
 from shuttlectl.cli import build_parser as shuttlectl_parser
 from shuttled import manpages
+from shuttled.cli import REFUSED_RUN_FLAGS
 from shuttled.cli import build_parser as shuttled_parser
 from shuttled.config import PROFILE_KEYS
 from shuttled.const import ExitCode
@@ -27,7 +28,10 @@ def test_shipped_pages_match_the_generator(name: str) -> None:
 
 
 def _flags(parser: argparse.ArgumentParser) -> set[str]:
-    return {flag for a in parser._actions for flag in a.option_strings}
+    """The documented flags: a hidden one (a refused sshuttle flag) is in the epilog."""
+    return {
+        flag for a in parser._actions if a.help != argparse.SUPPRESS for flag in a.option_strings
+    }
 
 
 def _escaped(flag: str) -> str:
@@ -63,6 +67,8 @@ def test_shuttled_page_has_every_command_and_option() -> None:
         assert _escaped(flag) in page, flag
     for method in ("auto", "nft", "iptables", "pf"):
         assert manpages.bold(method) in page
+    for flags, _, reason in REFUSED_RUN_FLAGS:
+        assert manpages.roff(f"  {'/'.join(flags)}: {reason}") in page
 
 
 def test_profile_page_has_every_key() -> None:

@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -18,6 +18,7 @@ from shuttlectl import render
 from shuttlectl.__main__ import main
 from shuttlectl.client import Client
 from shuttled.const import ExitCode
+from shuttled.control.schema import ProfileStats, ProfileStatus
 from tests.fake_core import (
     MEMBER_UID,
     STRANGER_UID,
@@ -433,3 +434,25 @@ def test_rendering_copes_with_odd_replies() -> None:
     assert render.status_detail(odd)
     assert render.health([{**odd, "name": "p"}]) == ["p: custom warning"]
     assert render.stats("p", {"rtt": "fast"})
+
+
+def test_stats_before_the_first_health_check_say_so() -> None:
+    stats = cast(ProfileStats, {**FakeCore().stats("work"), "rtt": None})
+    shown = render.stats("work", stats).splitlines()
+    assert "  no health check yet" in shown
+    assert not any("round trip" in line and "-" in line for line in shown)
+
+
+def test_status_prints_a_cut_error_whole_on_a_health_line() -> None:
+    error = "Host key verification failed for srv.example.com port 22: " + "x" * 40
+    core = FakeCore()
+    core.states["work"] = "connecting"
+    profile = cast(ProfileStatus, {**core.status("work"), "last_error": error})
+    table = render.status_table([profile])
+    assert error not in table and error[: render.ERROR_WIDTH - 3] + "..." in table
+    assert render.health([profile]) == [f"work: last error: {error}"]
+
+
+def test_status_detail_without_a_health_check_says_none_yet() -> None:
+    profile = cast(ProfileStatus, FakeCore().status("work"))
+    assert "  health check: none yet" in render.status_detail(profile).splitlines()
