@@ -90,6 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="also lift the kill switch's lockdown (blocking rules kept "
         "for wanted profiles while no daemon runs)",
     )
+    check = sub.add_parser(
+        "check",
+        help="validate the profiles (every file, every error and warning) and touch "
+        "nothing else, like sshd -t; exit 2 on errors",
+    )
+    # SUPPRESS: also accepted after `check`, without hiding one given before it.
+    check.add_argument(
+        "--config-dir", type=Path, default=argparse.SUPPRESS, help=_DAEMON_PATHS[0][2]
+    )
     sub.add_parser(
         "lockdown",
         help="put the kill switch of every wanted profile in place "
