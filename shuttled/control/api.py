@@ -288,8 +288,8 @@ def authorize(call: Call, caller: Caller, config: Config) -> None:
         if name in config.invalid and not is_admin(caller.uid, caller.gids):
             # Its allow list is in the broken file: say what is wrong, change nothing.
             raise ConfigError(f"{name} is invalid: {config.invalid[name].error()}")
-        profile = config.profiles.get(name)
-        if profile is None or not may_manage(profile.allow, caller.uid, caller.gids):
+        profile = config.profiles.get(name)  # None: invalid, and the caller an admin
+        if profile is not None and not may_manage(profile.allow, caller.uid, caller.gids):
             raise PermissionDeniedError(
                 f"{call.verb.name} {name}: permission denied (only root, group "
                 f"{const.ADMIN_GROUP!r} and the profile's allow list)"
