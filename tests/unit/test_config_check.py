@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -17,20 +16,13 @@ from shuttled.control.schema import PROFILE_STATES
 from shuttled.daemon import Daemon
 from shuttled.errors import ConfigError
 from shuttled.supervisor import State
+from tests.helpers import config_errors, write_config
 
 GOOD = "good:\n  remote: g.example\n  subnets: [10.9.0.0/16]\n"
 
 
-def write(directory: Path, name: str, text: str) -> Path:
-    path = directory / name
-    path.write_text(textwrap.dedent(text))
-    return path
-
-
-def errors_of(directory: Path) -> list[str]:
-    with pytest.raises(ConfigErrors) as info:
-        load_config(directory)
-    return list(info.value.errors)
+write = write_config
+errors_of = config_errors
 
 
 # --- the messages -------------------------------------------------------------------------
