@@ -115,8 +115,8 @@ def health(profiles: Sequence[ProfileStatus]) -> list[str]:
     lines = []
     for p in profiles:
         name, state, error = text(p.get("name")), p.get("state"), p.get("last_error")
-        if state == "failed":
-            lines.append(f"{name}: failed: {text(error)}")
+        if state in ("failed", "invalid"):
+            lines.append(f"{name}: {state}: {text(error)}")
         elif state == "reconnecting":
             lines.append(f"{name}: reconnecting" + (f" after: {text(error)}" if error else ""))
         elif state == "down" and expected_up(p):

@@ -50,6 +50,24 @@ def _lockdown(state_dir: Path) -> int:
     return ExitCode.OK
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _check(config_dir: Path) -> int:
+    """Like `sshd -t`: the profiles validated, nothing touched; exit 2 on an error."""
+    from shuttled.config import check_config
+
+    errors, warnings, count = check_config(config_dir)
+    for line in [*(f"warning: {w}" for w in warnings), *errors]:
+        print(line, file=sys.stderr)
+    if errors:
+        print(_count(len(errors), "error") + f" in {config_dir}", file=sys.stderr)
+        return ExitCode.USAGE
+    print(f"configuration OK: {_count(count, 'profile')}")
+    return ExitCode.OK
+
+
 def _dispatch(argv: Sequence[str]) -> int:
     args = parse(argv)
     setup_logging(args.verbose, args.quiet)
@@ -65,6 +83,8 @@ def _dispatch(argv: Sequence[str]) -> int:
         return asyncio.run(run(spec, args.method))
     if args.command == "cleanup":
         return _cleanup(args.force, args.all, args.state_dir)
+    if args.command == "check":
+        return _check(args.config_dir)
     if args.command == "lockdown":
         return _lockdown(args.state_dir)
     if args.command == "install-service":

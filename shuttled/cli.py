@@ -18,7 +18,7 @@ from pathlib import Path
 from shuttled import __version__, const
 from shuttled.const import Forward
 from shuttled.errors import ConfigError, UsageError
-from shuttled.net import Subnet, parse_subnet, valid_host_name
+from shuttled.net import Subnet, host_bits_warning, parse_subnet, valid_host_name
 from shuttled.router import add_run_arguments as add_router_arguments
 from shuttled.router import settings_from_args as router_settings
 from shuttled.supervisor import TunnelSpec
@@ -121,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also lift the kill switch's lockdown (blocking rules kept "
         "for wanted profiles while no daemon runs)",
+    )
+    check = sub.add_parser(
+        "check",
+        help="validate the profiles (every file, every error and warning) and touch "
+        "nothing else, like sshd -t; exit 2 on errors",
+    )
+    # SUPPRESS: also accepted after `check`, without hiding one given before it.
+    check.add_argument(
+        "--config-dir", type=Path, default=argparse.SUPPRESS, help=_DAEMON_PATHS[0][2]
     )
     sub.add_parser(
         "lockdown",
@@ -398,26 +407,44 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     return parsed
 
 
-def _read_list(path: Path | None, what: str) -> list[str]:
+def _read_list(path: Path | None, what: str) -> list[tuple[str, str]]:
+    """The subnets of a file, one a line ("#" starts a comment), each with FILE:LINE."""
     if path is None:
         return []
     try:
         lines = path.read_text().splitlines()
     except OSError as exc:
         raise ConfigError(f"{what} {path}: {exc.strerror}") from None
-    return [x.split("#")[0].strip() for x in lines if x.split("#")[0].strip()]
+    items = [(f"{path}:{n}", line.split("#")[0].strip()) for n, line in enumerate(lines, 1)]
+    return [(where, text) for where, text in items if text]
+
+
+def _parse_subnets(items: Sequence[tuple[str | None, str]], exclude: bool) -> list[Subnet]:
+    result = []
+    for where, text in items:
+        prefix = f"{where}: " if where else ""
+        try:
+            result += parse_subnet(text, exclude=exclude)
+        except ConfigError as exc:
+            raise ConfigError(f"{prefix}{exc}") from None
+        warning = host_bits_warning(text)
+        if warning:
+            logging.getLogger(__name__).warning("%s%s", prefix, warning)
+    return result
 
 
 def _subnets(args: argparse.Namespace) -> tuple[Subnet, ...]:
-    includes = [*args.subnets, *_read_list(args.subnet_file, "--subnets")]
-    excludes = [*args.exclude, *_read_list(args.exclude_from, "--exclude-from")]
+    includes = [*((None, t) for t in args.subnets), *_read_list(args.subnet_file, "--subnets")]
+    excludes = [
+        *((None, t) for t in args.exclude),
+        *_read_list(args.exclude_from, "--exclude-from"),
+    ]
     wants = (args.dns, args.dns_domain, args.auto_nets, args.remote_hosts, args.check)
     if not (includes or any(wants)):
         raise UsageError(
             "run: give at least one SUBNET (or --dns, --dns-domain, --auto-nets, --remote-hosts)"
         )
-    result = [s for text in includes for s in parse_subnet(text)]
-    result += [s for text in excludes for s in parse_subnet(text, exclude=True)]
+    result = _parse_subnets(includes, exclude=False) + _parse_subnets(excludes, exclude=True)
     if args.disable_ipv6:
         result = [s for s in result if s.network.version == 4]
     return tuple(result)

@@ -35,7 +35,15 @@ import yaml
 from shuttled import const
 from shuttled.const import Forward
 from shuttled.errors import ConfigError
-from shuttled.net import Subnet, gid_of, parse_subnet, uid_of, valid_host_name, valid_profile_name
+from shuttled.net import (
+    Subnet,
+    gid_of,
+    host_bits_warning,
+    parse_subnet,
+    uid_of,
+    valid_host_name,
+    valid_profile_name,
+)
 from shuttled.tunnel.ssh import LocalUser, SshTarget
 
 log = logging.getLogger(__name__)
@@ -340,6 +348,9 @@ def _subnet(exclude: bool) -> Callable[[_Ctx, Any], str]:
             parse_subnet(text, exclude=exclude, resolve=False)
         except ConfigError as exc:
             ctx.fail(str(exc))
+        warning = host_bits_warning(text)
+        if warning:
+            ctx.warn(warning)
         return text
 
     return parse
@@ -814,12 +825,31 @@ class ConfigErrors(ConfigError):
 
 
 @dataclass(frozen=True)
+class InvalidProfile:
+    """A profile of a file with errors: not loaded, shown with the file's errors."""
+
+    name: str
+    remote: str  # as written, when the file parsed that far; else ""
+    errors: tuple[str, ...]  # `file:line: ...`, the profile's own first
+
+    def error(self) -> str:
+        """The first error, and how many more `shuttled check` lists."""
+        more = len(self.errors) - 1
+        return self.errors[0] + (f" (and {more} more: shuttled check)" if more else "")
+
+
+@dataclass(frozen=True)
 class Config:
     """All profiles, immutable; `==` compares the profiles' settings only."""
 
     profiles: Mapping[str, Profile] = field(default_factory=lambda: MappingProxyType({}))
     directory: Path = field(default=const.CONFIG_DIR, compare=False)
     warnings: tuple[str, ...] = field(default=(), compare=False)
+    # Only from load_config(partial=True): the profiles of broken files, every error.
+    invalid: Mapping[str, InvalidProfile] = field(
+        default_factory=lambda: MappingProxyType({}), compare=False
+    )
+    errors: tuple[str, ...] = field(default=(), compare=False)
 
     @classmethod
     def of(cls, *profiles: Profile, directory: Path = const.CONFIG_DIR) -> Config:
@@ -859,7 +889,9 @@ class _Collector:
         self.sources: dict[str, str] = {}  # every name seen, valid or not: for duplicates
         self.errors: list[str] = []
         self.warnings: list[str] = []
+        self.broken: dict[str, InvalidProfile] = {}  # profiles of files with errors
         self._file_errors: list[tuple[int, str]] = []
+        self._text = ""
 
     def load_file(self, path: Path) -> None:
         self._file_errors = []
@@ -867,14 +899,38 @@ class _Collector:
         top = self._profiles_map(path, data) if data is not None else None
         for name, body in (top or {}).items():
             self._add(path, top.lines.get(name, 1) if top else 1, name, body)
-        self.errors += [text for _, text in sorted(self._file_errors, key=lambda e: e[0])]
+        errors = [text for _, text in sorted(self._file_errors, key=lambda e: e[0])]
+        self.errors += errors
+        if errors:
+            self._disable(path, top, errors)
+
+    def _disable(self, path: Path, top: _Map | None, errors: list[str]) -> None:
+        """Every profile a broken file defines becomes invalid, with the file's errors
+        (its own first); where the file does not parse, its names are guessed."""
+        names = list(top) if top is not None else _names_in(self._text, path)
+        for name in names:
+            if not isinstance(name, str) or not valid_profile_name(name):
+                continue
+            source = self.sources.get(name)
+            if source is not None and source.rpartition(":")[0] != str(path):
+                continue  # defined first in another file: that one stands
+            self.profiles.pop(name, None)
+            body = top.get(name) if top is not None else None
+            remote = body.get("remote") if isinstance(body, dict) else None
+            own = [e for e in errors if f": {name}." in e or f": {name}:" in e]
+            self.broken[name] = InvalidProfile(
+                name=name,
+                remote=remote if isinstance(remote, str) else "",
+                errors=tuple(dict.fromkeys([*own, *errors])),
+            )
 
     def _error(self, path: Path, line: int, message: str) -> None:
         self._file_errors.append((line, f"{path}:{line}: {message}"))
 
     def _read(self, path: Path) -> Any:
+        self._text = ""
         try:
-            text = path.read_bytes().decode()
+            text = self._text = path.read_bytes().decode()
         except OSError as exc:
             self._error(path, 0, f"cannot read: {exc.strerror}")
             return None
@@ -885,7 +941,7 @@ class _Collector:
         try:
             data = loader.get_single_data()
         except yaml.YAMLError as exc:
-            self._yaml_error(path, exc)
+            self._yaml_error(path, exc, text)
             return None
         finally:
             loader.dispose()
@@ -893,9 +949,12 @@ class _Collector:
             self._error(path, line, f"key {key!r} is given twice")
         return data
 
-    def _yaml_error(self, path: Path, exc: yaml.YAMLError) -> None:
+    def _yaml_error(self, path: Path, exc: yaml.YAMLError, text: str) -> None:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else 1
+        if mark is not None and _at_tab(text, mark.line, mark.column):
+            self._error(path, line, "tabs are not allowed in YAML; use spaces")
+            return
         problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
         # PyYAML notices an unclosed [, { or quote only where it gives up, often
         # lines later: name the line that opened it, where the mistake is.
@@ -952,6 +1011,13 @@ class _Collector:
                 self._error(path, p.line, f"{p.path}: {p.message}")
 
 
+def _at_tab(text: str, line: int, column: int) -> bool:
+    """PyYAML stopped at a tab: it says "found character that cannot start any
+    token" or "a tab character that violates indentation", neither naming the fix."""
+    lines = text.splitlines()
+    return line < len(lines) and "\t" in lines[line][: column + 1]
+
+
 def _profile(ctx: _Ctx, name: str, body: Any) -> Profile:
     if not isinstance(body, dict):
         ctx.fail(f"a profile must be a mapping of keys, got {_kind(body)}")
@@ -989,18 +1055,55 @@ def _profile_values(ctx: _Ctx, body: Mapping[Any, Any], problems: list[_Problem]
     return values
 
 
-def load_config(config_dir: Path = const.CONFIG_DIR) -> Config:
-    """Load and validate every profile; ConfigErrors lists every problem found."""
-    if not config_dir.is_dir():
-        raise ConfigErrors([f"{config_dir}: not a directory"], config_dir)
+_TOP_KEY_RE = re.compile(r"^([A-Za-z0-9_-]{1,32})[ \t]*:", re.MULTILINE)
+_INNER_KEY_RE = re.compile(r"^([ \t]+)([A-Za-z0-9_-]{1,32})[ \t]*:", re.MULTILINE)
+
+
+def _names_in(text: str, path: Path) -> list[str]:
+    """The profile names a file that does not parse seems to define: its top-level
+    keys (the least indented ones under a `profiles:` map); else the file's name."""
+    names = _TOP_KEY_RE.findall(text)
+    if PROFILES_KEY in names:
+        inner = _INNER_KEY_RE.findall(text)
+        depth = min((len(indent) for indent, _ in inner), default=0)
+        names = [n for indent, n in inner if len(indent) == depth]
+    return names or [path.stem]
+
+
+def _collect(config_dir: Path) -> _Collector:
     collector = _Collector(config_dir)
+    if not config_dir.is_dir():
+        collector.errors.append(f"{config_dir}: not a directory")
+        return collector
     for path in config_files(config_dir):
         collector.load_file(path)
-    if collector.errors:
+    return collector
+
+
+def load_config(config_dir: Path = const.CONFIG_DIR, *, partial: bool = False) -> Config:
+    """Load and validate every profile; ConfigErrors lists every problem found.
+
+    partial (the daemon's start): a file with errors disables the profiles it
+    defines (Config.invalid) and the others load; only a missing directory raises.
+    """
+    collector = _collect(config_dir)
+    if collector.errors and not (partial and config_dir.is_dir()):
         raise ConfigErrors(collector.errors, config_dir)
     for warning in collector.warnings:
         log.warning("%s", warning)
-    return Config(MappingProxyType(dict(collector.profiles)), config_dir, tuple(collector.warnings))
+    return Config(
+        MappingProxyType(dict(collector.profiles)),
+        config_dir,
+        tuple(collector.warnings),
+        invalid=MappingProxyType(dict(collector.broken)),
+        errors=tuple(collector.errors),
+    )
+
+
+def check_config(config_dir: Path) -> tuple[list[str], list[str], int]:
+    """`shuttled check`: every error, every warning, and how many profiles are valid."""
+    collector = _collect(config_dir)
+    return collector.errors, collector.warnings, len(collector.profiles)
 
 
 # --- overlaps ------------------------------------------------------------------------------------
@@ -1082,9 +1185,11 @@ __all__ = [
     "Config",
     "ConfigErrors",
     "DnsSettings",
+    "InvalidProfile",
     "KeySpec",
     "LanSettings",
     "Profile",
+    "check_config",
     "check_overlaps",
     "config_files",
     "dns_domains",

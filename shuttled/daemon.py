@@ -23,6 +23,7 @@ from shuttled import __version__, const
 from shuttled.config import Config, Profile, check_overlaps, load_config
 from shuttled.control.protocol import PROTOCOL_VERSION
 from shuttled.control.schema import (
+    INVALID,
     ConnectionRow,
     DoctorReport,
     Event,
@@ -38,6 +39,7 @@ from shuttled.control.schema import (
 from shuttled.dns.resolved import cleanup_links
 from shuttled.durable import write_durably
 from shuttled.errors import (
+    ConfigError,
     NoSuchProfileError,
     ShuttledError,
     TimeoutError_,
@@ -119,19 +121,29 @@ class Daemon:
         removed = cleanup_all() + cleanup_links() + cleanup_control_dirs()
         if removed:
             log.info("removed stale rules: %s", ", ".join(removed))
-        self.config = load_config(self.config_dir)
+        self.config = load_config(self.config_dir, partial=True)
+        self._log_invalid()
         backend = detect(self.method, persistent=True)
         self.captures = CaptureSet(backend)
         self.captures.install()  # our (empty) table exists before READY=1
         self._start_lockdown(backend.name)
         autostart = {n for n, p in self.config.profiles.items() if p.autostart}
-        self.wanted = (self.state.load() & set(self.config.profiles)) | autostart
-        for name in sorted(self.wanted):
+        # An invalid profile stays wanted (and locked down): fixed, a reload starts it.
+        known = set(self.config.profiles) | set(self.config.invalid)
+        self.wanted = (self.state.load() & known) | autostart
+        for name in sorted(self.wanted - set(self.config.invalid)):
             try:
                 self._check_overlap(name)
                 self.tunnel_for(name).up()
             except ShuttledError as exc:
                 log.error("not starting %s: %s", name, exc, extra={"PROFILE": name})
+
+    def _log_invalid(self) -> None:
+        """A broken file disables only its own profiles: say which, and why."""
+        for error in self.config.errors:
+            log.error("config: %s", error)
+        for name, bad in sorted(self.config.invalid.items()):
+            log.error("%s is invalid, not loaded: %s", name, bad.error(), extra={"PROFILE": name})
 
     # --- the kill switch's lockdown ---------------------------------------------------
 
@@ -155,7 +167,9 @@ class Daemon:
         out: dict[str, Capture] = {}
         for name in sorted(self.wanted):
             profile = self.config.profiles.get(name)
-            if profile is None or not profile.kill_switch:
+            if profile is None and name in self.config.invalid:
+                pass  # its kill switch is unknown: what was locked down stays
+            elif profile is None or not profile.kill_switch:
                 continue
             live = self.captures.captures.get(name)
             chosen = locked(live) if live is not None else self.lockdown.captures.get(name)
@@ -179,9 +193,14 @@ class Daemon:
 
     def _profile(self, name: str) -> Profile:
         profile = self.config.profiles.get(name)
+        if name in self.config.invalid:
+            raise ConfigError(f"{name} is invalid: {self.config.invalid[name].error()}")
         if profile is None:
             raise NoSuchProfileError(f"no profile named {name!r}")
         return profile
+
+    def _names(self) -> list[str]:
+        return sorted({*self.config.profiles, *self.config.invalid})
 
     def tunnel_for(self, name: str) -> Tunnel:
         """The profile's Tunnel, made (down) on first use."""
@@ -193,18 +212,23 @@ class Daemon:
         return tunnel
 
     def list_profiles(self) -> list[ProfileRow]:
-        return [
-            {
-                "name": name,
-                "state": self._state(name),
-                "remote": p.remote,
-                "autostart": p.autostart,
-                "wanted": name in self.wanted,
-            }
-            for name, p in sorted(self.config.profiles.items())
-        ]
+        rows: list[ProfileRow] = []
+        for name in self._names():
+            profile = self.config.profiles.get(name)
+            rows.append(
+                {
+                    "name": name,
+                    "state": self._state(name),
+                    "remote": profile.remote if profile else self.config.invalid[name].remote,
+                    "autostart": profile.autostart if profile else False,
+                    "wanted": name in self.wanted,
+                }
+            )
+        return rows
 
     def _state(self, name: str) -> str:
+        if name in self.config.invalid:
+            return INVALID
         tunnel = self.tunnels.get(name)
         return str(tunnel.state) if tunnel else str(State.DOWN)
 
@@ -244,10 +268,12 @@ class Daemon:
     def status(self, name: str | None) -> ProfileStatus | list[ProfileStatus]:
         self.guard_rules(report=True)
         if name is None:
-            return [self._status_one(n) for n in sorted(self.config.profiles)]
+            return [self._status_one(n) for n in self._names()]
         return self._status_one(name)
 
     def _status_one(self, name: str) -> ProfileStatus:
+        if name in self.config.invalid:
+            return self._invalid_status(name)
         profile = self._profile(name)
         tunnel = self.tunnels.get(name)
         stats = tunnel.stats() if tunnel else TunnelStats()
@@ -275,6 +301,27 @@ class Daemon:
             "dns": tunnel.dns_status() if tunnel else None,
             "holding": tunnel.holding if tunnel else False,
             "health": tunnel.health if tunnel else [],
+        }
+
+    def _invalid_status(self, name: str) -> ProfileStatus:
+        """A profile of a broken file: its error where a tunnel's last error goes."""
+        return {
+            "name": name,
+            "state": INVALID,
+            "remote": self.config.invalid[name].remote,
+            "wanted": name in self.wanted,
+            "mode": None,
+            "since": self.started,
+            "uptime": 0.0,
+            "rx": 0,
+            "tx": 0,
+            "connections": 0,
+            "rtt": None,
+            "last_error": self.config.invalid[name].error(),
+            "subnets": [],
+            "dns": None,
+            "holding": self.lockdown is not None and name in self.lockdown.captures,
+            "health": [],
         }
 
     def stats(self, name: str) -> ProfileStats:
@@ -345,7 +392,8 @@ class Daemon:
 
     async def down(self, name: str) -> ProfileStatus:
         async with self._lock:
-            self._profile(name)
+            if name not in self.config.invalid:  # down of an invalid one: no longer wanted
+                self._profile(name)
             self.wanted.discard(name)
             self.state.save(self.wanted)
             tunnel = self.tunnels.pop(name, None)
@@ -360,13 +408,18 @@ class Daemon:
         Under the lock up and down take: one of them never acts on a half-reloaded
         daemon (a tunnel started from the old config, a wanted set written twice)."""
         async with self._lock:
-            return await self._reload()
+            try:
+                return await self._reload()
+            except ShuttledError as exc:
+                log.warning("reload refused, the running config stays: %s", exc)
+                raise
 
     async def _reload(self) -> ReloadResult:
         new = load_config(self.config_dir)
         diff = self.config.diff(new)
         added, removed, changed = diff["added"], diff["removed"], diff["changed"]
-        wanted = (self.wanted - set(removed)) | {n for n in added if new.profiles[n].autostart}
+        # & new: profiles removed, and invalid ones still missing, are wanted no more.
+        wanted = (self.wanted & set(new.profiles)) | {n for n in added if new.profiles[n].autostart}
         check_overlaps([new.profiles[n] for n in wanted])
         for name in (*removed, *changed):
             tunnel = self.tunnels.pop(name, None)
@@ -542,10 +595,8 @@ async def serve(args: argparse.Namespace) -> int:
 
 async def _reload(daemon: Daemon) -> None:
     notify("RELOADING=1")
-    try:
+    with contextlib.suppress(ShuttledError):  # logged by reload()
         await daemon.reload()
-    except ShuttledError as exc:
-        log.error("reload refused, the running config stays: %s", exc)
     notify("READY=1\n" + status_line(daemon))
 
 

@@ -197,18 +197,56 @@ def _parse_ports(text: str, ports: str) -> tuple[int, int]:
 def _parse_host(text: str, host: str, resolve: bool) -> list[IPNetwork]:
     if host == "0/0":  # sshuttle's "everything": here it means both families (#45)
         return [ipaddress.IPv4Network("0.0.0.0/0"), ipaddress.IPv6Network("::/0")]
-    addr, slash, prefix = host.partition("/")
-    if slash and _SHORT_V4_RE.fullmatch(addr):
-        addr = ".".join([*addr.split("."), "0", "0", "0"][:4])
+    addr, slash, prefix = _expand_short(host)
     try:
         return [ipaddress.ip_network(f"{addr}/{prefix}" if slash else addr, strict=False)]
-    except ValueError as e:
+    except ValueError:
         if ":" in addr or re.fullmatch(r"[\d.]+", addr):  # meant as an address
-            raise _bad(text, str(e)) from None
+            raise _bad(text, _why_not_network(addr, prefix if slash else None)) from None
     if slash:
         raise _bad(text, "a host name takes no /prefix")
     _check_hostname(text, addr)
     return _resolve(text, addr) if resolve else []
+
+
+def _expand_short(host: str) -> tuple[str, str, str]:
+    """ADDRESS, "/" and PREFIX, with iproute2's "10/8" read as 10.0.0.0/8."""
+    addr, slash, prefix = host.partition("/")
+    if slash and _SHORT_V4_RE.fullmatch(addr):
+        addr = ".".join([*addr.split("."), "0", "0", "0"][:4])
+    return addr, slash, prefix
+
+
+def _why_not_network(addr: str, prefix: str | None) -> str:
+    """Which half of ADDRESS/PREFIX is wrong, in our words (ipaddress only says "does not
+    appear to be an IPv4 or IPv6 network")."""
+    try:
+        version = ipaddress.ip_address(addr).version
+    except ValueError:
+        return f"{addr!r} is not an IPv4 or IPv6 address"
+    most = 32 if version == 4 else 128
+    if prefix is not None and prefix.isdigit() and int(prefix) > most:
+        return f"prefix length {int(prefix)} is over {most} for IPv{version}"
+    return f"prefix length {prefix!r} is not a number from 0 to {most} (nor a netmask)"
+
+
+def host_bits_warning(text: str) -> str | None:
+    """For ADDRESS/PREFIX with bits set past the prefix ("10.81.0.1/24"): what it
+    means instead, since a typo there captures a different network than meant."""
+    try:
+        host, _ = _split_ports(text)
+    except ConfigError:
+        return None
+    addr, slash, prefix = _expand_short(host)
+    if not slash:
+        return None
+    try:
+        network = ipaddress.ip_network(f"{addr}/{prefix}", strict=False)
+    except ValueError:
+        return None  # not a network at all: parse_subnet says why
+    if network.network_address == ipaddress.ip_address(addr):
+        return None
+    return f"subnet {text!r}: host bits set: means {network}"
 
 
 def _check_hostname(text: str, name: str) -> None:

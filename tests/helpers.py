@@ -11,10 +11,15 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
+import textwrap
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
+import pytest
+
+from shuttled.config import ConfigErrors, load_config
 from shuttled.firewall.base import Backend, Capture
 from shuttled.tunnel.channels import Channel
 
@@ -185,3 +190,18 @@ def parse_prometheus(text: str) -> dict[PromSeries, float]:
         assert lines.get("TYPE") in ("counter", "gauge"), f"{name}: TYPE {lines.get('TYPE')}"
         assert (lines["TYPE"] == "counter") == name.endswith("_total"), f"{name}: _total"
     return samples
+
+
+def write_config(directory: Path, name: str, text: str) -> Path:
+    """One file of a config directory (its text dedented)."""
+    path = directory / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def config_errors(directory: Path) -> list[str]:
+    """Every error load_config finds in the directory (it must find one)."""
+    with pytest.raises(ConfigErrors) as info:
+        load_config(directory)
+    return list(info.value.errors)

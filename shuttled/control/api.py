@@ -21,7 +21,7 @@ from shuttled import const
 from shuttled.control import schema
 from shuttled.control.auth import is_admin, may_manage
 from shuttled.control.protocol import DEFAULT_UP_TIMEOUT, MAX_UP_TIMEOUT, BadRequestError
-from shuttled.errors import NoSuchProfileError, PermissionDeniedError
+from shuttled.errors import ConfigError, NoSuchProfileError, PermissionDeniedError
 
 if TYPE_CHECKING:
     from shuttled.config import Config
@@ -285,7 +285,11 @@ def authorize(call: Call, caller: Caller, config: Config) -> None:
         raise _admin_denied(call.verb)
     if permission in (Permission.MUTATE_PROFILE, Permission.PRIVATE):
         name = call.value("profile")
-        if not may_manage(config.profiles[name].allow, caller.uid, caller.gids):
+        if name in config.invalid and not is_admin(caller.uid, caller.gids):
+            # Its allow list is in the broken file: say what is wrong, change nothing.
+            raise ConfigError(f"{name} is invalid: {config.invalid[name].error()}")
+        profile = config.profiles.get(name)  # None: invalid, and the caller an admin
+        if profile is not None and not may_manage(profile.allow, caller.uid, caller.gids):
             raise PermissionDeniedError(
                 f"{call.verb.name} {name}: permission denied (only root, group "
                 f"{const.ADMIN_GROUP!r} and the profile's allow list)"
@@ -296,7 +300,7 @@ def _check_profile(call: Call, config: Config) -> None:
     names = [a.name for a in call.verb.args]
     if "profile" in names:
         name = call.value("profile")
-        if name is not None and name not in config.profiles:
+        if name is not None and name not in config.profiles and name not in config.invalid:
             raise NoSuchProfileError(f"no profile named {name[:64]!r}")
 
 

@@ -44,12 +44,17 @@ T = TypeVar("T")
 
 # --- results of the verbs ---------------------------------------------------------------------
 
+# What `state` says of a profile: the supervisor's states, and INVALID for a profile the
+# daemon did not load because its file has errors (last_error says which, file:line).
+INVALID = "invalid"
+PROFILE_STATES = ("down", "connecting", "up", "reconnecting", "failed", INVALID)
+
 
 class ProfileRow(TypedDict):
     """One row of `list`."""
 
     name: str
-    state: str  # down, connecting, up, reconnecting or failed
+    state: str  # one of PROFILE_STATES
     remote: str
     autostart: bool
     wanted: bool  # someone asked for it up (or it starts with the daemon)
@@ -511,6 +516,7 @@ def json_reference() -> str:
         _referenced(doc, types_)
     lines += ["", "| type | fields (`?`: only sometimes there) |", "|---|---|"]
     lines += [f"| {name} | {fields_line(td)} |" for name, td in types_.items()]
+    lines += ["", f"A profile's `state` is one of: {', '.join(PROFILE_STATES)}."]
     return "\n".join(lines)
 
 

@@ -144,3 +144,40 @@ def test_sighup_reloads_and_a_broken_config_on_sighup_keeps_the_daemon_running(
     assert d.alive
     assert d.state("work") == "up" and d.ssh_pid("work") == ssh_pid
     assert http_ok(lab, lab.tgt_v4)
+
+
+def test_a_broken_file_at_start_disables_only_its_profiles_and_a_fix_loads_them(
+    lab: Lab, daemons: DaemonSet
+) -> None:
+    d = daemons.new()
+    d.write_profile("work", root_profile(lab, lab.target_nets, autostart=True))
+    broken = d.write_file("broken.yaml", f"bad:\n  remote: srv\n  subnets: [10.{lab.net}.9.0/33]\n")
+    error = (
+        f"{broken}:3: bad.subnets: subnet '10.{lab.net}.9.0/33': "
+        f"prefix length 33 is over 32 for IPv4"
+    )
+    d.start()
+    d.wait_state("work", "up")
+    assert http_ok(lab, lab.tgt_v4)
+    assert f"bad is invalid, not loaded: {error}" in d.log(), d.log()
+
+    bad = d.status("bad")
+    assert (bad["state"], bad["last_error"]) == ("invalid", error)
+    human = d.ctl("status")
+    assert human.returncode == 0, human.stdout  # invalid, but nobody asked for it up
+    assert f"- bad: invalid: {error}" in human.stdout, human.stdout
+    refused = d.ctl("up", "bad")
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.strip() == f"shuttlectl: bad is invalid: {error}"
+
+    # A reload keeps all or nothing: refused, logged with the error, work untouched.
+    ssh_pid = d.ssh_pid("work")
+    reload = d.ctl("reload")
+    assert reload.returncode == 2 and error in reload.stderr, reload.stderr
+    wait_for("the refused reload in the log", lambda: "reload refused" in d.log(), 10.0)
+    assert error in d.log()
+    assert d.state("work") == "up" and d.ssh_pid("work") == ssh_pid
+
+    d.write_file("broken.yaml", f"bad:\n  remote: srv\n  subnets: [10.{lab.net}.9.0/24]\n")
+    assert d.ctl_json("reload")["reload"]["added"] == ["bad"]
+    assert d.state("bad") == "down" and d.ssh_pid("work") == ssh_pid

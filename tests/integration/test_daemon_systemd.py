@@ -150,7 +150,10 @@ def test_unit_is_a_notify_service_with_watchdog_and_cleanup_after_stop() -> None
     assert service["NotifyAccess"] == "main"
     assert service["WatchdogSec"]
     assert shlex.split(service["ExecStopPost"])[1:] == ["cleanup"]
-    assert shlex.split(service["ExecReload"])[-2:] == ["-HUP", "$MAINPID"]
+    reload = [
+        ln.partition("=")[2] for ln in UNIT.read_text().splitlines() if ln.startswith("ExecReload=")
+    ]
+    assert [shlex.split(c)[1:] for c in reload] == [["check"], ["-HUP", "$MAINPID"]]
     start = shlex.split(service["ExecStart"])
     assert Path(start[0]).name == "shuttled" and start[1:] == ["daemon"]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ from shuttled.control import auth
 from shuttled.control.auth import may_manage
 from shuttled.errors import ConfigError
 from shuttled.net import gid_of
+from tests.helpers import config_errors, write_config
 
 FULL = """\
 work:
@@ -50,17 +50,8 @@ work:
 """
 
 
-def write(directory: Path, name: str, text: str) -> Path:
-    path = directory / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(textwrap.dedent(text))
-    return path
-
-
-def errors_of(directory: Path) -> list[str]:
-    with pytest.raises(ConfigErrors) as info:
-        load_config(directory)
-    return list(info.value.errors)
+write = write_config
+errors_of = config_errors
 
 
 def one_error(directory: Path, text: str, name: str = "p.yaml") -> str:

@@ -10,6 +10,7 @@ import pytest
 
 from shuttled.errors import ConfigError
 from shuttled.firewall import Capture, Subnet, order_subnets, parse_subnet
+from shuttled.net import host_bits_warning
 
 V4 = ipaddress.IPv4Network
 V6 = ipaddress.IPv6Network
@@ -84,9 +85,10 @@ def test_unresolvable_hostname(monkeypatch: pytest.MonkeyPatch) -> None:
     ("text", "why"),
     [
         ("", "empty"),
-        ("10.0.0.0/33", "10.0.0.0/33"),
-        ("10.0.0.256", "10.0.0.256"),
-        ("10", "does not appear to be an IPv4 or IPv6"),
+        ("10.0.0.0/33", "prefix length 33 is over 32 for IPv4$"),
+        ("10.0.0.256", "'10.0.0.256' is not an IPv4 or IPv6 address$"),
+        ("10", "'10' is not an IPv4 or IPv6 address$"),
+        ("10.0.0.0/x", r"prefix length 'x' is not a number from 0 to 32 \(nor a netmask\)$"),
         ("10.0.0.0/8:0", "1-65535"),
         ("10.0.0.0/8:65536", "1-65535"),
         ("10.0.0.0/8:9000-8000", "reversed"),
@@ -95,7 +97,7 @@ def test_unresolvable_hostname(monkeypatch: pytest.MonkeyPatch) -> None:
         ("10.0.0.0/8:80-", "bad port"),
         ("[fd00::/8", r"\[address\]:ports"),
         ("[fd00::/8]443", r"\[address\]:ports"),
-        ("fd00::/129", "fd00::/129"),
+        ("fd00::/129", "prefix length 129 is over 128 for IPv6$"),
         ("example.com/24", "host name takes no /prefix"),
         ("bad name", "not an IP address, network or host name"),
         ("-bad.example", "not an IP address, network or host name"),
@@ -150,3 +152,23 @@ def test_capture_validation() -> None:
     with pytest.raises(ConfigError, match="uid"):
         Capture("ok", net, 1, uid=-1)
     Capture("Work_2-b", net, 1, dns_port=2, uid=0)
+
+
+@pytest.mark.parametrize(
+    ("text", "warning"),
+    [
+        ("10.81.0.1/24", "subnet '10.81.0.1/24': host bits set: means 10.81.0.0/24"),
+        ("10.81.0.1/24:443", "subnet '10.81.0.1/24:443': host bits set: means 10.81.0.0/24"),
+        ("[fd00::1/64]:443", "subnet '[fd00::1/64]:443': host bits set: means fd00::/64"),
+        ("10.81.0.0/24", None),
+        ("10.81.0.1", None),
+        ("10/8", None),
+        ("0/0", None),
+        ("host.example:22", None),
+    ],
+)
+def test_host_bits_past_the_prefix_are_a_warning_naming_the_network_meant(
+    text: str, warning: str | None
+) -> None:
+    assert host_bits_warning(text) == warning
+    assert parse_subnet(text, resolve=False) is not None  # still accepted

@@ -120,3 +120,14 @@ def test_rpm_version_and_scriptlets() -> None:
 )
 def test_build_scripts_are_executable(path: str) -> None:
     assert (REPO / path).stat().st_mode & 0o111
+
+
+def test_upgrades_check_the_profiles_before_the_restart_and_never_fail_for_them() -> None:
+    postinst = (DEBIAN / "shuttled.postinst").read_text()
+    check = '/usr/bin/shuttled check || echo "shuttled: fix the profiles above'
+    assert postinst.index(check) < postinst.index("#DEBHELPER#")  # the restart
+    assert '[ -n "$2" ]' in postinst  # an upgrade: a first install has no profiles yet
+    spec = SPEC.read_text()
+    post = spec[spec.index("\n%post\n") : spec.index("\n%preun\n")]
+    assert '%{_bindir}/shuttled check || echo "shuttled: fix the profiles above' in post
+    assert "[ $1 -gt 1 ]" in post
