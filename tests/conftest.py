@@ -6,10 +6,14 @@
   tool is missing; under ``CI=true`` the same condition fails the test instead.
 - ``lab``: a module-scoped namespace lab (tests/lab), always torn down.
 - ``lab_factory``: build extra labs inside one test; all closed at the test's end.
+- Every test gets the root logger back as it found it: a test that runs a command's
+  ``main()`` installs a handler on the stream pytest captured for it, which is closed
+  by the next test.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if INTEGRATION_DIR in Path(str(item.path)).parents:
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(autouse=True)
+def _root_logger_restored() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(name="require_root_tools")
