@@ -2,8 +2,8 @@
 ssh sessions come and go underneath with backoff.
 
 States: down -> connecting -> up -> reconnecting -> up ... ; failed when an
-error cannot heal by retrying (bad local user, firewall refused the rules).
-While reconnecting the rules stay in place and the proxy resets new
+error cannot heal by retrying (bad local user, firewall refused the rules, an
+untrusted host key, keys the server refuses: tunnel.ssh.refusal). While reconnecting the rules stay in place and the proxy resets new
 connections, so traffic to the subnets fails closed instead of leaking.
 """
 
@@ -39,7 +39,13 @@ from shuttled.control.schema import (
 from shuttled.dns.forwarder import DnsForwarder, DnsPeers
 from shuttled.dns.resolvconf import parse_resolv_conf
 from shuttled.dns.resolver import DnsCapture, DnsPlan, ProfileResolver
-from shuttled.errors import FirewallError, ShuttledError, UsageError
+from shuttled.errors import (
+    FirewallError,
+    ShuttledError,
+    SshFailure,
+    SshRefusedError,
+    UsageError,
+)
 from shuttled.firewall import policy
 from shuttled.firewall.base import Backend, Capture
 from shuttled.firewall.tproxy import router_rules
@@ -97,6 +103,13 @@ class TunnelSpec:
     streams: int = 1  # ssh connections; new app connections go to the least busy
     router: RouterSettings = field(default_factory=RouterSettings)  # LAN, UDP, kill switch
     limits: ConnLimits = field(default_factory=ConnLimits)  # captured: in all, per user
+    # What a person does about each failure no retry heals, e.g. the trust command.
+    remedies: tuple[tuple[SshFailure, str], ...] = ()
+
+    def refused(self, exc: SshRefusedError) -> str:
+        """The one line `up` and `status` show: what failed, then how to fix it."""
+        remedy = dict(self.remedies).get(exc.failure)
+        return f"{exc}: {remedy}" if remedy else str(exc)
 
     def dns_plan(self) -> DnsPlan | None:
         """How this tunnel does DNS; None when it does none."""
@@ -443,6 +456,9 @@ class Tunnel:
         except (FirewallError, UsageError) as exc:
             await session.stop()
             return str(exc), True
+        except SshRefusedError as exc:  # a host key, a refused key: retrying cannot help
+            await session.stop()
+            return self.spec.refused(exc), True
         except ShuttledError as exc:
             await session.stop()
             return str(exc), False

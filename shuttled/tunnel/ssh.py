@@ -17,6 +17,7 @@ import ipaddress
 import logging
 import os
 import pwd
+import re
 import shlex
 import shutil
 import signal
@@ -26,13 +27,13 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypedDict
 
 from shuttled import const
-from shuttled.errors import SshError
+from shuttled.errors import SshError, SshFailure, SshRefusedError
 from shuttled.net import communicate
 from shuttled.tunnel.nodelay import (
     FD_RELAY,
@@ -59,6 +60,13 @@ _ACL_HEADER = struct.Struct("<I")
 _ACL_ENTRY = struct.Struct("<HHI")
 _ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER = 0x01, 0x02, 0x04, 0x10, 0x20
 _ACL_UNDEFINED_ID = 0xFFFFFFFF
+# What ssh prints when it gives up for good (sshconnect.c, sshconnect2.c, ssh.c);
+# a jump host's ssh shares the stderr, so its lines are among them.
+_HOST_KEY_UNKNOWN = re.compile(r"No \S+ host key is known for (\S+) and")
+_HOST_KEY_CHANGED = re.compile(r"Host key for (\S+) has changed")
+_HOST_KEY_FAILED = "Host key verification failed"
+_IDENTITY_MISSING = re.compile(r"Identity file (.+) not accessible: ([^.]+)")
+_AUTH_DENIED = re.compile(r"Permission denied \(([^)]*)\)|Too many authentication failures")
 
 
 @dataclass(frozen=True)
@@ -190,6 +198,19 @@ def user_fs(user: LocalUser | None) -> contextlib.AbstractContextManager[None]:
     return fs_identity(user.uid, user.gid) if user is not None else contextlib.nullcontext()
 
 
+def unreadable(path: str, user: LocalUser | None) -> str | None:
+    """Why `user` (root: None) cannot read the file at `path`, or None when it can.
+    Checked as that user (fs_identity): root's view would hide a 0600 key or a
+    0700 ~/.ssh, and the service has no CAP_DAC_OVERRIDE anyway."""
+    try:
+        with user_fs(user):
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        return f"cannot read {path}: {(exc.strerror or str(exc)).lower()}"
+    os.close(fd)
+    return None
+
+
 def helper_python(user: LocalUser | None) -> str | None:
     """A python the profile's user may run, for our one-liners run as that user
     (the descriptor relay, signals); ours unless it is out of their reach."""
@@ -258,6 +279,32 @@ async def ssh_config(target: SshTarget) -> dict[str, str]:
         key, _, value = line.partition(" ")
         options.setdefault(key.lower(), value)
     return options
+
+
+def refusal(lines: Iterable[str], remote: str) -> SshRefusedError | None:
+    """The error of an ssh that exited for a reason no retry heals, from its
+    stderr; None for the rest (network errors, a server going away): those retry."""
+    lines = list(lines)
+    for line in lines:
+        if found := _HOST_KEY_UNKNOWN.search(line):
+            return SshRefusedError(SshFailure.HOST_KEY, f"host key for {found[1]} is not known")
+        if found := _HOST_KEY_CHANGED.search(line):
+            return SshRefusedError(
+                SshFailure.HOST_KEY, f"host key for {found[1]} has changed since it was trusted"
+            )
+    if any(_HOST_KEY_FAILED in line for line in lines):
+        # BatchMode says no more than this of an unknown key (its own, or a jump host's).
+        return SshRefusedError(SshFailure.HOST_KEY, f"host key for {remote} is not known")
+    denied = next((m for line in lines if (m := _AUTH_DENIED.search(line))), None)
+    if denied is None:
+        return None
+    # A missing key is only a warning to ssh; it matters once nothing else worked.
+    for line in lines:
+        if found := _IDENTITY_MISSING.search(line):
+            return SshRefusedError(
+                SshFailure.IDENTITY, f"identity file {found[1]}: {found[2].lower()}"
+            )
+    return SshRefusedError(SshFailure.AUTH, f"{remote} refused the keys ({denied[0]})")
 
 
 def _last_line(data: bytes) -> str:
@@ -469,6 +516,8 @@ class SshMaster:
             if self.proc.returncode is not None:
                 if self._reader is not None:
                     await asyncio.wait([self._reader], timeout=1)
+                if refused := refusal(self._output.lines, self.target.remote):
+                    raise refused
                 raise SshError(
                     f"ssh to {self.target.remote} exited with status "
                     f"{self.proc.returncode}: {self.last_error()}"
