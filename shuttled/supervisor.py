@@ -3,8 +3,9 @@ ssh sessions come and go underneath with backoff.
 
 States: down -> connecting -> up -> reconnecting -> up ... ; failed when an
 error cannot heal by retrying (bad local user, firewall refused the rules, an
-untrusted host key, keys the server refuses: tunnel.ssh.refusal). While reconnecting the rules stay in place and the proxy resets new
-connections, so traffic to the subnets fails closed instead of leaking.
+untrusted host key, keys the server refuses: tunnel.ssh.refusal). While
+reconnecting the rules stay in place and the proxy resets new connections, so
+traffic to the subnets fails closed instead of leaking.
 """
 
 from __future__ import annotations
@@ -385,6 +386,9 @@ class Tunnel:
     def up(self) -> None:
         if not self.running:
             current_profile.set(self.spec.name)
+            # Now, not when the task first runs: an `up` waiting right after this must
+            # not read a previous attempt's `failed` as this attempt's result.
+            self._set(State.CONNECTING)
             self._task = asyncio.create_task(self._supervise(), name=f"tunnel {self.spec.name}")
 
     async def wait_settled(self) -> State:
@@ -412,7 +416,6 @@ class Tunnel:
 
     async def _supervise(self) -> None:
         backoff = BACKOFF_MIN
-        self._set(State.CONNECTING)
         try:
             await self.proxy.start(self.spec.port)
             await self.router.start()

@@ -307,6 +307,51 @@ def refusal(lines: Iterable[str], remote: str) -> SshRefusedError | None:
     return SshRefusedError(SshFailure.AUTH, f"{remote} refused the keys ({denied[0]})")
 
 
+async def learn_host_keys(target: SshTarget, directory: str) -> tuple[list[str], str]:
+    """The server's host key as the target's own ssh receives it (port, jump host,
+    HostKeyAlias, its user's config), as known_hosts lines naming the host the way
+    that ssh looks it up; and ssh's last stderr line. ssh-keyscan cannot go through
+    a ProxyJump: ssh itself does the key exchange and records the key in a scratch
+    file in `directory` (accept-new), whether or not it then logs in. A jump host's
+    own key is checked as always (its ssh does not get our -o options)."""
+    scratch = os.path.join(directory, "known_hosts")
+    ours = {
+        "StrictHostKeyChecking": "accept-new",
+        "UserKnownHostsFile": scratch,
+        "GlobalKnownHostsFile": "/dev/null",
+        "KnownHostsCommand": "none",
+        "HashKnownHosts": "no",
+        "CheckHostIP": "no",
+        "UpdateHostKeys": "no",
+        "ControlMaster": "no",
+        "ControlPath": "none",
+        "BatchMode": "yes",
+    }
+    # ssh keeps the first value it sees: ours go before the profile's.
+    argv = [*target.ssh_command, *(f"-o{k}={v}" for k, v in ours.items())]
+    argv += [f"-o{option}" for option in target.options]
+    argv.append(f"-oConnectTimeout={const.SERVER_CONNECT_TIMEOUT:.0f}")  # unless it has one
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        target.remote,
+        "true",  # should it log in after all: nothing but this runs there
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env=_child_env(target.user),
+        start_new_session=True,
+        **_spawn_kwargs(target.user),
+    )
+    try:
+        _, err = await communicate(proc, const.MASTER_START_TIMEOUT)
+    except TimeoutError:
+        err = b"no answer in time"
+    with user_fs(target.user), contextlib.suppress(FileNotFoundError):
+        lines = Path(scratch).read_text().splitlines()
+        return [x for x in lines if x.strip() and not x.startswith("#")], _last_line(err)
+    return [], _last_line(err)
+
+
 def _last_line(data: bytes) -> str:
     lines = [x for x in data.decode(errors="replace").splitlines() if x.strip()]
     return lines[-1] if lines else "no output"
