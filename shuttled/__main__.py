@@ -91,6 +91,11 @@ def _dispatch(argv: Sequence[str]) -> int:
         from shuttled.install import install_service
 
         return install_service(args.root.absolute(), args.uninstall)
+    if args.command == "trust":
+        from shuttled.trust import trust
+
+        _need_root("trust")  # the daemon's config and its root profiles' known_hosts
+        return trust(args.config_dir, args.profile, args.yes)
     from shuttled.daemon import main as daemon_main
 
     _need_root("daemon")

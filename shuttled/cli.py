@@ -137,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
         "from the state directory (at boot, before the network)",
     )
     _add_install_service(sub)
+    trust = sub.add_parser(
+        "trust",
+        help="fetch a profile's server host key through its own ssh settings, show its "
+        "fingerprint and, once confirmed, add it to the known_hosts that profile's ssh reads",
+    )
+    trust.add_argument("profile", metavar="PROFILE", help="a profile of --config-dir")
+    trust.add_argument("-y", "--yes", action="store_true", help="write without asking")
     return parser
 
 

@@ -34,7 +34,7 @@ import yaml
 
 from shuttled import const
 from shuttled.const import Forward
-from shuttled.errors import ConfigError
+from shuttled.errors import ConfigError, SshError, SshFailure
 from shuttled.net import (
     Subnet,
     gid_of,
@@ -44,7 +44,7 @@ from shuttled.net import (
     valid_host_name,
     valid_profile_name,
 )
-from shuttled.tunnel.ssh import LocalUser, SshTarget
+from shuttled.tunnel.ssh import LocalUser, SshTarget, unreadable
 
 log = logging.getLogger(__name__)
 
@@ -563,6 +563,30 @@ class Profile:
         user = LocalUser.from_name(self.user) if self.user is not None else None
         return SshTarget(self.remote, tuple(command), tuple(options), user=user, batch=True)
 
+    def remedies(self) -> tuple[tuple[SshFailure, str], ...]:
+        """The command that fixes each failure no retry heals, for this profile."""
+        where = "" if self.config_dir == const.CONFIG_DIR else f" --config-dir {self.config_dir}"
+        key = self.identity or self._root_key()
+        install = (
+            f"add {key}.pub to the server's authorized_keys (`ssh-copy-id -i {key} {self.remote}`)"
+            if key
+            else f"give the profile an identity, or put a key in {self.config_dir / ROOT_SSH_DIR}"
+            if self.user is None
+            else f"add {self.user}'s public key to the server's authorized_keys (ssh-copy-id)"
+        )
+        return (
+            (SshFailure.HOST_KEY, f"run `sudo shuttled{where} trust {self.name}`"),
+            (SshFailure.AUTH, install),
+            (SshFailure.IDENTITY, f"fix {self.name}.identity, then `shuttlectl reload`"),
+        )
+
+    def _root_key(self) -> str | None:
+        """The key a root profile's ssh tries first (see _root_options); None if none."""
+        if self.user is not None:
+            return None
+        keys = (self.config_dir / ROOT_SSH_DIR / name for name in ROOT_KEY_NAMES)
+        return next((str(k) for k in keys if k.is_file()), None)
+
     def _root_options(self) -> list[str]:
         """Root's home may be hidden from the service (ProtectHome): keys live with the config."""
         ssh_dir = self.config_dir / ROOT_SSH_DIR
@@ -1035,7 +1059,28 @@ def _profile(ctx: _Ctx, name: str, body: Any) -> Profile:
     )
     if not (profile.subnets or profile.auto_nets or profile.dns.enabled):
         ctx.fail("nothing to capture: give subnets, auto_nets: true or dns")
+    if profile.identity is not None and (problem := _identity_problem(profile)):
+        ctx.key(body, "identity").fail(problem)
     return profile
+
+
+def _identity_problem(profile: Profile) -> str | None:
+    """Why the profile's ssh cannot read its identity file; None when it can, or when
+    that cannot be known yet (a user still to be created, ssh's %-tokens). ssh
+    itself only warns and tries other keys, then fails with "Permission denied"."""
+    assert profile.identity is not None
+    try:
+        user = LocalUser.from_name(profile.user) if profile.user is not None else None
+    except SshError:
+        return None  # already a warning: no such user yet
+    path = profile.identity
+    if "%" in path:
+        return None
+    if path == "~" or path.startswith("~/"):  # ssh's ~ is its user's home
+        path = (user.home if user else str(Path.home())) + path[1:]
+    elif path.startswith("~"):
+        path = str(Path(path).expanduser())
+    return unreadable(path, user)
 
 
 def _profile_values(ctx: _Ctx, body: Mapping[Any, Any], problems: list[_Problem]) -> dict[str, Any]:

@@ -77,6 +77,7 @@ def spec_for(profile: Profile) -> TunnelSpec:
         streams=profile.streams,
         router=router_settings(profile),
         limits=ConnLimits(profile.max_connections, profile.max_connections_per_user),
+        remedies=profile.remedies(),
     )
 
 

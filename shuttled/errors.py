@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import enum
+
 from shuttled.const import DBUS_NAME, ExitCode
 
 
@@ -57,6 +59,22 @@ class SshError(ShuttledError):
     """The ssh master could not start or its control socket misbehaved."""
 
     code = "ssh"
+
+
+class SshFailure(enum.StrEnum):
+    """Why ssh gave up in a way no retry can heal: each needs a person to act."""
+
+    HOST_KEY = "host_key"  # unknown or changed: `shuttled trust`
+    AUTH = "auth"  # the server refused every key
+    IDENTITY = "identity"  # the profile's key file is missing or unreadable
+
+
+class SshRefusedError(SshError):
+    """ssh exited for a reason that retrying cannot fix (see SshFailure)."""
+
+    def __init__(self, failure: SshFailure, message: str) -> None:
+        super().__init__(message)
+        self.failure = failure
 
 
 class ProtocolError(ShuttledError):

@@ -2,9 +2,10 @@
 ssh sessions come and go underneath with backoff.
 
 States: down -> connecting -> up -> reconnecting -> up ... ; failed when an
-error cannot heal by retrying (bad local user, firewall refused the rules).
-While reconnecting the rules stay in place and the proxy resets new
-connections, so traffic to the subnets fails closed instead of leaking.
+error cannot heal by retrying (bad local user, firewall refused the rules, an
+untrusted host key, keys the server refuses: tunnel.ssh.refusal). While
+reconnecting the rules stay in place and the proxy resets new connections, so
+traffic to the subnets fails closed instead of leaking.
 """
 
 from __future__ import annotations
@@ -39,7 +40,13 @@ from shuttled.control.schema import (
 from shuttled.dns.forwarder import DnsForwarder, DnsPeers
 from shuttled.dns.resolvconf import parse_resolv_conf
 from shuttled.dns.resolver import DnsCapture, DnsPlan, ProfileResolver
-from shuttled.errors import FirewallError, ShuttledError, UsageError
+from shuttled.errors import (
+    FirewallError,
+    ShuttledError,
+    SshFailure,
+    SshRefusedError,
+    UsageError,
+)
 from shuttled.firewall import policy
 from shuttled.firewall.base import Backend, Capture
 from shuttled.firewall.tproxy import router_rules
@@ -97,6 +104,13 @@ class TunnelSpec:
     streams: int = 1  # ssh connections; new app connections go to the least busy
     router: RouterSettings = field(default_factory=RouterSettings)  # LAN, UDP, kill switch
     limits: ConnLimits = field(default_factory=ConnLimits)  # captured: in all, per user
+    # What a person does about each failure no retry heals, e.g. the trust command.
+    remedies: tuple[tuple[SshFailure, str], ...] = ()
+
+    def refused(self, exc: SshRefusedError) -> str:
+        """The one line `up` and `status` show: what failed, then how to fix it."""
+        remedy = dict(self.remedies).get(exc.failure)
+        return f"{exc}: {remedy}" if remedy else str(exc)
 
     def dns_plan(self) -> DnsPlan | None:
         """How this tunnel does DNS; None when it does none."""
@@ -372,6 +386,9 @@ class Tunnel:
     def up(self) -> None:
         if not self.running:
             current_profile.set(self.spec.name)
+            # Now, not when the task first runs: an `up` waiting right after this must
+            # not read a previous attempt's `failed` as this attempt's result.
+            self._set(State.CONNECTING)
             self._task = asyncio.create_task(self._supervise(), name=f"tunnel {self.spec.name}")
 
     async def wait_settled(self) -> State:
@@ -399,7 +416,6 @@ class Tunnel:
 
     async def _supervise(self) -> None:
         backoff = BACKOFF_MIN
-        self._set(State.CONNECTING)
         try:
             await self.proxy.start(self.spec.port)
             await self.router.start()
@@ -444,6 +460,9 @@ class Tunnel:
         except (FirewallError, UsageError) as exc:
             await session.stop()
             return str(exc), True
+        except SshRefusedError as exc:  # a host key, a refused key: retrying cannot help
+            await session.stop()
+            return self.spec.refused(exc), True
         except ShuttledError as exc:
             await session.stop()
             return str(exc), False

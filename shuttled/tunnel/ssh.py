@@ -27,13 +27,13 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypedDict
 
 from shuttled import const
-from shuttled.errors import SshError
+from shuttled.errors import SshError, SshFailure, SshRefusedError
 from shuttled.net import communicate
 from shuttled.tunnel.nodelay import (
     FD_RELAY,
@@ -63,6 +63,13 @@ _ACL_HEADER = struct.Struct("<I")
 _ACL_ENTRY = struct.Struct("<HHI")
 _ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER = 0x01, 0x02, 0x04, 0x10, 0x20
 _ACL_UNDEFINED_ID = 0xFFFFFFFF
+# What ssh prints when it gives up for good (sshconnect.c, sshconnect2.c, ssh.c);
+# a jump host's ssh shares the stderr, so its lines are among them.
+_HOST_KEY_UNKNOWN = re.compile(r"No \S+ host key is known for (\S+) and")
+_HOST_KEY_CHANGED = re.compile(r"Host key for (\S+) has changed")
+_HOST_KEY_FAILED = "Host key verification failed"
+_IDENTITY_MISSING = re.compile(r"Identity file (.+) not accessible: ([^.]+)")
+_AUTH_DENIED = re.compile(r"Permission denied \(([^)]*)\)|Too many authentication failures")
 
 
 @dataclass(frozen=True)
@@ -194,6 +201,19 @@ def user_fs(user: LocalUser | None) -> contextlib.AbstractContextManager[None]:
     return fs_identity(user.uid, user.gid) if user is not None else contextlib.nullcontext()
 
 
+def unreadable(path: str, user: LocalUser | None) -> str | None:
+    """Why `user` (root: None) cannot read the file at `path`, or None when it can.
+    Checked as that user (fs_identity): root's view would hide a 0600 key or a
+    0700 ~/.ssh, and the service has no CAP_DAC_OVERRIDE anyway."""
+    try:
+        with user_fs(user):
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        return f"cannot read {path}: {(exc.strerror or str(exc)).lower()}"
+    os.close(fd)
+    return None
+
+
 def helper_python(user: LocalUser | None) -> str | None:
     """A python the profile's user may run, for our one-liners run as that user
     (the descriptor relay, signals); ours unless it is out of their reach."""
@@ -262,6 +282,77 @@ async def ssh_config(target: SshTarget) -> dict[str, str]:
         key, _, value = line.partition(" ")
         options.setdefault(key.lower(), value)
     return options
+
+
+def refusal(lines: Iterable[str], remote: str) -> SshRefusedError | None:
+    """The error of an ssh that exited for a reason no retry heals, from its
+    stderr; None for the rest (network errors, a server going away): those retry."""
+    lines = list(lines)
+    for line in lines:
+        if found := _HOST_KEY_UNKNOWN.search(line):
+            return SshRefusedError(SshFailure.HOST_KEY, f"host key for {found[1]} is not known")
+        if found := _HOST_KEY_CHANGED.search(line):
+            return SshRefusedError(
+                SshFailure.HOST_KEY, f"host key for {found[1]} has changed since it was trusted"
+            )
+    if any(_HOST_KEY_FAILED in line for line in lines):
+        # BatchMode says no more than this of an unknown key (its own, or a jump host's).
+        return SshRefusedError(SshFailure.HOST_KEY, f"host key for {remote} is not known")
+    denied = next((m for line in lines if (m := _AUTH_DENIED.search(line))), None)
+    if denied is None:
+        return None
+    # A missing key is only a warning to ssh; it matters once nothing else worked.
+    for line in lines:
+        if found := _IDENTITY_MISSING.search(line):
+            return SshRefusedError(
+                SshFailure.IDENTITY, f"identity file {found[1]}: {found[2].lower()}"
+            )
+    return SshRefusedError(SshFailure.AUTH, f"{remote} refused the keys ({denied[0]})")
+
+
+async def learn_host_keys(target: SshTarget, directory: str) -> tuple[list[str], str]:
+    """The server's host key as the target's own ssh receives it (port, jump host,
+    HostKeyAlias, its user's config), as known_hosts lines naming the host the way
+    that ssh looks it up; and ssh's last stderr line. ssh-keyscan cannot go through
+    a ProxyJump: ssh itself does the key exchange and records the key in a scratch
+    file in `directory` (accept-new), whether or not it then logs in. A jump host's
+    own key is checked as always (its ssh does not get our -o options)."""
+    scratch = os.path.join(directory, "known_hosts")
+    ours = {
+        "StrictHostKeyChecking": "accept-new",
+        "UserKnownHostsFile": scratch,
+        "GlobalKnownHostsFile": "/dev/null",
+        "KnownHostsCommand": "none",
+        "HashKnownHosts": "no",
+        "CheckHostIP": "no",
+        "UpdateHostKeys": "no",
+        "ControlMaster": "no",
+        "ControlPath": "none",
+        "BatchMode": "yes",
+    }
+    # ssh keeps the first value it sees: ours go before the profile's.
+    argv = [*target.ssh_command, *(f"-o{k}={v}" for k, v in ours.items())]
+    argv += [f"-o{option}" for option in target.options]
+    argv.append(f"-oConnectTimeout={const.SERVER_CONNECT_TIMEOUT:.0f}")  # unless it has one
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        target.remote,
+        "true",  # should it log in after all: nothing but this runs there
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env=_child_env(target.user),
+        start_new_session=True,
+        **_spawn_kwargs(target.user),
+    )
+    try:
+        _, err = await communicate(proc, const.MASTER_START_TIMEOUT)
+    except TimeoutError:
+        err = b"no answer in time"
+    with user_fs(target.user), contextlib.suppress(FileNotFoundError):
+        lines = Path(scratch).read_text().splitlines()
+        return [x for x in lines if x.strip() and not x.startswith("#")], _last_line(err)
+    return [], _last_line(err)
 
 
 def _last_line(data: bytes) -> str:
@@ -478,6 +569,8 @@ class SshMaster:
             if self.proc.returncode is not None:
                 if self._reader is not None:
                     await asyncio.wait([self._reader], timeout=1)
+                if refused := refusal(self._output.lines, self.target.remote):
+                    raise refused
                 raise SshError(
                     f"ssh to {self.target.remote} exited with status "
                     f"{self.proc.returncode}: {self.last_error()}"

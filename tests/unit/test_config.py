@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,6 +58,18 @@ write = write_config
 errors_of = config_errors
 
 
+@pytest.fixture
+def shared_key() -> Iterator[Path]:
+    """A key file any local user can read (pytest's tmp_path is root's alone)."""
+    directory = Path(tempfile.mkdtemp(prefix="shuttled-key-"))
+    os.chmod(directory, 0o755)
+    key = directory / "id_work"
+    key.write_text("not really a key\n")
+    os.chmod(key, 0o644)
+    yield key
+    shutil.rmtree(directory)
+
+
 def one_error(directory: Path, text: str, name: str = "p.yaml") -> str:
     path = write(directory, name, text)
     errors = errors_of(directory)
@@ -65,11 +81,11 @@ def one_error(directory: Path, text: str, name: str = "p.yaml") -> str:
 # --- loading good profiles ------------------------------------------------------------------
 
 
-def test_every_key_is_parsed_into_typed_values(tmp_path: Path) -> None:
-    path = write(tmp_path, "work.yaml", FULL)
+def test_every_key_is_parsed_into_typed_values(tmp_path: Path, shared_key: Path) -> None:
+    path = write(tmp_path, "work.yaml", FULL.replace("keys/work", str(shared_key)))
     p = load_config(tmp_path).profiles["work"]
     assert p.remote == "alice@bastion.example.com" and p.user == "nobody" and p.port == 2222
-    assert p.identity == str(tmp_path / "keys/work")
+    assert p.identity == str(shared_key)
     assert p.jump == "jump.example.com"
     assert p.ssh_options == (
         ("Compression", "yes"),
@@ -362,18 +378,43 @@ def test_missing_config_dir_is_an_error(tmp_path: Path) -> None:
 # --- profiles: identity, ssh target, equality ---------------------------------------------------
 
 
-def test_identity_is_relative_to_the_config_dir_and_tilde_is_left_to_ssh(tmp_path: Path) -> None:
+def test_identity_is_relative_to_the_config_dir_and_tilde_is_left_to_ssh(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for key in ("k/id", "home/.ssh/id", "abs/id"):
+        write(tmp_path, key, "a key\n")
     write(
         tmp_path,
         "a.yaml",
         "a: {remote: h, auto_nets: true, identity: k/id}\n"
         "b: {remote: h, auto_nets: true, identity: ~/.ssh/id}\n"
-        "c: {remote: h, auto_nets: true, identity: /abs/id}\n",
+        f"c: {{remote: h, auto_nets: true, identity: {tmp_path}/abs/id}}\n",
     )
     profiles = load_config(tmp_path).profiles
     assert profiles["a"].identity == str(tmp_path / "k/id")
     assert profiles["b"].identity == "~/.ssh/id"
-    assert profiles["c"].identity == "/abs/id"
+    assert profiles["c"].identity == f"{tmp_path}/abs/id"
+
+
+def test_a_missing_identity_is_a_config_error_naming_the_file(tmp_path: Path) -> None:
+    error = one_error(tmp_path, "p:\n  remote: h\n  auto_nets: true\n  identity: keys/gone\n")
+    assert error == (
+        f"{tmp_path}/p.yaml:4: p.identity: cannot read {tmp_path}/keys/gone: "
+        "no such file or directory"
+    )
+
+
+def test_an_identity_the_profile_user_cannot_read_is_a_config_error(tmp_path: Path) -> None:
+    """Read as the profile's user: root could read it, the user's ssh could not."""
+    if os.geteuid() != 0:
+        pytest.skip("reading as another user needs root")
+    write(tmp_path, "keys/root-only", "a key\n")
+    os.chmod(tmp_path / "keys/root-only", 0o600)
+    error = one_error(
+        tmp_path, "p: {remote: h, user: nobody, auto_nets: true, identity: keys/root-only}\n"
+    )
+    assert error.endswith(f"p.identity: cannot read {tmp_path}/keys/root-only: permission denied")
 
 
 def test_ssh_target_of_a_user_profile(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "shuttled.__main__",
             "shuttled.cli",
             "shuttled.run",
+            "shuttled.trust",
             "shuttled.manpages",
             "shuttled.install",
         ),

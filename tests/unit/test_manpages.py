@@ -58,7 +58,15 @@ def test_shuttled_page_has_every_command_and_option() -> None:
     page = (MAN / "shuttled.8").read_text()
     parser = shuttled_parser()
     subs = manpages.subcommands(parser)
-    assert set(subs) == {"daemon", "run", "check", "cleanup", "lockdown", "install-service"}
+    assert set(subs) == {
+        "daemon",
+        "run",
+        "check",
+        "cleanup",
+        "lockdown",
+        "install-service",
+        "trust",
+    }
     for name, sub in subs.items():
         assert f".SS {name}\n" in page, name
         for flag in _flags(sub):
