@@ -105,10 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,  # the epilog's lines
         )
     )
-    cleanup = sub.add_parser(
-        "cleanup",
-        help="remove the firewall rules a stopped or crashed "
-        "shuttled left (ExecStopPost; after a crash)",
+    cleanup = _after(
+        sub.add_parser(
+            "cleanup",
+            help="remove the firewall rules a stopped or crashed "
+            "shuttled left (ExecStopPost; after a crash)",
+        ),
+        "--state-dir",
     )
     cleanup.add_argument(
         "--force",
@@ -122,25 +125,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="also lift the kill switch's lockdown (blocking rules kept "
         "for wanted profiles while no daemon runs)",
     )
-    check = sub.add_parser(
-        "check",
-        help="validate the profiles (every file, every error and warning) and touch "
-        "nothing else, like sshd -t; exit 2 on errors",
+    _after(
+        sub.add_parser(
+            "check",
+            help="validate the profiles (every file, every error and warning) and touch "
+            "nothing else, like sshd -t; exit 2 on errors",
+        ),
+        "--config-dir",
     )
-    # SUPPRESS: also accepted after `check`, without hiding one given before it.
-    check.add_argument(
-        "--config-dir", type=Path, default=argparse.SUPPRESS, help=_DAEMON_PATHS[0][2]
-    )
-    sub.add_parser(
-        "lockdown",
-        help="put the kill switch of every wanted profile in place "
-        "from the state directory (at boot, before the network)",
+    _after(
+        sub.add_parser(
+            "lockdown",
+            help="put the kill switch of every wanted profile in place "
+            "from the state directory (at boot, before the network)",
+        ),
+        "--state-dir",
     )
     _add_install_service(sub)
-    trust = sub.add_parser(
-        "trust",
-        help="fetch a profile's server host key through its own ssh settings, show its "
-        "fingerprint and, once confirmed, add it to the known_hosts that profile's ssh reads",
+    trust = _after(
+        sub.add_parser(
+            "trust",
+            help="fetch a profile's server host key through its own ssh settings, show its "
+            "fingerprint and, once confirmed, add it to the known_hosts that profile's "
+            "ssh reads",
+        ),
+        "--config-dir",
     )
     trust.add_argument("profile", metavar="PROFILE", help="a profile of --config-dir")
     trust.add_argument("-y", "--yes", action="store_true", help="write without asking")
@@ -163,10 +172,7 @@ def _add_daemon_options(p: argparse.ArgumentParser, here: bool) -> None:
     """The daemon's options, before `daemon` (`here`: with the defaults) and after it
     (SUPPRESS: a flag not given after `daemon` keeps the value given before it)."""
     keep = argparse.SUPPRESS
-    for flag, default, what in _DAEMON_PATHS:
-        p.add_argument(
-            flag, type=Path, default=default if here else keep, help=f"{what} (default {default})"
-        )
+    _add_paths(p, [flag for flag, _, _ in _DAEMON_PATHS], here)
     p.add_argument(
         "--method",
         choices=METHODS,
@@ -180,6 +186,26 @@ def _add_daemon_options(p: argparse.ArgumentParser, here: bool) -> None:
         default=False if here else keep,
         help="do not export the API on the D-Bus system bus",
     )
+
+
+def _add_paths(p: argparse.ArgumentParser, flags: Sequence[str], here: bool = False) -> None:
+    """The daemon's path options a command reads (`here`: with their defaults; else
+    SUPPRESS, so a flag given before the subcommand is kept)."""
+    for flag, default, what in _DAEMON_PATHS:
+        if flag in flags:
+            p.add_argument(
+                flag,
+                type=Path,
+                default=default if here else argparse.SUPPRESS,
+                help=f"{what} (default {default})",
+            )
+
+
+def _after(p: argparse.ArgumentParser, *paths: str) -> argparse.ArgumentParser:
+    """A subcommand that also takes -v/-q and its daemon paths after its name."""
+    _add_verbosity(p)
+    _add_paths(p, paths)
+    return p
 
 
 def _add_verbosity(p: argparse._ActionsContainer) -> None:

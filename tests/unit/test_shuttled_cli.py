@@ -39,6 +39,24 @@ def test_daemon_options_go_before_or_after_daemon(argv: list[str]) -> None:
     assert (args.method, args.no_dbus, args.verbose) == ("nft", True, 1)
 
 
+@pytest.mark.parametrize(
+    ("command", "flag", "attribute"),
+    [
+        (["cleanup"], "--state-dir", "state_dir"),
+        (["lockdown"], "--state-dir", "state_dir"),
+        (["check"], "--config-dir", "config_dir"),
+        (["trust", "work"], "--config-dir", "config_dir"),
+    ],
+)
+def test_the_paths_a_command_reads_go_before_or_after_it(
+    command: list[str], flag: str, attribute: str
+) -> None:
+    after = parse([*command, flag, "/after", "-v"])
+    before = parse([flag, "/before", *command])
+    assert (getattr(after, attribute), after.verbose) == (Path("/after"), 1)
+    assert getattr(before, attribute) == Path("/before")
+
+
 def test_daemon_options_not_given_keep_their_defaults() -> None:
     args = parse(["daemon"])
     assert (args.config_dir, args.socket, args.method, args.no_dbus) == (
