@@ -126,6 +126,22 @@ def wait_until(
         time.sleep(0.05)
 
 
+def settled(lab: Lab, proc: subprocess.Popen[bytes]) -> dict[str, str]:
+    """The kernel once the run has put all of its rules in (two looks 0.5 s apart agree):
+    a holding run goes on applying after its first reject rule shows, and a SIGKILL in
+    between would catch it mid-way."""
+    deadline = time.monotonic() + RULES_IN_TIMEOUT
+    last = kernel(lab)
+    while True:
+        time.sleep(0.5)
+        now = kernel(lab)
+        if uncounted(now) == uncounted(last):
+            return now
+        assert proc.poll() is None, "the run ended while putting its rules in"
+        assert time.monotonic() < deadline, f"rules still changing after {RULES_IN_TIMEOUT} s"
+        last = now
+
+
 RULE_SETS = ("capture", "router", "held")
 MARKS = {"capture": "-j REDIRECT", "router": "-j TPROXY", "held": "-j REJECT"}
 
@@ -161,7 +177,7 @@ def test_cleanup_after_sigkill_restores_the_kernel(
     try:
         with killed_run(rlab, run_args(rlab, rule_set), path, name) as proc:
             wait_until(rule_set, ready(rlab, rule_set, variant, name), proc, name)
-            during = kernel(rlab)
+            during = settled(rlab, proc)
             assert records(proc.pid), "no record of the tables before the run's rules"
         assert during != before
         ours = during["iptables-save" if variant == "nft" else "iptables-legacy-save"]
