@@ -142,6 +142,17 @@ def settled(lab: Lab, proc: subprocess.Popen[bytes]) -> dict[str, str]:
         last = now
 
 
+def run_cleanup(lab: Lab, path: str) -> subprocess.CompletedProcess[str]:
+    """`shuttled cleanup` in cli with this variant's tools first on the PATH."""
+    return lab.run(
+        "cli",
+        [sys.executable, "-m", "shuttled", "cleanup"],
+        env={**os.environ, "PATH": path},
+        cwd=str(REPO_ROOT),
+        check=False,
+    )
+
+
 RULE_SETS = ("capture", "router", "held")
 MARKS = {"capture": "-j REDIRECT", "router": "-j TPROXY", "held": "-j REJECT"}
 
@@ -184,16 +195,11 @@ def test_cleanup_after_sigkill_restores_the_kernel(
         assert f"SHUTTLED_run_{proc.pid}" in ours, during  # in the variant we meant
         assert MARKS[rule_set] in ours, during
         assert uncounted(kernel(rlab)) == uncounted(during)  # SIGKILL: nothing tidied up
-        cleanup = rlab.run(
-            "cli",
-            [sys.executable, "-m", "shuttled", "cleanup"],
-            env={**os.environ, "PATH": path},
-            cwd=str(REPO_ROOT),
-            check=False,
-        )
+        cleanup = run_cleanup(rlab, path)
         assert cleanup.returncode == 0, cleanup.stderr
         assert f"iptables shuttled_run_{proc.pid}" in cleanup.stdout + cleanup.stderr
         assert kernel(rlab) == before
         assert not records(proc.pid)
     finally:
         block_ssh(rlab, False)
+        run_cleanup(rlab, path)  # after a failed assertion too: the next case starts clean
