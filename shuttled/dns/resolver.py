@@ -37,13 +37,12 @@ from shuttled.dns.resolved import DnsLink, Resolved, ResolvedError, create_link,
 from shuttled.dns.routing import HostsTable, SplitRoutes
 from shuttled.dns.upstream import Opener
 from shuttled.errors import ShuttledError, UsageError
+from shuttled.net import IPAddress, IPNetwork
 from shuttled.tunnel.faults import Faults
 
 log = logging.getLogger(__name__)
 
 RESOLV_CONF = Path("/etc/resolv.conf")
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Nameservers = Callable[[], Awaitable[list[str]]]
 
 

@@ -27,9 +27,7 @@ from shuttled.dns.wire import (
     parse_header,
     read_questions,
 )
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+from shuttled.net import IPAddress, IPNetwork
 
 TYPE_A = 1
 TYPE_PTR = 12
