@@ -49,6 +49,38 @@ NFT_HOLD_PRIORITY = -110
 # iptables-nft's nat (-100): only what the tunnel does not carry meets them.
 NFT_LOCKDOWN_PRIORITY = -90
 
+# --- true connect(): the first SYN waits for the remote's answer (tunnel/connect.py) --
+# Queue numbers a capture's SYN rule may use (`queue num N bypass`): the first one
+# free in this range is bound by each profile's proxy.
+SYN_QUEUE_FIRST = 5318
+SYN_QUEUE_COUNT = 256
+# A held SYN refused by the remote is run through our chain again carrying one of
+# these marks (NF_REPEAT), and the chain's reject rules answer the app: a reset,
+# or an ICMP host / network unreachable. Matched under CONNECT_MARK_MASK, which
+# leaves out TPROXY_MARK (set on the way by iptables' TPROXY in router mode).
+CONNECT_MARK_REFUSED = 0x53480C01
+CONNECT_MARK_HOST_UNREACHABLE = 0x53480C02
+CONNECT_MARK_NET_UNREACHABLE = 0x53480C03
+CONNECT_MARK_MASK = 0xFFFFFFFF & ~TPROXY_MARK
+# The kernel's default SYN retries (tcp_syn_retries 6) give up after 127 s: sshd's
+# own connect reports a timeout first; past this the held SYN is dropped anyway.
+CONNECT_HOLD_MAX = 135.0
+# A channel confirmed for a SYN we let through waits this long for its connection
+# to be accepted; the app gave up meanwhile when it is not (closed, counted).
+CONNECT_ACCEPT_WAIT = 10.0
+# A SYN whose open timed out is dropped, not opened again, when the app sends it
+# again within this many seconds (its own SYN retries), for at most this many tuples.
+CONNECT_TIMED_OUT_MEMORY = 130.0
+CONNECT_TIMED_OUT_ENTRIES = 16384
+
+
+class ConnectMode(enum.StrEnum):
+    """When the app's connect() returns (profile key `connect:`, `--connect`)."""
+
+    REMOTE = "remote"  # after the remote answered: refused, unreachable, timed out
+    FAST = "fast"  # at once, locally; a failed open resets the connection after
+
+
 # --- ssh and the channel layer ----------------------------------------------------
 SSH_BIN = "ssh"
 MUX_HELLO_TIMEOUT = 10.0

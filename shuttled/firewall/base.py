@@ -74,6 +74,11 @@ class Capture:
     # The lockdown table's form of a held capture (shuttled.firewall.lockdown): it only
     # refuses, after our redirect, so nothing goes to a listener and no TPROXY is used.
     lockdown: bool = False
+    # True connect(): the first SYN of each connection to the redirected subnets goes
+    # to this NFQUEUE (with bypass) and waits there for the remote's answer; a SYN
+    # that comes back with a const.CONNECT_MARK_* mark is answered by a reject rule.
+    # None: connect() succeeds locally at once (ConnectMode.FAST, or held).
+    syn_queue: int | None = None
 
     def __post_init__(self) -> None:
         for what, port in (("udp_port", self.udp_port), ("lan_dns_port", self.lan_dns_port)):
@@ -248,6 +253,12 @@ class Backend(abc.ABC):
     def snapshot(self) -> str:
         """Our own rules as the kernel lists them now ("" when there are none)."""
         return ""
+
+    @classmethod
+    def syn_queue_unsupported(cls) -> str | None:
+        """None when this backend can hold SYNs in an NFQUEUE here (true connect());
+        else one line saying why not, for `status`."""
+        return f"the {cls.name} backend cannot queue packets"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.table!r})"
