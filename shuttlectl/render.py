@@ -14,6 +14,7 @@ from typing import TypeGuard
 
 from shuttled.control.schema import (
     ConnectionRow,
+    ConnectStats,
     Event,
     OtherEvent,
     ProfileRow,
@@ -146,6 +147,7 @@ def status_detail(profile: ProfileStatus) -> str:
     """What a single-profile status adds below its table row."""
     pairs = [
         ("mode", text(profile.get("mode"))),
+        ("connect", text(profile.get("connect"))),
         ("subnets", subnets(profile)),
         ("health check", milliseconds(profile.get("rtt")).replace(NONE, "none yet")),
     ]
@@ -174,6 +176,7 @@ _STATS_DONE = {
     "aborted",
     "tcp_rtt",
     "tcp_retrans",
+    "connect",
 }
 
 
@@ -210,6 +213,7 @@ def stats(name: str, s: ProfileStats) -> str:
             else []
         ),
         f"  ssh: {_ssh_process(s)}",
+        *([_connect(connect)] if (connect := s.get("connect")) else []),
     ]
     for key, value in s.items():
         if key == "dns" and isinstance(value, Mapping):
@@ -217,6 +221,17 @@ def stats(name: str, s: ProfileStats) -> str:
         elif key not in _STATS_DONE:
             lines.append(f"  {key.replace('_', ' ')}: {_any(value)}")
     return "\n".join(lines)
+
+
+def _connect(c: ConnectStats) -> str:
+    """How connect() answers, and how the opens it waited for ended."""
+    why = c.get("why")
+    mode = text(c.get("mode")) + (f" ({why})" if why else "")
+    counts = ", ".join(
+        f"{_count(c.get(key))} {key.replace('_', ' ')}"
+        for key in ("pending", "refused", "unreachable", "timed_out", "abandoned", "passed")
+    )
+    return f"  connect: {mode}; {counts}"
 
 
 def _dns(dns: Mapping[str, object]) -> list[str]:
@@ -274,10 +289,11 @@ def connections_table(conns: Sequence[ConnectionRow]) -> str:
             size(c.get("rx")),
             size(c.get("tx")),
             duration(c.get("age")),
+            text(c.get("state")),
         ]
         for c in conns
     ]
-    return table(["PROTO", "SOURCE", "DESTINATION", "RX", "TX", "AGE"], rows)
+    return table(["PROTO", "SOURCE", "DESTINATION", "RX", "TX", "AGE", "STATE"], rows)
 
 
 def reload_summary(result: ReloadResult) -> str:

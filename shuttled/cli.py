@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from shuttled import __version__, const
-from shuttled.const import Forward
+from shuttled.const import ConnectMode, Forward
 from shuttled.errors import ConfigError, UsageError
 from shuttled.net import Subnet, host_bits_warning, parse_subnet, valid_host_name
 from shuttled.router import add_run_arguments as add_router_arguments
@@ -302,6 +302,13 @@ def _add_run_remote(p: argparse._ActionsContainer) -> None:
         "helper; auto uses the helper only where sshd refuses forwarding",
     )
     p.add_argument(
+        "--connect",
+        choices=[m.value for m in ConnectMode],
+        default=ConnectMode.REMOTE.value,
+        help="when the app's connect() returns: once the remote end answered "
+        "(remote: a closed port is refused, as on the real network) or at once (fast)",
+    )
+    p.add_argument(
         "--python",
         metavar="PATH",
         help="python on the remote for the helper (default: python3 and others)",
@@ -542,6 +549,7 @@ def run_spec(args: argparse.Namespace) -> TunnelSpec:
         subnets=_subnets(args),
         reconnect=False,
         forward=Forward(args.forward),
+        connect=ConnectMode(args.connect),
         dns=bool(args.dns or args.ns_hosts or args.dns_domain),
         dns_mode="split" if args.dns_domain else "all",
         dns_domains=_domains(args.dns_domain),

@@ -33,7 +33,7 @@ from typing import Any, NoReturn
 import yaml
 
 from shuttled import const
-from shuttled.const import Forward
+from shuttled.const import ConnectMode, Forward
 from shuttled.errors import ConfigError, SshError, SshFailure
 from shuttled.net import (
     Subnet,
@@ -307,6 +307,10 @@ def _forward(ctx: _Ctx, value: Any) -> Forward:
     return Forward(_choice([f.value for f in Forward])(ctx, value))
 
 
+def _connect(ctx: _Ctx, value: Any) -> ConnectMode:
+    return ConnectMode(_choice([m.value for m in ConnectMode])(ctx, value))
+
+
 def _ssh_option(ctx: _Ctx, key: Any, value: Any) -> tuple[str, str]:
     if not isinstance(key, str) or not _OPTION_RE.fullmatch(key):
         ctx.fail(f"{key!r} is not an ssh option name")
@@ -535,6 +539,7 @@ class Profile:
     udp_idle: float = const.UDP_IDLE
     lan_dns: str = "box"  # box: DNS the LAN sends to this host; all: every port-53 packet
     forward: Forward = Forward.AUTO
+    connect: ConnectMode = ConnectMode.REMOTE
     python: str | None = None
     keepalive: float = const.KEEPALIVE_INTERVAL
     streams: int = 1
@@ -765,6 +770,15 @@ PROFILE_KEYS: Mapping[str, KeySpec] = MappingProxyType(
                 "who opens the remote connections: sshd "
                 "(direct), the uploaded python helper, or sshd with the helper as fallback (auto)",
                 _forward,
+            ),
+            _spec(
+                "connect",
+                "remote | fast",
+                "when the app's connect() returns: once the remote end answered, so a "
+                "closed port is refused and an unreachable host unreachable (remote; Linux "
+                "with nfnetlink_queue), or at once, with a reset after when the remote "
+                "refuses (fast)",
+                _connect,
             ),
             _spec(
                 "python",

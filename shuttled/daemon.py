@@ -25,6 +25,7 @@ from shuttled.control.protocol import PROTOCOL_VERSION
 from shuttled.control.schema import (
     INVALID,
     ConnectionRow,
+    ConnectStats,
     DoctorReport,
     Event,
     ProfileRow,
@@ -65,6 +66,7 @@ def spec_for(profile: Profile) -> TunnelSpec:
         target=profile.ssh_target(),
         subnets=profile.networks(),
         forward=profile.forward,
+        connect=profile.connect,
         dns=profile.dns.enabled,
         dns_mode=profile.dns.mode if profile.dns.enabled else "all",
         dns_domains=profile.dns.domains,
@@ -284,6 +286,7 @@ class Daemon:
             "remote": profile.remote,
             "wanted": name in self.wanted,
             "mode": stats.get("mode"),
+            "connect": _connect_mode(stats.get("connect")),
             "since": tunnel.since if tunnel else None,
             "uptime": stats.get("uptime", 0.0),
             "rx": stats.get("rx", 0),
@@ -312,6 +315,7 @@ class Daemon:
             "remote": self.config.invalid[name].remote,
             "wanted": name in self.wanted,
             "mode": None,
+            "connect": None,
             "since": self.started,
             "uptime": 0.0,
             "rx": 0,
@@ -623,3 +627,11 @@ def main(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
     raise_nofile()  # a proxy needs a descriptor a connection: 1024 is far too few
     return asyncio.run(serve(args))
+
+
+def _connect_mode(connect: ConnectStats | None) -> str | None:
+    """`status`'s connect mode: "remote", or "fast (why)"."""
+    if connect is None:
+        return None
+    why = connect["why"]
+    return connect["mode"] + (f" ({why})" if why else "")

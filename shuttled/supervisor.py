@@ -16,6 +16,7 @@ import contextvars
 import dataclasses
 import difflib
 import enum
+import functools
 import ipaddress
 import logging
 import os
@@ -87,6 +88,7 @@ class TunnelSpec:
     target: SshTarget
     subnets: tuple[Subnet, ...]
     forward: Forward = Forward.AUTO
+    connect: const.ConnectMode = const.ConnectMode.REMOTE
     dns: bool = False
     dns_mode: str = "all"  # with dns: all, or split (names under dns_domains)
     dns_domains: tuple[str, ...] = ()
@@ -315,6 +317,7 @@ class Tunnel:
             addresses=self.spec.listen,
             transparent=self.spec.router.lan is not None,
             limits=self.spec.limits,
+            connect=self.spec.connect,
         )
 
     async def _udp_mux(self) -> ChannelMux:
@@ -417,6 +420,8 @@ class Tunnel:
     async def _supervise(self) -> None:
         backoff = BACKOFF_MIN
         try:
+            if self.proxy.gate.wanted:
+                self.proxy.gate.why = _syn_queue_unsupported(type(self.captures.backend))
             await self.proxy.start(self.spec.port)
             await self.router.start()
         except OSError as exc:
@@ -542,6 +547,7 @@ class Tunnel:
             dns_all=dns.every_server,
             bypass_mark=dns.bypass_mark,
             uid=self.spec.uid,
+            syn_queue=self.proxy.syn_queue,
         )
         capture = await self.router.decorate(capture, self.forwarder)
         if self.captures.captures.get(self.spec.name) != capture:
@@ -658,6 +664,7 @@ class Tunnel:
             "uptime": time.time() - self.up_since if self.up_since else 0.0,
             "rtt": session.rtt if session else None,
             "mode": str(session.mode) if session and session.mode else None,
+            "connect": self.proxy.gate.stats(),
             **(session.stream_stats() if session else StreamStats(streams=0)),
             **(session.link_stats() if session else LinkStats()),
             **_process_stats(session.master_pids() if session else []),
@@ -682,10 +689,18 @@ class Tunnel:
     def connections(self) -> list[ConnectionRow]:
         now = asyncio.get_running_loop().time()
         tcp = [
-            connection_row("tcp", c.src, endpoint_text(c.dst), c.channel, now - c.started)
+            connection_row(
+                "tcp", c.src, endpoint_text(c.dst), c.channel, now - c.started, c.opening
+            )
             for c in self.proxy.connections
         ]
         return tcp + self.router.flows()
+
+
+@functools.cache
+def _syn_queue_unsupported(backend: type[Backend]) -> str | None:
+    """Why this firewall cannot hold SYNs here (asked once: it runs the tool)."""
+    return backend.syn_queue_unsupported()
 
 
 async def _ended_or_worn(session: SshSession) -> str | None:

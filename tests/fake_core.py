@@ -76,6 +76,7 @@ class FakeCore:
         return {
             **self._row(name),
             "mode": "direct" if up else None,
+            "connect": "remote" if up else None,
             "since": 1_700_000_000.0 if up else None,
             "uptime": 7384.0 if up else 0.0,
             "rx": 1288490188 if up else 0,
@@ -135,6 +136,17 @@ class FakeCore:
             "ssh_pid": 321,
             "ssh_cpu": 1.25,
             "ssh_rss": 12 << 20,
+            "connect": {
+                "mode": "remote",
+                "why": None,
+                "pending": 1,
+                "refused": 4,
+                "unreachable": 2,
+                "timed_out": 1,
+                "abandoned": 0,
+                "retransmits": 3,
+                "passed": 0,
+            },
             "dns": {
                 "mode": "all",
                 "path": "firewall",
@@ -161,6 +173,7 @@ class FakeCore:
                 "rx": 2048,
                 "tx": 100,
                 "age": 3.5,
+                "state": "open",
             }
         ]
 

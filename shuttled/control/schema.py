@@ -92,6 +92,9 @@ class ProfileStatus(TypedDict):
     remote: str
     wanted: bool
     mode: str | None  # direct or helper, while connected
+    # When connect() returns: "remote" (after the remote answered), or
+    # "fast (why)"; None while the profile has no tunnel.
+    connect: str | None
     since: float | None  # epoch seconds of the last state change
     uptime: float  # seconds up; 0 when not up
     rx: int
@@ -173,6 +176,20 @@ class RouterStats(TypedDict, total=False):
     lan_dns: LanDnsCounters  # router mode answering the LAN's DNS
 
 
+class ConnectStats(TypedDict):
+    """True connect(): whether connect() waits for the remote, and how opens ended."""
+
+    mode: str  # "remote" (the SYN waits for the remote's answer) or "fast"
+    why: str | None  # why "fast" when "remote" was asked for
+    pending: int  # SYNs held now, and opened channels waiting for their accept
+    refused: int  # the app got ECONNREFUSED (refused, prohibited, over a limit)
+    unreachable: int  # the app got EHOSTUNREACH / ENETUNREACH
+    timed_out: int  # the SYN was dropped: the app's own connect timeout applies
+    abandoned: int  # channels opened for SYNs that never became connections
+    retransmits: int  # SYN copies dropped while the first one was held
+    passed: int  # connected at accept with no held SYN (queue full, unreadable)
+
+
 class TunnelStats(LimitStats, StreamStats, LinkStats, ProcessStats, RouterStats, total=False):
     """What a profile's tunnel counts (supervisor.Tunnel.stats): all of it, or none."""
 
@@ -187,6 +204,7 @@ class TunnelStats(LimitStats, StreamStats, LinkStats, ProcessStats, RouterStats,
     uptime: float
     rtt: float | None
     mode: str | None
+    connect: ConnectStats
     dns: DnsStats  # when the profile does DNS
 
 
@@ -211,6 +229,7 @@ class ConnectionRow(TypedDict):
     tx: int
     rx: int
     age: float  # seconds
+    state: Literal["open", "opening"]  # opening: its SYN waits for the remote
 
 
 class ReloadResult(TypedDict):

@@ -109,7 +109,9 @@ def attr(kind: int, payload: bytes) -> bytes:
     return head + payload + b"\0" * (_align(len(payload)) - len(payload))
 
 
-def message(msg: int, queue: int, attrs: bytes, *, flags: int = NLM_F_REQUEST, seq: int = 0) -> bytes:
+def message(
+    msg: int, queue: int, attrs: bytes, *, flags: int = NLM_F_REQUEST, seq: int = 0
+) -> bytes:
     """A whole nfnetlink_queue message for queue `queue`."""
     body = _NFGENMSG.pack(socket.AF_UNSPEC, 0, queue) + attrs
     kind = (NFNL_SUBSYS_QUEUE << 8) | msg
@@ -242,7 +244,9 @@ class NfQueue:
     def bind(self, first: int, count: int) -> int:
         """Bind the first free queue number in [first, first+count); that number.
         Raises OSError when the kernel has no nfnetlink_queue or all are taken."""
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
+        sock = socket.socket(
+            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER
+        )
         try:
             sock.bind((0, 0))
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)

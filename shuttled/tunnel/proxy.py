@@ -25,6 +25,7 @@ from shuttled.control.schema import LimitStats
 from shuttled.tunnel import faults, sshmsg
 from shuttled.tunnel.accept import BUDGET, Acceptor, Throttled
 from shuttled.tunnel.channels import Channel, ChannelMux, State
+from shuttled.tunnel.connect import SynGate
 from shuttled.tunnel.faults import Faults, contained
 from shuttled.tunnel.origdst import original_dst
 from shuttled.tunnel.sockdiag import DIAG
@@ -63,7 +64,11 @@ class ConnLimits:
 
 
 class LocalConnection(asyncio.Protocol):
-    """One accepted app connection; the channel's Endpoint.
+    """One app connection; the channel's Endpoint.
+
+    Made at accept (`connect: fast`), or at its first SYN when that SYN waits for
+    the remote (shuttled.tunnel.connect): then the channel is opened before there
+    is any socket, and what the remote sends before the accept waits (`_deferred`).
 
     Its asyncio callbacks run inside the fault boundary (@contained), its channel
     callbacks inside the mux's: an app that resets at any moment ends this
@@ -89,6 +94,19 @@ class LocalConnection(asyncio.Protocol):
         self.started = 0.0
         # What arrived before the channel opened (see data_received); b"" marks EOF.
         self._early: list[bytes] = []
+        self.gate: SynGate | None = None  # set while its SYN is held (true connect())
+        # The channel's events before the socket was accepted: ("data", bytes),
+        # ("eof", b""), ("close", b""); replayed in order at accept.
+        self._deferred: list[tuple[str, bytes]] = []
+
+    @property
+    def key(self) -> tuple[tuple[str, int], tuple[str, int]]:
+        return self.src, self.dst
+
+    @property
+    def opening(self) -> bool:
+        """Not yet accepted: its SYN waits for the remote, or for our listener."""
+        return self.transport is None
 
     # --- asyncio side ---------------------------------------------------------------
 
@@ -97,10 +115,17 @@ class LocalConnection(asyncio.Protocol):
         # A cast, not an isinstance check: uvloop's transports are not subclasses.
         self.transport = cast(asyncio.Transport, transport)
         self.transport.pause_reading()  # nothing to send it to until the channel opens
-        self.started = asyncio.get_running_loop().time()
+        if not self.started:  # a held connection counts from its SYN
+            self.started = asyncio.get_running_loop().time()
         self.proxy.accepted(self)
 
     def open_channel(self, mux: ChannelMux) -> None:
+        """Open this connection's channel (before its socket exists, when held)."""
+        self.channel = mux.open_direct_tcpip(
+            self.dst[0], self.dst[1], self.src[0], self.src[1], self
+        )
+
+    def tune_socket(self) -> None:
         assert self.transport is not None
         self.transport.set_write_buffer_limits(
             high=const.LOCAL_WRITE_HIGH, low=const.LOCAL_WRITE_LOW
@@ -108,9 +133,27 @@ class LocalConnection(asyncio.Protocol):
         sock: socket.socket = self.transport.get_extra_info("socket")
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.channel = mux.open_direct_tcpip(
-            self.dst[0], self.dst[1], self.src[0], self.src[1], self
-        )
+
+    def attach(self) -> None:
+        """The held connection's socket was accepted: replay what the channel did
+        meanwhile, and start reading the app once the channel is open."""
+        deferred, self._deferred = self._deferred, []
+        for event, data in deferred:
+            if event == "data":
+                self.on_data(memoryview(data))
+            elif event == "eof":
+                self.on_eof()
+            else:
+                self.on_close()
+        channel = self.channel
+        if channel is not None and channel.state is State.OPEN and not channel.close_received:
+            self.resume_reading()
+
+    def abandon(self) -> None:
+        """Its SYN never became a connection (the app gave up): close the channel."""
+        self.gate = None
+        self._close_channel()
+        self.proxy.forget(self)
 
     @contained
     def data_received(self, data: bytes) -> None:
@@ -162,6 +205,10 @@ class LocalConnection(asyncio.Protocol):
     # --- channel side (Endpoint) -----------------------------------------------------
 
     def on_open(self, channel: Channel) -> None:
+        if self.transport is None:
+            if self.gate is not None:
+                self.gate.confirmed(self)  # the SYN goes on; attach() follows at accept
+            return
         early, self._early = self._early, []
         for data in early:
             channel.send(data) if data else channel.send_eof()
@@ -179,10 +226,18 @@ class LocalConnection(asyncio.Protocol):
             description,
         )
         self.proxy.open_failed(self, reason)
+        if self.transport is None:  # held: its SYN gets the remote's answer
+            if self.gate is not None:
+                self.gate.failed(self, reason, description)
+            self.proxy.forget(self)
+            return
         self.reset()
 
     def on_data(self, data: memoryview) -> None:
-        assert self.transport is not None and self.channel is not None
+        assert self.channel is not None
+        if self.transport is None:  # not accepted yet: the window bounds what waits
+            self._deferred.append(("data", bytes(data)))
+            return
         if self.transport.is_closing():
             self.channel.consumed(len(data))
             return
@@ -193,12 +248,18 @@ class LocalConnection(asyncio.Protocol):
         pass
 
     def on_eof(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+        if self.transport is None:
+            self._deferred.append(("eof", b""))
+            return
+        if not self.transport.is_closing():
             # asyncio's write_eof() is a bare shutdown(): an app that already reset
             # (it closed, then our data met its closed socket) raises ENOTCONN here.
             self.transport.write_eof()
 
     def on_close(self) -> None:
+        if self.transport is None and self.gate is not None:
+            self._deferred.append(("close", b""))
+            return
         channel = self.channel
         if channel is not None:
             self.proxy.counters.bytes_up += channel.bytes_up
@@ -246,6 +307,7 @@ class TransparentProxy:
         on_prohibited: Callable[[LocalConnection], bool] | None = None,
         transparent: bool = False,
         limits: ConnLimits | None = None,
+        connect: const.ConnectMode = const.ConnectMode.REMOTE,
     ) -> None:
         self.mux_source = mux_source
         self.addresses = addresses
@@ -265,6 +327,7 @@ class TransparentProxy:
         self._on_prohibited = on_prohibited
         self._shortage_told = False
         self._refusals = Throttled(log)
+        self.gate = SynGate(self.open_held, wanted=connect is const.ConnectMode.REMOTE)
 
     async def start(self, port: int = 0) -> int:
         for sock in bind_listeners(
@@ -279,7 +342,13 @@ class TransparentProxy:
             )
             acceptor.start()
             self._acceptors.append(acceptor)
+        self.gate.start()
         return self.port
+
+    @property
+    def syn_queue(self) -> int | None:
+        """The NFQUEUE our capture's SYNs go to; None: connect() answers at once."""
+        return self.gate.number if self.gate.holding else None
 
     @property
     def listening(self) -> list[str]:
@@ -313,24 +382,59 @@ class TransparentProxy:
         if self._closed or (dst[1] == self.port and dst[0] in ("127.0.0.1", "::1")):
             _reset_socket(sock)  # a direct connect to our listener, not a redirect: refuse
             return
+        held = self.gate.claim(src, dst)
+        if held is not None:
+            self._start_attach(held, sock)  # admitted at its SYN, channel open
+            return
+        if self.gate.holding:
+            self.gate.counters.passed += 1
         uid = DIAG.uid(src, dst)
-        refusal = self.refusal(uid)
-        if refusal is not None:
-            self.counters.refused += 1
-            self._refusals(
-                "refused connections over %s (the last: uid %s, %s:%d -> %s:%d)",
-                refusal,
-                "unknown" if uid is None else uid,
-                *src,
-                *dst,
-            )
+        if not self._admissible(src, dst, uid):
             _reset_socket(sock)
             return
         conn = LocalConnection(self, src, dst, uid)
-        task = asyncio.get_running_loop().create_task(self._attach(conn, sock))
         self.admit(conn)  # counted from here until forget() or a failed _attach
+        self._start_attach(conn, sock)
+
+    def _admissible(self, src: tuple[str, int], dst: tuple[str, int], uid: int | None) -> bool:
+        """Whether a new connection is within the limits; counted and told when not."""
+        refusal = self.refusal(uid)
+        if refusal is None:
+            return True
+        self.counters.refused += 1
+        self._refusals(
+            "refused connections over %s (the last: uid %s, %s:%d -> %s:%d)",
+            refusal,
+            "unknown" if uid is None else uid,
+            *src,
+            *dst,
+        )
+        return False
+
+    def _start_attach(self, conn: LocalConnection, sock: socket.socket) -> None:
+        task = asyncio.get_running_loop().create_task(self._attach(conn, sock))
         self._attaching.add(task)
         task.add_done_callback(self._attaching.discard)
+
+    def open_held(
+        self, src: tuple[str, int], dst: tuple[str, int], uid: int | None
+    ) -> LocalConnection | None:
+        """A held SYN (true connect()): admit its connection and open its channel
+        now; None to refuse it (over a limit, no tunnel, a connect to us)."""
+        mux = self.mux_source()
+        if self._closed or (dst[1] == self.port and dst[0] in self.addresses):
+            return None
+        if not self._admissible(src, dst, uid):
+            return None
+        if mux is None or mux.closed:
+            self.counters.failed += 1
+            return None
+        conn = LocalConnection(self, src, dst, uid)
+        conn.started = asyncio.get_running_loop().time()
+        self.admit(conn)
+        self.connections.add(conn)
+        conn.open_channel(mux)
+        return conn
 
     def refusal(self, uid: int | None) -> str | None:
         """Which limit a new connection of `uid` is over; None to take it."""
@@ -370,6 +474,8 @@ class TransparentProxy:
             await asyncio.get_running_loop().connect_accepted_socket(lambda: conn, sock)
         except Exception as exc:  # the transport could not be made: end this one only
             self.faults.record(faults.TCP, exc, "accept")
+            if conn.channel is not None:
+                conn.abandon()
             self._release(conn)
             sock.close()
 
@@ -377,12 +483,17 @@ class TransparentProxy:
 
     def accepted(self, conn: LocalConnection) -> None:
         self.counters.accepted += 1
+        if conn.channel is not None:  # opened at its SYN
+            conn.tune_socket()
+            conn.attach()
+            return
         mux = self.mux_source()
         if self._closed or mux is None or mux.closed:
             self.counters.failed += 1
             conn.reset()  # tunnel down: refuse fast rather than hang (kill switch)
             return
         self.connections.add(conn)
+        conn.tune_socket()
         conn.open_channel(mux)
 
     def open_failed(self, conn: LocalConnection, reason: int) -> None:
@@ -401,6 +512,7 @@ class TransparentProxy:
             )
 
     def forget(self, conn: LocalConnection) -> None:
+        self.gate.forget(conn)
         self.connections.discard(conn)
         self._release(conn)
 
@@ -413,6 +525,7 @@ class TransparentProxy:
 
     def close(self) -> None:
         self._closed = True
+        self.gate.close()
         for acceptor in self._acceptors:
             acceptor.close()
         for conn in list(self.connections):

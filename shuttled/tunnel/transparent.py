@@ -43,9 +43,15 @@ def endpoint_text(address: Address) -> str:
 
 
 def connection_row(
-    proto: Literal["tcp", "udp"], src: Address, dst: str, channel: Channel | None, age: float
+    proto: Literal["tcp", "udp"],
+    src: Address,
+    dst: str,
+    channel: Channel | None,
+    age: float,
+    opening: bool = False,
 ) -> ConnectionRow:
-    """One TCP connection or UDP flow as a `connections` row."""
+    """One TCP connection or UDP flow as a `connections` row; `opening`: its SYN
+    waits for the remote (true connect())."""
     return {
         "proto": proto,
         "src": endpoint_text(src),
@@ -53,6 +59,7 @@ def connection_row(
         "tx": channel.bytes_up if channel else 0,
         "rx": channel.bytes_down if channel else 0,
         "age": round(age, 3),
+        "state": "opening" if opening else "open",
     }
 
 

@@ -144,7 +144,7 @@ def test_the_counters_mirror_their_dataclasses() -> None:
 
 
 def test_check_names_the_first_field_that_is_wrong() -> None:
-    row = {"proto": "tcp", "src": "a", "dst": "b", "tx": 1, "rx": 2, "age": 1}
+    row = {"proto": "tcp", "src": "a", "dst": "b", "tx": 1, "rx": 2, "age": 1, "state": "open"}
     assert check(ConnectionRow, row, "row") is row  # 1 is a fine number for `age`
     assert check(ConnectionRow, {**row, "new": 1}, "row")  # a newer daemon's extra
     with pytest.raises(ProtocolError, match=r"row has no 'age'"):

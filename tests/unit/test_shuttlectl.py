@@ -201,6 +201,8 @@ def test_stats_look_like_wg_show(capsys: pytest.CaptureFixture[str], sock: Path)
         "  reconnects: 1",
         "  latest health check: 12 ms round trip",
         "  ssh: pid 321, 1.25 s cpu, 12.0 MiB rss",
+        "  connect: remote; 1 pending, 4 refused, 2 unreachable, 1 timed out, 0 abandoned, "
+        "0 passed",
         "  dns: mode all, path firewall, queries 40, answered 38, failed 1, timeouts 1, "
         "cache hits 0, hosts 0, tunnel 40, local 0, peer 0",
         "  future counter: 7",
@@ -256,8 +258,8 @@ def test_connections_table(capsys: pytest.CaptureFixture[str], sock: Path) -> No
         _, out, _ = ctl(capsys, sock, "connections", "work")
         _, doc, _ = ctl(capsys, sock, "connections", "work", "--json")
     assert [ln.split() for ln in out.splitlines()] == [
-        ["PROTO", "SOURCE", "DESTINATION", "RX", "TX", "AGE"],
-        ["tcp", "127.0.0.1:50000", "10.1.2.3:443", "2.0", "KiB", "100", "B", "3s"],
+        ["PROTO", "SOURCE", "DESTINATION", "RX", "TX", "AGE", "STATE"],
+        ["tcp", "127.0.0.1:50000", "10.1.2.3:443", "2.0", "KiB", "100", "B", "3s", "open"],
     ]
     assert json.loads(doc)["connections"][0]["dst"] == "10.1.2.3:443"
 
