@@ -24,7 +24,7 @@ from shuttled.control.schema import (
     StateEvent,
     VersionInfo,
 )
-from shuttled.control.tables import NONE, doctor, table, text
+from shuttled.control.tables import NONE, connect_mode, doctor, table, text
 
 __all__ = ["NONE", "doctor", "table", "text"]  # shuttlectl's renderings, shared with shuttled
 
@@ -225,13 +225,11 @@ def stats(name: str, s: ProfileStats) -> str:
 
 def _connect(c: ConnectStats) -> str:
     """How connect() answers, and how the opens it waited for ended."""
-    why = c.get("why")
-    mode = text(c.get("mode")) + (f" ({why})" if why else "")
     counts = ", ".join(
         f"{_count(c.get(key))} {key.replace('_', ' ')}"
         for key in ("pending", "refused", "unreachable", "timed_out", "abandoned", "passed")
     )
-    return f"  connect: {mode}; {counts}"
+    return f"  connect: {connect_mode(c)}; {counts}"
 
 
 def _dns(dns: Mapping[str, object]) -> list[str]:

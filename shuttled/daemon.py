@@ -37,6 +37,7 @@ from shuttled.control.schema import (
     TunnelStats,
     VersionInfo,
 )
+from shuttled.control.tables import connect_mode
 from shuttled.dns.resolved import cleanup_links
 from shuttled.durable import write_durably
 from shuttled.errors import (
@@ -633,5 +634,4 @@ def _connect_mode(connect: ConnectStats | None) -> str | None:
     """`status`'s connect mode: "remote", or "fast (why)"."""
     if connect is None:
         return None
-    why = connect["why"]
-    return connect["mode"] + (f" ({why})" if why else "")
+    return connect_mode(connect)

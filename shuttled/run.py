@@ -12,6 +12,7 @@ import os
 import signal
 
 from shuttled import const
+from shuttled.control.tables import connect_mode
 from shuttled.errors import ShuttledError
 from shuttled.firewall import detect
 from shuttled.supervisor import CaptureSet, State, Tunnel, TunnelSpec
@@ -41,10 +42,11 @@ async def run(spec: TunnelSpec, method: str | None = None) -> int:
             raise ShuttledError(tunnel.last_error or "tunnel did not come up")
         mode = tunnel.session.mode if tunnel.session else "?"
         log.info(
-            "tunnel to %s is up (%s mode, %s); Ctrl-C to stop",
+            "tunnel to %s is up (%s mode, %s, connect: %s); Ctrl-C to stop",
             spec.target.remote,
             mode,
             captures.backend.name,
+            connect_mode(tunnel.proxy.gate.stats()),
         )
         ended = asyncio.create_task(tunnel.wait_not(State.UP))
         await asyncio.wait([ended, stopper], return_when=asyncio.FIRST_COMPLETED)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from shuttled.control.schema import DoctorReport
+from shuttled.control.schema import ConnectStats, DoctorReport
 
 NONE = "-"
 
@@ -21,6 +21,12 @@ def text(value: object, width: int | None = None) -> str:
     if width is not None and len(out) > width:
         out = out[: width - 3] + "..."
     return out
+
+
+def connect_mode(connect: ConnectStats) -> str:
+    """When connect() returns: "remote", or "fast (why it could not be remote)"."""
+    why = connect.get("why")
+    return text(connect.get("mode")) + (f" ({why})" if why else "")
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
