@@ -254,7 +254,8 @@ class NfQueue:
                 try:
                     _configure(sock, number)
                 except OSError as exc:
-                    if exc.errno != errno.EBUSY:
+                    # EPERM: another process holds that queue (nfqnl_recv_config).
+                    if exc.errno not in (errno.EPERM, errno.EBUSY):
                         raise
                     last = exc
                     continue
