@@ -654,7 +654,7 @@ class Tunnel:
         return {
             "tx": counters.bytes_up + live_up,
             "rx": counters.bytes_down + live_down,
-            "active": len(self.proxy.connections),
+            "active": len(self.proxy.connections) - self.proxy.gate.stats()["pending"],
             "total": counters.accepted,
             "failed": counters.failed,
             "reconnects": self.reconnects,
